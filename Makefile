@@ -1,0 +1,35 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both create .venv on first use.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# GPU users: `make TORCH_INSTALL="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" venv`
+TORCH_INSTALL ?= torch==2.13.0
+PIP    := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+
+.PHONY: venv demo test lint bench clean-venv
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first and pinned: anything else lets pip pick a multi-GB CUDA build.
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH_INSTALL)
+	$(PIP) setuptools wheel
+	# deepspeed's isolated build env would pull its own torch; its ops are JIT-built on first use.
+	DS_BUILD_OPS=0 $(PIP) --no-build-isolation deepspeed
+	$(PIP) -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/calm demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) bench/compose_overhead.py
+
+clean-venv:
+	rm -rf $(VENV)

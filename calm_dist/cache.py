@@ -1,0 +1,28 @@
+"""Decoding state of a composed model: each base model keeps its own KV cache (the anchor's and the
+augmenting models' must never be shared), and each connection caches its projected keys and values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class ComposedCache:
+    anchor: DynamicCache
+    augmenting: list[DynamicCache]
+    keys: dict[str, torch.Tensor] = field(default_factory=dict)
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def seq_length(self) -> int:
+        return self.anchor.get_seq_length()
+
+    def extend(self, name: str, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append one connection's new keys/values along the sequence; return all of them so far."""
+        if name in self.keys:
+            keys = torch.cat([self.keys[name], keys], dim=2)
+            values = torch.cat([self.values[name], values], dim=2)
+        self.keys[name], self.values[name] = keys, values
+        return keys, values

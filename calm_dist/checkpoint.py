@@ -1,0 +1,127 @@
+"""Composition checkpoints: only the trained connection weights plus a JSON that names the base models.
+
+A checkpoint is a folder with `composition.safetensors` and `composition.json`. It never contains the
+frozen models; loading it onto the same base models gives back the composed model exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from calm_dist.architectures import model_dims
+from calm_dist.composed import ComposedModel
+from calm_dist.connections import Connection
+from calm_dist.errors import CompositionError
+
+WEIGHTS = "composition.safetensors"
+MANIFEST = "composition.json"
+FORMAT_VERSION = 1
+
+
+def _source(model: nn.Module) -> str:
+    return getattr(model.config, "_name_or_path", "") or ""
+
+
+def save_composition(model: ComposedModel, path: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write the checkpoint folder atomically: a crash never leaves a folder that looks complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "format": "calm-dist composition",
+        "format_version": FORMAT_VERSION,
+        "anchor": {"source": _source(model.anchor), **model.anchor_dims.to_json()},
+        "augmenting": [
+            {"source": _source(m), **d.to_json()} for m, d in zip(model.augmenting, model.augmenting_dims, strict=True)
+        ],
+        "connections": [
+            {"augmenting": c.augmenting, "aug_layer": c.aug_layer, "anchor_layer": c.anchor_layer}
+            for c in model.connections
+        ],
+        "num_heads": model.num_heads,
+        "dtype": str(model.composition_dtype).removeprefix("torch."),
+        **(extra or {}),
+    }
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tensors = {k: v.contiguous() for k, v in model.composition_state_dict().items()}
+        save_file(tensors, staging / WEIGHTS, metadata={"format": "pt"})
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    file = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CompositionError(f"{file}: not found; is {path} a composition checkpoint?") from None
+    except json.JSONDecodeError as err:
+        raise CompositionError(f"{file}: not valid JSON ({err})") from None
+    if manifest.get("format") != "calm-dist composition":
+        raise CompositionError(f"{file}: not a calm-dist composition manifest")
+    return manifest
+
+
+def _check_dims(expected: dict, model: nn.Module, role: str, file: Path) -> None:
+    actual = model_dims(model).to_json()
+    for key, value in actual.items():
+        if expected.get(key) != value:
+            raise CompositionError(
+                f"{file}: {role} {key} is {expected.get(key)!r} in the checkpoint but the given {role} "
+                f"has {value!r}: this composition was trained on different base models"
+            )
+
+
+def load_composition(
+    path: str | os.PathLike, anchor: nn.Module, augmenting: nn.Module | list[nn.Module]
+) -> ComposedModel:
+    """Rebuild the composed model from a checkpoint and the (same) base models."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    augmenting = [augmenting] if isinstance(augmenting, nn.Module) else list(augmenting)
+    file = path / MANIFEST
+    if len(manifest["augmenting"]) != len(augmenting):
+        raise CompositionError(
+            f"{file}: the checkpoint composes {len(manifest['augmenting'])} augmenting model(s) "
+            f"but {len(augmenting)} were given"
+        )
+    _check_dims(manifest["anchor"], anchor, "anchor", file)
+    for k, model in enumerate(augmenting):
+        _check_dims(manifest["augmenting"][k], model, f"augmenting model {k}", file)
+    composed = ComposedModel(
+        anchor,
+        augmenting,
+        [Connection(**c) for c in manifest["connections"]],
+        num_heads=manifest["num_heads"],
+        dtype=getattr(torch, manifest["dtype"]),
+    )
+    try:
+        state = load_file(path / WEIGHTS)
+    except FileNotFoundError:
+        raise CompositionError(f"{path / WEIGHTS}: not found") from None
+    except Exception as err:  # safetensors raises its own error type for corrupt headers
+        raise CompositionError(f"{path / WEIGHTS}: unreadable ({err})") from None
+    try:
+        missing, unexpected = composed.composition.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise CompositionError(f"{path / WEIGHTS}: does not fit the connections in {MANIFEST}: {err}") from None
+    if missing or unexpected:
+        raise CompositionError(
+            f"{path / WEIGHTS}: tensors do not match the connections in {MANIFEST} "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+    return composed

@@ -1,0 +1,290 @@
+"""The CALM composed model: a frozen anchor, frozen augmenting models, and trainable connections.
+
+Plain single-process PyTorch. Nothing here knows about DeepSpeed or Ray; they wrap this module from
+outside. The base models are used unmodified: forward hooks add the cross-attention output to the
+anchor's residual stream, and they exist only while a composed forward runs (or while a caller holds
+`attached()` open, which activation checkpointing needs since it re-runs layers during backward).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache
+
+from calm_dist import connections as conn
+from calm_dist.architectures import ModelDims, backbone, decoder_layers, model_dims
+from calm_dist.cache import ComposedCache
+from calm_dist.connections import Connection
+from calm_dist.cross_attention import CrossAttention
+from calm_dist.errors import CompositionError
+
+# (augmenting model index, augmenting layer) -> hidden states [batch, len, aug_dim]
+AugmentingStates = Mapping[tuple[int, int], torch.Tensor]
+
+
+@dataclass
+class ComposedOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count only real tokens, so left- and right-padded rows get the positions
+    an unpadded row would."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting labels[t+1] from position t; label -100 is ignored."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+    )
+
+
+class ComposedModel(nn.Module):
+    def __init__(
+        self,
+        anchor: nn.Module,
+        augmenting: Sequence[nn.Module],
+        connections: Sequence[Connection],
+        num_heads: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        self.anchor_dims: ModelDims = model_dims(anchor)
+        self.augmenting_dims: list[ModelDims] = [model_dims(m) for m in augmenting]
+        for k, dims in enumerate(self.augmenting_dims):
+            if dims.vocab_size != self.anchor_dims.vocab_size:
+                raise CompositionError(
+                    f"augmenting model {k} ({dims.model_type}) has a vocabulary of {dims.vocab_size} tokens "
+                    f"but the anchor ({self.anchor_dims.model_type}) has {self.anchor_dims.vocab_size}: "
+                    "composition needs a shared tokenizer (cross-tokenizer composition is not supported yet)"
+                )
+        conn.validate(connections, [d.num_layers for d in self.augmenting_dims], self.anchor_dims.num_layers)
+        self.connections: list[Connection] = sorted(connections)
+        self.num_heads = num_heads or self.anchor_dims.num_heads
+        self.composition_dtype = dtype
+
+        self.anchor = anchor.requires_grad_(False).eval()
+        self.augmenting = nn.ModuleList(m.requires_grad_(False).eval() for m in augmenting)
+        device = next(anchor.parameters()).device
+        width = self.anchor_dims.hidden_size
+        try:
+            self.composition = nn.ModuleDict(
+                {
+                    c.name: CrossAttention(self.augmenting_dims[c.augmenting].hidden_size, width, self.num_heads)
+                    for c in self.connections
+                }
+            ).to(device=device, dtype=dtype)
+        except ValueError as err:
+            raise CompositionError(f"num_heads={self.num_heads}: {err}") from err
+        self._attach_depth = 0
+        self._step: dict | None = None  # what the hooks need during one forward; None outside it
+
+    # ----------------------------------------------------------------------------------------------
+    # Parameters and modes
+
+    def composition_parameters(self) -> Iterator[nn.Parameter]:
+        return self.composition.parameters()
+
+    def composition_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.composition.state_dict().items()}
+
+    def expected_composition_parameters(self) -> int:
+        width = self.anchor_dims.hidden_size
+        return sum(
+            CrossAttention.parameter_count(self.augmenting_dims[c.augmenting].hidden_size, width)
+            for c in self.connections
+        )
+
+    def train(self, mode: bool = True) -> ComposedModel:
+        # Base models stay in eval mode: they are frozen, and dropout in them would only add noise
+        # and make cached decoding differ from recomputation.
+        self.training = mode
+        self.composition.train(mode)
+        self.anchor.eval()
+        self.augmenting.eval()
+        return self
+
+    # ----------------------------------------------------------------------------------------------
+    # Forward
+
+    def new_cache(self) -> ComposedCache:
+        return ComposedCache(
+            anchor=DynamicCache(config=self.anchor.config),
+            augmenting=[DynamicCache(config=m.config) for m in self.augmenting],
+        )
+
+    @torch.no_grad()
+    def augmenting_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: ComposedCache | None = None,
+    ) -> dict[tuple[int, int], torch.Tensor]:
+        """Hidden states of every connected augmenting layer, computed without autograd.
+
+        Separate from forward() so that augmenting models can run elsewhere (pipelined placement)
+        and hand their states to forward(augmenting_states=...).
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)[:, -input_ids.shape[1]:]
+        states: dict[tuple[int, int], torch.Tensor] = {}
+        for k, model in enumerate(self.augmenting):
+            wanted = sorted({c.aug_layer for c in self.connections if c.augmenting == k})
+            if not wanted:
+                continue
+            layers = decoder_layers(model)
+            handles = [
+                layers[i].register_forward_hook(_capture(states, (k, i))) for i in wanted
+            ]
+            try:
+                backbone(model)(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    past_key_values=cache.augmenting[k] if cache is not None else None,
+                    use_cache=cache is not None,
+                )
+            finally:
+                for handle in handles:
+                    handle.remove()
+        return states
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        augmenting_states: AugmentingStates | None = None,
+        cache: ComposedCache | None = None,
+    ) -> ComposedOutput:
+        """Composed logits (and next-token loss if labels are given).
+
+        With a cache, input_ids are only the new tokens and attention_mask covers past and new tokens,
+        as in Hugging Face models; the cache is updated in place.
+        """
+        past = cache.seq_length() if cache is not None else 0
+        length = input_ids.shape[1]
+        if attention_mask is None:
+            attention_mask = torch.ones(
+                input_ids.shape[0], past + length, dtype=torch.long, device=input_ids.device
+            )
+        position_ids = positions_from_mask(attention_mask)[:, -length:]
+        if augmenting_states is None:
+            augmenting_states = self.augmenting_states(input_ids, attention_mask, position_ids, cache)
+
+        keys_values = {}
+        for c in self.connections:
+            crossing = self.composition[c.name]
+            states = augmenting_states[(c.augmenting, c.aug_layer)]
+            keys, values = crossing.keys_values(states)
+            if cache is not None:
+                keys, values = cache.extend(c.name, keys, values)
+            keys_values[c.name] = (keys, values)
+
+        # Query at sequence index t may see augmenting index s <= t that is not padding.
+        query_index = torch.arange(past, past + length, device=input_ids.device)
+        key_index = torch.arange(past + length, device=input_ids.device)
+        allowed = (key_index[None, :] <= query_index[:, None])[None, None] & attention_mask.bool()[:, None, None, :]
+
+        with self.attached():
+            self._step = {"keys_values": keys_values, "allowed": allowed}
+            try:
+                logits = self.anchor(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    past_key_values=cache.anchor if cache is not None else None,
+                    use_cache=cache is not None,
+                ).logits
+            finally:
+                if self._attach_depth == 1:
+                    self._step = None
+        loss = next_token_loss(logits, labels) if labels is not None else None
+        return ComposedOutput(logits=logits, loss=loss)
+
+    # ----------------------------------------------------------------------------------------------
+    # Hooks
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[None]:
+        """Keep the composition hooks on the anchor while the block runs.
+
+        forward() enters this by itself. Hold it open around forward *and* backward when the anchor
+        uses activation checkpointing, so re-run layers add the same cross-attention output.
+        """
+        if self._attach_depth:
+            self._attach_depth += 1
+            try:
+                yield
+            finally:
+                self._attach_depth -= 1
+            return
+        layers = decoder_layers(self.anchor)
+        by_layer: dict[int, list[Connection]] = {}
+        for c in self.connections:
+            by_layer.setdefault(c.anchor_layer, []).append(c)
+        handles = [
+            layers[j].register_forward_hook(self._make_hook(cs)) for j, cs in sorted(by_layer.items())
+        ]
+        self._attach_depth = 1
+        try:
+            yield
+        finally:
+            self._attach_depth = 0
+            self._step = None
+            for handle in handles:
+                handle.remove()
+
+    def _make_hook(self, at_layer: list[Connection]):
+        def add_cross_attention(module, args, output):
+            if self._step is None:  # anchor called on its own while attached: stay the plain anchor
+                return output
+            hidden = output[0] if isinstance(output, tuple) else output
+            delta = None
+            for c in at_layer:
+                keys, values = self._step["keys_values"][c.name]
+                term = self.composition[c.name](hidden, keys, values, self._step["allowed"])
+                delta = term if delta is None else delta + term
+            hidden = hidden + delta.to(hidden.dtype)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return add_cross_attention
+
+
+def _capture(store: dict, key: tuple[int, int]):
+    def hook(module, args, output):
+        store[key] = output[0] if isinstance(output, tuple) else output
+
+    return hook
+
+
+def compose(
+    anchor: nn.Module,
+    augmenting: nn.Module | Sequence[nn.Module],
+    connections: Sequence[Connection] | None = None,
+    every_n: int = 4,
+    num_heads: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> ComposedModel:
+    """Compose models, connecting every `every_n`-th augmenting layer unless connections are given."""
+    if isinstance(augmenting, nn.Module):
+        augmenting = [augmenting]
+    if connections is None:
+        anchor_layers = len(decoder_layers(anchor))
+        connections = [
+            c
+            for k, model in enumerate(augmenting)
+            for c in conn.every_n(len(decoder_layers(model)), anchor_layers, every_n, augmenting=k)
+        ]
+    return ComposedModel(anchor, augmenting, connections, num_heads=num_heads, dtype=dtype)

@@ -1,0 +1,75 @@
+"""Which augmenting layer feeds which anchor layer.
+
+A connection (augmenting model k, its layer i, anchor layer j) means: the output of layer i of
+augmenting model k, projected to the anchor's width, is cross-attended by the output of anchor
+layer j, and the result is added to the anchor's residual stream before layer j + 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from calm_dist.errors import CompositionError
+
+
+@dataclass(frozen=True, order=True)
+class Connection:
+    augmenting: int
+    aug_layer: int
+    anchor_layer: int
+
+    @property
+    def name(self) -> str:
+        """Stable name used for parameter keys in checkpoints."""
+        return f"aug{self.augmenting}_l{self.aug_layer}_to_anchor_l{self.anchor_layer}"
+
+
+def every_n(aug_num_layers: int, anchor_num_layers: int, n: int = 4, augmenting: int = 0) -> list[Connection]:
+    """The paper's default: every n-th augmenting layer, paired with evenly spaced anchor layers.
+
+    Takes the last layer of each block of n (layers n-1, 2n-1, ...) in the augmenting model and the
+    last layer of each of as many equal blocks of the anchor, so the deepest states of both meet.
+    """
+    if n < 1:
+        raise CompositionError(f"every_n must be >= 1, got {n}")
+    count = aug_num_layers // n
+    if count == 0:
+        raise CompositionError(
+            f"augmenting model {augmenting} has {aug_num_layers} layers, fewer than every_n={n}: "
+            "lower every_n or list the connections explicitly"
+        )
+    if count > anchor_num_layers:
+        raise CompositionError(
+            f"every_n={n} gives {count} connections but the anchor has only {anchor_num_layers} layers"
+        )
+    return [
+        Connection(augmenting, (k + 1) * n - 1, (k + 1) * anchor_num_layers // count - 1)
+        for k in range(count)
+    ]
+
+
+def validate(connections: Sequence[Connection], aug_num_layers: Sequence[int], anchor_num_layers: int) -> None:
+    """Raise CompositionError naming the first connection that is out of range or repeated."""
+    if not connections:
+        raise CompositionError("a composition needs at least one connection")
+    seen: set[Connection] = set()
+    for c in connections:
+        if not 0 <= c.augmenting < len(aug_num_layers):
+            raise CompositionError(
+                f"connection {c}: augmenting model {c.augmenting} does not exist "
+                f"({len(aug_num_layers)} augmenting model(s) given)"
+            )
+        if not 0 <= c.aug_layer < aug_num_layers[c.augmenting]:
+            raise CompositionError(
+                f"connection {c}: augmenting layer {c.aug_layer} is out of range "
+                f"(augmenting model {c.augmenting} has layers 0..{aug_num_layers[c.augmenting] - 1})"
+            )
+        if not 0 <= c.anchor_layer < anchor_num_layers:
+            raise CompositionError(
+                f"connection {c}: anchor layer {c.anchor_layer} is out of range "
+                f"(the anchor has layers 0..{anchor_num_layers - 1})"
+            )
+        if c in seen:
+            raise CompositionError(f"connection {c} is listed twice")
+        seen.add(c)

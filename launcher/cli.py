@@ -1,0 +1,47 @@
+"""The `calm` command: one subcommand per job, each defined in its own module.
+
+Subcommand modules are imported only when chosen, so `calm merge` never imports Ray or DeepSpeed
+unless it needs them, and `calm --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Each module defines add_arguments(parser), run(args) -> int and
+# USER_ERRORS, the exception types that mean bad input: those print one clear line and exit 2.
+# Modules import their heavy dependencies inside run(), keeping `calm --help` fast.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("launcher.demo", "compose two tiny seeded models on this machine and generate from them"),
+    "merge": ("merge.cli", "build an LM-Cocktail blend by streaming safetensors checkpoints"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="calm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser.set_defaults(_module=module_name)
+        importlib.import_module(module_name).add_arguments(sub_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(args._module)
+    try:
+        code = module.run(args)
+    except tuple(getattr(module, "USER_ERRORS", ())) as err:
+        print(f"calm {args.command}: error: {err}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print(f"calm {args.command}: interrupted", file=sys.stderr)
+        code = 130
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()

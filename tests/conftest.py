@@ -1,0 +1,35 @@
+import os
+
+import pytest
+import torch
+
+# Tests run on CPU with a fixed thread count, so results are reproducible on any machine.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def train_steps(model, steps: int = 5, batch: int = 4, length: int = 12, lr: float = 3e-2, seed: int = 0):
+    """A few optimiser steps on random tokens: enough to make every connection's output non-zero."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.composition_parameters(), lr=lr)
+    vocab = model.anchor_dims.vocab_size
+    model.train()
+    for _ in range(steps):
+        ids = torch.randint(3, vocab, (batch, length), generator=generator)
+        loss = model(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def trained_pair():
+    """A composed Llama pair (anchor 4x64, augmenting 4x32) with a trained, non-zero composition."""
+    from calm_dist.composed import compose
+    from calm_dist.tiny import tiny_model
+
+    anchor = tiny_model("llama", layers=4, width=64, heads=4, seed=0)
+    aug = tiny_model("llama", layers=4, width=32, heads=2, seed=1)
+    return train_steps(compose(anchor, aug, every_n=2))

@@ -1,0 +1,202 @@
+"""The composed model's structure: families, connections, parameters, frozen bases, masks."""
+
+import copy
+
+import pytest
+import torch
+
+from calm_dist.composed import compose
+from calm_dist.connections import Connection, every_n
+from calm_dist.errors import CompositionError
+from calm_dist.tiny import FAMILIES, tiny_model
+from tests.conftest import train_steps
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_untrained_composition_equals_anchor_bitwise(family):
+    anchor = tiny_model(family, layers=4, width=64, seed=0)
+    aug = tiny_model(family, layers=4, width=32, heads=2, seed=1)
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    composed = compose(anchor, aug, every_n=2)
+    assert torch.equal(composed(ids, mask).logits, anchor(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_trains_its_composition(family):
+    anchor = tiny_model(family, layers=4, width=64, seed=0)
+    aug = tiny_model(family, layers=4, width=32, heads=2, seed=1)
+    composed = train_steps(compose(anchor, aug, every_n=2), steps=2)
+    ids = torch.randint(3, 128, (2, 9))
+    assert not torch.allclose(composed(ids).logits, anchor(ids).logits)
+
+
+def test_unsupported_architecture_is_named():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    opt = OPTForCausalLM(OPTConfig(num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=2,
+                                   vocab_size=128, word_embed_proj_dim=32))
+    with pytest.raises(CompositionError, match=r"OPTForCausalLM \(model_type='opt'\).*DECODER_LAYERS"):
+        compose(tiny_model(), opt)
+
+
+def test_every_n_matches_the_paper_layout():
+    assert every_n(8, 8, 4) == [Connection(0, 3, 3), Connection(0, 7, 7)]
+    assert every_n(8, 16, 4) == [Connection(0, 3, 7), Connection(0, 7, 15)]
+    assert every_n(12, 32, 4, augmenting=1) == [Connection(1, 3, 9), Connection(1, 7, 20), Connection(1, 11, 31)]
+    with pytest.raises(CompositionError, match="fewer than every_n=4"):
+        every_n(2, 8, 4)
+
+
+@pytest.mark.parametrize(
+    "connection, message",
+    [
+        (Connection(0, 4, 0), "augmenting layer 4 is out of range"),
+        (Connection(0, 0, 9), "anchor layer 9 is out of range"),
+        (Connection(2, 0, 0), "augmenting model 2 does not exist"),
+        (Connection(0, -1, 0), "augmenting layer -1 is out of range"),
+    ],
+)
+def test_bad_connections_are_refused(connection, message):
+    with pytest.raises(CompositionError, match=message):
+        compose(tiny_model(), tiny_model(width=32, heads=2), connections=[connection])
+
+
+def test_duplicate_connection_is_refused():
+    with pytest.raises(CompositionError, match="listed twice"):
+        compose(tiny_model(), tiny_model(width=32, heads=2), connections=[Connection(0, 1, 1)] * 2)
+
+
+def test_vocabulary_mismatch_is_refused():
+    with pytest.raises(CompositionError, match="vocabulary of 256 tokens but the anchor .* has 128"):
+        compose(tiny_model(vocab=128), tiny_model(vocab=256))
+
+
+def test_heads_must_divide_anchor_width():
+    with pytest.raises(CompositionError, match="num_heads=5"):
+        compose(tiny_model(width=64), tiny_model(width=32, heads=2), num_heads=5)
+
+
+def test_several_augmenting_models_and_shared_anchor_layer():
+    anchor = tiny_model(layers=4, width=64)
+    augs = [tiny_model(layers=4, width=32, heads=2, seed=1), tiny_model("gpt2", layers=2, width=48, heads=4, seed=2)]
+    connections = [Connection(0, 1, 2), Connection(1, 1, 2), Connection(0, 3, 3)]
+    composed = train_steps(compose(anchor, augs, connections=connections), steps=3)
+    ids = torch.randint(3, 128, (2, 8))
+    base = composed(ids).logits
+    # Each augmenting model matters: zeroing one connection's output changes the logits.
+    for c in connections:
+        saved = composed.composition[c.name].out.weight.detach().clone()
+        with torch.no_grad():
+            composed.composition[c.name].out.weight.zero_()
+        assert not torch.allclose(composed(ids).logits, base)
+        with torch.no_grad():
+            composed.composition[c.name].out.weight.copy_(saved)
+
+
+def test_parameter_count_matches_formula_and_only_composition_trains():
+    anchor, aug = tiny_model(layers=8, width=64), tiny_model(layers=8, width=32, heads=2, seed=1)
+    composed = compose(anchor, aug, every_n=4)
+    d_a, d_b, n = 32, 64, 2
+    expected = n * (d_a * d_b + d_b + 2 * d_b + 4 * d_b * d_b)
+    trainable = [p for p in composed.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trainable) == expected == composed.expected_composition_parameters()
+    assert {id(p) for p in trainable} == {id(p) for p in composed.composition_parameters()}
+
+
+def test_frozen_models_never_change_nor_get_gradients():
+    anchor, aug = tiny_model(width=64), tiny_model(width=32, heads=2, seed=1)
+    before = copy.deepcopy(anchor.state_dict()), copy.deepcopy(aug.state_dict())
+    composed = train_steps(compose(anchor, aug, connections=[Connection(0, 1, 2)]), steps=3)
+    for model, saved in zip((anchor, aug), before, strict=True):
+        assert all(p.grad is None for p in model.parameters())
+        assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+    # The augmenting forward builds no graph; anchor layers below the connection need no backward.
+    outputs = {}
+    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o))
+             for i, layer in enumerate(anchor.model.layers)]
+    composed.train()
+    ids = torch.randint(3, 128, (2, 8))
+    states = composed.augmenting_states(ids)
+    composed(ids, labels=ids).loss.backward()
+    for h in hooks:
+        h.remove()
+    assert not states[(0, 1)].requires_grad
+    # Layer 2's own output is seen here before the composition adds to it: only layer 3 needs backward.
+    assert [outputs[i].requires_grad for i in range(4)] == [False, False, False, True]
+
+
+def test_anchor_alone_is_plain_after_composed_forward(trained_pair):
+    ids = torch.randint(3, 128, (2, 8))
+    plain = copy.deepcopy(trained_pair.anchor)
+    composed_logits = trained_pair(ids).logits
+    assert not torch.allclose(composed_logits, plain(ids).logits)
+    assert torch.equal(trained_pair.anchor(ids).logits, plain(ids).logits)
+    assert all(not layer._forward_hooks for layer in trained_pair.anchor.model.layers)
+
+
+def test_future_tokens_never_change_past_logits(trained_pair):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 128, (3, 16), generator=g)
+    logits = trained_pair(ids).logits
+    for t in (0, 5, 11):
+        changed = ids.clone()
+        changed[:, t + 1:] = torch.randint(3, 128, changed[:, t + 1:].shape, generator=g)
+        other = trained_pair(changed).logits
+        assert torch.equal(other[:, : t + 1], logits[:, : t + 1])
+        assert not torch.allclose(other[:, t + 1:], logits[:, t + 1:])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_never_changes_other_logits(trained_pair, side):
+    g = torch.Generator().manual_seed(4)
+    lengths = [12, 7, 3]
+    rows = [torch.randint(3, 128, (n,), generator=g) for n in lengths]
+    ids = torch.zeros(3, 12, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, row in enumerate(rows):
+        cols = slice(12 - len(row), 12) if side == "left" else slice(0, len(row))
+        ids[r, cols], mask[r, cols] = row, 1
+    logits = trained_pair(ids, mask).logits
+    # Other pad values: bitwise identical logits at every real position.
+    repadded = ids.masked_fill(mask == 0, 77)
+    assert torch.equal(trained_pair(repadded, mask).logits[mask.bool()], logits[mask.bool()])
+    # And each row equals that row run alone, unpadded.
+    for r, row in enumerate(rows):
+        alone = trained_pair(row[None]).logits[0]
+        torch.testing.assert_close(logits[r][mask[r].bool()], alone, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("base_dtype, composition_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)])
+def test_mixed_precision(base_dtype, composition_dtype):
+    anchor = tiny_model(width=64, dtype=base_dtype)
+    aug = tiny_model(width=32, heads=2, seed=1, dtype=base_dtype)
+    composed = compose(anchor, aug, every_n=2, dtype=composition_dtype)
+    assert all(p.dtype == composition_dtype for p in composed.composition_parameters())
+    ids = torch.randint(3, 128, (2, 8))
+    assert torch.equal(composed(ids).logits, anchor(ids).logits)
+    train_steps(composed, steps=2, lr=1e-2)
+    out = composed(ids, labels=ids)
+    assert out.logits.dtype == base_dtype and torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
+    assert not torch.equal(out.logits, anchor(ids).logits)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(trained_pair):
+    ids = torch.randint(3, 128, (2, 10))
+
+    def gradients():
+        trained_pair.train()
+        trained_pair.composition.zero_grad()
+        with trained_pair.attached():  # recomputed layers must see the composition too
+            trained_pair(ids, labels=ids).loss.backward()
+        return [p.grad.clone() for p in trained_pair.composition_parameters()]
+
+    plain = gradients()
+    trained_pair.anchor.activation_checkpointing_enable({"use_reentrant": False})
+    trained_pair.anchor.train()  # HF only checkpoints in training mode
+    checkpointed = gradients()
+    assert any(g.abs().sum() > 0 for g in plain)
+    for a, b in zip(plain, checkpointed, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
