@@ -40,6 +40,22 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def cross_attention_mask(attention_mask: torch.Tensor, past: int, length: int) -> torch.Tensor | None:
+    """Which augmenting positions each new anchor position may attend to: bool [batch, 1, length,
+    past + length], or None when plain causal attention is already exact.
+
+    Query at sequence index t may see augmenting index s <= t that is not padding. Without a cache and
+    with padding only on the right, causality alone hides every pad key from every real query, so the
+    fast causal kernel gives the same real-position outputs.
+    """
+    if past == 0 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+        return None
+    query_index = torch.arange(past, past + length, device=attention_mask.device)
+    key_index = torch.arange(past + length, device=attention_mask.device)
+    causal = key_index[None, :] <= query_index[:, None]
+    return causal[None, None] & attention_mask.bool()[:, None, None, :]
+
+
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of predicting labels[t+1] from position t; label -100 is ignored."""
     return F.cross_entropy(
@@ -192,10 +208,7 @@ class ComposedModel(nn.Module):
                 keys, values = cache.extend(c.name, keys, values)
             keys_values[c.name] = (keys, values)
 
-        # Query at sequence index t may see augmenting index s <= t that is not padding.
-        query_index = torch.arange(past, past + length, device=input_ids.device)
-        key_index = torch.arange(past + length, device=input_ids.device)
-        allowed = (key_index[None, :] <= query_index[:, None])[None, None] & attention_mask.bool()[:, None, None, :]
+        allowed = cross_attention_mask(attention_mask, past, length)
 
         with self.attached():
             self._step = {"keys_values": keys_values, "allowed": allowed}

@@ -1,14 +1,52 @@
 """One CALM connection: f_proj followed by multi-head cross-attention (queries from the anchor).
 
-All parameters live in leaf submodules that are always invoked through __call__, so ZeRO-3 can
-gather them on use without any knowledge of this code.
+Parameters live in leaf modules that are always invoked through __call__, so ZeRO-3 can gather them
+on use without any knowledge of this code.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    # Residual streams of real LMs have large, model-specific scales; normalising both sides keeps the
+    # attention logits sane whatever the two models are. No weight: the linear map after it has one.
+    return F.rms_norm(x, (x.shape[-1],), eps=eps)
+
+
+class KeyValueProjection(nn.Module):
+    """f_proj (D_A -> D_B, with bias) followed by the key and value maps (D_B -> D_B each).
+
+    The three maps are linear in a row, so for many tokens it is cheaper to multiply the weights once
+    per call and apply one D_A -> 2*D_B map; for few tokens (decoding) the plain order is cheaper.
+    Both give the same function; the choice only moves rounding.
+    """
+
+    def __init__(self, aug_dim: int, anchor_dim: int):
+        super().__init__()
+        self.proj_weight = nn.Parameter(torch.empty(anchor_dim, aug_dim))
+        self.proj_bias = nn.Parameter(torch.empty(anchor_dim))
+        self.kv_weight = nn.Parameter(torch.empty(2 * anchor_dim, anchor_dim))  # keys then values
+        for weight in (self.proj_weight, self.kv_weight):  # nn.Linear's initialisation
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        nn.init.uniform_(self.proj_bias, -1 / math.sqrt(aug_dim), 1 / math.sqrt(aug_dim))
+
+    def folds_for(self, tokens: int) -> bool:
+        anchor_dim, aug_dim = self.proj_weight.shape
+        # Unfolded: tokens*(D_A*D_B + 2*D_B^2); folded: tokens*2*D_A*D_B + 2*D_B^2*D_A for the fold.
+        return tokens * (2 * anchor_dim - aug_dim) > 2 * anchor_dim * aug_dim
+
+    def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.folds_for(states.shape[:-1].numel()):
+            keys_values = F.linear(states, self.kv_weight @ self.proj_weight, self.kv_weight @ self.proj_bias)
+        else:
+            keys_values = F.linear(F.linear(states, self.proj_weight, self.proj_bias), self.kv_weight)
+        return keys_values.chunk(2, dim=-1)
 
 
 class CrossAttention(nn.Module):
@@ -17,21 +55,17 @@ class CrossAttention(nn.Module):
         if anchor_dim % num_heads:
             raise ValueError(f"anchor width {anchor_dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
-        self.proj = nn.Linear(aug_dim, anchor_dim)  # f_proj: D_A -> D_B
-        # Residual streams of real LMs have large, model-specific scales; normalising both sides keeps
-        # the attention logits sane whatever the two models are.
-        self.kv_norm = nn.RMSNorm(anchor_dim, eps=eps)
-        self.query_norm = nn.RMSNorm(anchor_dim, eps=eps)
+        self.eps = eps
+        self.key_value = KeyValueProjection(aug_dim, anchor_dim)
         self.q = nn.Linear(anchor_dim, anchor_dim, bias=False)
-        self.k = nn.Linear(anchor_dim, anchor_dim, bias=False)
-        self.v = nn.Linear(anchor_dim, anchor_dim, bias=False)
         self.out = nn.Linear(anchor_dim, anchor_dim, bias=False)
         # Zero output: the untrained composition adds exactly 0, so it equals the anchor.
         nn.init.zeros_(self.out.weight)
 
     @staticmethod
     def parameter_count(aug_dim: int, anchor_dim: int) -> int:
-        return aug_dim * anchor_dim + anchor_dim + 2 * anchor_dim + 4 * anchor_dim * anchor_dim
+        """The paper's D_A*D_B + 4*D_B^2, plus f_proj's bias."""
+        return aug_dim * anchor_dim + anchor_dim + 4 * anchor_dim * anchor_dim
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
@@ -39,20 +73,29 @@ class CrossAttention(nn.Module):
 
     def keys_values(self, aug_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head keys and values [batch, heads, aug_len, head_dim] of augmenting hidden states."""
-        projected = self.kv_norm(self.proj(aug_states.to(self.proj.weight.dtype)))
-        return self._split_heads(self.k(projected)), self._split_heads(self.v(projected))
+        states = _rms(aug_states.to(self.q.weight.dtype), self.eps)
+        keys, values = self.key_value(states)
+        return self._split_heads(keys), self._split_heads(values)
 
     def forward(
-        self, anchor_states: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor
+        self,
+        anchor_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        allowed: torch.Tensor | None,
     ) -> torch.Tensor:
         """Cross-attention output [batch, len, anchor_dim], in the composition dtype.
 
-        allowed: bool [batch, 1, len, aug_len], True where a query may see a key. A query that may see
-        no key at all (a padding position) gets output 0 rather than the NaN of an empty softmax.
+        allowed: bool [batch, 1, len, aug_len], True where a query may see a key; None means plain
+        causal attention over equally long sequences (the fast kernel). A query that may see no key at
+        all (a left-padding position) gets output 0 rather than the NaN of an empty softmax.
         """
-        query = self._split_heads(self.q(self.query_norm(anchor_states.to(self.q.weight.dtype))))
-        has_key = allowed.any(dim=-1, keepdim=True)
-        attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed | ~has_key)
-        attended = attended * has_key
+        query = self._split_heads(self.q(_rms(anchor_states.to(self.q.weight.dtype), self.eps)))
+        if allowed is None:
+            attended = F.scaled_dot_product_attention(query, keys, values, is_causal=True)
+        else:
+            has_key = allowed.any(dim=-1, keepdim=True)
+            attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed | ~has_key)
+            attended = attended * has_key
         batch, _, length, _ = attended.shape
         return self.out(attended.transpose(1, 2).reshape(batch, length, -1))

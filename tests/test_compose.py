@@ -95,11 +95,25 @@ def test_several_augmenting_models_and_shared_anchor_layer():
             composed.composition[c.name].out.weight.copy_(saved)
 
 
+@pytest.mark.parametrize("tokens", [1, 7, 400])
+def test_folded_and_plain_key_value_maps_agree(tokens):
+    from calm_dist.cross_attention import KeyValueProjection
+
+    torch.manual_seed(0)
+    kv = KeyValueProjection(32, 64)
+    x = torch.randn(tokens, 32, dtype=torch.float64)
+    kv = kv.double()
+    reference = (x @ kv.proj_weight.T + kv.proj_bias) @ kv.kv_weight.T
+    keys, values = kv(x)
+    torch.testing.assert_close(torch.cat([keys, values], -1), reference)
+    assert kv.folds_for(400) and not kv.folds_for(1)
+
+
 def test_parameter_count_matches_formula_and_only_composition_trains():
     anchor, aug = tiny_model(layers=8, width=64), tiny_model(layers=8, width=32, heads=2, seed=1)
     composed = compose(anchor, aug, every_n=4)
     d_a, d_b, n = 32, 64, 2
-    expected = n * (d_a * d_b + d_b + 2 * d_b + 4 * d_b * d_b)
+    expected = n * (d_a * d_b + d_b + 4 * d_b * d_b)  # the paper's formula plus f_proj's bias
     trainable = [p for p in composed.parameters() if p.requires_grad]
     assert sum(p.numel() for p in trainable) == expected == composed.expected_composition_parameters()
     assert {id(p) for p in trainable} == {id(p) for p in composed.composition_parameters()}
