@@ -1,0 +1,346 @@
+"""Preflight: find what would make a training run fail, on the driver, before any worker starts.
+
+A bad path or an impossible connection otherwise surfaces minutes later, on every worker at once,
+after the cluster has been scheduled and the anchor half loaded. Everything here reads only small
+files (model configs, safetensors headers, tokenizer files, the data) and never loads weights.
+Each problem raises ConfigError naming the config key and the path or value at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from calm_dist.architectures import DECODER_LAYERS, ModelDims
+from calm_dist.connections import Connection, every_n, validate
+from calm_dist.cross_attention import CrossAttention
+from calm_dist.errors import CompositionError
+from launcher.config import ConfigError, ModelSpec, TrainConfig
+
+ADDRESS_TIMEOUT_S = 3.0
+
+# Files of which a tokenizer folder holds at least one. transformers 5 builds an empty tokenizer from
+# a bare GPT-2 config without complaint, so a successful AutoTokenizer load alone proves nothing.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+# Ports meant when an address names none: Ray Client, the dashboard behind http(s), the GCS.
+DEFAULT_PORTS = {"ray": 10001, "http": 80, "https": 443, "": 6379}
+
+
+@dataclass(frozen=True)
+class PreflightReport:
+    """What the run will build, as read from the configs of the models and the data."""
+
+    anchor: ModelDims
+    augmenting: tuple[ModelDims, ...]
+    connections: tuple[Connection, ...]
+    num_heads: int
+    composition_parameters: int
+    anchor_parameters: int | None  # from the safetensors headers; None for .bin checkpoints
+    train_records: int
+    eval_records: int | None
+    placement: str
+    total_workers: int
+
+
+def preflight(config: TrainConfig, *, address_timeout: float = ADDRESS_TIMEOUT_S) -> PreflightReport:
+    """Check everything a run needs that the config alone cannot show; ConfigError on the first problem."""
+    _check_deepspeed(config)
+    anchor = _read_model(config.models.anchor, "models.anchor.path")
+    augmenting = [
+        _read_model(spec, f"models.augmenting.{k}.path") for k, spec in enumerate(config.models.augmenting)
+    ]
+    for k, (spec, dims) in enumerate(zip(config.models.augmenting, augmenting, strict=True)):
+        if dims.vocab_size != anchor.vocab_size:
+            raise ConfigError(
+                f"models.augmenting.{k}.path: {spec.path} has a vocabulary of {dims.vocab_size} tokens but the "
+                f"anchor (models.anchor.path: {config.models.anchor.path}) has {anchor.vocab_size}: "
+                "composition needs models that share a tokenizer"
+            )
+    _check_tokenizer(config, anchor)
+    connections = resolve_connections(config, anchor, augmenting)
+    num_heads = _check_heads(config, anchor)
+    train_records = _count_records(config, "train")
+    if train_records < config.training.global_batch_size:
+        raise ConfigError(
+            f"data.train: {config.data.train} has {train_records} records, fewer than "
+            f"training.global_batch_size={config.training.global_batch_size} (one optimizer step)"
+        )
+    eval_records = _count_records(config, "eval") if config.data.eval is not None else None
+    total_workers = _check_workers(config)
+    if config.ray.address is not None and config.ray.address not in ("auto", "local"):
+        # "auto" finds a cluster on this machine through Ray's own files and "local" starts one: no
+        # host and port to try.
+        check_reachable(config.ray.address, timeout=address_timeout)
+    width = anchor.hidden_size
+    return PreflightReport(
+        anchor=anchor,
+        augmenting=tuple(augmenting),
+        connections=tuple(connections),
+        num_heads=num_heads,
+        composition_parameters=sum(
+            CrossAttention.parameter_count(augmenting[c.augmenting].hidden_size, width) for c in connections
+        ),
+        anchor_parameters=_safetensors_parameters(Path(config.models.anchor.path), "models.anchor.path"),
+        train_records=train_records,
+        eval_records=eval_records,
+        placement=config.placement.mode,
+        total_workers=total_workers,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Models and tokenizer
+
+
+def _read_model(spec: ModelSpec, key: str) -> ModelDims:
+    from transformers import AutoConfig
+
+    path = Path(spec.path)
+    if not path.is_dir():
+        raise ConfigError(f"{key}: {path} is not a folder" if path.exists() else f"{key}: {path}: no such folder")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{key}: {path} is not a Hugging Face model folder (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as err:
+        # transformers' messages run to paragraphs of upgrade advice; the first line says what is wrong.
+        first_line = str(err).strip().splitlines()[0]
+        raise ConfigError(f"{key}: {path}/config.json cannot be read: {first_line}") from None
+    if config.model_type not in DECODER_LAYERS:
+        raise ConfigError(
+            f"{key}: {path} is a {config.model_type!r} model, not a supported architecture "
+            f"(supported: {', '.join(sorted(DECODER_LAYERS))}; a new decoder family is usually one line in "
+            "calm_dist.architectures.DECODER_LAYERS)"
+        )
+    if not _weight_files(path):
+        raise ConfigError(
+            f"{key}: {path} has a config.json but no weights (*.safetensors or pytorch_model*.bin)"
+        )
+    return ModelDims(
+        model_type=config.model_type,
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        num_heads=config.num_attention_heads,
+        vocab_size=config.vocab_size,
+    )
+
+
+def _weight_files(path: Path) -> list[Path]:
+    return sorted([*path.glob("*.safetensors"), *path.glob("pytorch_model*.bin")])
+
+
+def _safetensors_parameters(path: Path, key: str) -> int | None:
+    """Parameter count from the safetensors headers, which a half-finished download leaves unreadable
+    or missing: checked here rather than when every worker tries to load its shard."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as err:
+            raise ConfigError(f"{key}: {index} is not a safetensors index: {err}") from None
+        files = [path / name for name in names]
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    else:
+        return None
+    total = 0
+    for file in files:
+        if not file.is_file():
+            raise ConfigError(f"{key}: {index} names {file.name}, which is missing (an unfinished download?)")
+        total += _header_parameters(file, key)
+    return total
+
+
+def _header_parameters(file: Path, key: str) -> int:
+    # Format: an 8-byte little-endian header length, then a JSON header of name -> dtype, shape, offsets.
+    try:
+        with file.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100_000_000:  # the format's own limit; anything larger is not a header
+                raise ValueError(f"header length {length}")
+            header = json.loads(f.read(length))
+        return sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as err:
+        raise ConfigError(f"{key}: {file} is not a readable safetensors file ({err})") from None
+
+
+def _check_tokenizer(config: TrainConfig, anchor: ModelDims) -> None:
+    from transformers import AutoTokenizer
+
+    if config.models.tokenizer is not None:
+        key, folder, hint = "models.tokenizer", Path(config.models.tokenizer), ""
+        if not folder.is_dir():
+            raise ConfigError(f"{key}: {folder}: no such folder")
+    else:
+        key, folder = "models.anchor.path", Path(config.models.anchor.path)
+        hint = "; set models.tokenizer to the folder that has them"
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"{key}: {folder} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}){hint}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=config.models.anchor.trust_remote_code)
+    except Exception as err:  # tokenizers fail in many types; all mean this folder cannot be used
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ConfigError(f"{key}: the tokenizer in {folder} cannot be loaded: {type(err).__name__}: "
+                          f"{first_line}") from None
+    if len(tokenizer) > anchor.vocab_size:
+        # Ids past the embedding table crash every worker at the first batch.
+        raise ConfigError(
+            f"{key}: the tokenizer in {folder} has {len(tokenizer)} tokens but the anchor "
+            f"(models.anchor.path: {config.models.anchor.path}) has a vocabulary of {anchor.vocab_size}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Composition
+
+
+def resolve_connections(config: TrainConfig, anchor: ModelDims, augmenting: list[ModelDims]) -> list[Connection]:
+    """The connections the composed model will build, in its order, validated against the layer counts."""
+    composition = config.composition
+    try:
+        if composition.connections is not None:
+            key = "composition.connections"
+            connections = [Connection(*triple) for triple in composition.connections]
+        else:
+            key = "composition.every_n"
+            connections = [
+                c
+                for k, dims in enumerate(augmenting)
+                for c in every_n(dims.num_layers, anchor.num_layers, composition.every_n, augmenting=k)
+            ]
+        validate(connections, [d.num_layers for d in augmenting], anchor.num_layers)
+    except CompositionError as err:
+        raise ConfigError(f"{key}: {err}") from None
+    return sorted(connections)
+
+
+def _check_heads(config: TrainConfig, anchor: ModelDims) -> int:
+    num_heads = config.composition.num_heads or anchor.num_heads
+    if anchor.hidden_size % num_heads:
+        given = "" if config.composition.num_heads else " (default: the anchor's attention head count)"
+        raise ConfigError(
+            f"composition.num_heads{given}: {num_heads} heads do not divide the anchor's hidden size "
+            f"{anchor.hidden_size} (models.anchor.path: {config.models.anchor.path})"
+        )
+    return num_heads
+
+
+# --------------------------------------------------------------------------------------------------
+# Data, workers, DeepSpeed
+
+
+def _count_records(config: TrainConfig, which: str) -> int:
+    from calm_dist.data import DataError, check_fields, load_records
+
+    path = getattr(config.data, which)
+    data = config.data
+    try:
+        # data.split picks a split of a saved DatasetDict for training; an eval folder is read at its
+        # default split.
+        records = load_records(path, data.split if which == "train" else None)
+        check_fields(records, path, text_field=data.text_field, prompt_field=data.prompt_field,
+                     completion_field=data.completion_field)
+    except DataError as err:
+        raise ConfigError(f"data.{which}: {err}") from None
+    return len(records)
+
+
+def _check_workers(config: TrainConfig) -> int:
+    """Workers the run asks Ray for; on the embedded cluster, GPUs must exist on this machine."""
+    anchor_workers = config.ray.num_workers
+    if config.placement.mode == "pipelined":
+        total = anchor_workers + config.placement.augmenting_workers
+        asked = (f"ray.num_workers + placement.augmenting_workers = {anchor_workers} + "
+                 f"{config.placement.augmenting_workers} = {total} workers (placement.mode: pipelined)")
+    else:
+        total, asked = anchor_workers, f"ray.num_workers = {anchor_workers} workers"
+    if config.ray.use_gpu and config.ray.address is None:
+        import torch
+
+        # Ray would not fail here: it would wait forever for GPUs the embedded cluster lacks.
+        available = torch.cuda.device_count()
+        if available < total:
+            raise ConfigError(
+                f"ray.use_gpu: {asked} need one GPU each, but the embedded Ray cluster (ray.address not set) "
+                f"has this machine's {available}; set ray.address to a cluster, or lower the worker counts"
+            )
+    return total
+
+
+def _check_deepspeed(config: TrainConfig) -> None:
+    stage = config.deepspeed.zero_stage
+    if config.deepspeed.offload_params and stage != 3:
+        raise ConfigError(f"deepspeed.offload_params: parameter offload needs deepspeed.zero_stage 3, not {stage}")
+    if config.deepspeed.offload_optimizer and stage == 0:
+        raise ConfigError("deepspeed.offload_optimizer: optimizer offload needs deepspeed.zero_stage 1, 2 or 3")
+
+
+# --------------------------------------------------------------------------------------------------
+# The cluster address
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Host and port of `ray://host:port`, `http(s)://host:port` or `host:port`; the scheme's usual
+    port when none is given (Ray Client 10001, http 80, https 443, a bare host: the GCS's 6379)."""
+    parts = urlsplit(address if "://" in address else f"//{address}")
+    if parts.scheme not in DEFAULT_PORTS:
+        raise ConfigError(f"ray.address: {address!r} has scheme {parts.scheme!r}; use ray://, http://, "
+                          "https:// or host:port")
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if not parts.hostname or port == -1 or parts.path not in ("", "/"):
+        raise ConfigError(f"ray.address: {address!r} is not an address of the form ray://HOST:PORT, "
+                          "http://HOST:PORT or HOST:PORT")
+    return parts.hostname, port if port is not None else DEFAULT_PORTS[parts.scheme]
+
+
+def check_reachable(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> None:
+    """ConfigError unless a TCP connection to the address opens within `timeout` seconds."""
+    host, port = parse_address(address)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as err:
+        reason = err.strerror or str(err) or type(err).__name__
+        if isinstance(err, TimeoutError):
+            reason = f"no answer within {timeout:g} s"
+        raise ConfigError(f"ray.address: cannot reach {host}:{port} ({reason}); is the cluster up, and is "
+                          "this its Ray Client (10001), dashboard (8265) or GCS (6379) port?") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# The summary
+
+
+def describe(report: PreflightReport) -> str:
+    """A few lines on what is about to train, printed before the workers start."""
+
+    def model(dims: ModelDims) -> str:
+        return (f"{dims.model_type}, {dims.num_layers} layers x {dims.hidden_size} wide, {dims.num_heads} heads, "
+                f"vocabulary {dims.vocab_size:,}")
+
+    lines = [f"anchor:        {model(report.anchor)}"
+             + (f", {report.anchor_parameters:,} parameters" if report.anchor_parameters else "")]
+    for k, dims in enumerate(report.augmenting):
+        pairs = ", ".join(f"{c.aug_layer}->{c.anchor_layer}" for c in report.connections if c.augmenting == k)
+        lines.append(f"augmenting {k}:  {model(dims)}")
+        lines.append(f"  connections (its layer -> anchor layer): {pairs}")
+    share = (f" ({100 * report.composition_parameters / report.anchor_parameters:.2f}% of the anchor)"
+             if report.anchor_parameters else "")
+    lines.append(f"composition:   {len(report.connections)} cross-attention blocks, {report.num_heads} heads, "
+                 f"{report.composition_parameters:,} trainable parameters{share}")
+    data = f"{report.train_records:,} train records"
+    if report.eval_records is not None:
+        data += f", {report.eval_records:,} eval records"
+    lines.append(f"data:          {data}")
+    lines.append(f"workers:       {report.total_workers} ({report.placement})")
+    return "\n".join(lines)
