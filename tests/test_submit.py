@@ -1,0 +1,255 @@
+"""`calm submit`, the example 70B config and the KubeRay manifest, all without a cluster."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+from calm_dist.connections import every_n
+from calm_dist.cross_attention import CrossAttention
+from launcher import cli
+from launcher.config import ConfigError, load_config
+from launcher.preflight import parse_address
+from launcher.submit import build_job_request
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def calm(monkeypatch):
+    """launcher.cli.main with the submit subcommand registered, whether or not cli.py lists it yet."""
+    monkeypatch.setitem(cli.SUBCOMMANDS, "submit", ("launcher.submit", "submit a training config as a Ray job"))
+
+    def main(*argv: str) -> int:
+        with pytest.raises(SystemExit) as info:
+            cli.main(list(argv))
+        return info.value.code
+
+    return main
+
+
+@pytest.fixture
+def listening_port():
+    """A port on which something accepts TCP connections, standing in for a cluster's dashboard."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        yield server.getsockname()[1]
+
+
+def write_config(folder: Path, runtime_env: dict | None = None, models: Path | None = None) -> Path:
+    models = models or folder / "models"
+    raw = {
+        "name": "tiny",
+        "models": {"anchor": {"path": str(models / "anchor")}, "augmenting": [{"path": str(models / "aug")}]},
+        "composition": {"every_n": 2},
+        "data": {"train": "train.jsonl", "text_field": "text"},
+        "training": {"steps": 2, "micro_batch_size": 1, "global_batch_size": 2},
+        "ray": {"runtime_env": runtime_env or {}},
+    }
+    path = folder / "configs" / "tiny.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw))
+    (path.parent / "train.jsonl").write_text("".join(json.dumps({"text": f"{i}+1"}) + "\n" for i in range(4)))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Addresses
+
+
+@pytest.mark.parametrize(("address", "expected"), [
+    ("ray://head:10001", ("head", 10001)),
+    ("http://10.0.0.5:8265", ("10.0.0.5", 8265)),
+    ("https://ray.example.com", ("ray.example.com", 443)),
+    ("ray://head", ("head", 10001)),
+    ("head:6380", ("head", 6380)),
+    ("head", ("head", 6379)),
+    ("http://[::1]:8265/", ("::1", 8265)),
+])
+def test_addresses_parse_to_host_and_port(address, expected):
+    assert parse_address(address) == expected
+
+
+@pytest.mark.parametrize("address", ["http://head:port", "http://head:8265/api", "http://:8265", "head:99999"])
+def test_malformed_addresses_are_refused_naming_ray_address(address):
+    with pytest.raises(ConfigError, match=re.escape(f"ray.address: {address!r} is not an address of the form")):
+        parse_address(address)
+
+
+# --------------------------------------------------------------------------------------------------
+# The job request
+
+
+def test_the_job_request_runs_train_on_the_uploaded_config(tmp_path):
+    config_path = write_config(tmp_path, {"env_vars": {"HF_HUB_OFFLINE": "1"}, "excludes": ["*.bin"],
+                                          "working_dir": "s3://ignored.zip"})
+    config = load_config(config_path)
+    request = build_job_request(config_path, "http://head:8265", tmp_path, config)
+    assert request["address"] == "http://head:8265"
+    assert request["entrypoint"] == "python -m launcher.cli train configs/tiny.yaml"
+    assert request["runtime_env"] == {
+        "env_vars": {"HF_HUB_OFFLINE": "1"},
+        "working_dir": str(tmp_path.resolve()),
+        "excludes": ["*.bin", ".venv", "runs", ".git"],
+    }
+    assert request["metadata"] == {"calm_config": "configs/tiny.yaml", "calm_name": "tiny"}
+    assert config.ray.runtime_env["working_dir"] == "s3://ignored.zip"  # the config is not mutated
+    argv = shlex.split(request["command_line"])
+    assert argv[:5] == ["ray", "job", "submit", "--address", "http://head:8265"]
+    assert argv[5] == "--runtime-env-json" and json.loads(argv[6]) == request["runtime_env"]
+    assert argv[7:] == ["--", *shlex.split(request["entrypoint"])]
+
+
+def test_a_config_path_with_spaces_is_quoted(tmp_path):
+    folder = tmp_path / "my project"
+    config_path = write_config(folder)
+    request = build_job_request(config_path, "http://head:8265", folder, load_config(config_path))
+    assert shlex.split(request["entrypoint"])[-1] == "configs/tiny.yaml"
+    assert shlex.split(shlex.split(request["command_line"])[-1]) == ["configs/tiny.yaml"]
+
+
+def test_a_config_outside_the_working_dir_is_refused(tmp_path):
+    config_path = write_config(tmp_path / "elsewhere")
+    (tmp_path / "work").mkdir()
+    with pytest.raises(ConfigError) as info:
+        build_job_request(config_path, "http://head:8265", tmp_path / "work", load_config(config_path))
+    assert str(info.value).startswith(f"{config_path}: the config lies outside --working-dir {tmp_path / 'work'}")
+
+
+def test_a_missing_working_dir_is_refused(tmp_path):
+    config_path = write_config(tmp_path)
+    with pytest.raises(ConfigError, match=re.escape(f"--working-dir {tmp_path / 'nope'}: no such folder")):
+        build_job_request(config_path, "http://head:8265", tmp_path / "nope", load_config(config_path))
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+
+
+def test_an_unreachable_address_exits_2_naming_ray_address(tmp_path, calm, capsys):
+    from calm_dist.tiny import tiny_model
+    from calm_dist.tokenizer import tiny_tokenizer
+
+    tiny_model("llama", layers=2, width=32, heads=2).save_pretrained(tmp_path / "models" / "anchor")
+    tiny_tokenizer().save_pretrained(tmp_path / "models" / "anchor")
+    tiny_model("llama", layers=2, width=16, heads=2).save_pretrained(tmp_path / "models" / "aug")
+    config_path = write_config(tmp_path)
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert calm("submit", str(config_path), "--address", f"http://127.0.0.1:{port}",
+                "--working-dir", str(tmp_path)) == 2
+    assert f"calm submit: error: ray.address: cannot reach 127.0.0.1:{port} (Connection refused)" in (
+        capsys.readouterr().err)
+
+
+def test_a_bad_config_exits_2_before_anything_is_contacted(tmp_path, calm, capsys):
+    config_path = tmp_path / "bad.yaml"
+    config_path.write_text("name: latest\n")
+    assert calm("submit", str(config_path), "--address", "http://127.0.0.1:1") == 2
+    assert f"calm submit: error: {config_path}: invalid config" in capsys.readouterr().err
+
+
+class FakeClient:
+    """JobSubmissionClient's calls that `calm submit` makes, recorded; the job ends as `final`."""
+
+    final = "SUCCEEDED"
+    instances: list[FakeClient] = []
+
+    def __init__(self, address):
+        self.address, self.submitted = address, None
+        FakeClient.instances.append(self)
+
+    def submit_job(self, **kwargs):
+        self.submitted = kwargs
+        return "raysubmit_test123"
+
+    async def tail_job_logs(self, job_id):
+        for line in ("step 1 loss 4.2\n", "step 2 loss 3.9\n"):
+            yield line
+
+    def get_job_status(self, job_id):
+        from ray.job_submission import JobStatus
+
+        return JobStatus(self.final)
+
+
+@pytest.mark.parametrize(("final", "code"), [("SUCCEEDED", 0), ("FAILED", 1), ("STOPPED", 1)])
+def test_submit_follows_the_logs_and_exits_with_the_job(tmp_path, calm, capsys, monkeypatch, listening_port,
+                                                        final, code):
+    import ray.job_submission
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeClient)
+    monkeypatch.setattr(FakeClient, "final", final)
+    monkeypatch.setattr(FakeClient, "instances", [])
+    config_path = write_config(tmp_path)
+    address = f"http://127.0.0.1:{listening_port}"
+    assert calm("submit", str(config_path), "--address", address, "--working-dir", str(tmp_path),
+                "--paths-on-cluster") == code
+    (client,) = FakeClient.instances
+    assert client.address == address
+    assert client.submitted["entrypoint"] == "python -m launcher.cli train configs/tiny.yaml"
+    assert client.submitted["runtime_env"]["working_dir"] == str(tmp_path.resolve())
+    out = capsys.readouterr().out
+    assert f"equivalent command: ray job submit --address {address} --runtime-env-json " in out
+    assert "submitted job raysubmit_test123\nstep 1 loss 4.2\nstep 2 loss 3.9\n" in out
+    assert out.endswith(f"job raysubmit_test123: {final}\n")
+
+
+def test_no_wait_returns_once_submitted(tmp_path, calm, capsys, monkeypatch, listening_port):
+    import ray.job_submission
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeClient)
+    monkeypatch.setattr(FakeClient, "final", "FAILED")  # never asked: --no-wait does not follow the job
+    monkeypatch.setattr(FakeClient, "instances", [])
+    config_path = write_config(tmp_path)
+    address = f"http://127.0.0.1:{listening_port}"
+    assert calm("submit", str(config_path), "--address", address, "--working-dir", str(tmp_path),
+                "--paths-on-cluster", "--no-wait") == 0
+    out = capsys.readouterr().out
+    assert "step 1" not in out
+    assert out.endswith(f"follow it with: ray job logs --address {address} --follow raysubmit_test123\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# The real-scale example and its KubeRay job
+
+
+def test_the_70b_example_config_validates_and_its_arithmetic_holds():
+    path = REPO / "configs" / "calm-70b-7b.yaml"
+    config = load_config(path)  # its model paths exist only on the cluster: no preflight here
+    assert (config.ray.num_workers, config.ray.use_gpu, config.deepspeed.zero_stage) == (16, True, 3)
+    assert (config.models.anchor.dtype, config.models.augmenting[0].dtype, config.composition.dtype) == (
+        "bfloat16", "bfloat16", "float32")
+    # Anchor Llama-3.1-70B: 80 layers x 8192; augmenting Llama-3.1-8B family: 32 layers x 4096.
+    connections = every_n(32, 80, config.composition.every_n)
+    assert len(connections) == 8
+    stated = re.search(r"^# composition parameters: ([\d,]+)$", path.read_text(), re.MULTILINE)
+    assert stated is not None
+    assert int(stated.group(1).replace(",", "")) == len(connections) * CrossAttention.parameter_count(4096, 8192)
+
+
+def test_the_kuberay_job_runs_the_example_on_16_gpus_with_shared_checkpoints():
+    manifest = yaml.safe_load((REPO / "deploy" / "kuberay-rayjob.yaml").read_text())
+    assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayJob")
+    entrypoint = shlex.split(manifest["spec"]["entrypoint"])
+    assert entrypoint == ["python", "-m", "launcher.cli", "train", "configs/calm-70b-7b.yaml"]
+    config = load_config(REPO / entrypoint[-1])
+    cluster = manifest["spec"]["rayClusterSpec"]
+    (workers,) = cluster["workerGroupSpecs"]
+    (container,) = workers["template"]["spec"]["containers"]
+    assert workers["replicas"] * int(container["resources"]["limits"]["nvidia.com/gpu"]) == config.ray.num_workers
+    pods = [cluster["headGroupSpec"]["template"]["spec"], workers["template"]["spec"]]
+    for pod in pods:  # the driver (head) reads models and data too; every pod sees the same storage
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+                  if "persistentVolumeClaim" in v}
+        mounts = [m["mountPath"] for c in pod["containers"] for m in c["volumeMounts"] if m["name"] in claims]
+        assert any(config.ray.storage_path.startswith(mount + "/") for mount in mounts)
+        assert any(config.models.anchor.path.startswith(mount + "/") for mount in mounts)
