@@ -17,10 +17,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from calm_dist.architectures import DECODER_LAYERS, ModelDims
-from calm_dist.connections import Connection, every_n, validate
+from calm_dist.connections import Connection
 from calm_dist.cross_attention import CrossAttention
 from calm_dist.errors import CompositionError
 from launcher.config import ConfigError, ModelSpec, TrainConfig
+from launcher.connections import connections_for
 
 ADDRESS_TIMEOUT_S = 3.0
 
@@ -202,20 +203,11 @@ def _check_tokenizer(config: TrainConfig, anchor: ModelDims) -> None:
 
 
 def resolve_connections(config: TrainConfig, anchor: ModelDims, augmenting: list[ModelDims]) -> list[Connection]:
-    """The connections the composed model will build, in its order, validated against the layer counts."""
-    composition = config.composition
+    """The connections the workers will build (the same function computes them there), in the composed
+    model's order, validated against the layer counts."""
+    key = "composition.connections" if config.composition.connections is not None else "composition.every_n"
     try:
-        if composition.connections is not None:
-            key = "composition.connections"
-            connections = [Connection(*triple) for triple in composition.connections]
-        else:
-            key = "composition.every_n"
-            connections = [
-                c
-                for k, dims in enumerate(augmenting)
-                for c in every_n(dims.num_layers, anchor.num_layers, composition.every_n, augmenting=k)
-            ]
-        validate(connections, [d.num_layers for d in augmenting], anchor.num_layers)
+        connections = connections_for(config.composition, anchor.num_layers, [d.num_layers for d in augmenting])
     except CompositionError as err:
         raise ConfigError(f"{key}: {err}") from None
     return sorted(connections)

@@ -1,8 +1,8 @@
 """`calm submit`: run a training config on a remote Ray cluster as a Ray job.
 
-The job is `python -m launcher.cli train CONFIG`, run on the cluster in an uploaded copy of the working
-directory: what `ray job submit` would do, and the equivalent `ray job submit` line is printed so the
-same submission can be scripted without this tool. The config is checked here first, so a typo costs
+The job is `python -m launcher.cli train CONFIG --set ray.address=auto`, run on the cluster in an
+uploaded copy of the working directory: what `ray job submit` would do, and the equivalent
+`ray job submit` line is printed so the same submission can be scripted without this tool. The config is checked here first, so a typo costs
 seconds rather than a cluster scheduling round.
 """
 
@@ -62,7 +62,9 @@ def build_job_request(config_path: str | Path, address: str, working_dir: str | 
     runtime_env = copy.deepcopy(config.ray.runtime_env)
     runtime_env["working_dir"] = str(working)
     runtime_env["excludes"] = list(dict.fromkeys([*runtime_env.get("excludes", []), *EXCLUDES]))
-    entrypoint = ["python", "-m", "launcher.cli", "train", inside]
+    # The job's driver runs on a cluster node, where "auto" finds the cluster; whatever address the file
+    # names is for runs started elsewhere (and without one, train would start a cluster of its own).
+    entrypoint = ["python", "-m", "launcher.cli", "train", inside, "--set", "ray.address=auto"]
     command_line = shlex.join(["ray", "job", "submit", "--address", address,
                                "--runtime-env-json", json.dumps(runtime_env, sort_keys=True), "--", *entrypoint])
     return {

@@ -93,7 +93,7 @@ def test_the_job_request_runs_train_on_the_uploaded_config(tmp_path):
     config = load_config(config_path)
     request = build_job_request(config_path, "http://head:8265", tmp_path, config)
     assert request["address"] == "http://head:8265"
-    assert request["entrypoint"] == "python -m launcher.cli train configs/tiny.yaml"
+    assert request["entrypoint"] == "python -m launcher.cli train configs/tiny.yaml --set ray.address=auto"
     assert request["runtime_env"] == {
         "env_vars": {"HF_HUB_OFFLINE": "1"},
         "working_dir": str(tmp_path.resolve()),
@@ -108,11 +108,11 @@ def test_the_job_request_runs_train_on_the_uploaded_config(tmp_path):
 
 
 def test_a_config_path_with_spaces_is_quoted(tmp_path):
-    folder = tmp_path / "my project"
-    config_path = write_config(folder)
-    request = build_job_request(config_path, "http://head:8265", folder, load_config(config_path))
-    assert shlex.split(request["entrypoint"])[-1] == "configs/tiny.yaml"
-    assert shlex.split(shlex.split(request["command_line"])[-1]) == ["configs/tiny.yaml"]
+    config_path = write_config(tmp_path / "my project")
+    request = build_job_request(config_path, "http://head:8265", tmp_path, load_config(config_path))
+    assert request["entrypoint"] == (
+        "python -m launcher.cli train 'my project/configs/tiny.yaml' --set ray.address=auto")
+    assert shlex.split(request["command_line"])[-3:] == ["my project/configs/tiny.yaml", "--set", "ray.address=auto"]
 
 
 def test_a_config_outside_the_working_dir_is_refused(tmp_path):
@@ -195,7 +195,7 @@ def test_submit_follows_the_logs_and_exits_with_the_job(tmp_path, calm, capsys, 
                 "--paths-on-cluster") == code
     (client,) = FakeClient.instances
     assert client.address == address
-    assert client.submitted["entrypoint"] == "python -m launcher.cli train configs/tiny.yaml"
+    assert client.submitted["entrypoint"] == "python -m launcher.cli train configs/tiny.yaml --set ray.address=auto"
     assert client.submitted["runtime_env"]["working_dir"] == str(tmp_path.resolve())
     out = capsys.readouterr().out
     assert f"equivalent command: ray job submit --address {address} --runtime-env-json " in out
