@@ -1,0 +1,177 @@
+"""Every merge method, run through the whole job with small chunks, against a direct whole-tensor
+computation of its formula: the outputs must be bit-identical."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from merge_fixtures import BIG_SHAPES, budget_for_blocks, raw_checkpoint, random_tensors, read_merged, weighted_sum
+
+from merge.config import validate_config
+from merge.job import run_merge
+from merge.methods import BLOCK, Block, dare_keep, kth_largest_abs
+
+NAMES = ["m0", "m1", "m2"]
+# The costliest tensor per element is the int64 buffer: 3 output copies and 2 of its one input, 8 bytes each.
+PER_ELEMENT = 3 * 8 + 2 * 8
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Three bf16 checkpoints whose tensors span several blocks, plus an integer buffer that differs."""
+    root = tmp_path_factory.mktemp("inputs")
+    models = []
+    for seed, name in enumerate(NAMES):
+        tensors = random_tensors(seed, BIG_SHAPES)
+        tensors["buf.ids"] = torch.arange(10, dtype=torch.int64) + 100 * seed
+        raw_checkpoint(root / name, tensors, shards=2)
+        models.append(tensors)
+    return root, models
+
+
+def merge(root, tmp_path, blocks: int = 1, **settings) -> dict[str, torch.Tensor]:
+    cfg = validate_config({
+        "models": [{"path": str(root / n)} for n in NAMES[: settings.pop("count", 3)]],
+        "output": {"path": str(tmp_path / "out"), **settings.pop("output", {})},
+        "memory_budget": budget_for_blocks(blocks, PER_ELEMENT),
+        **settings,
+    })
+    run_merge(cfg, show_progress=False, log=lambda _: None)
+    return read_merged(tmp_path / "out")
+
+
+def floats(models, name):
+    return [m[name] for m in models]
+
+
+def test_linear_is_the_fp32_weighted_sum_rounded_once(inputs, tmp_path):
+    root, models = inputs
+    out = merge(root, tmp_path, method="linear", weights=[2.0, 5.0, 3.0], integer_tensors_from="m2")
+    for name in BIG_SHAPES:
+        assert torch.equal(out[name], weighted_sum(floats(models, name), [0.2, 0.5, 0.3]).to(torch.bfloat16)), name
+    assert torch.equal(out["buf.ids"], models[2]["buf.ids"])
+    assert set(out) == set(models[0])
+
+
+def test_linear_output_dtype_is_configurable(inputs, tmp_path):
+    root, models = inputs
+    out = merge(root, tmp_path, method="linear", weights=[1, 1, 1], parameters={"normalize": False}, output={"dtype": "float32"})
+    assert out["embed.weight"].dtype == torch.float32
+    assert torch.equal(out["embed.weight"], weighted_sum(floats(models, "embed.weight"), [1.0, 1.0, 1.0]))
+    assert out["buf.ids"].dtype == torch.int64
+
+
+def test_task_arithmetic(inputs, tmp_path):
+    root, models = inputs
+    out = merge(root, tmp_path, method="task_arithmetic", base_model="m1", weights=[0.7, 0.4], parameters={"lambda": 0.8})
+    for name in BIG_SHAPES:
+        base, a, b = (models[i][name].float() for i in (1, 0, 2))
+        expected = base + weighted_sum([a - base, b - base], [0.7, 0.4]) * 0.8
+        assert torch.equal(out[name], expected.to(torch.bfloat16)), name
+
+
+def disjoint_mean(deltas, weights):
+    """TIES's elect + disjoint merge written out on whole tensors."""
+    weighted = [d * w for d, w in zip(deltas, weights, strict=True)]
+    sign = torch.sign(weighted_sum(weighted, [1.0] * len(weighted)))
+    agree = [(torch.sign(d) == sign) & (d != 0) for d in deltas]
+    numerator = sum(torch.where(a, wd, 0.0) for a, wd in zip(agree, weighted, strict=True))
+    denominator = sum(torch.where(a, w, 0.0) for a, w in zip(agree, weights, strict=True))
+    return torch.where(denominator != 0, numerator / denominator, 0.0)
+
+
+def test_ties_keeps_the_top_density_of_each_task_vector(inputs, tmp_path):
+    root, models = inputs
+    out = merge(root, tmp_path, method="ties", base_model="m0", weights=[0.6, 0.9], parameters={"density": 0.3, "lambda": 1.5})
+    for name in BIG_SHAPES:
+        base = models[0][name].float()
+        trimmed = []
+        for x in (models[1][name].float(), models[2][name].float()):
+            delta = x - base
+            n = delta.numel()
+            threshold = delta.abs().flatten().kthvalue(n - round(0.3 * n) + 1).values
+            trimmed.append(torch.where(delta.abs() >= threshold, delta, 0.0))
+        kept = (trimmed[0] != 0).float().mean().item()
+        assert abs(kept - 0.3) < 0.01
+        expected = base + disjoint_mean(trimmed, [0.6, 0.9]) * 1.5
+        assert torch.equal(out[name], expected.to(torch.bfloat16)), name
+
+
+def whole_mask(name: str, model: int, numel: int, density: float, seed: int) -> torch.Tensor:
+    blocks = [Block(name, k, min(BLOCK, numel - k * BLOCK), seed) for k in range(math.ceil(numel / BLOCK))]
+    return torch.cat([dare_keep(b, model, density) for b in blocks])
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare(inputs, tmp_path, method):
+    root, models = inputs
+    out = merge(root, tmp_path, method=method, base_model="m2", weights=[0.5, 0.8], parameters={"density": 0.4}, seed=7)
+    for name in BIG_SHAPES:
+        base = models[2][name].float()
+        deltas = []
+        for position, i in enumerate((0, 1), start=1):  # the base is input 0, then the others in order
+            mask = whole_mask(name, position, base.numel(), 0.4, seed=7).reshape(base.shape)
+            assert abs(mask.float().mean().item() - 0.4) < 5 * math.sqrt(0.24 / mask.numel())  # 5 sigma
+            deltas.append(torch.where(mask, (models[i][name].float() - base) / 0.4, 0.0))
+        mixed = weighted_sum(deltas, [0.5, 0.8]) if method == "dare_linear" else disjoint_mean(deltas, [0.5, 0.8])
+        assert torch.equal(out[name], (base + mixed).to(torch.bfloat16)), name
+
+
+def test_dare_does_not_depend_on_chunking(inputs, tmp_path):
+    root, _ = inputs
+    settings = {"method": "dare_ties", "base_model": "m0", "parameters": {"density": 0.5}}
+    small = merge(root, tmp_path / "a", blocks=1, **settings)
+    large = merge(root, tmp_path / "b", blocks=5, **settings)
+    assert all(torch.equal(small[n], large[n]) for n in small)
+    assert not torch.equal(small["embed.weight"], merge(root, tmp_path / "c", seed=1, **settings)["embed.weight"])
+
+
+def slerp_reference(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    a, b = a.float(), b.float()
+    cos = (torch.dot(a.flatten().double(), b.flatten().double()) / (a.double().norm() * b.double().norm())).item()
+    if abs(cos) > 0.9995:
+        c0, c1 = 1 - t, t
+    else:
+        omega = math.acos(cos)
+        c0, c1 = math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
+    return a * c0 + b * c1
+
+
+def test_slerp_with_a_per_tensor_t(inputs, tmp_path):
+    root, models = inputs
+    out = merge(
+        root, tmp_path, count=2, method="slerp", parameters={"t": 0.3},
+        overrides=[{"pattern": "layer.*", "parameters": {"t": 0.9}}],
+    )
+    for name in BIG_SHAPES:
+        t = 0.9 if name.startswith("layer.") else 0.3
+        assert torch.equal(out[name], slerp_reference(models[0][name], models[1][name], t).to(torch.bfloat16)), name
+
+
+def test_slerp_of_parallel_tensors_falls_back_to_lerp(tmp_path):
+    a = random_tensors(0, {"w": (300, 1000)})["w"]
+    raw_checkpoint(tmp_path / "m0", {"w": a})
+    raw_checkpoint(tmp_path / "m1", {"w": (a.float() * 2).to(torch.bfloat16)})
+    out = merge(tmp_path, tmp_path, count=2, method="slerp", parameters={"t": 0.25})
+    expected = a.float() * 0.75 + (a.float() * 2).to(torch.bfloat16).float() * 0.25
+    assert torch.equal(out["w"], expected.to(torch.bfloat16))
+
+
+def test_overrides_change_weights_for_matching_tensors_only(inputs, tmp_path):
+    root, models = inputs
+    out = merge(root, tmp_path, method="linear", weights=[1, 1, 1], overrides=[{"pattern": "embed.*", "weights": [1, 0, 0]}])
+    assert torch.equal(out["embed.weight"], models[0]["embed.weight"])
+    expected = weighted_sum(floats(models, "layer.weight"), [1 / 3] * 3).to(torch.bfloat16)
+    assert torch.equal(out["layer.weight"], expected)
+
+
+def test_kth_largest_abs_is_exact_with_ties_and_any_blocking():
+    generator = torch.Generator().manual_seed(0)
+    series = [torch.randint(-50, 50, (10_000,), generator=generator).float() / 7, torch.randn(10_000, generator=generator)]
+    cuts = [0, 1, 999, 5000, 5001, 10_000]
+    blocks = lambda: ([s[a:b] for s in series] for a, b in zip(cuts, cuts[1:], strict=False))  # noqa: E731
+    for k in (1, 2, 137, 5000, 10_000):
+        expected = [s.abs().kthvalue(len(s) - k + 1).values.item() for s in series]
+        assert kth_largest_abs(blocks, k) == expected
