@@ -7,7 +7,14 @@ import math
 
 import pytest
 import torch
-from merge_fixtures import BIG_SHAPES, budget_for_blocks, raw_checkpoint, random_tensors, read_merged, weighted_sum
+from merge_fixtures import (
+    BIG_SHAPES,
+    budget_for_blocks,
+    random_tensors,
+    raw_checkpoint,
+    read_merged,
+    weighted_sum,
+)
 
 from merge.config import validate_config
 from merge.job import run_merge
