@@ -30,8 +30,16 @@ def _source(model: nn.Module) -> str:
     return getattr(model.config, "_name_or_path", "") or ""
 
 
-def save_composition(model: ComposedModel, path: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Write the checkpoint folder atomically: a crash never leaves a folder that looks complete."""
+def save_composition(
+    model: ComposedModel,
+    path: str | os.PathLike,
+    extra: dict | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write the checkpoint folder atomically: a crash never leaves a folder that looks complete.
+
+    state: the composition tensors, when they are not in the model itself (gathered from ZeRO shards).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     manifest = {
@@ -39,7 +47,8 @@ def save_composition(model: ComposedModel, path: str | os.PathLike, extra: dict 
         "format_version": FORMAT_VERSION,
         "anchor": {"source": _source(model.anchor), **model.anchor_dims.to_json()},
         "augmenting": [
-            {"source": _source(m), **d.to_json()} for m, d in zip(model.augmenting, model.augmenting_dims, strict=True)
+            {"source": _source(model.augmenting[k]) if model.augmenting else "", **d.to_json()}
+            for k, d in enumerate(model.augmenting_dims)
         ],
         "connections": [
             {"augmenting": c.augmenting, "aug_layer": c.aug_layer, "anchor_layer": c.anchor_layer}
@@ -51,7 +60,7 @@ def save_composition(model: ComposedModel, path: str | os.PathLike, extra: dict 
     }
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        tensors = {k: v.contiguous() for k, v in model.composition_state_dict().items()}
+        tensors = {k: v.contiguous() for k, v in (state or model.composition_state_dict()).items()}
         save_file(tensors, staging / WEIGHTS, metadata={"format": "pt"})
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if path.exists():

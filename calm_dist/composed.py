@@ -67,14 +67,19 @@ class ComposedModel(nn.Module):
     def __init__(
         self,
         anchor: nn.Module,
-        augmenting: Sequence[nn.Module],
+        augmenting: Sequence[nn.Module] | Sequence[ModelDims],
         connections: Sequence[Connection],
         num_heads: int | None = None,
         dtype: torch.dtype = torch.float32,
     ):
+        """augmenting: the models, or only their dimensions when their states are computed elsewhere
+        (then forward needs augmenting_states=)."""
         super().__init__()
+        external = [isinstance(m, ModelDims) for m in augmenting]
+        if any(external) and not all(external):
+            raise CompositionError("give all augmenting models as modules, or all as ModelDims")
         self.anchor_dims: ModelDims = model_dims(anchor)
-        self.augmenting_dims: list[ModelDims] = [model_dims(m) for m in augmenting]
+        self.augmenting_dims: list[ModelDims] = [m if isinstance(m, ModelDims) else model_dims(m) for m in augmenting]
         for k, dims in enumerate(self.augmenting_dims):
             if dims.vocab_size != self.anchor_dims.vocab_size:
                 raise CompositionError(
@@ -88,7 +93,8 @@ class ComposedModel(nn.Module):
         self.composition_dtype = dtype
 
         self.anchor = anchor.requires_grad_(False).eval()
-        self.augmenting = nn.ModuleList(m.requires_grad_(False).eval() for m in augmenting)
+        modules = [] if any(external) else augmenting
+        self.augmenting = nn.ModuleList(m.requires_grad_(False).eval() for m in modules)
         device = next(anchor.parameters()).device
         width = self.anchor_dims.hidden_size
         try:
@@ -132,12 +138,13 @@ class ComposedModel(nn.Module):
     # Forward
 
     def new_cache(self) -> ComposedCache:
+        if not self.augmenting:
+            raise CompositionError("cached decoding needs the augmenting models, not only their dimensions")
         return ComposedCache(
             anchor=DynamicCache(config=self.anchor.config),
             augmenting=[DynamicCache(config=m.config) for m in self.augmenting],
         )
 
-    @torch.no_grad()
     def augmenting_states(
         self,
         input_ids: torch.Tensor,
@@ -145,36 +152,16 @@ class ComposedModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: ComposedCache | None = None,
     ) -> dict[tuple[int, int], torch.Tensor]:
-        """Hidden states of every connected augmenting layer, computed without autograd.
-
-        Separate from forward() so that augmenting models can run elsewhere (pipelined placement)
-        and hand their states to forward(augmenting_states=...).
-        """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if position_ids is None:
-            position_ids = positions_from_mask(attention_mask)[:, -input_ids.shape[1]:]
-        states: dict[tuple[int, int], torch.Tensor] = {}
-        for k, model in enumerate(self.augmenting):
-            wanted = sorted({c.aug_layer for c in self.connections if c.augmenting == k})
-            if not wanted:
-                continue
-            layers = decoder_layers(model)
-            handles = [
-                layers[i].register_forward_hook(_capture(states, (k, i))) for i in wanted
-            ]
-            try:
-                backbone(model)(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    past_key_values=cache.augmenting[k] if cache is not None else None,
-                    use_cache=cache is not None,
-                )
-            finally:
-                for handle in handles:
-                    handle.remove()
-        return states
+        """Hidden states of every connected augmenting layer, computed without autograd."""
+        if not self.augmenting:
+            raise CompositionError(
+                "this composed model was built from augmenting-model dimensions only: pass "
+                "augmenting_states= to forward (they are computed where the augmenting models live)"
+            )
+        return augmenting_states(
+            list(self.augmenting), self.connections, input_ids, attention_mask, position_ids,
+            cache.augmenting if cache is not None else None,
+        )
 
     def forward(
         self,
@@ -273,6 +260,45 @@ class ComposedModel(nn.Module):
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return add_cross_attention
+
+
+@torch.no_grad()
+def augmenting_states(
+    models: Sequence[nn.Module],
+    connections: Sequence[Connection],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    caches: Sequence[DynamicCache] | None = None,
+) -> dict[tuple[int, int], torch.Tensor]:
+    """Hidden states of the connected layers of each augmenting model, without autograd.
+
+    A free function so that augmenting models can run outside the composed model: on each worker
+    beside a ZeRO-sharded anchor (colocated), or on ranks of their own (pipelined).
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if position_ids is None:
+        position_ids = positions_from_mask(attention_mask)[:, -input_ids.shape[1]:]
+    states: dict[tuple[int, int], torch.Tensor] = {}
+    for k, model in enumerate(models):
+        wanted = sorted({c.aug_layer for c in connections if c.augmenting == k})
+        if not wanted:
+            continue
+        layers = decoder_layers(model)
+        handles = [layers[i].register_forward_hook(_capture(states, (k, i))) for i in wanted]
+        try:
+            backbone(model)(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=caches[k] if caches is not None else None,
+                use_cache=caches is not None,
+            )
+        finally:
+            for handle in handles:
+                handle.remove()
+    return states
 
 
 def _capture(store: dict, key: tuple[int, int]):

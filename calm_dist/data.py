@@ -7,6 +7,7 @@ broadcasts data) and a resumed run sees exactly the batches the interrupted one 
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import os
 import tempfile
@@ -200,6 +201,12 @@ def tokenize_records(
     tokenized = dataset.map(
         encode, batched=True, with_indices=True, remove_columns=dataset.column_names, features=features,
         keep_in_memory=True, load_from_cache_file=False, desc="tokenizing",
+        # A given fingerprint spares datasets from hashing `encode` (its closure holds the tokenizer),
+        # which is slow and, in Ray workers, dumps bytecode into the logs.
+        new_fingerprint=hashlib.sha256(
+            f"{dataset._fingerprint}/{max_length}/{text_field}/{prompt_field}/{completion_field}/{add_eos}/"
+            f"{tokenizer.name_or_path}/{len(tokenizer)}".encode()
+        ).hexdigest()[:32],
     )
     dropped = len(dataset) - len(tokenized)
     if dropped:

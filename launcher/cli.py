@@ -14,7 +14,9 @@ import sys
 # USER_ERRORS, the exception types that mean bad input: those print one clear line and exit 2.
 # Modules import their heavy dependencies inside run(), keeping `calm --help` fast.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("launcher.demo", "compose two tiny seeded models on this machine and generate from them"),
+    "demo": ("launcher.demo", "train a composition of two tiny seeded models on an embedded local Ray"),
+    "train": ("launcher.train", "train a composition: Ray Train workers running DeepSpeed ZeRO-3"),
+    "submit": ("launcher.submit", "submit a training config as a job to a Ray cluster"),
     "merge": ("merge.cli", "build an LM-Cocktail blend by streaming safetensors checkpoints"),
 }
 

@@ -214,3 +214,16 @@ def test_activation_checkpointing_gives_the_same_gradients(trained_pair):
     assert any(g.abs().sum() > 0 for g in plain)
     for a, b in zip(plain, checkpointed, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_states_computed_elsewhere_give_the_same_model(trained_pair):
+    from calm_dist.composed import ComposedModel, augmenting_states
+
+    remote = ComposedModel(trained_pair.anchor, trained_pair.augmenting_dims, trained_pair.connections)
+    remote.composition.load_state_dict(trained_pair.composition.state_dict())
+    assert len(remote.augmenting) == 0
+    ids = torch.randint(3, 128, (2, 8))
+    states = augmenting_states(list(trained_pair.augmenting), trained_pair.connections, ids)
+    assert torch.equal(remote(ids, augmenting_states=states).logits, trained_pair(ids).logits)
+    with pytest.raises(CompositionError, match="pass augmenting_states="):
+        remote(ids)

@@ -1,0 +1,108 @@
+"""Load a frozen Hugging Face model straight into ZeRO-3 partitions: no rank ever holds it whole.
+
+The model is built empty under `deepspeed.zero.Init` (each parameter is partitioned the moment its
+module is constructed), then every rank copies only its own slice of each tensor out of the
+memory-mapped safetensors files. ZeRO-3 keeps a parameter as one flat tensor padded to a multiple of
+the group size, and rank r owns elements [r * part, (r + 1) * part); that slice of the flattened
+checkpoint tensor is all a rank reads. Unlike `from_pretrained` under `HfDeepSpeedConfig`, this works
+for any process group, which the pipelined placement needs (the anchor's ZeRO group excludes the
+augmenting ranks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.initialization import no_init_weights
+
+from calm_dist.errors import CompositionError
+
+
+def checkpoint_files(folder: str | Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it, for a single-file or sharded checkpoint."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / "model.safetensors"
+    if not single.exists():
+        raise CompositionError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    with safe_open(single, "pt") as f:
+        return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+
+
+def _flat_range(handle, name: str, start: int, stop: int) -> torch.Tensor:
+    """Elements [start, stop) of the flattened tensor, reading only the rows that hold them."""
+    view = handle.get_slice(name)
+    shape = view.get_shape()
+    if len(shape) <= 1:
+        return view[start:stop].flatten() if shape else view[:].flatten()[start:stop]
+    row = math.prod(shape[1:])
+    first, last = start // row, (stop + row - 1) // row
+    rows = view[first:last].flatten()
+    return rows[start - first * row : stop - first * row]
+
+
+def load_partitioned(
+    path: str | Path,
+    ds_config: dict,
+    dtype: torch.dtype,
+    group: dist.ProcessGroup | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """A frozen causal LM whose parameters are ZeRO-3 partitions over `group`, filled from `path`."""
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise CompositionError(f"{path}: partitioned loading supports float32 and bfloat16, not {dtype}")
+    # zero.Init ignores an explicit dtype on accelerators without fp16 (DeepSpeed 0.19 picks bf16 by
+    # operator precedence), but honours the config's bf16 switch: set that instead.
+    init_config = {**ds_config, "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": False}}
+    with deepspeed.zero.Init(data_parallel_group=group, config_dict_or_path=init_config), no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.requires_grad_(False).eval()
+
+    files = checkpoint_files(path)
+    handles: dict[Path, object] = {}
+    tied = getattr(config, "tie_word_embeddings", False)
+    try:
+        for name, param in model.named_parameters():
+            source = name
+            if source not in files and tied and name == "lm_head.weight":
+                source = next(n for n in files if n.endswith("embed_tokens.weight"))
+            if source not in files:
+                raise CompositionError(f"{path}: tensor {name} is missing from the checkpoint")
+            file = files[source]
+            if file not in handles:
+                handles[file] = safe_open(file, "pt").__enter__()
+            expected = tuple(param.ds_shape)
+            actual = tuple(handles[file].get_slice(source).get_shape())
+            if actual != expected:
+                raise CompositionError(f"{file}: tensor {source} has shape {actual}, the config implies {expected}")
+            part = param.ds_tensor.ds_numel
+            start = min(dist.get_rank(group) * part, param.ds_numel)
+            stop = min(start + part, param.ds_numel)
+            if stop > start:
+                piece = _flat_range(handles[file], source, start, stop)
+                param.ds_tensor.data[: stop - start].copy_(piece.to(dtype))
+    finally:
+        for handle in handles.values():
+            handle.__exit__(None, None, None)
+    return model
+
+
+def local_parameter_bytes(model: nn.Module) -> int:
+    """Bytes of parameter data this rank actually holds (its partitions for ZeRO-3 parameters)."""
+    total = 0
+    for param in model.parameters():
+        data = param.ds_tensor if hasattr(param, "ds_tensor") else param.data
+        total += data.numel() * data.element_size()
+    return total

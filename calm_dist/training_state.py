@@ -1,0 +1,57 @@
+"""Training checkpoints: composition parameters, optimizer, schedule, RNG and data position, through
+DeepSpeed's sharded format, never the frozen models. Plus export of the finished composition."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from calm_dist.checkpoint import save_composition
+from calm_dist.composed import ComposedModel
+
+STATE = "training_state.json"
+
+
+def save_training_state(engine, directory: str | Path, step: int, data_state: dict) -> Path:
+    """Every rank writes its shard into `directory`; rank 0 also writes the step and data position."""
+    directory = Path(directory)
+    tag = f"step-{step:08d}"  # never 'latest', which is DeepSpeed's own pointer file
+    engine.save_checkpoint(
+        str(directory), tag=tag, exclude_frozen_parameters=True,
+        client_state={"step": step, "data": data_state, "torch_rng": torch.get_rng_state()},
+    )
+    if dist.get_rank() == 0:
+        (directory / STATE).write_text(json.dumps({"step": step, "tag": tag, "data": data_state}))
+    return directory
+
+
+def load_training_state(engine, directory: str | Path) -> tuple[int, dict]:
+    """Restore the engine from `directory`; (step reached, data position)."""
+    directory = Path(directory)
+    state = json.loads((directory / STATE).read_text())
+    _, client = engine.load_checkpoint(
+        str(directory), tag=state["tag"], load_module_strict=False,
+        load_optimizer_states=True, load_lr_scheduler_states=True,
+    )
+    if client and "torch_rng" in client:
+        torch.set_rng_state(client["torch_rng"])
+    return state["step"], state["data"]
+
+
+def gathered_composition(model: ComposedModel) -> dict[str, torch.Tensor]:
+    """Full composition tensors on every rank (they are small; the anchor is never gathered)."""
+    params = list(model.composition_parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        return {k: v.detach().clone() for k, v in model.composition.state_dict().items()}
+
+
+def export_composition(model: ComposedModel, path: str | Path, extra: dict | None = None) -> Path | None:
+    """Write the composition checkpoint (calm_dist.checkpoint format) from rank 0."""
+    state = gathered_composition(model)
+    if dist.get_rank() != 0:
+        return None
+    return save_composition(model, path, extra=extra, state=state)

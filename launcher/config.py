@@ -1,0 +1,234 @@
+"""The training config: one YAML file, validated by pydantic before anything starts.
+
+Unknown keys and wrong types fail with the key's dotted path (e.g. `training.micro_batch_size`).
+Relative paths in the file are resolved against the file's own folder, so a config can be run from
+anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the file and the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class ModelSpec(Strict):
+    path: str = Field(description="a local Hugging Face model folder")
+    dtype: Dtype = "bfloat16"
+    trust_remote_code: bool = False
+
+
+class ModelsConfig(Strict):
+    anchor: ModelSpec
+    augmenting: list[ModelSpec] = Field(min_length=1)
+    tokenizer: str | None = Field(None, description="tokenizer folder; default: the anchor's folder")
+
+
+class CompositionConfig(Strict):
+    every_n: int | None = Field(4, ge=1, description="connect every n-th augmenting layer (paper: 4)")
+    connections: list[tuple[int, int, int]] | None = Field(
+        None, description="explicit [augmenting model, augmenting layer, anchor layer] triples"
+    )
+    num_heads: int | None = Field(None, ge=1, description="default: the anchor's head count")
+    dtype: Dtype = "float32"
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> CompositionConfig:
+        # every_n has a default, so only an every_n the file sets conflicts; `every_n: null` next to
+        # connections just says the same thing twice.
+        if self.connections is not None and self.every_n is not None and "every_n" in self.model_fields_set:
+            raise ValueError("give either every_n or connections, not both")
+        if self.connections is None and self.every_n is None:
+            raise ValueError("give every_n or connections: with neither, nothing connects the models")
+        return self
+
+
+class DataConfig(Strict):
+    train: str
+    eval: str | None = None
+    split: str | None = None
+    text_field: str | None = None
+    prompt_field: str | None = None
+    completion_field: str | None = None
+    max_length: int = Field(512, ge=2)
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> DataConfig:
+        pair = self.prompt_field is not None or self.completion_field is not None
+        if self.text_field is not None and pair:
+            raise ValueError("give text_field, or prompt_field and completion_field, not both")
+        if self.text_field is None and (self.prompt_field is None or self.completion_field is None):
+            raise ValueError("give text_field, or both prompt_field and completion_field")
+        return self
+
+
+class OptimizerConfig(Strict):
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class ScheduleConfig(Strict):
+    kind: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class TrainingConfig(Strict):
+    steps: int = Field(ge=1, description="optimizer steps")
+    micro_batch_size: int = Field(ge=1, description="sequences per anchor worker per forward")
+    global_batch_size: int = Field(ge=1, description="sequences per optimizer step, all workers together")
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    log_every: int = Field(10, ge=1)
+    eval_every: int | None = Field(None, ge=1)
+    eval_samples: int = Field(64, ge=1)
+    eval_max_new_tokens: int = Field(32, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1, description="default: only at the end")
+    seed: int = 0
+
+
+class DeepSpeedConfig(Strict):
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    activation_checkpointing: bool = False
+    extra: dict = Field(default_factory=dict, description="merged into the generated DeepSpeed config")
+
+
+class PlacementConfig(Strict):
+    mode: Literal["colocated", "pipelined"] = "colocated"
+    augmenting_workers: int = Field(1, ge=1, description="pipelined: ranks that run only the augmenting models")
+    prefetch: int = Field(2, ge=1, description="pipelined: micro-batches the augmenting ranks run ahead")
+
+
+class RayConfig(Strict):
+    address: str | None = Field(None, description="None: start an embedded local cluster on 127.0.0.1")
+    num_workers: int = Field(2, ge=1, description="anchor workers (the data-parallel ZeRO group)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    storage_path: str = Field("runs", description="shared storage for checkpoints on multi-node clusters")
+    max_failures: int = Field(2, ge=0, description="worker deaths to recover from by resuming")
+    runtime_env: dict = Field(default_factory=dict)
+
+
+class TrainConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    models: ModelsConfig
+    composition: CompositionConfig = CompositionConfig()
+    data: DataConfig
+    training: TrainingConfig
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    placement: PlacementConfig = PlacementConfig()
+    ray: RayConfig = RayConfig()
+    output_dir: str = Field("runs", description="TensorBoard logs and the exported composition go here")
+
+    @field_validator("name")
+    @classmethod
+    def _no_latest(cls, value: str) -> str:
+        if value == "latest":  # collides with DeepSpeed's own `latest` file
+            raise ValueError("'latest' is reserved")
+        return value
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> TrainConfig:
+        per_step = self.training.micro_batch_size * self.ray.num_workers
+        if self.training.global_batch_size % per_step:
+            raise ValueError(
+                f"training.global_batch_size={self.training.global_batch_size} is not a multiple of "
+                f"training.micro_batch_size x ray.num_workers = {self.training.micro_batch_size} x "
+                f"{self.ray.num_workers} = {per_step}"
+            )
+        return self
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.training.global_batch_size // (self.training.micro_batch_size * self.ray.num_workers)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+_PATH_KEYS = [("models", "tokenizer"), ("data", "train"), ("data", "eval"), ("output_dir",), ("ray", "storage_path")]
+
+
+def _resolve_paths(raw: dict, base: Path) -> None:
+    def fix(value):
+        if isinstance(value, str) and value and "://" not in value:
+            value = os.path.expanduser(value)
+            if not os.path.isabs(value):
+                return str((base / value).resolve())
+        return value
+
+    models = raw.get("models")
+    if isinstance(models, dict):
+        for spec in [models.get("anchor"), *(models.get("augmenting") or [])]:
+            if isinstance(spec, dict) and "path" in spec:
+                spec["path"] = fix(spec["path"])
+    for keys in _PATH_KEYS:
+        node = raw
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and keys[-1] in node:
+            node[keys[-1]] = fix(node[keys[-1]])
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for problem in err.errors():
+        where = ".".join(str(part) for part in problem["loc"])
+        # Our own validators' messages already name their keys; pydantic's "Value error, " prefix adds
+        # nothing to them.
+        own = problem["type"] == "value_error" and "error" in problem.get("ctx", {})
+        message = str(problem["ctx"]["error"]) if own else problem["msg"]
+        lines.append(f"  {where}: {message}" if where else f"  {message}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike, overrides: dict | None = None) -> TrainConfig:
+    """Read, resolve and validate a training config; ConfigError on any problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as err:  # a folder, no permission
+        raise ConfigError(f"{path}: cannot read the config file: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, last = dotted.split(".")
+        for depth, key in enumerate(parents):
+            if node.get(key) is None:  # absent, or a section left empty in the file (`ray:`)
+                node[key] = {}
+            node = node[key]
+            if not isinstance(node, dict):
+                where = ".".join(parents[: depth + 1])
+                raise ConfigError(f"{path}: cannot set {dotted}: {where} is not a mapping")
+        node[last] = value
+    _resolve_paths(raw, path.resolve().parent)
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, str(path))) from None

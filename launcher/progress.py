@@ -1,0 +1,54 @@
+"""Progress of a training run on the driver: rank 0 posts metrics to a tiny Ray actor, the driver
+polls it and draws a progress bar with the latest loss, tokens/s and step time."""
+
+from __future__ import annotations
+
+import threading
+
+import ray
+from tqdm import tqdm
+
+
+@ray.remote
+class ProgressBoard:
+    def __init__(self):
+        self.step, self.metrics, self.history = 0, {}, []
+
+    def update(self, step: int, metrics: dict) -> None:
+        self.step, self.metrics = step, metrics
+        self.history.append(metrics)
+
+    def read(self, seen: int) -> tuple[int, list[dict]]:
+        return self.step, self.history[seen:]
+
+
+def _line(metrics: dict) -> str:
+    parts = [f"step {metrics['step']}", f"loss {metrics['loss']:.4f}", f"lr {metrics['lr']:.2e}",
+             f"{metrics['tokens_per_s']:.0f} tok/s", f"{metrics['step_time_s']:.2f} s/step"]
+    if "eval_loss" in metrics:
+        parts.append(f"eval_loss {metrics['eval_loss']:.4f}")
+    if "eval_exact_match" in metrics:
+        parts.append(f"exact_match {metrics['eval_exact_match']:.3f}")
+    return "  ".join(parts)
+
+
+def follow(board, total_steps: int, training: threading.Thread, interval: float = 0.5) -> dict:
+    """Draw progress until the training thread ends; return the last metrics seen."""
+    seen, last = 0, {}
+    with tqdm(total=total_steps, desc="training", unit="step", dynamic_ncols=True) as bar:
+        while True:
+            done = not training.is_alive()
+            try:
+                step, new = ray.get(board.read.remote(seen), timeout=10)
+            except Exception:  # the cluster is going away with the run; nothing more to show
+                break
+            seen += len(new)
+            for metrics in new:
+                bar.write(_line(metrics))
+                last = metrics
+            bar.n = step
+            bar.refresh()
+            if done:
+                break
+            training.join(interval)
+    return last

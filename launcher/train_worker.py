@@ -1,0 +1,151 @@
+"""What each Ray Train worker runs: build the ZeRO-3 engine around the composed model, feed it its
+data shard, report checkpoints to Ray Train, export the composition at the end."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from launcher.config import TrainConfig
+from launcher.connections import connections_for
+
+
+def train_worker(loop_config: dict) -> None:
+    config = TrainConfig.model_validate(loop_config["config"])
+    if not config.ray.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import ray.train
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from calm_dist.architectures import model_dims
+    from calm_dist.composed import ComposedModel, augmenting_states
+    from calm_dist.data import ShardedBatches, load_records, tokenize_records
+    from calm_dist.engine import build_engine, deepspeed_config, lr_lambda
+    from calm_dist.evaluation import eval_loss, exact_match
+    from calm_dist.partitioned_loading import load_partitioned
+    from calm_dist.train_loop import LoopSettings, run
+    from calm_dist.training_state import export_composition, load_training_state, save_training_state
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    deepspeed.init_distributed(dist_backend="nccl" if config.ray.use_gpu else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if config.ray.use_gpu else torch.device("cpu")
+    train = config.training
+    torch.manual_seed(train.seed)
+
+    ds_config = deepspeed_config(
+        micro_batch_size=train.micro_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        data_parallel_size=world,
+        zero_stage=config.deepspeed.zero_stage,
+        offload_optimizer=config.deepspeed.offload_optimizer,
+        offload_params=config.deepspeed.offload_params,
+        grad_clip=train.optimizer.grad_clip,
+        extra=config.deepspeed.extra,
+    )
+    spec = config.models.anchor
+    anchor = load_partitioned(spec.path, ds_config, getattr(torch, spec.dtype), trust_remote_code=spec.trust_remote_code)
+    if config.deepspeed.activation_checkpointing:
+        anchor.activation_checkpointing_enable({"use_reentrant": False})
+    augmenting = [
+        AutoModelForCausalLM.from_pretrained(m.path, dtype=getattr(torch, m.dtype), trust_remote_code=m.trust_remote_code)
+        .to(device).requires_grad_(False).eval()
+        for m in config.models.augmenting
+    ]
+    connections = connections_for(config.composition, anchor.config.num_hidden_layers,
+                                  [m.config.num_hidden_layers for m in augmenting])
+    composed = ComposedModel(anchor, [model_dims(m) for m in augmenting], connections,
+                             num_heads=config.composition.num_heads, dtype=getattr(torch, config.composition.dtype))
+    schedule = lr_lambda(train.schedule.kind, train.schedule.warmup_steps, train.steps, train.schedule.min_lr_ratio)
+    opt = train.optimizer
+    engine, _, _ = build_engine(composed, ds_config, lr=opt.lr, weight_decay=opt.weight_decay, betas=opt.betas,
+                                eps=opt.eps, schedule=schedule)
+
+    tokenizer = AutoTokenizer.from_pretrained(config.models.tokenizer or spec.path)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    fields = dict(text_field=config.data.text_field, prompt_field=config.data.prompt_field,
+                  completion_field=config.data.completion_field)
+
+    def tokenized(path):
+        return tokenize_records(load_records(path, config.data.split), tokenizer,
+                                max_length=config.data.max_length, **fields)
+
+    batches = ShardedBatches(tokenized(config.data.train), micro_batch_size=train.micro_batch_size,
+                             rank=rank, world_size=world, seed=train.seed, pad_token_id=pad)
+    start_step = 0
+    # After a worker died, Ray hands back the run's latest checkpoint; otherwise `calm train --resume`
+    # names one.
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and loop_config.get("resume_from"):
+        checkpoint = ray.train.Checkpoint(loop_config["resume_from"])
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            start_step, data_state = load_training_state(engine, directory)
+        batches.load_state_dict(data_state)
+
+    def on_device(iterator):
+        for batch in iterator:
+            yield {k: v.to(device) for k, v in batch.items()}
+
+    def states_for(batch):
+        return augmenting_states(augmenting, connections, batch["input_ids"], batch["attention_mask"])
+
+    evaluate = None
+    if config.data.eval and train.eval_every:
+        eval_set = tokenized(config.data.eval)
+        eval_set = eval_set.select(range(min(len(eval_set), train.eval_samples)))
+        eval_batches = ShardedBatches(eval_set, micro_batch_size=train.micro_batch_size, rank=rank,
+                                      world_size=world, seed=0, pad_token_id=pad, shuffle=False, drop_last=False)
+        fixed = list(on_device(b for _, b in zip(range(eval_batches.batches_per_epoch), eval_batches, strict=False)))
+
+        prompts, targets = [], []
+        if config.data.prompt_field:  # exact match of greedy completions, an equal share per rank
+            records = load_records(config.data.eval, config.data.split)
+            per_rank = min(len(records), train.eval_samples) // world
+            bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+            for i in range(rank * per_rank, (rank + 1) * per_rank):
+                record = records[i]
+                prompts.append(bos + tokenizer.encode(record[config.data.prompt_field], add_special_tokens=False))
+                targets.append(record[config.data.completion_field])
+
+        def evaluate():
+            metrics = {"eval_loss": eval_loss(engine, fixed, states_for)}
+            if prompts:
+                metrics["eval_exact_match"] = exact_match(
+                    engine, prompts, targets, tokenizer.decode, states_for, train.micro_batch_size,
+                    train.eval_max_new_tokens, pad, tokenizer.eos_token_id,
+                )
+            return metrics
+
+    run_dir = Path(config.output_dir) / config.name
+    board = ray.get_actor(loop_config["board"]) if loop_config.get("board") else None
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
+
+    def on_log(step, metrics):
+        if rank == 0:
+            for key, value in metrics.items():
+                if key != "step":
+                    writer.add_scalar(key, value, step)
+            writer.flush()
+            if board is not None:
+                board.update.remote(step, metrics)
+
+    def on_checkpoint(step):
+        with tempfile.TemporaryDirectory() as directory:
+            save_training_state(engine, directory, step, batches.state_dict())
+            ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    settings = LoopSettings(train.steps, config.gradient_accumulation_steps, train.log_every,
+                            train.eval_every, train.checkpoint_every)
+    if start_step < train.steps:
+        run(engine, on_device(iter(batches)), states_for, settings, start_step, on_log, on_checkpoint, evaluate)
+    export_composition(composed, run_dir / "composition", extra={"trained_steps": train.steps, "run": config.name})
+    if writer is not None:
+        writer.close()
