@@ -42,7 +42,8 @@ def run_merge(
     examples = [cfg.weights_from_examples.examples] if cfg.weights_from_examples else []
     if examples and not examples[0].is_file():
         raise ExamplesError(f"weights_from_examples.examples: {examples[0]} does not exist")
-    settings = cfg.model_dump(mode="json", exclude={"workers", "memory_budget"})
+    # Where the output goes and how the work is run do not change its bytes: not part of its identity.
+    settings = cfg.model_dump(mode="json", exclude={"workers": True, "memory_budget": True, "output": {"path"}})
     merge_id = fingerprint(settings, checkpoints, examples)
     manifest = Manifest.load(out) if resuming else None
     if resuming:
