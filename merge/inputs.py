@@ -59,7 +59,7 @@ def match_tensors(checkpoints: Sequence[Checkpoint], vocab_policy: str) -> Input
                 info = ckpt.tensors[alias]
             sources.append(info)
         shape = _common_shape(name, checkpoints, sources, vocab_policy)
-        if shape != sources[0].shape:
+        if any(s.shape != shape for s in sources):
             truncated.add(shape[0])
         _check_dtypes(name, checkpoints, sources)
         groups.append(TensorGroup(name, shape, tuple(sources)))
