@@ -44,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
     from merge.config import load_config
     from merge.job import run_merge
 
-    updates = {"output.path": args.output, "workers": args.workers, "memory_budget": args.memory_budget}
+    # A path given on the command line is relative to where the command runs, not to the config.
+    output = str(Path(args.output).absolute()) if args.output else None
+    updates = {"output.path": output, "workers": args.workers, "memory_budget": args.memory_budget}
     cfg = load_config(args.config, {k: v for k, v in updates.items() if v is not None})
     run_merge(cfg, address=args.address, show_progress=not args.no_progress)
     return 0

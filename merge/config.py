@@ -2,13 +2,14 @@
 
 Unknown keys and wrong types fail with their key path (`output.max_shard_size: ...`). Rules across
 fields (a base model that exists, one finite weight per model, each method's own parameters, override
-patterns) are checked here too, so the rest of the job can trust the config. Relative paths are taken
-from the current directory, like any command-line tool.
+patterns) are checked here too, so the rest of the job can trust the config. Relative paths in a config
+file are taken from the file's folder (as in the project's other configs).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -128,10 +129,11 @@ def load_config(path: str | Path, updates: dict[str, Any] | None = None) -> Merg
             node = node.setdefault(key, {}) if isinstance(node, dict) else node
         if isinstance(node, dict):  # else leave the bad value for validation to report
             node[leaf] = value
-    return validate_config(raw, source=str(path))
+    return validate_config(raw, source=str(path), base=Path(path).absolute().parent)
 
 
-def validate_config(raw: dict[str, Any], source: str = "config") -> MergeConfig:
+def validate_config(raw: dict[str, Any], source: str = "config", base: Path | None = None) -> MergeConfig:
+    """Validate a config mapping; relative paths are taken from `base` (default: the current folder)."""
     try:
         cfg = MergeConfig.model_validate(raw)
     except ValidationError as err:
@@ -140,11 +142,18 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> MergeConfig:
         _check(cfg)
     except ValueError as err:
         raise ConfigError(f"{source}: {err}") from err
+    base = base or Path.cwd()
+
+    def resolve(path: Path) -> Path:
+        return Path(os.path.normpath(base / path))
+
     for entry in cfg.models:
-        entry.path = entry.path.absolute()
-    cfg.output.path = cfg.output.path.absolute()
+        entry.path = resolve(entry.path)
+    cfg.output.path = resolve(cfg.output.path)
     if cfg.weights_from_examples:
-        cfg.weights_from_examples.examples = cfg.weights_from_examples.examples.absolute()
+        spec = cfg.weights_from_examples
+        spec.examples = resolve(spec.examples)
+        spec.offload_folder = resolve(spec.offload_folder) if spec.offload_folder else None
     return cfg
 
 

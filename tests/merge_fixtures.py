@@ -1,5 +1,5 @@
-"""Builders for the merge tests: tiny seeded checkpoints (Hugging Face models or raw safetensors),
-a character tokenizer with no pad token, configs, and readers of a merged folder."""
+"""Builders for the merge tests: raw safetensors checkpoints, configs, readers of a merged folder, and
+the exact linear formula. Tiny Hugging Face models come from merge.tiny (the demo's builders)."""
 
 from __future__ import annotations
 
@@ -13,52 +13,6 @@ from safetensors.torch import load_file, save_file
 
 from merge.methods import BLOCK
 from merge.plan import WORKER_OVERHEAD
-
-CHARS = [chr(c) for c in range(32, 127)]
-VOCAB = 3 + len(CHARS)  # <unk>, <s>, </s>, printable ASCII
-
-
-def char_tokenizer(folder: Path) -> None:
-    """One token per character, a BOS token, and no pad token (as many decoders)."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {c: 3 + i for i, c in enumerate(CHARS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
-
-
-def tiny_llama(
-    folder: Path,
-    seed: int,
-    *,
-    vocab: int = VOCAB,
-    tie: bool = False,
-    dtype: torch.dtype = torch.bfloat16,
-    shard_size: str | None = None,
-    tokenizer: bool = True,
-    scale: float = 1.0,
-):
-    """A seeded 2-layer Llama saved as safetensors (sharded when shard_size is given); returns the model.
-    `scale` multiplies every weight, to make models that differ a lot."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=tie, max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(scale)
-    model = model.to(dtype).eval()
-    model.save_pretrained(folder, **({"max_shard_size": shard_size} if shard_size else {}))
-    if tokenizer:
-        char_tokenizer(folder)
-    return model
 
 
 def raw_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], config: dict | None = None, shards: int = 1) -> Path:

@@ -8,13 +8,14 @@ import json
 
 import pytest
 import torch
-from merge_fixtures import VOCAB, folder_bytes, read_merged, tiny_llama, weighted_sum, write_config
+from merge_fixtures import folder_bytes, read_merged, weighted_sum, write_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from launcher.cli import main as calm
 from merge.config import load_config, validate_config
 from merge.errors import IncompatibleInputsError
 from merge.job import run_merge
+from merge.tiny import VOCAB, tiny_llama
 
 IDS = torch.tensor([[1, 40, 41, 42, 3, 50, 60, 70]])
 WEIGHTS = [0.5, 0.3, 0.2]

@@ -9,12 +9,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from merge_fixtures import char_tokenizer, read_merged, tiny_llama, weighted_sum
+from merge_fixtures import read_merged, weighted_sum
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
 from merge.checkpoint import Checkpoint
 from merge.config import validate_config
 from merge.job import run_merge
+from merge.tiny import char_tokenizer, tiny_llama
 from merge.weights import cocktail_weights, model_loss, softmax_weights
 
 EXAMPLES = [("2+2=", "4"), ("The capital of France is", " Paris"), ("abc", "def"), ("Hello", " world!"), ("x", "yz")]

@@ -1,0 +1,89 @@
+"""The shipped merge configs: the tiny one runs as documented; the 70B one plans within its memory
+budget against 70B-shaped inputs (sparse files: real headers, no data on disk)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher.cli import main as calm
+from merge.checkpoint import Checkpoint
+from merge.config import load_config, validate_config
+from merge.inputs import match_tensors
+from merge.plan import WORKER_OVERHEAD, build_tasks, plan_tensors
+from merge.safetensors_io import build_header
+from merge.tiny import write_demo
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_tiny_config_runs_as_documented(tmp_path, capsys):
+    (tmp_path / "configs").mkdir()
+    config = shutil.copy(CONFIGS / "cocktail-tiny.yaml", tmp_path / "configs")
+    write_demo(tmp_path / "runs" / "cocktail-demo")
+    with pytest.raises(SystemExit) as exit_:
+        calm(["merge", str(config), "--no-progress"])
+    assert exit_.value.code == 0
+    out = tmp_path / "runs" / "cocktail-demo" / "merged"
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["weights_from"] == "examples"
+    assert sum(row["weight"] for row in report["weights"].values()) == pytest.approx(1.0)
+    assert "loss of math on 5 examples" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        calm(["merge", "--verify", str(out)])
+    assert exit_.value.code == 0
+
+
+def llama_70b_headers(folder: Path, shards: int = 30) -> None:
+    """Llama-3.1-70B's tensors as bf16 safetensors shards whose data is a hole in a sparse file."""
+    hidden, inter, kv, vocab = 8192, 28672, 1024, 128256
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(80):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
+            p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+            p + "mlp.down_proj.weight": (hidden, inter),
+        }
+    shapes |= {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    folder.mkdir(parents=True)
+    names = list(shapes)
+    weight_map = {}
+    for s in range(shards):
+        part = names[s * len(names) // shards : (s + 1) * len(names) // shards]
+        filename = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        header = build_header([(n, "BF16", shapes[n]) for n in part])
+        with open(folder / filename, "wb") as f:
+            f.write(header)
+            f.truncate(len(header) + sum(2 * shapes[n][0] * (shapes[n][1] if len(shapes[n]) > 1 else 1) for n in part))
+        weight_map |= dict.fromkeys(part, filename)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": vocab, "tie_word_embeddings": False}))
+
+
+def test_70b_config_plans_within_its_memory_budget(tmp_path):
+    raw = yaml.safe_load((CONFIGS / "cocktail-70b.yaml").read_text())
+    load_config(CONFIGS / "cocktail-70b.yaml")  # valid as shipped
+    for model in raw["models"]:
+        llama_70b_headers(tmp_path / model["name"])
+        model["path"] = str(tmp_path / model["name"])
+    raw["output"]["path"] = str(tmp_path / "out")
+    # The loss step needs the real models; the plan only needs weights.
+    raw.pop("weights_from_examples")
+    raw["weights"] = [0.4, 0.3, 0.3]
+    cfg = validate_config(raw)
+    checkpoints = [Checkpoint.open(m.name, m.path) for m in cfg.models]
+    assert sum(t.nbytes for t in checkpoints[0].tensors.values()) == 141_107_412_992
+    tasks = build_tasks(cfg, plan_tensors(cfg, match_tensors(checkpoints, cfg.vocab_policy), cfg.weights))
+    assert len(tasks) == 30 and sum(len(t.tensors) for t in tasks) == 723
+    assert all(t.data_bytes <= 5e9 for t in tasks[:-1])
+    chunk = tasks[0].chunk_elems
+    assert chunk == 64 * 2**18
+    per_worker = WORKER_OVERHEAD + chunk * (3 * 2 + 2 * 3 * 2)
+    assert per_worker * cfg.workers <= cfg.memory_budget
