@@ -120,6 +120,8 @@ def verify(out: Path) -> list[str]:
         record = manifest.done.get(name)
         path = out / name
         if record is None:
+            if manifest.complete:
+                problems.append(f"{name}: not recorded in the manifest")
             continue
         if not path.exists():
             problems.append(f"{name}: missing")

@@ -75,9 +75,10 @@ def plan_tensors(cfg: MergeConfig, layout: InputLayout, weights: list[float]) ->
             source = group.sources[copy_from]
             outputs.append(OutputTensor(group.name, source.dtype, group.shape, (source,), COPY, (), {}, cfg.seed))
             continue
-        override = next((o for o in cfg.overrides if fnmatch.fnmatchcase(group.name, o.pattern)), None)
-        if override is not None:
-            used[cfg.overrides.index(override)] = True
+        hit = next((i for i, o in enumerate(cfg.overrides) if fnmatch.fnmatchcase(group.name, o.pattern)), None)
+        override = cfg.overrides[hit] if hit is not None else None
+        if hit is not None:
+            used[hit] = True
         params = cfg.params_for(override)
         sources = tuple(group.sources[i] for i in cfg.source_order)
         outputs.append(
