@@ -1,0 +1,248 @@
+"""Throughput and peak memory of `calm merge` against this machine's disk limit. Prints JSON.
+
+For each size (1x; 2x doubles the layers and the vocabulary) it:
+1. writes K synthetic Llama-shaped bf16 checkpoints in shards (random finite values),
+2. measures the disk limit with caches dropped: a plain sequential read of every input file, then a
+   write of one output-sized file with fsync (before and after the merge; the faster counts),
+3. drops caches and times `calm merge` (uniform linear) as a subprocess, sampling the total RSS and
+   the anonymous memory (RssAnon: excludes the memory-mapped input pages the kernel can drop) of the
+   process and its children every 20 ms,
+4. checks every output tensor is bit-identical to the exact result (fp32 sum in order, rounded once).
+
+Quick run: python bench/merge_throughput.py --layers 4 --vocab 8000 --sizes 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+from safetensors import safe_open
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def drop_caches() -> bool:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def llama_shapes(layers: int, hidden: int, intermediate: int, vocab: int, kv_heads: int, head_dim: int) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    kv = kv_heads * head_dim
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (hidden, hidden),
+            p + "self_attn.k_proj.weight": (kv, hidden),
+            p + "self_attn.v_proj.weight": (kv, hidden),
+            p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "post_attention_layernorm.weight": (hidden,),
+            p + "mlp.gate_proj.weight": (intermediate, hidden),
+            p + "mlp.up_proj.weight": (intermediate, hidden),
+            p + "mlp.down_proj.weight": (hidden, intermediate),
+        }
+    shapes |= {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    return shapes
+
+
+def write_checkpoint(folder: Path, shapes: dict[str, tuple[int, ...]], config: dict, shard_bytes: int, seed: int) -> None:
+    """Sharded bf16 safetensors with random values whose exponents lie in [-7, 0] (finite, and cheap to
+    generate: one random pool per model, rotated per tensor), streamed tensor by tensor."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    pool = (rng.integers(0, 1 << 16, size=1 << 25, dtype=np.uint16) & 0x83FF) | 0x3C00
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = 2 * int(np.prod(shape))
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    weight_map = {}
+    for i, names in enumerate(shards, start=1):
+        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name in names:
+            end = offset + 2 * int(np.prod(shapes[name]))
+            header[name] = {"dtype": "BF16", "shape": list(shapes[name]), "data_offsets": [offset, end]}
+            offset = end
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        with open(folder / filename, "wb") as f:
+            f.write(struct.pack("<Q", len(text)) + text)
+            for name in names:
+                f.write(np.resize(np.roll(pool, int(rng.integers(len(pool)))), int(np.prod(shapes[name]))).tobytes())
+        weight_map |= dict.fromkeys(names, filename)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def disk_limit(inputs: list[Path], out_bytes: int, scratch: Path) -> tuple[float, float]:
+    """Seconds to read every input file sequentially, and to write out_bytes with fsync."""
+    buffer = bytearray(16 << 20)
+    start = time.perf_counter()
+    for path in inputs:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
+    read = time.perf_counter() - start
+    start = time.perf_counter()
+    with open(scratch, "wb", buffering=0) as f:
+        left = out_bytes
+        while left > 0:
+            left -= f.write(memoryview(buffer)[: min(left, len(buffer))])
+        os.fsync(f.fileno())
+    write = time.perf_counter() - start
+    scratch.unlink()
+    return read, write
+
+
+def _memory(proc: psutil.Process) -> tuple[int, int]:
+    rss = anon = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            status = Path(f"/proc/{p.pid}/status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        rss += int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
+        anon += int(fields.get("RssAnon", "0 kB").split()[0]) * 1024
+    return rss, anon
+
+
+def timed_merge(config: Path) -> dict:
+    cmd = [sys.executable, "-m", "launcher.cli", "merge", str(config), "--no-progress"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    watched = psutil.Process(proc.pid)
+    peak_rss = peak_anon = 0
+    while proc.poll() is None:
+        rss, anon = _memory(watched)
+        peak_rss, peak_anon = max(peak_rss, rss), max(peak_anon, anon)
+        time.sleep(0.02)
+    wall = time.perf_counter() - start
+    output = proc.stdout.read().decode() if proc.stdout else ""
+    if proc.returncode:
+        raise SystemExit(f"calm merge failed ({proc.returncode}):\n{output}")
+    return {"merge_wall_s": round(wall, 2), "peak_rss_bytes": peak_rss, "peak_anon_bytes": peak_anon}
+
+
+def check_exact(inputs: list[Path], out: Path, weights: list[float]) -> bool:
+    """Every output tensor equals sum_i w_i * x_i in fp32, in order, rounded once to bf16."""
+    def tensors(folder: Path) -> dict[str, Path]:
+        index = folder / "model.safetensors.index.json"
+        if not index.exists():
+            with safe_open(folder / "model.safetensors", "pt") as f:
+                return dict.fromkeys(f.keys(), folder / "model.safetensors")
+        return {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+
+    sources = [tensors(folder) for folder in inputs]
+    step = 1 << 24
+    for name, path in tensors(out).items():
+        with safe_open(path, "pt") as f:
+            merged = f.get_slice(name)
+            rows = merged.get_shape()[0]
+            per_row = max(1, step // max(1, int(np.prod(merged.get_shape()[1:]))))
+            for r in range(0, rows, per_row):
+                acc = None
+                for src, w in zip(sources, weights, strict=True):
+                    with safe_open(src[name], "pt") as g:
+                        term = g.get_slice(name)[r : r + per_row].float() * w
+                    acc = term if acc is None else acc.add_(term)
+                if not torch.equal(acc.to(torch.bfloat16), merged[r : r + per_row]):
+                    return False
+    return True
+
+
+def run_size(args: argparse.Namespace, scale: int, work: Path) -> dict:
+    shapes = llama_shapes(args.layers * scale, args.hidden, args.intermediate, args.vocab * scale, args.kv_heads, args.hidden // args.heads)
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.hidden,
+        "intermediate_size": args.intermediate, "num_hidden_layers": args.layers * scale, "num_attention_heads": args.heads,
+        "num_key_value_heads": args.kv_heads, "vocab_size": args.vocab * scale, "tie_word_embeddings": False, "dtype": "bfloat16",
+    }
+    if work.exists():
+        shutil.rmtree(work)
+    inputs = []
+    for k in range(args.models):
+        write_checkpoint(work / f"in{k}", shapes, config, int(args.input_shard_bytes), seed=k)
+        inputs.append(work / f"in{k}")
+    out = work / "out"
+    weights = [1.0 / args.models] * args.models
+    cfg = work / "merge.yaml"
+    cfg.write_text(json.dumps({
+        "method": "linear", "models": [{"path": str(p)} for p in inputs], "weights": weights,
+        "output": {"path": str(out), "max_shard_size": args.output_shard_size},
+        "workers": args.workers, "memory_budget": args.memory_budget,
+    }))
+    files = sorted(p for folder in inputs for p in folder.glob("*.safetensors"))
+    params = sum(int(np.prod(s)) for s in shapes.values())
+    # The disk is shared and noisy: measure its limit before and after the merge, keep the faster.
+    dropped = drop_caches()
+    before = disk_limit(files, 2 * params, work / "scratch.bin")
+    drop_caches()
+    result = {"scale": scale, "models": args.models, "params_per_model": params,
+              "input_bytes": sum(p.stat().st_size for p in files), "caches_dropped": dropped,
+              "load_average": os.getloadavg()[0]}
+    result |= timed_merge(cfg)
+    drop_caches()
+    after = disk_limit(files, 2 * params, work / "scratch.bin")
+    read_s, write_s = min(before, after, key=sum)
+    result |= {"disk_read_s": round(read_s, 2), "disk_write_s": round(write_s, 2), "disk_limit_s": round(read_s + write_s, 2),
+               "disk_limit_runs_s": [round(sum(before), 2), round(sum(after), 2)]}
+    result["wall_over_disk_limit"] = round(result["merge_wall_s"] / result["disk_limit_s"], 2)
+    result["peak_rss_gib"] = round(result["peak_rss_bytes"] / 2**30, 3)
+    result["peak_anon_gib"] = round(result["peak_anon_bytes"] / 2**30, 3)
+    if not args.no_check:
+        result["bit_identical"] = check_exact(inputs, out, weights)
+    if not args.keep:
+        shutil.rmtree(work)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=int, default=3)
+    # TinyLlama-1.1B's shapes.
+    parser.add_argument("--layers", type=int, default=22)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=5632)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--sizes", default="1,2", help="comma-separated scales; 2 doubles layers and vocabulary")
+    parser.add_argument("--input-shard-bytes", type=float, default=1e9)
+    parser.add_argument("--output-shard-size", default="1GB")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--memory-budget", default="2GB")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/calm-merge-bench"))
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoints and output")
+    parser.add_argument("--no-check", action="store_true", help="skip the bit-identity check")
+    args = parser.parse_args()
+    results = [run_size(args, int(s), args.workdir / f"x{s}") for s in args.sizes.split(",")]
+    summary: dict = {"runs": results}
+    if len(results) > 1:
+        summary["anon_growth_vs_1x"] = round(results[-1]["peak_anon_bytes"] / results[0]["peak_anon_bytes"], 3)
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
