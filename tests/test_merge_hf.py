@@ -128,10 +128,13 @@ def test_ray_tasks_give_the_same_bytes(llamas, tmp_path):
                 "models": [{"path": str(root / f"m{i}")} for i in range(3)],
                 "output": {"path": str(tmp_path / "local"), "max_shard_size": "30KB"}}
     run_merge(validate_config(settings), show_progress=False, log=lambda _: None)
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False)
+    started = not ray.is_initialized()  # another test's Ray, if still up, is reused as is
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False)
     try:
         settings["output"]["path"] = str(tmp_path / "ray")
         run_merge(validate_config(settings), address="local", show_progress=False, log=lambda _: None)
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
     assert folder_bytes(tmp_path / "ray") == folder_bytes(tmp_path / "local")
