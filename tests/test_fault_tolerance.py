@@ -1,0 +1,148 @@
+"""Fault tolerance of `calm train`: SIGKILL one Ray Train worker mid-run; Ray Train restarts the worker
+group, every worker resumes from the run's last checkpoint, and the run finishes with the same
+composition parameters as an uninterrupted run.
+
+Two full 2-worker runs (about a minute each on 2 cores), so one test checks everything.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.distributed
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+STEPS, CHECKPOINT_EVERY = 24, 4  # ~0.25 s a step here: the kill lands well before the last step
+
+
+def command(config: Path, name: str) -> list[str]:
+    return [sys.executable, "-m", "launcher.cli", "train", str(config), "--set", f"name={name}"]
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def is_train_worker(proc: psutil.Process) -> bool:
+    """Ray retitles an actor's process `ray::RayTrainWorker...` once the actor is created."""
+    try:
+        return "RayTrainWorker" in " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def registered_checkpoint_step(run_storage: Path) -> int | None:
+    """Step of the latest checkpoint Ray Train's controller has registered (not merely one being
+    written), from the snapshot it keeps next to the checkpoints."""
+    try:
+        snapshot = json.loads((run_storage / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or caught mid-write
+        return None
+    latest = snapshot.get("latest_checkpoint_result")
+    if not latest or not (run_storage / latest["checkpoint_dir_name"] / "training_state.json").exists():
+        return None
+    return latest["metrics"]["step"]
+
+
+@pytest.mark.timeout(900)
+def test_run_with_a_killed_worker_recovers_and_equals_an_uninterrupted_run(tmp_path):
+    from launcher.demo import make_assets
+
+    assets = tmp_path / "assets"
+    make_assets(assets)
+    base = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
+    base["models"] = {"anchor": {"path": str(assets / "anchor"), "dtype": "float32"},
+                      "augmenting": [{"path": str(assets / "augmenting"), "dtype": "float32"}]}
+    base["data"].update(train=str(assets / "train.jsonl"), eval=None)
+    base["training"].update(steps=STEPS, micro_batch_size=4, global_batch_size=16,
+                            checkpoint_every=CHECKPOINT_EVERY, eval_every=None, log_every=1,
+                            schedule={"kind": "constant"})
+    base["ray"].update(storage_path=str(tmp_path / "ray"), max_failures=2)
+    base["output_dir"] = str(tmp_path / "out")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(base))
+
+    straight = subprocess.run(command(config, "straight"), env=ENV, cwd=ROOT, timeout=600,
+                              capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+
+    # The killed run. Its Ray (GCS, raylet, workers) is an embedded cluster started by the driver, so
+    # every process of it descends from the driver: other Ray clusters on this machine are never touched.
+    log_path = tmp_path / "killed.log"
+    run_storage = tmp_path / "ray" / "killed"
+    seen: dict[int, psutil.Process] = {}  # every descendant of the driver, to check none outlives it
+    workers_before: set[int] = set()
+    workers_after: set[int] = set()
+    killed_pid = killed_at_step = None
+    with log_path.open("w") as log:
+        driver = subprocess.Popen(command(config, "killed"), env=ENV, cwd=ROOT, stdout=log,
+                                  stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 600
+            while driver.poll() is None:
+                assert time.monotonic() < deadline, "the killed run did not finish in 600 s"
+                for proc in descendants(driver.pid):
+                    seen.setdefault(proc.pid, proc)
+                    if is_train_worker(proc):
+                        (workers_before if killed_pid is None else workers_after).add(proc.pid)
+                if killed_pid is None and workers_before:
+                    step = registered_checkpoint_step(run_storage)
+                    if step is not None:
+                        killed_pid, killed_at_step = min(workers_before), step
+                        os.kill(killed_pid, signal.SIGKILL)
+                time.sleep(0.1)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+                driver.wait()
+            for proc in seen.values():  # on failure: leave nothing of this run behind
+                if driver.returncode != 0 and proc.is_running():
+                    proc.kill()
+    output = log_path.read_text(errors="replace")
+    assert driver.returncode == 0, output[-5000:]
+
+    # The kill landed mid-run, and Ray Train restarted the worker group: new worker processes ran
+    # after it, and the killed one is not among them.
+    assert killed_pid is not None, "no checkpoint was registered before the run ended"
+    assert killed_at_step < STEPS
+    assert workers_after - workers_before, f"no new RayTrainWorker after killing {killed_pid}"
+    assert killed_pid not in workers_after
+    # The new workers resumed from a checkpoint, not from scratch. Rank 0 posts every step's line to
+    # the driver in each attempt: step 1 shows once, and where the count goes back (steps done after
+    # the checkpoint and before the kill, done again) it restarts just after a checkpoint's step.
+    logged = [int(s) for s in re.findall(r"step (\d+)  loss", output)]
+    assert logged.count(1) == 1, logged
+    assert sorted(set(logged)) == list(range(1, STEPS + 1)), logged
+    for before, after in zip(logged, logged[1:], strict=False):
+        if after <= before:
+            assert (after - 1) % CHECKPOINT_EVERY == 0 and after > killed_at_step, logged
+
+    # Same composition parameters, bitwise: the resumed workers restore optimizer moments, schedule,
+    # RNG state and data position from the checkpoint, and gloo reduces in a fixed order.
+    expected = load_file(tmp_path / "out/straight/composition/composition.safetensors")
+    recovered = load_file(tmp_path / "out/killed/composition/composition.safetensors")
+    assert expected.keys() == recovered.keys()
+    for name in expected:
+        assert torch.equal(expected[name], recovered[name]), name
+    manifest = json.loads((tmp_path / "out/killed/composition/composition.json").read_text())
+    assert manifest["trained_steps"] == STEPS
+
+    # The driver's embedded Ray went with it: no process of the killed run is left.
+    stray_deadline = time.monotonic() + 30
+    while (alive := [p for p in seen.values() if p.is_running()]) and time.monotonic() < stray_deadline:
+        time.sleep(0.5)
+    assert not alive, [(p.pid, p.name()) for p in alive]
