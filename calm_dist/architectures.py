@@ -82,3 +82,16 @@ def model_dims(model: nn.Module) -> ModelDims:
         num_heads=config.num_attention_heads,
         vocab_size=config.vocab_size,
     )
+
+
+def dims_from_config(config) -> ModelDims:
+    """ModelDims of a model from its config alone, for ranks that never load it."""
+    if config.model_type not in DECODER_LAYERS:
+        raise CompositionError(f"model_type={config.model_type!r} is not a supported architecture")
+    return ModelDims(
+        model_type=config.model_type,
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        num_heads=config.num_attention_heads,
+        vocab_size=config.vocab_size,
+    )

@@ -68,7 +68,6 @@ def build_engine(
     betas: tuple[float, float],
     eps: float,
     schedule: Callable[[int], float],
-    mpu=None,
 ):
     """(engine, optimizer, scheduler); the optimizer sees only the composition parameters."""
     optimizer = torch.optim.AdamW(
@@ -76,6 +75,6 @@ def build_engine(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     return engine, optimizer, scheduler

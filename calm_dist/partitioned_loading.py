@@ -65,7 +65,10 @@ def load_partitioned(
         raise CompositionError(f"{path}: partitioned loading supports float32 and bfloat16, not {dtype}")
     # zero.Init ignores an explicit dtype on accelerators without fp16 (DeepSpeed 0.19 picks bf16 by
     # operator precedence), but honours the config's bf16 switch: set that instead.
-    init_config = {**ds_config, "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": False}}
+    # zero.Init also checks batch sizes against the whole world, which is wrong when `group` is a subgroup;
+    # it only needs the ZeRO and precision settings.
+    init_config = {k: v for k, v in ds_config.items() if k not in ("train_batch_size", "gradient_accumulation_steps")}
+    init_config.update(bf16={"enabled": dtype == torch.bfloat16}, fp16={"enabled": False})
     with deepspeed.zero.Init(data_parallel_group=group, config_dict_or_path=init_config), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.requires_grad_(False).eval()

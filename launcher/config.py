@@ -158,6 +158,15 @@ class TrainConfig(Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _augmenting_ranks_fit(self) -> TrainConfig:
+        if self.placement.mode == "pipelined" and self.placement.augmenting_workers > self.ray.num_workers:
+            raise ValueError(
+                f"placement.augmenting_workers={self.placement.augmenting_workers} exceeds ray.num_workers="
+                f"{self.ray.num_workers}: each augmenting worker serves at least one anchor worker"
+            )
+        return self
+
     @property
     def gradient_accumulation_steps(self) -> int:
         return self.training.global_batch_size // (self.training.micro_batch_size * self.ray.num_workers)

@@ -70,6 +70,8 @@ def train(config: TrainConfig, resume: bool = False) -> int:
         )
 
     workers = config.ray.num_workers
+    if config.placement.mode == "pipelined":
+        workers += config.placement.augmenting_workers
     if config.ray.address:
         ray.init(address=config.ray.address, runtime_env=config.ray.runtime_env or None)
     else:  # embedded local cluster, reachable only from this machine

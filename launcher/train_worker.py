@@ -3,6 +3,7 @@ data shard, report checkpoints to Ray Train, export the composition at the end."
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -18,28 +19,56 @@ def train_worker(loop_config: dict) -> None:
     import deepspeed
     import ray.train
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from calm_dist.architectures import model_dims
+    from calm_dist.architectures import dims_from_config
     from calm_dist.composed import ComposedModel, augmenting_states
     from calm_dist.data import ShardedBatches, load_records, tokenize_records
     from calm_dist.engine import build_engine, deepspeed_config, lr_lambda
     from calm_dist.evaluation import eval_loss, exact_match
     from calm_dist.partitioned_loading import load_partitioned
+    from calm_dist.placement import AugmentingClient, AugmentingServer, Layout, split_world
     from calm_dist.train_loop import LoopSettings, run
     from calm_dist.training_state import export_composition, load_training_state, save_training_state
 
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    deepspeed.init_distributed(dist_backend="nccl" if config.ray.use_gpu else "gloo")
-    device = torch.device("cuda", torch.cuda.current_device()) if config.ray.use_gpu else torch.device("cpu")
+    rank = context.get_world_rank()
+    backend = "nccl" if config.ray.use_gpu else "gloo"
     train = config.training
+    pipelined = config.placement.mode == "pipelined"
+    layout = Layout(config.ray.num_workers, config.placement.augmenting_workers) if pipelined else None
+    world = split_world(layout, backend) if pipelined else None  # anchors get a world of their own
+    device = torch.device("cuda", torch.cuda.current_device()) if config.ray.use_gpu else torch.device("cpu")
     torch.manual_seed(train.seed)
+    data_rank, data_world = rank, config.ray.num_workers  # anchor ranks come first
 
+    aug_configs = [AutoConfig.from_pretrained(m.path, trust_remote_code=m.trust_remote_code)
+                   for m in config.models.augmenting]
+    anchor_config = AutoConfig.from_pretrained(config.models.anchor.path,
+                                               trust_remote_code=config.models.anchor.trust_remote_code)
+    connections = connections_for(config.composition, anchor_config.num_hidden_layers,
+                                  [c.num_hidden_layers for c in aug_configs])
+
+    def load_augmenting():
+        return [
+            AutoModelForCausalLM.from_pretrained(m.path, dtype=getattr(torch, m.dtype), trust_remote_code=m.trust_remote_code)
+            .to(device).requires_grad_(False).eval()
+            for m in config.models.augmenting
+        ]
+
+    if pipelined and not layout.is_anchor(rank):
+        # An augmenting rank: serve hidden states until the anchor ranks stop, and take part in every
+        # checkpoint report (Ray Train needs each worker to report equally often).
+        server = AugmentingServer(load_augmenting(), connections, layout, world.exchange, device,
+                                  on_barrier=lambda: ray.train.report({}))
+        server.serve()
+        return
+
+    deepspeed.init_distributed(dist_backend=backend)
     ds_config = deepspeed_config(
         micro_batch_size=train.micro_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        data_parallel_size=world,
+        data_parallel_size=data_world,
         zero_stage=config.deepspeed.zero_stage,
         offload_optimizer=config.deepspeed.offload_optimizer,
         offload_params=config.deepspeed.offload_params,
@@ -47,17 +76,11 @@ def train_worker(loop_config: dict) -> None:
         extra=config.deepspeed.extra,
     )
     spec = config.models.anchor
-    anchor = load_partitioned(spec.path, ds_config, getattr(torch, spec.dtype), trust_remote_code=spec.trust_remote_code)
+    anchor = load_partitioned(spec.path, ds_config, getattr(torch, spec.dtype),
+                              trust_remote_code=spec.trust_remote_code)
     if config.deepspeed.activation_checkpointing:
         anchor.activation_checkpointing_enable({"use_reentrant": False})
-    augmenting = [
-        AutoModelForCausalLM.from_pretrained(m.path, dtype=getattr(torch, m.dtype), trust_remote_code=m.trust_remote_code)
-        .to(device).requires_grad_(False).eval()
-        for m in config.models.augmenting
-    ]
-    connections = connections_for(config.composition, anchor.config.num_hidden_layers,
-                                  [m.config.num_hidden_layers for m in augmenting])
-    composed = ComposedModel(anchor, [model_dims(m) for m in augmenting], connections,
+    composed = ComposedModel(anchor, [dims_from_config(c) for c in aug_configs], connections,
                              num_heads=config.composition.num_heads, dtype=getattr(torch, config.composition.dtype))
     schedule = lr_lambda(train.schedule.kind, train.schedule.warmup_steps, train.steps, train.schedule.min_lr_ratio)
     opt = train.optimizer
@@ -74,7 +97,7 @@ def train_worker(loop_config: dict) -> None:
                                 max_length=config.data.max_length, **fields)
 
     batches = ShardedBatches(tokenized(config.data.train), micro_batch_size=train.micro_batch_size,
-                             rank=rank, world_size=world, seed=train.seed, pad_token_id=pad)
+                             rank=data_rank, world_size=data_world, seed=train.seed, pad_token_id=pad)
     start_step = 0
     # After a worker died, Ray hands back the run's latest checkpoint; otherwise `calm train --resume`
     # names one.
@@ -90,23 +113,31 @@ def train_worker(loop_config: dict) -> None:
         for batch in iterator:
             yield {k: v.to(device) for k, v in batch.items()}
 
-    def states_for(batch):
-        return augmenting_states(augmenting, connections, batch["input_ids"], batch["attention_mask"])
+    if pipelined:
+        client = AugmentingClient(layout, world.exchange, connections, [c.hidden_size for c in aug_configs],
+                                  [getattr(torch, m.dtype) for m in config.models.augmenting], device,
+                                  config.placement.prefetch)
+        states_for = client.states_for
+    else:
+        augmenting = load_augmenting()
+
+        def states_for(batch):
+            return augmenting_states(augmenting, connections, batch["input_ids"], batch["attention_mask"])
 
     evaluate = None
     if config.data.eval and train.eval_every:
         eval_set = tokenized(config.data.eval)
         eval_set = eval_set.select(range(min(len(eval_set), train.eval_samples)))
-        eval_batches = ShardedBatches(eval_set, micro_batch_size=train.micro_batch_size, rank=rank,
-                                      world_size=world, seed=0, pad_token_id=pad, shuffle=False, drop_last=False)
+        eval_batches = ShardedBatches(eval_set, micro_batch_size=train.micro_batch_size, rank=data_rank,
+                                      world_size=data_world, seed=0, pad_token_id=pad, shuffle=False, drop_last=False)
         fixed = list(on_device(b for _, b in zip(range(eval_batches.batches_per_epoch), eval_batches, strict=False)))
 
         prompts, targets = [], []
         if config.data.prompt_field:  # exact match of greedy completions, an equal share per rank
             records = load_records(config.data.eval, config.data.split)
-            per_rank = min(len(records), train.eval_samples) // world
+            per_rank = min(len(records), train.eval_samples) // data_world
             bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-            for i in range(rank * per_rank, (rank + 1) * per_rank):
+            for i in range(data_rank * per_rank, (data_rank + 1) * per_rank):
                 record = records[i]
                 prompts.append(bos + tokenizer.encode(record[config.data.prompt_field], add_special_tokens=False))
                 targets.append(record[config.data.completion_field])
@@ -127,9 +158,15 @@ def train_worker(loop_config: dict) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
+        metrics_log = run_dir / "metrics.jsonl"  # like purge_step: forget what came after the checkpoint
+        if metrics_log.exists():
+            kept = [line for line in metrics_log.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            metrics_log.write_text("".join(line + "\n" for line in kept))
 
     def on_log(step, metrics):
         if rank == 0:
+            with open(run_dir / "metrics.jsonl", "a") as log:
+                log.write(json.dumps(metrics) + "\n")
             for key, value in metrics.items():
                 if key != "step":
                     writer.add_scalar(key, value, step)
@@ -138,14 +175,22 @@ def train_worker(loop_config: dict) -> None:
                 board.update.remote(step, metrics)
 
     def on_checkpoint(step):
+        if pipelined:
+            client.barrier()  # the augmenting ranks report alongside
+        data_state = client.consumed_data_state if pipelined else batches.state_dict()
         with tempfile.TemporaryDirectory() as directory:
-            save_training_state(engine, directory, step, batches.state_dict())
+            save_training_state(engine, directory, step, data_state)
             ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     settings = LoopSettings(train.steps, config.gradient_accumulation_steps, train.log_every,
                             train.eval_every, train.checkpoint_every)
+    stream = on_device(iter(batches))
+    if pipelined:
+        stream = client.prefetched(stream, batches.state_dict)
     if start_step < train.steps:
-        run(engine, on_device(iter(batches)), states_for, settings, start_step, on_log, on_checkpoint, evaluate)
+        run(engine, stream, states_for, settings, start_step, on_log, on_checkpoint, evaluate)
+    if pipelined:
+        client.stop()
     export_composition(composed, run_dir / "composition", extra={"trained_steps": train.steps, "run": config.name})
     if writer is not None:
         writer.close()
