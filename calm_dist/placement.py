@@ -87,6 +87,7 @@ def split_world(layout: Layout, backend: str, timeout: timedelta = timedelta(min
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(port), size, is_master=rank == 0, timeout=timeout)
     exchange = dist.ProcessGroupGloo(dist.PrefixStore("exchange", store), rank, size, timeout)
     if layout.is_anchor(rank):
+        os.environ["WORLD_SIZE"] = str(layout.anchor_ranks)  # what DeepSpeed checks its world against
         dist.init_process_group(backend, store=dist.PrefixStore("anchors", store), rank=rank,
                                 world_size=layout.anchor_ranks, timeout=timeout)
     return SplitWorld(exchange, store)
