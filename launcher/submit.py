@@ -15,6 +15,7 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from launcher.config import ConfigError, TrainConfig, load_config
@@ -36,12 +37,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder uploaded as the job's working directory (default: .); replaces any "
                              "working_dir in the config's ray.runtime_env")
     parser.add_argument("--no-wait", action="store_true", help="return once submitted instead of following the logs")
+    parser.add_argument("--resume", action="store_true", help="the job continues the run's latest checkpoint")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key in the job, as for `calm train`")
     parser.add_argument("--paths-on-cluster", action="store_true",
                         help="the models and data exist only on the cluster: check just the config and the "
                              "address here, not the model, tokenizer and data paths")
 
 
-def build_job_request(config_path: str | Path, address: str, working_dir: str | Path, config: TrainConfig) -> dict:
+def build_job_request(
+    config_path: str | Path, address: str, working_dir: str | Path, config: TrainConfig,
+    train_args: Sequence[str] = (),
+) -> dict:
     """Everything the submission needs: the client address, the `submit_job` arguments, and the
     equivalent `ray job submit` command line.
 
@@ -64,7 +71,7 @@ def build_job_request(config_path: str | Path, address: str, working_dir: str | 
     runtime_env["excludes"] = list(dict.fromkeys([*runtime_env.get("excludes", []), *EXCLUDES]))
     # The job's driver runs on a cluster node, where "auto" finds the cluster; whatever address the file
     # names is for runs started elsewhere (and without one, train would start a cluster of its own).
-    entrypoint = ["python", "-m", "launcher.cli", "train", inside, "--set", "ray.address=auto"]
+    entrypoint = ["python", "-m", "launcher.cli", "train", inside, "--set", "ray.address=auto", *train_args]
     command_line = shlex.join(["ray", "job", "submit", "--address", address,
                                "--runtime-env-json", json.dumps(runtime_env, sort_keys=True), "--", *entrypoint])
     return {
@@ -80,12 +87,15 @@ def run(args: argparse.Namespace) -> int:
     from launcher.preflight import check_reachable, describe, preflight
 
     # Checked against the address the job goes to; the file itself is uploaded unchanged.
-    config = load_config(args.config, overrides={"ray.address": args.address})
+    from launcher.train import parse_overrides
+
+    config = load_config(args.config, overrides={**parse_overrides(args.set), "ray.address": args.address})
     if args.paths_on_cluster:
         check_reachable(args.address)
     else:
         print(describe(preflight(config)))
-    request = build_job_request(args.config, args.address, args.working_dir, config)
+    train_args = [arg for pair in args.set for arg in ("--set", pair)] + (["--resume"] if args.resume else [])
+    request = build_job_request(args.config, args.address, args.working_dir, config, train_args)
 
     from ray.job_submission import JobStatus, JobSubmissionClient
 

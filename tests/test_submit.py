@@ -253,3 +253,11 @@ def test_the_kuberay_job_runs_the_example_on_16_gpus_with_shared_checkpoints():
         mounts = [m["mountPath"] for c in pod["containers"] for m in c["volumeMounts"] if m["name"] in claims]
         assert any(config.ray.storage_path.startswith(mount + "/") for mount in mounts)
         assert any(config.models.anchor.path.startswith(mount + "/") for mount in mounts)
+
+
+def test_resume_and_overrides_reach_the_job(tmp_path):
+    config_path = write_config(tmp_path)
+    request = build_job_request(config_path, "http://head:8265", tmp_path, load_config(config_path),
+                                ["--set", "training.steps=9", "--resume"])
+    assert request["entrypoint"].endswith("--set ray.address=auto --set training.steps=9 --resume")
+    assert request["command_line"].endswith("--set ray.address=auto --set training.steps=9 --resume")
