@@ -13,7 +13,7 @@ from calm_dist.train_loop import StatesFor, global_sum
 
 
 @torch.no_grad()
-def eval_loss(engine, batches: list[dict[str, torch.Tensor]], states_for: StatesFor, group=None) -> float:
+def eval_loss(engine, batches: list[dict[str, torch.Tensor]], states_for: StatesFor) -> float:
     total, count = 0.0, 0
     for batch in batches:
         loss = engine(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
@@ -21,7 +21,7 @@ def eval_loss(engine, batches: list[dict[str, torch.Tensor]], states_for: States
         predicted = int((batch["labels"][:, 1:] != -100).sum())
         total += loss.item() * predicted
         count += predicted
-    return global_sum(total, group) / max(1.0, global_sum(count, group))
+    return global_sum(total) / max(1.0, global_sum(count))
 
 
 @torch.no_grad()
@@ -52,7 +52,7 @@ def greedy_completions(
 @torch.no_grad()
 def exact_match(
     engine, prompts: list[list[int]], targets: list[str], decode, states_for: StatesFor, micro_batch_size: int,
-    max_new_tokens: int, pad_token_id: int, eos_token_id: int | None, group=None,
+    max_new_tokens: int, pad_token_id: int, eos_token_id: int | None,
 ) -> float:
     """Share of prompts whose greedy completion, decoded and stripped, equals the target; over all ranks.
     Every rank must pass the same number of prompts."""
@@ -61,4 +61,4 @@ def exact_match(
         chunk = prompts[start:start + micro_batch_size]
         completions = greedy_completions(engine, chunk, states_for, max_new_tokens, pad_token_id, eos_token_id)
         hits += sum(decode(c).strip() == t.strip() for c, t in zip(completions, targets[start:], strict=False))
-    return global_sum(hits, group) / max(1.0, global_sum(len(prompts), group))
+    return global_sum(hits) / max(1.0, global_sum(len(prompts)))

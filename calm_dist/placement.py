@@ -131,9 +131,10 @@ class AugmentingServer:
                 self.exchange.recv([mask], client, 0).wait()
                 states = augmenting_states(self.models, self.connections, ids.to(self.device), mask.to(self.device))
                 for key in self.keys:
-                    tensor = states[key].contiguous().cpu() if self.device.type != "cpu" else states[key].contiguous()
+                    tensor = states[key].contiguous().cpu()  # the exchange group is gloo, on the CPU
                     sends.append((self.exchange.send([_wire(tensor)], client, 0), tensor))
                 answered += 1
+                # Bound the states held for sends still in flight (clients prefetch only a few ahead).
                 while len(sends) > 4 * len(self.keys) * len(self.clients):
                     sends.popleft()[0].wait()
             if len(ops) > 1:

@@ -25,16 +25,16 @@ class LoopSettings:
     checkpoint_every: int | None
 
 
-def global_mean(values: list[float], group=None) -> float:
+def global_mean(values: list[float]) -> float:
     """Mean over this rank's values and every other rank's, weighted equally per rank."""
     total = torch.tensor([sum(values), len(values)], dtype=torch.float64)
-    dist.all_reduce(total, group=group)
+    dist.all_reduce(total)
     return (total[0] / total[1]).item()
 
 
-def global_sum(value: float, group=None) -> float:
+def global_sum(value: float) -> float:
     total = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(total, group=group)
+    dist.all_reduce(total)
     return total.item()
 
 
@@ -47,7 +47,6 @@ def run(
     on_log: Callable[[int, dict], None],
     on_checkpoint: Callable[[int], None],
     evaluate: Callable[[], dict] | None = None,
-    group=None,
 ) -> dict:
     """Train from start_step to settings.steps; returns the last logged metrics."""
     engine.train()
@@ -72,9 +71,9 @@ def run(
             elapsed = time.perf_counter() - window_start
             metrics = {
                 "step": step,
-                "loss": global_mean(window_losses, group),
+                "loss": global_mean(window_losses),
                 "lr": engine.get_lr()[0],
-                "tokens_per_s": global_sum(window_tokens, group) / elapsed,
+                "tokens_per_s": global_sum(window_tokens) / elapsed,
                 "step_time_s": step_time,
             }
             window_losses, window_tokens, window_start = [], 0, time.perf_counter()

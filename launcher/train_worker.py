@@ -3,13 +3,13 @@ data shard, report checkpoints to Ray Train, export the composition at the end."
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 
 from launcher.config import TrainConfig
 from launcher.connections import connections_for
+from launcher.run_log import RunLog
 
 
 def train_worker(loop_config: dict) -> None:
@@ -25,7 +25,6 @@ def train_worker(loop_config: dict) -> None:
     from calm_dist.composed import ComposedModel, augmenting_states
     from calm_dist.data import ShardedBatches, load_records, tokenize_records
     from calm_dist.engine import build_engine, deepspeed_config, lr_lambda
-    from calm_dist.evaluation import eval_loss, exact_match
     from calm_dist.partitioned_loading import load_partitioned
     from calm_dist.placement import AugmentingClient, AugmentingServer, Layout, split_world
     from calm_dist.train_loop import LoopSettings, run
@@ -126,53 +125,16 @@ def train_worker(loop_config: dict) -> None:
 
     evaluate = None
     if config.data.eval and train.eval_every:
-        eval_set = tokenized(config.data.eval)
-        eval_set = eval_set.select(range(min(len(eval_set), train.eval_samples)))
-        eval_batches = ShardedBatches(eval_set, micro_batch_size=train.micro_batch_size, rank=data_rank,
-                                      world_size=data_world, seed=0, pad_token_id=pad, shuffle=False, drop_last=False)
-        fixed = list(on_device(b for _, b in zip(range(eval_batches.batches_per_epoch), eval_batches, strict=False)))
-
-        prompts, targets = [], []
-        if config.data.prompt_field:  # exact match of greedy completions, an equal share per rank
-            records = load_records(config.data.eval, config.data.split)
-            per_rank = min(len(records), train.eval_samples) // data_world
-            bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-            for i in range(data_rank * per_rank, (data_rank + 1) * per_rank):
-                record = records[i]
-                prompts.append(bos + tokenizer.encode(record[config.data.prompt_field], add_special_tokens=False))
-                targets.append(record[config.data.completion_field])
-
-        def evaluate():
-            metrics = {"eval_loss": eval_loss(engine, fixed, states_for)}
-            if prompts:
-                metrics["eval_exact_match"] = exact_match(
-                    engine, prompts, targets, tokenizer.decode, states_for, train.micro_batch_size,
-                    train.eval_max_new_tokens, pad, tokenizer.eos_token_id,
-                )
-            return metrics
+        evaluate = _evaluation(config, engine, tokenizer, tokenized(config.data.eval), states_for, on_device,
+                               pad, data_rank, data_world)
 
     run_dir = Path(config.output_dir) / config.name
     board = ray.get_actor(loop_config["board"]) if loop_config.get("board") else None
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
-        metrics_log = run_dir / "metrics.jsonl"  # like purge_step: forget what came after the checkpoint
-        if metrics_log.exists():
-            kept = [line for line in metrics_log.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-            metrics_log.write_text("".join(line + "\n" for line in kept))
+    run_log = RunLog(run_dir, start_step, board) if rank == 0 else None
 
     def on_log(step, metrics):
-        if rank == 0:
-            with open(run_dir / "metrics.jsonl", "a") as log:
-                log.write(json.dumps(metrics) + "\n")
-            for key, value in metrics.items():
-                if key != "step":
-                    writer.add_scalar(key, value, step)
-            writer.flush()
-            if board is not None:
-                board.update.remote(step, metrics)
+        if run_log is not None:
+            run_log.log(step, metrics)
 
     def on_checkpoint(step):
         if pipelined:
@@ -192,5 +154,39 @@ def train_worker(loop_config: dict) -> None:
     if pipelined:
         client.stop()
     export_composition(composed, run_dir / "composition", extra={"trained_steps": train.steps, "run": config.name})
-    if writer is not None:
-        writer.close()
+    if run_log is not None:
+        run_log.close()
+
+
+def _evaluation(config: TrainConfig, engine, tokenizer, eval_set, states_for, on_device, pad: int, data_rank: int,
+                data_world: int):
+    """The evaluate() callback: held-out loss, plus exact match of greedy completions for
+    prompt/completion data. Each anchor rank evaluates an equal share (ZeRO-3 needs lockstep)."""
+    from calm_dist.data import ShardedBatches, load_records
+    from calm_dist.evaluation import eval_loss, exact_match
+
+    train = config.training
+    eval_set = eval_set.select(range(min(len(eval_set), train.eval_samples)))
+    eval_batches = ShardedBatches(eval_set, micro_batch_size=train.micro_batch_size, rank=data_rank,
+                                  world_size=data_world, seed=0, pad_token_id=pad, shuffle=False, drop_last=False)
+    fixed = list(on_device(b for _, b in zip(range(eval_batches.batches_per_epoch), eval_batches, strict=False)))
+
+    prompts, targets = [], []
+    if config.data.prompt_field:
+        records = load_records(config.data.eval, config.data.split)
+        per_rank = min(len(records), train.eval_samples) // data_world
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        for i in range(data_rank * per_rank, (data_rank + 1) * per_rank):
+            prompts.append(bos + tokenizer.encode(records[i][config.data.prompt_field], add_special_tokens=False))
+            targets.append(records[i][config.data.completion_field])
+
+    def evaluate() -> dict:
+        metrics = {"eval_loss": eval_loss(engine, fixed, states_for)}
+        if prompts:
+            metrics["eval_exact_match"] = exact_match(
+                engine, prompts, targets, tokenizer.decode, states_for, train.micro_batch_size,
+                train.eval_max_new_tokens, pad, tokenizer.eos_token_id,
+            )
+        return metrics
+
+    return evaluate
