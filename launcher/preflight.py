@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from calm_dist.architectures import DECODER_LAYERS, ModelDims
+from calm_dist.architectures import DECODER_LAYERS, ModelDims, dims_from_config
 from calm_dist.connections import Connection
 from calm_dist.cross_attention import CrossAttention
 from calm_dist.errors import CompositionError
@@ -124,13 +124,7 @@ def _read_model(spec: ModelSpec, key: str) -> ModelDims:
         raise ConfigError(
             f"{key}: {path} has a config.json but no weights (*.safetensors or pytorch_model*.bin)"
         )
-    return ModelDims(
-        model_type=config.model_type,
-        num_layers=config.num_hidden_layers,
-        hidden_size=config.hidden_size,
-        num_heads=config.num_attention_heads,
-        vocab_size=config.vocab_size,
-    )
+    return dims_from_config(config)
 
 
 def _weight_files(path: Path) -> list[Path]:

@@ -4,21 +4,18 @@ Each costs tens of seconds on 2 cores, so they are few and each checks several t
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from calm_dist.tiny import tiny_model
+from tests.distributed.runs import ENV, ROOT, assert_same_composition, tiny_config, train
 
 pytestmark = pytest.mark.distributed
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
 
 
 def test_each_rank_holds_half_the_anchor_and_gathers_it_exactly(tmp_path):
@@ -36,34 +33,13 @@ def test_each_rank_holds_half_the_anchor_and_gathers_it_exactly(tmp_path):
     assert sum(r["local_bytes"] for r in reports) >= reports[0]["total_bytes"]
 
 
-def train(config_path: Path, *extra: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "train", str(config_path), *extra],
-        env=ENV, cwd=ROOT, timeout=900, capture_output=True, text=True,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A 4-step colocated run ('straight') and its config; other runs are compared with it."""
-    from launcher.demo import make_assets
-
     tmp_path = tmp_path_factory.mktemp("runs")
-    assets = tmp_path / "assets"
-    make_assets(assets)
-    base = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
-    base["models"] = {"anchor": {"path": str(assets / "anchor"), "dtype": "float32"},
-                      "augmenting": [{"path": str(assets / "augmenting"), "dtype": "float32"}]}
-    base["data"].update(train=str(assets / "train.jsonl"), eval=None)
-    base["training"].update(steps=4, micro_batch_size=4, global_batch_size=16, checkpoint_every=2,
-                            eval_every=None, log_every=1, schedule={"kind": "constant"})
-    base["ray"].update(storage_path=str(tmp_path / "ray"), max_failures=0)
-    base["output_dir"] = str(tmp_path / "out")
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(base))
+    config = tiny_config(tmp_path, steps=4, checkpoint_every=2)
     train(config, "--set", "name=straight")
-    return tmp_path, config, assets
+    return tmp_path, config
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -71,7 +47,7 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def test_pipelined_placement_gives_the_same_training_as_colocated(tiny_run):
-    tmp_path, config, _ = tiny_run
+    tmp_path, config = tiny_run
     # 2 anchor ranks + 1 augmenting rank serving both, two micro-batches prefetched.
     train(config, "--set", "name=pipelined", "--set", "placement.mode=pipelined",
           "--set", "placement.augmenting_workers=1", "--set", "placement.prefetch=2")
@@ -79,34 +55,26 @@ def test_pipelined_placement_gives_the_same_training_as_colocated(tiny_run):
     assert len(colocated) == len(pipelined) == 4
     for a, b in zip(colocated, pipelined, strict=True):
         assert abs(a - b) <= 1e-6
-    straight = load_file(tmp_path / "out/straight/composition/composition.safetensors")
-    other = load_file(tmp_path / "out/pipelined/composition/composition.safetensors")
-    for name in straight:  # same states reach the anchor, so the same updates: bitwise here
-        assert torch.equal(straight[name], other[name]), name
+    # Same states reach the anchor, so the same updates: bitwise here.
+    assert_same_composition(tmp_path / "out", "straight", "pipelined", trained_steps=4)
 
 
 def test_resumed_training_equals_uninterrupted_training(tiny_run):
-    tmp_path, config, assets = tiny_run
+    tmp_path, config = tiny_run
     train(config, "--set", "name=resumed", "--set", "training.steps=2")
     train(config, "--set", "name=resumed", "--resume")
-
-    straight = load_file(tmp_path / "out/straight/composition/composition.safetensors")
-    resumed = load_file(tmp_path / "out/resumed/composition/composition.safetensors")
-    assert straight.keys() == resumed.keys()
     # Same data order, optimizer moments and schedule, and gloo reduces in a fixed order: bitwise.
-    for name in straight:
-        assert torch.equal(straight[name], resumed[name]), name
-    manifest = json.loads((tmp_path / "out/resumed/composition/composition.json").read_text())
-    assert manifest["trained_steps"] == 4
+    assert_same_composition(tmp_path / "out", "straight", "resumed", trained_steps=4)
 
     # Checkpoints hold the composition and its optimizer state, never the frozen models.
     from launcher.train import latest_checkpoint
 
     checkpoint = latest_checkpoint(tmp_path / "ray/resumed")
+    composition = load_file(tmp_path / "out/resumed/composition/composition.safetensors")
     model_states = torch.load(next(checkpoint.rglob("*model_states.pt")), weights_only=False)
-    assert set(model_states["module"]) == {f"composition.{k}" for k in straight}
+    assert set(model_states["module"]) == {f"composition.{k}" for k in composition}
     checkpoint_bytes = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
-    anchor_bytes = (assets / "anchor/model.safetensors").stat().st_size
-    n_composition = sum(t.numel() for t in straight.values())
+    anchor_bytes = (tmp_path / "assets/anchor/model.safetensors").stat().st_size
+    n_composition = sum(t.numel() for t in composition.values())
     assert checkpoint_bytes < n_composition * 4 * 4 + 200_000  # fp32 params + 2 Adam moments + slack
     assert checkpoint_bytes < anchor_bytes

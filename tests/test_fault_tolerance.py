@@ -10,24 +10,20 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-import torch
-import yaml
-from safetensors.torch import load_file
+
+from tests.distributed.runs import ENV, ROOT, assert_same_composition, tiny_config, train_command
 
 pytestmark = pytest.mark.distributed
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
 STEPS, CHECKPOINT_EVERY = 24, 4  # ~0.25 s a step here: the kill lands well before the last step
 
 
 def command(config: Path, name: str) -> list[str]:
-    return [sys.executable, "-m", "launcher.cli", "train", str(config), "--set", f"name={name}"]
+    return train_command(config, "--set", f"name={name}")
 
 
 def descendants(pid: int) -> list[psutil.Process]:
@@ -60,21 +56,7 @@ def registered_checkpoint_step(run_storage: Path) -> int | None:
 
 @pytest.mark.timeout(900)
 def test_run_with_a_killed_worker_recovers_and_equals_an_uninterrupted_run(tmp_path):
-    from launcher.demo import make_assets
-
-    assets = tmp_path / "assets"
-    make_assets(assets)
-    base = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
-    base["models"] = {"anchor": {"path": str(assets / "anchor"), "dtype": "float32"},
-                      "augmenting": [{"path": str(assets / "augmenting"), "dtype": "float32"}]}
-    base["data"].update(train=str(assets / "train.jsonl"), eval=None)
-    base["training"].update(steps=STEPS, micro_batch_size=4, global_batch_size=16,
-                            checkpoint_every=CHECKPOINT_EVERY, eval_every=None, log_every=1,
-                            schedule={"kind": "constant"})
-    base["ray"].update(storage_path=str(tmp_path / "ray"), max_failures=2)
-    base["output_dir"] = str(tmp_path / "out")
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(base))
+    config = tiny_config(tmp_path, steps=STEPS, checkpoint_every=CHECKPOINT_EVERY, max_failures=2)
 
     straight = subprocess.run(command(config, "straight"), env=ENV, cwd=ROOT, timeout=600,
                               capture_output=True, text=True)
@@ -133,13 +115,7 @@ def test_run_with_a_killed_worker_recovers_and_equals_an_uninterrupted_run(tmp_p
 
     # Same composition parameters, bitwise: the resumed workers restore optimizer moments, schedule,
     # RNG state and data position from the checkpoint, and gloo reduces in a fixed order.
-    expected = load_file(tmp_path / "out/straight/composition/composition.safetensors")
-    recovered = load_file(tmp_path / "out/killed/composition/composition.safetensors")
-    assert expected.keys() == recovered.keys()
-    for name in expected:
-        assert torch.equal(expected[name], recovered[name]), name
-    manifest = json.loads((tmp_path / "out/killed/composition/composition.json").read_text())
-    assert manifest["trained_steps"] == STEPS
+    assert_same_composition(tmp_path / "out", "straight", "killed", trained_steps=STEPS)
 
     # The driver's embedded Ray went with it: no process of the killed run is left.
     stray_deadline = time.monotonic() + 30

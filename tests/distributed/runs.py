@@ -1,0 +1,55 @@
+"""Shared by the multi-process tests: a tiny training config in a temp folder, `calm train` as a
+subprocess, and the comparison of two runs' exported compositions."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def tiny_config(folder: Path, steps: int, checkpoint_every: int, max_failures: int = 0) -> Path:
+    """configs/tiny.yaml on freshly made tiny assets: constant schedule, no eval, a log line per step."""
+    from launcher.demo import make_assets
+
+    assets = folder / "assets"
+    make_assets(assets)
+    base = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
+    base["models"] = {"anchor": {"path": str(assets / "anchor"), "dtype": "float32"},
+                      "augmenting": [{"path": str(assets / "augmenting"), "dtype": "float32"}]}
+    base["data"].update(train=str(assets / "train.jsonl"), eval=None)
+    base["training"].update(steps=steps, micro_batch_size=4, global_batch_size=16, checkpoint_every=checkpoint_every,
+                            eval_every=None, log_every=1, schedule={"kind": "constant"})
+    base["ray"].update(storage_path=str(folder / "ray"), max_failures=max_failures)
+    base["output_dir"] = str(folder / "out")
+    config = folder / "run.yaml"
+    config.write_text(yaml.safe_dump(base))
+    return config
+
+
+def train_command(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "launcher.cli", "train", str(config), *extra]
+
+
+def train(config: Path, *extra: str) -> None:
+    result = subprocess.run(train_command(config, *extra), env=ENV, cwd=ROOT, timeout=900,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def assert_same_composition(out: Path, expected_run: str, run: str, trained_steps: int) -> None:
+    """The two runs exported bitwise-equal composition tensors, and `run` trained all its steps."""
+    expected = load_file(out / expected_run / "composition/composition.safetensors")
+    actual = load_file(out / run / "composition/composition.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    manifest = json.loads((out / run / "composition/composition.json").read_text())
+    assert manifest["trained_steps"] == trained_steps
