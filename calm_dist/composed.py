@@ -132,6 +132,11 @@ class ComposedModel(nn.Module):
         self.composition.train(mode)
         self.anchor.eval()
         self.augmenting.eval()
+        # Transformers re-runs a layer in backward (activation checkpointing) only if that layer is in
+        # training mode. Flag the layers themselves, not their submodules, so dropout stays off.
+        for layer in decoder_layers(self.anchor):
+            if getattr(layer, "gradient_checkpointing", False):
+                layer.training = mode
         return self
 
     # ----------------------------------------------------------------------------------------------
@@ -221,7 +226,8 @@ class ComposedModel(nn.Module):
         """Keep the composition hooks on the anchor while the block runs.
 
         forward() enters this by itself. Hold it open around forward *and* backward when the anchor
-        uses activation checkpointing, so re-run layers add the same cross-attention output.
+        uses activation checkpointing: transformers versions that checkpoint a layer's __call__ re-run
+        its hooks in backward, which must then add the same cross-attention output.
         """
         if self._attach_depth:
             self._attach_depth += 1

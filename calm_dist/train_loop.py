@@ -58,10 +58,13 @@ def run(
         for _ in range(settings.gradient_accumulation_steps):
             batch = next(batches)
             states = states_for(batch)
-            loss = engine(
-                batch["input_ids"], batch["attention_mask"], labels=batch["labels"], augmenting_states=states
-            ).loss
-            engine.backward(loss)
+            # Hooks stay on through backward: activation checkpointing re-runs anchor layers there (with
+            # their module hooks, in transformers versions that checkpoint __call__ rather than forward).
+            with engine.module.attached():
+                loss = engine(
+                    batch["input_ids"], batch["attention_mask"], labels=batch["labels"], augmenting_states=states
+                ).loss
+                engine.backward(loss)
             engine.step()  # DeepSpeed applies the update only at the accumulation boundary
             window_losses.append(loss.item())
             window_tokens += int(batch["attention_mask"].sum())

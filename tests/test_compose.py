@@ -203,14 +203,23 @@ def test_activation_checkpointing_gives_the_same_gradients(trained_pair):
     def gradients():
         trained_pair.train()
         trained_pair.composition.zero_grad()
-        with trained_pair.attached():  # recomputed layers must see the composition too
-            trained_pair(ids, labels=ids).loss.backward()
-        return [p.grad.clone() for p in trained_pair.composition_parameters()]
+        saved = []  # bytes autograd keeps for backward: what checkpointing exists to cut
 
-    plain = gradients()
+        def pack(tensor):
+            saved.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with trained_pair.attached(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = trained_pair(ids, labels=ids).loss
+        with trained_pair.attached():  # recomputed layers must see the composition too
+            loss.backward()
+        return [p.grad.clone() for p in trained_pair.composition_parameters()], sum(saved)
+
+    plain, plain_saved = gradients()
     trained_pair.anchor.activation_checkpointing_enable({"use_reentrant": False})
-    trained_pair.anchor.train()  # HF only checkpoints in training mode
-    checkpointed = gradients()
+    checkpointed, checkpointed_saved = gradients()
+    assert checkpointed_saved < plain_saved, "the anchor's layers must really be checkpointed"
+    assert not any(m.training for m in trained_pair.anchor.modules() if isinstance(m, torch.nn.Dropout))
     assert any(g.abs().sum() > 0 for g in plain)
     for a, b in zip(plain, checkpointed, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

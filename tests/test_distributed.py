@@ -78,3 +78,10 @@ def test_resumed_training_equals_uninterrupted_training(tiny_run):
     n_composition = sum(t.numel() for t in composition.values())
     assert checkpoint_bytes < n_composition * 4 * 4 + 200_000  # fp32 params + 2 Adam moments + slack
     assert checkpoint_bytes < anchor_bytes
+
+
+def test_activation_checkpointing_trains_the_same_composition(tiny_run):
+    tmp_path, config = tiny_run
+    train(config, "--set", "name=checkpointed", "--set", "deepspeed.activation_checkpointing=true")
+    # Re-run layers must see the composition too; then recomputation changes nothing.
+    assert_same_composition(tmp_path / "out", "straight", "checkpointed", trained_steps=4)
