@@ -150,9 +150,10 @@ class AugmentingServer:
 
 @dataclass
 class _Pending:
-    receives: list
-    buffers: dict[tuple[int, int], torch.Tensor]
-    sends: list
+    receives: list  # work handles of the states' receives
+    buffers: dict[tuple[int, int], torch.Tensor]  # where the states arrive
+    sends: list  # work handles of the request's sends
+    request: tuple[torch.Tensor, ...]  # the request's tensors, alive until their sends complete
 
 
 class AugmentingClient:
@@ -176,14 +177,11 @@ class AugmentingClient:
         sends = [self.exchange.send([tensor], self.server, 0) for tensor in (header, ids, mask)]
         buffers = {key: torch.empty(batch, length, self.widths[key[0]], dtype=self.dtypes[key[0]]) for key in self.keys}
         receives = [self.exchange.recv([_wire(buffers[key])], self.server, 0) for key in self.keys]
-        return _Pending(receives, buffers, [*sends, header, ids, mask])
+        return _Pending(receives, buffers, sends, (header, ids, mask))
 
     def wait(self, pending: _Pending) -> dict[tuple[int, int], torch.Tensor]:
-        for handle in pending.receives:
+        for handle in (*pending.receives, *pending.sends):
             handle.wait()
-        for item in pending.sends:
-            if hasattr(item, "wait"):
-                item.wait()
         return {key: value.to(self.device) for key, value in pending.buffers.items()}
 
     def states_for(self, batch: dict) -> dict[tuple[int, int], torch.Tensor]:

@@ -91,12 +91,12 @@ def train_worker(loop_config: dict) -> None:
     fields = dict(text_field=config.data.text_field, prompt_field=config.data.prompt_field,
                   completion_field=config.data.completion_field)
 
-    def tokenized(path):
-        return tokenize_records(load_records(path, config.data.split), tokenizer,
-                                max_length=config.data.max_length, **fields)
+    def tokenized(records):
+        return tokenize_records(records, tokenizer, max_length=config.data.max_length, **fields)
 
-    batches = ShardedBatches(tokenized(config.data.train), micro_batch_size=train.micro_batch_size,
-                             rank=data_rank, world_size=data_world, seed=train.seed, pad_token_id=pad)
+    batches = ShardedBatches(tokenized(load_records(config.data.train, config.data.split)),
+                             micro_batch_size=train.micro_batch_size, rank=data_rank, world_size=data_world,
+                             seed=train.seed, pad_token_id=pad)
     start_step = 0
     # After a worker died, Ray hands back the run's latest checkpoint; otherwise `calm train --resume`
     # names one.
@@ -125,8 +125,9 @@ def train_worker(loop_config: dict) -> None:
 
     evaluate = None
     if config.data.eval and train.eval_every:
-        evaluate = _evaluation(config, engine, tokenizer, tokenized(config.data.eval), states_for, on_device,
-                               pad, data_rank, data_world)
+        eval_records = load_records(config.data.eval, config.data.split)
+        evaluate = _evaluation(config, engine, tokenizer, eval_records, tokenized(eval_records), states_for,
+                               on_device, pad, data_rank, data_world)
 
     run_dir = Path(config.output_dir) / config.name
     board = ray.get_actor(loop_config["board"]) if loop_config.get("board") else None
@@ -158,11 +159,11 @@ def train_worker(loop_config: dict) -> None:
         run_log.close()
 
 
-def _evaluation(config: TrainConfig, engine, tokenizer, eval_set, states_for, on_device, pad: int, data_rank: int,
-                data_world: int):
+def _evaluation(config: TrainConfig, engine, tokenizer, records, eval_set, states_for, on_device, pad: int,
+                data_rank: int, data_world: int):
     """The evaluate() callback: held-out loss, plus exact match of greedy completions for
     prompt/completion data. Each anchor rank evaluates an equal share (ZeRO-3 needs lockstep)."""
-    from calm_dist.data import ShardedBatches, load_records
+    from calm_dist.data import ShardedBatches
     from calm_dist.evaluation import eval_loss, exact_match
 
     train = config.training
@@ -173,7 +174,6 @@ def _evaluation(config: TrainConfig, engine, tokenizer, eval_set, states_for, on
 
     prompts, targets = [], []
     if config.data.prompt_field:
-        records = load_records(config.data.eval, config.data.split)
         per_rank = min(len(records), train.eval_samples) // data_world
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         for i in range(data_rank * per_rank, (data_rank + 1) * per_rank):
