@@ -240,9 +240,12 @@ class ComposedModel(nn.Module):
         by_layer: dict[int, list[Connection]] = {}
         for c in self.connections:
             by_layer.setdefault(c.anchor_layer, []).append(c)
-        handles = [
-            layers[j].register_forward_hook(self._make_hook(cs)) for j, cs in sorted(by_layer.items())
-        ]
+        handles = []
+        for j, at_layer in sorted(by_layer.items()):
+            if j == conn.INPUT:  # the first layer's input is the embedding output
+                handles.append(layers[0].register_forward_pre_hook(self._make_input_hook(at_layer), with_kwargs=True))
+            else:
+                handles.append(layers[j].register_forward_hook(self._make_hook(at_layer)))
         self._attach_depth = 1
         try:
             yield
@@ -252,18 +255,32 @@ class ComposedModel(nn.Module):
             for handle in handles:
                 handle.remove()
 
+    def _cross_attended(self, hidden: torch.Tensor, at_layer: list[Connection]) -> torch.Tensor:
+        """hidden plus the cross-attention outputs of the connections into this point of the anchor."""
+        delta = None
+        for c in at_layer:
+            keys, values = self._step["keys_values"][c.name]
+            term = self.composition[c.name](hidden, keys, values, self._step["allowed"])
+            delta = term if delta is None else delta + term
+        return hidden + delta.to(hidden.dtype)
+
     def _make_hook(self, at_layer: list[Connection]):
         def add_cross_attention(module, args, output):
             if self._step is None:  # anchor called on its own while attached: stay the plain anchor
                 return output
-            hidden = output[0] if isinstance(output, tuple) else output
-            delta = None
-            for c in at_layer:
-                keys, values = self._step["keys_values"][c.name]
-                term = self.composition[c.name](hidden, keys, values, self._step["allowed"])
-                delta = term if delta is None else delta + term
-            hidden = hidden + delta.to(hidden.dtype)
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+            if isinstance(output, tuple):
+                return (self._cross_attended(output[0], at_layer), *output[1:])
+            return self._cross_attended(output, at_layer)
+
+        return add_cross_attention
+
+    def _make_input_hook(self, at_layer: list[Connection]):
+        def add_cross_attention(module, args, kwargs):
+            if self._step is None:
+                return None
+            if args:  # decoder layers take hidden_states first, positionally or by name
+                return (self._cross_attended(args[0], at_layer), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": self._cross_attended(kwargs["hidden_states"], at_layer)}
 
         return add_cross_attention
 

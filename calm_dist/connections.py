@@ -3,6 +3,10 @@
 A connection (augmenting model k, its layer i, anchor layer j) means: the output of layer i of
 augmenting model k, projected to the anchor's width, is cross-attended by the output of anchor
 layer j, and the result is added to the anchor's residual stream before layer j + 1.
+
+Anchor layer -1 (INPUT) stands for the anchor's input embeddings: the cross-attention then reads and
+changes the input of the anchor's first decoder layer. That lets an augmenting model supply what an
+input token means to the anchor (a key's value, say) before any anchor layer has run.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from calm_dist.errors import CompositionError
+
+
+INPUT = -1  # anchor_layer of a connection into the anchor's input embeddings
 
 
 @dataclass(frozen=True, order=True)
@@ -22,7 +29,8 @@ class Connection:
     @property
     def name(self) -> str:
         """Stable name used for parameter keys in checkpoints."""
-        return f"aug{self.augmenting}_l{self.aug_layer}_to_anchor_l{self.anchor_layer}"
+        target = "input" if self.anchor_layer == INPUT else f"l{self.anchor_layer}"
+        return f"aug{self.augmenting}_l{self.aug_layer}_to_anchor_{target}"
 
 
 def every_n(aug_num_layers: int, anchor_num_layers: int, n: int = 4, augmenting: int = 0) -> list[Connection]:
@@ -65,10 +73,10 @@ def validate(connections: Sequence[Connection], aug_num_layers: Sequence[int], a
                 f"connection {c}: augmenting layer {c.aug_layer} is out of range "
                 f"(augmenting model {c.augmenting} has layers 0..{aug_num_layers[c.augmenting] - 1})"
             )
-        if not 0 <= c.anchor_layer < anchor_num_layers:
+        if not INPUT <= c.anchor_layer < anchor_num_layers:
             raise CompositionError(
-                f"connection {c}: anchor layer {c.anchor_layer} is out of range "
-                f"(the anchor has layers 0..{anchor_num_layers - 1})"
+                f"connection {c}: anchor layer {c.anchor_layer} is out of range (the anchor has layers "
+                f"0..{anchor_num_layers - 1}, and {INPUT} for its input embeddings)"
             )
         if c in seen:
             raise CompositionError(f"connection {c} is listed twice")

@@ -18,8 +18,10 @@ def test_roundtrip_is_bitwise_and_holds_only_composition(trained_pair, tmp_path)
         names = set(f.keys())
     assert names == set(trained_pair.composition.state_dict())
     manifest = json.loads((path / MANIFEST).read_text())
-    assert manifest["connections"] == [{"augmenting": 0, "aug_layer": 1, "anchor_layer": 1},
-                                       {"augmenting": 0, "aug_layer": 3, "anchor_layer": 3}]
+    assert manifest["connections"] == [
+        {"augmenting": c.augmenting, "aug_layer": c.aug_layer, "anchor_layer": c.anchor_layer}
+        for c in trained_pair.connections
+    ]
     assert manifest["anchor"]["hidden_size"] == 64 and manifest["augmenting"][0]["hidden_size"] == 32
 
     restored = load_composition(path, trained_pair.anchor, trained_pair.augmenting[0])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from calm_dist.composed import compose
-from calm_dist.connections import Connection, every_n
+from calm_dist.connections import INPUT, Connection, every_n
 from calm_dist.errors import CompositionError
 from calm_dist.tiny import FAMILIES, tiny_model
 from tests.conftest import train_steps
@@ -56,6 +56,7 @@ def test_every_n_matches_the_paper_layout():
         (Connection(0, 0, 9), "anchor layer 9 is out of range"),
         (Connection(2, 0, 0), "augmenting model 2 does not exist"),
         (Connection(0, -1, 0), "augmenting layer -1 is out of range"),
+        (Connection(0, 0, -2), "anchor layer -2 is out of range"),
     ],
 )
 def test_bad_connections_are_refused(connection, message):
@@ -236,3 +237,18 @@ def test_states_computed_elsewhere_give_the_same_model(trained_pair):
     assert torch.equal(remote(ids, augmenting_states=states).logits, trained_pair(ids).logits)
     with pytest.raises(CompositionError, match="pass augmenting_states="):
         remote(ids)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_connection_into_the_input_embeddings(family):
+    """Anchor layer -1: the cross-attention changes the first decoder layer's input. Identity at init,
+    then after training it changes the logits, and it is named as such in checkpoints."""
+    anchor = tiny_model(family, layers=3, width=64, heads=4, seed=0)
+    aug = tiny_model(family, layers=2, width=32, heads=2, seed=1)
+    model = compose(anchor, aug, connections=[Connection(0, 1, INPUT)])
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(ids).logits, anchor(ids).logits)
+    assert list(model.composition) == ["aug0_l1_to_anchor_input"]
+    train_steps(model)
+    assert not torch.allclose(model(ids).logits, anchor(ids).logits)
+    assert torch.equal(anchor(ids).logits, tiny_model(family, layers=3, width=64, heads=4, seed=0)(ids).logits)
