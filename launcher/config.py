@@ -39,18 +39,29 @@ class ModelsConfig(Strict):
 
 
 class CompositionConfig(Strict):
-    every_n: int | None = Field(4, ge=1, description="connect every n-th augmenting layer (paper: 4)")
+    every_n: int | None = Field(
+        None, ge=1, description="connect every n-th augmenting layer (paper: 4, the default without connections)"
+    )
     connections: list[tuple[int, int, int]] | None = Field(
-        None, description="explicit [augmenting model, augmenting layer, anchor layer] triples"
+        None, description="explicit [augmenting model, augmenting layer, anchor layer] triples; anchor layer -1 "
+        "is the anchor's input embeddings"
     )
     num_heads: int | None = Field(None, ge=1, description="default: the anchor's head count")
     dtype: Dtype = "float32"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _paper_default(cls, data):
+        # The default lives here rather than on the field, so that a validated config dumped and validated
+        # again (as Ray workers receive it) holds exactly one layout.
+        if isinstance(data, dict) and data.get("connections") is None and "every_n" not in data:
+            data = {**data, "every_n": 4}
+        return data
+
     @model_validator(mode="after")
     def _one_layout(self) -> CompositionConfig:
-        # every_n has a default, so only an every_n the file sets conflicts; `every_n: null` next to
-        # connections just says the same thing twice.
-        if self.connections is not None and self.every_n is not None and "every_n" in self.model_fields_set:
+        # `every_n: null` next to connections just says the same thing twice.
+        if self.connections is not None and self.every_n is not None:
             raise ValueError("give either every_n or connections, not both")
         if self.connections is None and self.every_n is None:
             raise ValueError("give every_n or connections: with neither, nothing connects the models")

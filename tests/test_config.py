@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.config import ConfigError, load_config
+from launcher.config import ConfigError, TrainConfig, load_config
 
 BASE = {
     "name": "tiny",
@@ -96,6 +96,13 @@ def test_connections_alone_or_with_every_n_null_are_accepted(tmp_path):
     assert config.composition.connections == [(0, 1, 3)]
     config = load_config(write(tmp_path, {"composition": {"every_n": None, "connections": [[0, 1, 3]]}}))
     assert config.composition.connections == [(0, 1, 3)]
+
+
+@pytest.mark.parametrize("composition", [{"connections": [[0, 1, -1], [0, 1, 3]]}, {"every_n": 2}, {}])
+def test_a_validated_config_survives_the_trip_to_the_workers(tmp_path, composition):
+    """Workers receive config.model_dump() and validate it again: it must give the same config."""
+    config = load_config(write(tmp_path, {"composition": composition}))
+    assert TrainConfig.model_validate(config.model_dump(mode="json")) == config
 
 
 def test_neither_every_n_nor_connections_is_refused(tmp_path):
