@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from calm_dist.errors import CompositionError
 
-
 INPUT = -1  # anchor_layer of a connection into the anchor's input embeddings
 
 

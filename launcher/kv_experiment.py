@@ -1,0 +1,293 @@
+"""The CALM paper's key-value arithmetic experiment (Table 1), end to end: the main job of `calm demo`
+and what bench/kv_arithmetic.py measures.
+
+1. data: a seeded key->value map (calm_dist.kv_task) and the record sets of every model and eval;
+2. the "given" models, pretrained here by a plain single-process loop and cached: m_A memorises the
+   map (it never sees an arithmetic result), m_B learns numeric arithmetic (it never sees a key);
+3. the composition, trained through the real path: `calm train` (Ray Train workers running DeepSpeed
+   ZeRO-3 on the embedded local cluster) on D_C, arithmetic over 20% of the keys;
+4. evaluation of the composition, each model alone, and LoRA on m_B with as many trainable parameters
+   trained on the same D_C for the same steps, on the held-out keys, D_C's keys, substitution and
+   numeric arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from launcher.config import TrainConfig, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "configs" / "kv-arithmetic.yaml"
+ROOT = REPO / "runs" / "kv-arithmetic"
+
+# Eval sets: metric suffix -> file stem (the suffixes are those of launcher.kv_report.TASKS)
+EVAL_SETS = {
+    "heldout": "eval_kv_arithmetic_heldout_keys",
+    "train_keys": "eval_kv_arithmetic_dc_keys",
+    "substitution": "eval_kv_substitution",
+    "numeric": "eval_numeric_arithmetic",
+}
+
+
+@dataclass(frozen=True)
+class BaseModelPlan:
+    """A tiny Llama pretrained here, standing for a given model."""
+    layers: int
+    width: int
+    heads: int
+    steps: int
+    lr: float
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class Design:
+    """The experiment's sizes. Changing any of them changes the cache key of the base models."""
+    num_keys: int = 2000
+    train_key_fraction: float = 0.2
+    augmenting: BaseModelPlan = field(default_factory=lambda: BaseModelPlan(2, 128, 4, steps=800, lr=3e-3))
+    anchor: BaseModelPlan = field(default_factory=lambda: BaseModelPlan(4, 128, 4, steps=800, lr=3e-3))
+    augmenting_streams: int = 4000  # `qzx3ab5...` records over all keys
+    augmenting_substitutions: int = 4000
+    anchor_examples: int = 8000
+    dc_kv_examples: int = 4000  # D_C: KV-arithmetic over the training keys...
+    dc_numeric_examples: int = 1000  # ...with numeric examples mixed in, so m_B's skill is kept
+    eval_examples: int = 500
+    max_new_tokens: int = 6
+
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Assets:
+    folder: Path
+    tokenizer: object
+    task: object
+    files: dict[str, Path]
+    pretraining: dict
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _tokenized(records: list[dict], tokenizer, **fields) -> list[dict]:
+    import datasets
+
+    from calm_dist.data import tokenize_records
+
+    return list(tokenize_records(datasets.Dataset.from_list(records), tokenizer, max_length=64, **fields))
+
+
+def _new_model(plan: BaseModelPlan, vocab: int, seed: int):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         num_hidden_layers=plan.layers, hidden_size=plan.width, num_attention_heads=plan.heads,
+                         num_key_value_heads=max(1, plan.heads // 2), intermediate_size=2 * plan.width,
+                         max_position_embeddings=128, tie_word_embeddings=False)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _pretrain(name: str, plan: BaseModelPlan, rows: list[dict], vocab: int, seed: int, log: Log):
+    from tqdm import tqdm
+
+    from calm_dist import local_training
+
+    model = _new_model(plan, vocab, seed)
+    start = time.perf_counter()
+    with tqdm(total=plan.steps, desc=f"pretraining {name}", unit="step", leave=False, dynamic_ncols=True) as bar:
+        def on_step(step: int, loss: float) -> None:
+            bar.update(1)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss:.3f}")
+
+        loss = local_training.train(local_training.lm_loss(model), model.parameters(),
+                                    local_training.batches(rows, plan.batch_size, seed, 0),
+                                    plan.steps, lr=plan.lr, warmup_steps=plan.steps // 20, on_step=on_step)
+    return model.eval(), {"final_loss": round(loss, 4), "seconds": round(time.perf_counter() - start, 1)}
+
+
+def prepare(folder: Path, seed: int, design: Design, log: Log) -> Assets:
+    """Data files and the two pretrained base models under folder; reused when already there."""
+    from calm_dist import kv_task
+
+    task = kv_task.make_task(seed, design.num_keys, design.train_key_fraction)
+    tokenizer = kv_task.kv_tokenizer(task)
+    data = folder / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    records = {
+        "augmenting_train": kv_task.kv_streams(task, design.augmenting_streams, 0)
+        + kv_task.kv_substitution(task, task.keys, design.augmenting_substitutions, 1),
+        "anchor_train": kv_task.numeric_arithmetic(task, design.anchor_examples, 2),
+        "composition_train": kv_task.kv_arithmetic(task, task.train_keys, design.dc_kv_examples, 3)
+        + kv_task.numeric_arithmetic(task, design.dc_numeric_examples, 4),
+        EVAL_SETS["heldout"]: kv_task.kv_arithmetic(task, task.heldout_keys, design.eval_examples, 5),
+        EVAL_SETS["train_keys"]: kv_task.kv_arithmetic(task, task.train_keys, design.eval_examples, 6),
+        EVAL_SETS["substitution"]: kv_task.kv_substitution(task, task.heldout_keys, design.eval_examples, 7),
+        EVAL_SETS["numeric"]: kv_task.numeric_arithmetic(task, design.eval_examples, 8),
+    }
+    files = {}
+    for stem, rows in records.items():
+        files[stem] = data / f"{stem}.jsonl"
+        _write_jsonl(files[stem], rows)
+
+    marker = folder / "pretrained.json"
+    identity = {"seed": seed, "design": asdict(design)}
+    if marker.exists() and json.loads(marker.read_text()).get("identity") == identity:
+        log(f"base models: reusing {folder / 'augmenting'} and {folder / 'anchor'}")
+        return Assets(folder, tokenizer, task, files, json.loads(marker.read_text())["pretraining"])
+    marker.unlink(missing_ok=True)
+
+    pair = dict(prompt_field="prompt", completion_field="completion")
+    augmenting_rows = (_tokenized(records["augmenting_train"][:design.augmenting_streams], tokenizer, text_field="text")
+                       + _tokenized(records["augmenting_train"][design.augmenting_streams:], tokenizer, **pair))
+    anchor_rows = _tokenized(records["anchor_train"], tokenizer, **pair)
+    pretraining = {}
+    for name, plan, rows, model_seed in (("augmenting", design.augmenting, augmenting_rows, 1000 * seed + 1),
+                                         ("anchor", design.anchor, anchor_rows, 1000 * seed + 2)):
+        model, pretraining[name] = _pretrain(name, plan, rows, len(tokenizer), model_seed, log)
+        model.save_pretrained(folder / name)
+        tokenizer.save_pretrained(folder / name)
+        log(f"pretrained m_{'A' if name == 'augmenting' else 'B'} ({name}, {plan.layers} layers x {plan.width}): "
+            f"final loss {pretraining[name]['final_loss']:.3f} in {pretraining[name]['seconds']:.0f} s")
+    marker.write_text(json.dumps({"identity": identity, "pretraining": pretraining}, indent=2))
+    return Assets(folder, tokenizer, task, files, pretraining)
+
+
+def training_config(config_path: Path, assets: Assets, seed: int, run_name: str, output_dir: Path,
+                    storage: Path) -> TrainConfig:
+    """The composition's `calm train` config: the YAML's training settings on this seed's assets."""
+    overrides = {
+        "name": run_name,
+        "models.anchor.path": str(assets.folder / "anchor"),
+        "models.augmenting": [{"path": str(assets.folder / "augmenting"), "dtype": "float32"}],
+        "data.train": str(assets.files["composition_train"]),
+        "data.eval": str(assets.files[EVAL_SETS["heldout"]]),
+        "training.seed": seed,
+        "output_dir": str(output_dir),
+        "ray.storage_path": str(storage),
+    }
+    return load_config(config_path, overrides)
+
+
+def _load_base(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def evaluate_locally(complete, assets: Assets) -> dict[str, float]:
+    """Exact match of one model on every eval set, by metric suffix."""
+    from calm_dist.local_eval import exact_match
+
+    return {suffix: exact_match(complete, assets.tokenizer, _read_jsonl(assets.files[stem]))
+            for suffix, stem in EVAL_SETS.items()}
+
+
+def lora_baseline(assets: Assets, config: TrainConfig, parameters: int, seed: int, log: Log) -> tuple[dict, int, int]:
+    """LoRA on m_B, its rank matched to `parameters`, trained on D_C like the composition (same steps,
+    global batch, learning rate and schedule shape) in one process; its exact match per eval set."""
+    from tqdm import tqdm
+
+    from calm_dist import local_training
+    from calm_dist.local_eval import causal_lm_completer
+    from calm_dist.lora_baseline import matched_rank, trainable_parameters, with_lora
+
+    anchor = _load_base(assets.folder / "anchor")
+    rank = matched_rank(anchor, parameters)
+    torch.manual_seed(seed)
+    model = with_lora(anchor, rank)
+    count = trainable_parameters(model)
+    rows = _tokenized(_read_jsonl(assets.files["composition_train"]), assets.tokenizer,
+                      prompt_field="prompt", completion_field="completion")
+    train = config.training
+    start = time.perf_counter()
+    with tqdm(total=train.steps, desc="LoRA baseline", unit="step", leave=False, dynamic_ncols=True) as bar:
+        model.train()
+        local_training.train(local_training.lm_loss(model), model.parameters(),
+                             local_training.batches(rows, train.global_batch_size, seed, 0), train.steps,
+                             lr=train.optimizer.lr, warmup_steps=train.schedule.warmup_steps,
+                             weight_decay=train.optimizer.weight_decay,
+                             on_step=lambda step, loss: bar.update(1))
+    model.eval()
+    tok = assets.tokenizer
+    scores = evaluate_locally(causal_lm_completer(model, 6, tok.pad_token_id, tok.eos_token_id), assets)
+    log(f"LoRA baseline: rank {rank}, {count:,} trainable parameters, {train.steps} steps "
+        f"in {time.perf_counter() - start:.0f} s")
+    return scores, rank, count
+
+
+def evaluate_composition(composition: Path, assets: Assets) -> dict[str, float]:
+    from calm_dist.checkpoint import load_composition
+    from calm_dist.local_eval import composed_completer
+
+    model = load_composition(composition, _load_base(assets.folder / "anchor"), _load_base(assets.folder / "augmenting"))
+    tok = assets.tokenizer
+    return evaluate_locally(composed_completer(model.eval(), 6, tok.pad_token_id, tok.eos_token_id), assets)
+
+
+def evaluate_bases(assets: Assets) -> dict[str, dict[str, float]]:
+    from calm_dist.local_eval import causal_lm_completer
+
+    tok = assets.tokenizer
+    return {role: evaluate_locally(causal_lm_completer(_load_base(assets.folder / role), 6, tok.pad_token_id,
+                                                       tok.eos_token_id), assets)
+            for role in ("augmenting", "anchor")}
+
+
+def run_experiment(root: Path, seed: int, log: Log, config_path: Path = CONFIG, design: Design = Design(),
+                   retrain: bool = False) -> dict:
+    """Everything for one seed under root/seed-N; returns the flat results (see launcher.kv_report)."""
+    from launcher.train import train
+
+    start = time.perf_counter()
+    folder = root / f"seed-{seed}"
+    assets = prepare(folder, seed, design, log)
+    run_name = f"composition-seed-{seed}"
+    config = training_config(config_path, assets, seed, run_name, root / "runs", root / "ray")
+    composition = Path(config.output_dir) / run_name / "composition"
+    done = composition / "composition.json"
+    if retrain or not (done.exists() and json.loads(done.read_text()).get("trained_steps") == config.training.steps):
+        # This seed's earlier run (finished, or stopped part way) belongs to the experiment: replace it.
+        for old in (Path(config.output_dir) / run_name, Path(config.ray.storage_path) / run_name):
+            shutil.rmtree(old, ignore_errors=True)
+        if train(config) != 0:
+            raise RuntimeError(f"composition training failed; see {Path(config.output_dir) / run_name}")
+    else:
+        log(f"composition: reusing {composition} (pass --retrain to train it again)")
+    results: dict = {"seed": seed}
+    for suffix, value in evaluate_composition(composition, assets).items():
+        results[f"composed_{suffix}"] = value
+    for role, scores in evaluate_bases(assets).items():
+        for suffix, value in scores.items():
+            results[f"{role}_{suffix}"] = value
+    parameters = json.loads(done.read_text()).get("parameters") or _count(composition)
+    lora, rank, lora_parameters = lora_baseline(assets, config, parameters, seed, log)
+    results.update({f"lora_{suffix}": value for suffix, value in lora.items()})
+    results.update(composition_parameters=parameters, lora_parameters=lora_parameters, lora_rank=rank,
+                   num_keys=design.num_keys, train_keys=len(assets.task.train_keys),
+                   wall_s=round(time.perf_counter() - start, 1))
+    return results
+
+
+def _count(composition: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(composition / "composition.safetensors", "pt") as f:
+        return sum(f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel")
+                   else int(torch.Size(f.get_slice(k).get_shape()).numel()) for k in f.keys())

@@ -1,0 +1,84 @@
+"""The key-value arithmetic experiment's data and baselines: who sees which keys, exact answers, the
+LoRA rank that matches the composition's parameter count."""
+
+import re
+
+import pytest
+
+from calm_dist import kv_task
+from calm_dist.composed import compose
+from calm_dist.connections import INPUT, Connection
+from calm_dist.lora_baseline import matched_rank, parameters_per_rank, trainable_parameters, with_lora
+from calm_dist.tiny import tiny_model
+
+
+@pytest.fixture(scope="module")
+def task():
+    return kv_task.make_task(seed=3, num_keys=500)
+
+
+def keys_in(records, field="prompt"):
+    return {key for r in records for key in re.findall(r"[a-z]+", r[field])}
+
+
+def test_keys_values_and_split(task):
+    assert len(set(task.keys)) == 500 and all(2 <= len(k) <= 4 and k.isalpha() for k in task.keys)
+    assert set(task.values.values()) <= set(range(10))
+    assert len(task.train_keys) == 100  # 20% of the keys
+    assert not set(task.train_keys) & set(task.heldout_keys)
+    assert set(task.train_keys) | set(task.heldout_keys) == set(task.keys)
+    assert kv_task.make_task(seed=3, num_keys=500) == task
+    other = kv_task.make_task(seed=4, num_keys=500)
+    assert other.keys != task.keys and other.values != task.values
+
+
+def test_composition_data_uses_only_its_keys(task):
+    dc = kv_task.kv_arithmetic(task, task.train_keys, 2000, seed=0)
+    used = keys_in(dc)
+    assert used <= set(task.train_keys)
+    assert len(used) > 0.9 * len(task.train_keys)
+    assert not used & set(task.heldout_keys)
+    heldout = kv_task.kv_arithmetic(task, task.heldout_keys, 500, seed=1)
+    assert keys_in(heldout) <= set(task.heldout_keys)
+
+
+def test_anchor_data_holds_no_key_and_augmenting_data_no_result(task):
+    numeric = kv_task.numeric_arithmetic(task, 500, seed=0)
+    assert not keys_in(numeric) and not keys_in(numeric, "completion")
+    streams = kv_task.kv_streams(task, 200, seed=0)
+    substitutions = kv_task.kv_substitution(task, task.keys, 200, seed=0)
+    for record in substitutions:  # a completion is the expression with values, never its result
+        assert re.fullmatch(r"\d([+-]\d)+", record["completion"])
+        assert kv_task.substitute(task, record["prompt"][:-1]) == record["completion"]
+    for record in streams:  # each key immediately followed by its own value
+        for key, value in re.findall(r"([a-z]+)(\d)", record["text"]):
+            assert task.values[key] == int(value)
+
+
+def test_answers_are_exact(task):
+    for record in kv_task.kv_arithmetic(task, task.keys, 300, seed=2):
+        substituted = kv_task.substitute(task, record["prompt"][:-1])
+        assert int(record["completion"]) == eval(substituted)  # noqa: S307 - digits and +/- only
+    assert kv_task.evaluate_expression("3+5-9") == -1
+
+
+def test_tokenizer_makes_each_key_one_token(task):
+    tokenizer = kv_task.kv_tokenizer(task)
+    record = kv_task.kv_arithmetic(task, task.heldout_keys, 1, seed=3)[0]
+    text = record["prompt"] + record["completion"]
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids) == text
+    assert len(ids) == len(re.findall(r"[a-z]+|\S", text))
+    assert tokenizer.unk_token_id not in ids
+
+
+def test_lora_rank_matches_the_composition_parameters():
+    anchor = tiny_model("llama", layers=4, width=128, heads=4, vocab=64, seed=0)
+    augmenting = tiny_model("llama", layers=2, width=128, heads=4, vocab=64, seed=1)
+    composed = compose(anchor, augmenting, connections=[Connection(0, 1, INPUT), Connection(0, 1, 1)])
+    target = composed.expected_composition_parameters()
+    rank = matched_rank(anchor, target)
+    per_rank = parameters_per_rank(anchor)
+    assert abs(rank * per_rank - target) <= per_rank / 2  # the nearest rank
+    lora = with_lora(tiny_model("llama", layers=4, width=128, heads=4, vocab=64, seed=0), rank)
+    assert trainable_parameters(lora) == rank * per_rank
