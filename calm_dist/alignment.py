@@ -188,15 +188,17 @@ class Aligner:
 
     def __init__(self, anchor: PreTrainedTokenizerBase, augmenting: Sequence[PreTrainedTokenizerBase | None]):
         self.anchor = anchor
-        anchor_id = tokenizer_identity(anchor)
-        self.augmenting: list[PreTrainedTokenizerBase | None] = [
-            None if t is None or tokenizer_identity(t)["sha256"] == anchor_id["sha256"] else t for t in augmenting
-        ]
-        if self.cross:
+        own = [t is not None and t is not anchor for t in augmenting]
+        if any(own):
             require_offsets(anchor, "anchor")
-        for k, tokenizer in enumerate(self.augmenting):
-            if tokenizer is not None:
+        for k, tokenizer in enumerate(augmenting):
+            if own[k]:
                 require_offsets(tokenizer, f"augmenting model {k}")
+        anchor_hash = tokenizer_identity(anchor)["sha256"] if any(own) else None
+        # A tokenizer equal to the anchor's (another copy of it) reads the anchor's ids, as without one.
+        self.augmenting: list[PreTrainedTokenizerBase | None] = [
+            t if own[k] and tokenizer_identity(t)["sha256"] != anchor_hash else None for k, t in enumerate(augmenting)
+        ]
 
     @property
     def cross(self) -> list[int]:
