@@ -172,8 +172,13 @@ def batch_key(k: int, name: str) -> str:
     return f"augmenting{k}_{name}"
 
 
-def views_from_batch(batch: dict, count: int) -> list[AugmentingView | None] | None:
-    """The views a collated batch carries (data pipeline or Aligner.extend_batch), or None for none."""
+def views_from_batch(batch: dict, count: int | None = None) -> list[AugmentingView | None] | None:
+    """The views a collated batch carries (data pipeline or Aligner.extend_batch), or None for none.
+    count: the number of augmenting models (default: as many as the batch's keys name)."""
+    if count is None:
+        found = [int(key[len("augmenting"):-len("_input_ids")]) for key in batch
+                 if key.startswith("augmenting") and key.endswith("_input_ids")]
+        count = max(found, default=-1) + 1
     views = [
         AugmentingView(batch[batch_key(k, "input_ids")], batch[batch_key(k, "attention_mask")], batch[batch_key(k, "visible")])
         if batch_key(k, "input_ids") in batch else None

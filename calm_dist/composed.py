@@ -212,7 +212,8 @@ class ComposedModel(nn.Module):
             augmenting_views = self._align(input_ids, attention_mask, cache)
         if augmenting_states is None:
             augmenting_states = self.augmenting_states(input_ids, attention_mask, position_ids, cache, augmenting_views)
-        views = list(augmenting_views) if augmenting_views is not None else [None] * len(self.augmenting_dims)
+        views = list(augmenting_views or [])
+        views += [None] * (len(self.augmenting_dims) - len(views))
         visible_masks = {}
         for k, view in enumerate(views):
             if view is not None:
