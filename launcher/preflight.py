@@ -63,8 +63,7 @@ def preflight(config: TrainConfig, *, address_timeout: float = ADDRESS_TIMEOUT_S
             raise ConfigError(
                 f"models.augmenting.{k}.path: {spec.path} has a vocabulary of {dims.vocab_size} tokens but the "
                 f"anchor (models.anchor.path: {config.models.anchor.path}) has {anchor.vocab_size}: "
-                "composition needs models that share a tokenizer, or its own tokenizer in "
-                f"models.augmenting.{k}.tokenizer"
+                "composition needs models that share a tokenizer"
             )
     anchor_tokenizer = _check_tokenizer(config, anchor)
     connections = resolve_connections(config, anchor, augmenting)
