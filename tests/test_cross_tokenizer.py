@@ -95,13 +95,7 @@ def test_settled_tokens_end_before_the_last_whitespace(tokenizers):
 
 
 def test_a_tokenizer_that_merges_across_whitespace_is_refused():
-    from tokenizers import Tokenizer, decoders, models, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())  # no pre-tokenizer: merges may span spaces
-    backend.decoder = decoders.BPEDecoder()
-    backend.train_from_iterator(sample_texts(1500, seed=0), trainers.BpeTrainer(vocab_size=800, show_progress=False))
-    spanning = PreTrainedTokenizerFast(tokenizer_object=backend)
+    spanning = spanning_tokenizer()
     with pytest.raises(AlignmentError, match="merges across whitespace"):
         for text in sample_texts(50, seed=9):
             check_whitespace_stable(spanning, text)
@@ -255,3 +249,85 @@ def test_checkpoint_records_tokenizers_and_refuses_another(tokenizers, trained, 
     shared_path = save_composition(shared, tmp_path / "shared")
     with pytest.raises(CompositionError, match="reading the anchor's tokens"):
         load_composition(shared_path, shared.anchor, list(shared.augmenting), tokenizers=[bpe, unigram])
+
+
+# --------------------------------------------------------------------------------------------------
+# Training config and pre-flight
+
+
+def spanning_tokenizer():
+    """A BPE with no pre-tokenizer: with enough merges, tokens span whitespace."""
+    from tokenizers import Tokenizer, decoders, models, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.decoder = decoders.BPEDecoder()
+    backend.train_from_iterator(sample_texts(1500, seed=0), trainers.BpeTrainer(vocab_size=800, show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+@pytest.fixture(scope="module")
+def folders(tokenizers, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cross-preflight")
+    tiny_model("llama", layers=4, width=64, heads=4, vocab=500, seed=0).save_pretrained(root / "anchor")
+    tokenizers["bpe"].save_pretrained(root / "anchor")
+    tiny_model("llama", layers=4, width=32, heads=2, vocab=300, seed=1).save_pretrained(root / "aug")
+    tokenizers["unigram"].save_pretrained(root / "aug")
+    tiny_model("llama", layers=4, width=32, heads=2, vocab=800, seed=1).save_pretrained(root / "aug800")
+    tokenizers["bpe"].save_pretrained(root / "too-big")
+    spanning_tokenizer().save_pretrained(root / "spanning")
+    (root / "train.jsonl").write_text("".join(f'{{"text": "{t}"}}\n' for t in sample_texts(40, seed=9)))
+    return root
+
+
+def cross_config(folders, model="aug", **aug):
+    from launcher.config import TrainConfig
+
+    return TrainConfig.model_validate({
+        "name": "cross",
+        "models": {"anchor": {"path": str(folders / "anchor")},
+                   "augmenting": [{"path": str(folders / model), **aug}]},
+        "composition": {"every_n": 2},
+        "data": {"train": str(folders / "train.jsonl"), "text_field": "text"},
+        "training": {"steps": 2, "micro_batch_size": 1, "global_batch_size": 2},
+    })
+
+
+def test_preflight_accepts_an_augmenting_model_with_its_own_tokenizer(folders):
+    from launcher.config import ConfigError
+    from launcher.preflight import describe, preflight
+
+    with pytest.raises(ConfigError, match="vocabulary of 300 tokens but the anchor .* has 500"):
+        preflight(cross_config(folders))
+    report = preflight(cross_config(folders, tokenizer=str(folders / "aug")))
+    assert report.own_tokenizers == (300,)
+    assert "its own tokenizer (300 tokens)" in describe(report)
+
+
+@pytest.mark.parametrize("folder, model, message", [
+    ("too-big", "aug", r"^models\.augmenting\.0\.tokenizer: the tokenizer in .*too-big has 500 tokens but the model"),
+    ("spanning", "aug800", r"^models\.augmenting\.0\.tokenizer: record \d+ of .*train.jsonl: .* merges across whitespace"),
+    ("missing", "aug", r"^models\.augmenting\.0\.tokenizer: .*missing: no such folder"),
+])
+def test_preflight_refuses_an_unusable_own_tokenizer(folders, folder, model, message):
+    from launcher.config import ConfigError
+    from launcher.preflight import preflight
+
+    with pytest.raises(ConfigError, match=message):
+        preflight(cross_config(folders, model, tokenizer=str(folders / folder)))
+
+
+def test_config_resolves_the_tokenizer_path_and_keeps_the_anchors_in_one_place(tmp_path):
+    import yaml
+
+    from launcher.config import ConfigError, load_config
+
+    raw = {"name": "x", "models": {"anchor": {"path": "a"}, "augmenting": [{"path": "b", "tokenizer": "b/tok"}]},
+           "data": {"train": "t.jsonl", "text_field": "text"},
+           "training": {"steps": 1, "micro_batch_size": 1, "global_batch_size": 2}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert load_config(tmp_path / "c.yaml").models.augmenting[0].tokenizer == str(tmp_path / "b/tok")
+    raw["models"]["anchor"]["tokenizer"] = "a"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="models.anchor.tokenizer"):
+        load_config(tmp_path / "c.yaml")
