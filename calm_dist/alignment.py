@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -45,7 +46,14 @@ REPLACEMENT = "\ufffd"  # what decode shows for the bytes of a character not yet
 def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> dict:
     """What identifies a tokenizer in a checkpoint: its name, size and a hash of its full definition
     (vocabulary, merges, normalizer, pre-tokenizer, special tokens)."""
-    definition = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else repr(sorted(tokenizer.get_vocab().items()))
+    if tokenizer.is_fast:
+        # Truncation and padding are per-call settings the wrapper leaves on the backend, not identity.
+        backend = json.loads(tokenizer.backend_tokenizer.to_str())
+        backend.pop("truncation", None)
+        backend.pop("padding", None)
+        definition = json.dumps(backend, sort_keys=True)
+    else:
+        definition = repr(sorted(tokenizer.get_vocab().items()))
     specials = repr(sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items()))
     return {
         "name": tokenizer.name_or_path or "",
