@@ -1,5 +1,7 @@
 """Decoding state of a composed model: each base model keeps its own KV cache (the anchor's and the
-augmenting models' must never be shared), and each connection caches its projected keys and values."""
+augmenting models' must never be shared), and each connection caches its projected keys and values.
+Augmenting models with a tokenizer of their own also need the anchor ids so far (their text), each
+row's settled tokens, and which of their cached positions are real."""
 
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ class ComposedCache:
     augmenting: list[DynamicCache]
     keys: dict[str, torch.Tensor] = field(default_factory=dict)
     values: dict[str, torch.Tensor] = field(default_factory=dict)
+    anchor_ids: torch.Tensor | None = None  # cross-tokenizer only: every anchor id so far
+    rows: list | None = None  # cross-tokenizer only: calm_dist.alignment.RowState per row
+    augmenting_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # model k -> [batch, cached]
 
     def seq_length(self) -> int:
         return self.anchor.get_seq_length()

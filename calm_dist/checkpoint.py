@@ -1,7 +1,9 @@
 """Composition checkpoints: only the trained connection weights plus a JSON that names the base models.
 
 A checkpoint is a folder with `composition.safetensors` and `composition.json`. It never contains the
-frozen models; loading it onto the same base models gives back the composed model exactly.
+frozen models; loading it onto the same base models gives back the composed model exactly. A
+composition across tokenizers also records each model's tokenizer identity (name, size, hash of its
+definition): the trained connections mean nothing with another tokenizer, so loading refuses one.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from calm_dist.alignment import Aligner
 from calm_dist.architectures import model_dims
 from calm_dist.composed import ComposedModel
 from calm_dist.connections import Connection
@@ -56,6 +59,7 @@ def save_composition(
         ],
         "num_heads": model.num_heads,
         "dtype": str(model.composition_dtype).removeprefix("torch."),
+        **({"tokenizers": model.aligner.identities()} if model.aligner is not None else {}),
         **(extra or {}),
     }
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -95,10 +99,62 @@ def _check_dims(expected: dict, model: nn.Module, role: str, file: Path) -> None
             )
 
 
+def _check_tokenizers(manifest: dict, tokenizers: list | None, count: int, file: Path) -> Aligner | None:
+    """The aligner for the given tokenizers, if they are those the composition was trained with."""
+    recorded = manifest.get("tokenizers")
+    aligner = None
+    if tokenizers is not None:
+        if len(tokenizers) != count + 1 or tokenizers[0] is None:
+            raise CompositionError(f"tokenizers: give the anchor's and one per augmenting model ({count + 1} in "
+                                   f"all, None for one that shares the anchor's), got {len(tokenizers)}")
+        aligner = Aligner(tokenizers[0], tokenizers[1:])
+        aligner = aligner if aligner.cross else None
+    if recorded is None:
+        if aligner is not None:
+            raise CompositionError(
+                f"{file}: this composition was trained with every augmenting model reading the anchor's tokens, "
+                f"but augmenting model {aligner.cross[0]} was given a tokenizer of its own"
+            )
+        return None
+    if aligner is None:
+        raise CompositionError(
+            f"{file}: this composition was trained across tokenizers ({_describe(recorded)}): pass "
+            "tokenizers=[the anchor's, each augmenting model's] to load it"
+        )
+    given = aligner.identities()
+    roles = [("anchor", recorded["anchor"], given["anchor"])] + [
+        (f"augmenting model {k}", r, g) for k, (r, g) in enumerate(zip(recorded["augmenting"], given["augmenting"], strict=True))
+    ]
+    for role, want, got in roles:
+        if (want is None) != (got is None) or (want is not None and want["sha256"] != got["sha256"]):
+            raise CompositionError(
+                f"{file}: {role} was trained with the tokenizer {_name(want)} but is given {_name(got)}: "
+                "a composition trained with one tokenizer cannot be used with another"
+            )
+    return aligner
+
+
+def _name(identity: dict | None) -> str:
+    if identity is None:
+        return "of the anchor (shared)"
+    return f"{identity['name'] or 'unnamed'!r} ({identity['vocab_size']} tokens, sha256 {identity['sha256'][:12]})"
+
+
+def _describe(recorded: dict) -> str:
+    return ", ".join(f"augmenting model {k}: {_name(r)}" for k, r in enumerate(recorded["augmenting"]) if r is not None)
+
+
 def load_composition(
-    path: str | os.PathLike, anchor: nn.Module, augmenting: nn.Module | list[nn.Module]
+    path: str | os.PathLike,
+    anchor: nn.Module,
+    augmenting: nn.Module | list[nn.Module],
+    tokenizers: list | None = None,
 ) -> ComposedModel:
-    """Rebuild the composed model from a checkpoint and the (same) base models."""
+    """Rebuild the composed model from a checkpoint and the (same) base models.
+
+    tokenizers: [the anchor's, each augmenting model's (None: shares the anchor's)], required for a
+    composition trained across tokenizers and checked against the identities it recorded.
+    """
     path = Path(path)
     manifest = read_manifest(path)
     augmenting = [augmenting] if isinstance(augmenting, nn.Module) else list(augmenting)
@@ -111,12 +167,14 @@ def load_composition(
     _check_dims(manifest["anchor"], anchor, "anchor", file)
     for k, model in enumerate(augmenting):
         _check_dims(manifest["augmenting"][k], model, f"augmenting model {k}", file)
+    aligner = _check_tokenizers(manifest, tokenizers, len(augmenting), file)
     composed = ComposedModel(
         anchor,
         augmenting,
         [Connection(**c) for c in manifest["connections"]],
         num_heads=manifest["num_heads"],
         dtype=getattr(torch, manifest["dtype"]),
+        aligner=aligner,
     )
     try:
         state = load_file(path / WEIGHTS)

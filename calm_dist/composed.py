@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from calm_dist import connections as conn
+from calm_dist.alignment import Aligner, AugmentingView, RowState, settled_mask
 from calm_dist.architectures import ModelDims, backbone, decoder_layers, model_dims
 from calm_dist.cache import ComposedCache
 from calm_dist.connections import Connection
@@ -71,21 +72,35 @@ class ComposedModel(nn.Module):
         connections: Sequence[Connection],
         num_heads: int | None = None,
         dtype: torch.dtype = torch.float32,
+        aligner: Aligner | None = None,
     ):
         """augmenting: the models, or only their dimensions when their states are computed elsewhere
-        (then forward needs augmenting_states=)."""
+        (then forward needs augmenting_states=). aligner: the tokenizers, when some augmenting model
+        reads the text through a tokenizer of its own (calm_dist.alignment)."""
         super().__init__()
         external = [isinstance(m, ModelDims) for m in augmenting]
         if any(external) and not all(external):
             raise CompositionError("give all augmenting models as modules, or all as ModelDims")
         self.anchor_dims: ModelDims = model_dims(anchor)
         self.augmenting_dims: list[ModelDims] = [m if isinstance(m, ModelDims) else model_dims(m) for m in augmenting]
+        self.aligner = aligner if aligner is not None and aligner.cross else None
+        cross = self.aligner.cross if self.aligner is not None else []
+        if aligner is not None and len(aligner.augmenting) != len(augmenting):
+            raise CompositionError(f"{len(aligner.augmenting)} augmenting tokenizers for {len(augmenting)} augmenting models")
         for k, dims in enumerate(self.augmenting_dims):
+            if k in cross:
+                if len(self.aligner.augmenting[k]) > dims.vocab_size:
+                    raise CompositionError(
+                        f"augmenting model {k}'s tokenizer has {len(self.aligner.augmenting[k])} tokens but the "
+                        f"model's vocabulary only {dims.vocab_size}: it is not this model's tokenizer"
+                    )
+                continue
             if dims.vocab_size != self.anchor_dims.vocab_size:
                 raise CompositionError(
                     f"augmenting model {k} ({dims.model_type}) has a vocabulary of {dims.vocab_size} tokens "
                     f"but the anchor ({self.anchor_dims.model_type}) has {self.anchor_dims.vocab_size}: "
-                    "composition needs a shared tokenizer (cross-tokenizer composition is not supported yet)"
+                    "give each model's tokenizer (compose(..., tokenizers=[anchor's, augmenting's])) to compose "
+                    "across tokenizers"
                 )
         conn.validate(connections, [d.num_layers for d in self.augmenting_dims], self.anchor_dims.num_layers)
         self.connections: list[Connection] = sorted(connections)
@@ -156,6 +171,7 @@ class ComposedModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: ComposedCache | None = None,
+        views: Sequence[AugmentingView | None] | None = None,
     ) -> dict[tuple[int, int], torch.Tensor]:
         """Hidden states of every connected augmenting layer, computed without autograd."""
         if not self.augmenting:
@@ -165,7 +181,8 @@ class ComposedModel(nn.Module):
             )
         return augmenting_states(
             list(self.augmenting), self.connections, input_ids, attention_mask, position_ids,
-            cache.augmenting if cache is not None else None,
+            cache.augmenting if cache is not None else None, views,
+            cache.augmenting_masks if cache is not None else None,
         )
 
     def forward(
@@ -175,11 +192,14 @@ class ComposedModel(nn.Module):
         labels: torch.Tensor | None = None,
         augmenting_states: AugmentingStates | None = None,
         cache: ComposedCache | None = None,
+        augmenting_views: Sequence[AugmentingView | None] | None = None,
     ) -> ComposedOutput:
         """Composed logits (and next-token loss if labels are given).
 
         With a cache, input_ids are only the new tokens and attention_mask covers past and new tokens,
-        as in Hugging Face models; the cache is updated in place.
+        as in Hugging Face models; the cache is updated in place. augmenting_views: for augmenting
+        models with a tokenizer of their own, their tokens and visibility (computed from input_ids by
+        the aligner when not given; the data pipeline gives them precomputed).
         """
         past = cache.seq_length() if cache is not None else 0
         length = input_ids.shape[1]
@@ -188,8 +208,20 @@ class ComposedModel(nn.Module):
                 input_ids.shape[0], past + length, dtype=torch.long, device=input_ids.device
             )
         position_ids = positions_from_mask(attention_mask)[:, -length:]
+        if self.aligner is not None and augmenting_views is None:
+            augmenting_views = self._align(input_ids, attention_mask, cache)
         if augmenting_states is None:
-            augmenting_states = self.augmenting_states(input_ids, attention_mask, position_ids, cache)
+            augmenting_states = self.augmenting_states(input_ids, attention_mask, position_ids, cache, augmenting_views)
+        views = list(augmenting_views or [])
+        views += [None] * (len(self.augmenting_dims) - len(views))
+        visible_masks = {}
+        for k, view in enumerate(views):
+            if view is not None:
+                past_mask = cache.augmenting_masks.get(k) if cache is not None else None
+                full = view.attention_mask if past_mask is None else torch.cat([past_mask, view.attention_mask], 1)
+                if cache is not None:
+                    cache.augmenting_masks[k] = full
+                visible_masks[k] = settled_mask(full, view.visible)
 
         keys_values = {}
         for c in self.connections:
@@ -200,7 +232,8 @@ class ComposedModel(nn.Module):
                 keys, values = cache.extend(c.name, keys, values)
             keys_values[c.name] = (keys, values)
 
-        allowed = cross_attention_mask(attention_mask, past, length)
+        shared = cross_attention_mask(attention_mask, past, length) if len(visible_masks) < len(views) else None
+        allowed = {k: visible_masks.get(k, shared) for k in range(len(views))}
 
         with self.attached():
             self._step = {"keys_values": keys_values, "allowed": allowed}
@@ -217,6 +250,18 @@ class ComposedModel(nn.Module):
                     self._step = None
         loss = next_token_loss(logits, labels) if labels is not None else None
         return ComposedOutput(logits=logits, loss=loss)
+
+    def _align(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: ComposedCache | None
+    ) -> list[AugmentingView | None]:
+        """Views of the cross-tokenizer augmenting models, from the anchor ids (and a cache's state)."""
+        if cache is None:
+            return self.aligner.step(input_ids, attention_mask, input_ids.shape[1], None)
+        all_ids = input_ids if cache.anchor_ids is None else torch.cat([cache.anchor_ids, input_ids], 1)
+        cache.anchor_ids = all_ids
+        if cache.rows is None:
+            cache.rows = [RowState(tokens=[[] for _ in self.augmenting_dims]) for _ in range(input_ids.shape[0])]
+        return self.aligner.step(all_ids, attention_mask, input_ids.shape[1], cache.rows)
 
     # ----------------------------------------------------------------------------------------------
     # Hooks
@@ -260,7 +305,7 @@ class ComposedModel(nn.Module):
         delta = None
         for c in at_layer:
             keys, values = self._step["keys_values"][c.name]
-            term = self.composition[c.name](hidden, keys, values, self._step["allowed"])
+            term = self.composition[c.name](hidden, keys, values, self._step["allowed"][c.augmenting])
             delta = term if delta is None else delta + term
         return hidden + delta.to(hidden.dtype)
 
@@ -293,11 +338,15 @@ def augmenting_states(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     caches: Sequence[DynamicCache] | None = None,
+    views: Sequence[AugmentingView | None] | None = None,
+    past_masks: Mapping[int, torch.Tensor] | None = None,
 ) -> dict[tuple[int, int], torch.Tensor]:
     """Hidden states of the connected layers of each augmenting model, without autograd.
 
     A free function so that augmenting models can run outside the composed model: on each worker
-    beside a ZeRO-sharded anchor (colocated), or on ranks of their own (pipelined).
+    beside a ZeRO-sharded anchor (colocated), or on ranks of their own (pipelined). views[k], when
+    given, holds model k's own tokens (a tokenizer of its own) in place of input_ids; past_masks[k]
+    then says which of its cached positions are real.
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -307,6 +356,11 @@ def augmenting_states(
     for k, model in enumerate(models):
         wanted = sorted({c.aug_layer for c in connections if c.augmenting == k})
         if not wanted:
+            continue
+        view = views[k] if views is not None else None
+        if view is not None:
+            _own_states(states, model, wanted, k, view, past_masks.get(k) if past_masks else None,
+                        caches[k] if caches is not None else None)
             continue
         layers = decoder_layers(model)
         handles = [layers[i].register_forward_hook(_capture(states, (k, i))) for i in wanted]
@@ -324,6 +378,34 @@ def augmenting_states(
     return states
 
 
+def _own_states(states: dict, model: nn.Module, wanted: list[int], k: int, view: AugmentingView,
+                past_mask: torch.Tensor | None, cache: DynamicCache | None) -> None:
+    """Connected states of augmenting model k over its own new tokens (possibly none this step)."""
+    ids = view.input_ids
+    if ids.shape[1] == 0:
+        dims = model_dims(model)
+        empty = torch.zeros(ids.shape[0], 0, dims.hidden_size, dtype=next(model.parameters()).dtype, device=ids.device)
+        states.update({(k, i): empty for i in wanted})
+        return
+    mask = view.attention_mask if past_mask is None else torch.cat([past_mask, view.attention_mask], 1)
+    layers = decoder_layers(model)
+    handles = [layers[i].register_forward_hook(_capture(states, (k, i))) for i in wanted]
+    try:
+        backbone(model)(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions_from_mask(mask)[:, -ids.shape[1]:],
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    real = view.attention_mask.bool()[..., None]
+    for i in wanted:  # a padding slot may hold anything, NaN included; keys of 0 are harmless
+        states[(k, i)] = torch.where(real, states[(k, i)], 0)
+
+
 def _capture(store: dict, key: tuple[int, int]):
     def hook(module, args, output):
         store[key] = output[0] if isinstance(output, tuple) else output
@@ -338,10 +420,23 @@ def compose(
     every_n: int = 4,
     num_heads: int | None = None,
     dtype: torch.dtype = torch.float32,
+    tokenizers: Sequence[PreTrainedTokenizerBase | None] | None = None,
 ) -> ComposedModel:
-    """Compose models, connecting every `every_n`-th augmenting layer unless connections are given."""
+    """Compose models, connecting every `every_n`-th augmenting layer unless connections are given.
+
+    tokenizers: [the anchor's, augmenting model 0's, ...] when some augmenting model has a tokenizer
+    of its own (None, or the anchor's tokenizer, for one that reads the anchor's token ids).
+    """
     if isinstance(augmenting, nn.Module):
         augmenting = [augmenting]
+    aligner = None
+    if tokenizers is not None:
+        if len(tokenizers) != len(augmenting) + 1 or tokenizers[0] is None:
+            raise CompositionError(
+                f"tokenizers: give the anchor's tokenizer and one per augmenting model ({len(augmenting) + 1} "
+                f"in all, None for a model that shares the anchor's), got {len(tokenizers)}"
+            )
+        aligner = Aligner(tokenizers[0], tokenizers[1:])
     if connections is None:
         anchor_layers = len(decoder_layers(anchor))
         connections = [
@@ -349,4 +444,4 @@ def compose(
             for k, model in enumerate(augmenting)
             for c in conn.every_n(len(decoder_layers(model)), anchor_layers, every_n, augmenting=k)
         ]
-    return ComposedModel(anchor, augmenting, connections, num_heads=num_heads, dtype=dtype)
+    return ComposedModel(anchor, augmenting, connections, num_heads=num_heads, dtype=dtype, aligner=aligner)

@@ -90,6 +90,8 @@ class CrossAttention(nn.Module):
         causal attention over equally long sequences (the fast kernel). A query that may see no key at
         all (a left-padding position) gets output 0 rather than the NaN of an empty softmax.
         """
+        if keys.shape[2] == 0:  # cross-tokenizer decoding before any augmenting token is settled
+            return anchor_states.new_zeros(anchor_states.shape, dtype=self.q.weight.dtype)
         query = self._split_heads(self.q(_rms(anchor_states.to(self.q.weight.dtype), self.eps)))
         if allowed is None:
             attended = F.scaled_dot_product_attention(query, keys, values, is_causal=True)

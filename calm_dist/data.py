@@ -20,6 +20,8 @@ import pyarrow
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from calm_dist.alignment import Aligner, batch_key, collate_views
+
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value that the loss skips (prompt tokens and padding)
@@ -157,6 +159,7 @@ def tokenize_records(
     prompt_field: str | None = None,
     completion_field: str | None = None,
     add_eos: bool = True,
+    aligner: Aligner | None = None,
 ) -> datasets.Dataset:
     """A dataset of `input_ids` and `labels` (int32 lists), one row per kept record, in record order.
 
@@ -168,6 +171,10 @@ def tokenize_records(
     Sequences longer than `max_length` lose their end. A record left with nothing to predict (its
     completion truncated away, or fewer than two tokens) is dropped, and the number dropped is logged;
     if none is left, DataError. The result is held in memory: nothing is written next to the source.
+
+    With an aligner whose augmenting model k has a tokenizer of its own, each row also holds that
+    model's settled tokens of the row's text and, per anchor position, how many it sees
+    (`augmenting{k}_input_ids`, `augmenting{k}_visible`; calm_dist.alignment).
     """
     check_fields(dataset, "the dataset", text_field=text_field, prompt_field=prompt_field,
                  completion_field=completion_field)
@@ -178,6 +185,8 @@ def tokenize_records(
         raise DataError("add_eos is set but the tokenizer has no eos token")
     eos = [tokenizer.eos_token_id] if add_eos else []
     fields = [text_field] if text_field is not None else [prompt_field, completion_field]
+    cross = aligner.cross if aligner is not None else []
+    tokenizers = "" if not cross else str(aligner.identities())
 
     def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list[list[int]]]:
         for field in fields:
@@ -187,6 +196,8 @@ def tokenize_records(
         # verbose=False: the "longer than model_max_length" warning is moot, truncation comes below.
         pieces = [tokenizer(batch[f], add_special_tokens=False, verbose=False)["input_ids"] for f in fields]
         out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
+        for k in cross:
+            out[batch_key(k, "input_ids")], out[batch_key(k, "visible")] = [], []
         for parts in zip(*pieces, strict=True):
             masked = len(bos) + len(parts[0]) if prompt_field is not None else 0
             ids = (bos + [t for part in parts for t in part] + eos)[:max_length]
@@ -194,10 +205,14 @@ def tokenize_records(
             if any(label != IGNORE_INDEX for label in labels[1:]):
                 out["input_ids"].append(ids)
                 out["labels"].append(labels)
+                for k, (aug_ids, visible) in (aligner.align_ids(ids) if cross else {}).items():
+                    out[batch_key(k, "input_ids")].append(aug_ids)
+                    out[batch_key(k, "visible")].append(visible)
         return out
 
     token_list = datasets.List(datasets.Value("int32"))
-    features = datasets.Features({"input_ids": token_list, "labels": token_list})
+    features = datasets.Features({"input_ids": token_list, "labels": token_list,
+                                  **{batch_key(k, name): token_list for k in cross for name in ("input_ids", "visible")}})
     tokenized = dataset.map(
         encode, batched=True, with_indices=True, remove_columns=dataset.column_names, features=features,
         keep_in_memory=True, load_from_cache_file=False, desc="tokenizing",
@@ -205,7 +220,7 @@ def tokenize_records(
         # which is slow and, in Ray workers, dumps bytecode into the logs.
         new_fingerprint=hashlib.sha256(
             f"{dataset._fingerprint}/{max_length}/{text_field}/{prompt_field}/{completion_field}/{add_eos}/"
-            f"{tokenizer.name_or_path}/{len(tokenizer)}".encode()
+            f"{tokenizer.name_or_path}/{len(tokenizer)}/{tokenizers}".encode()
         ).hexdigest()[:32],
     )
     dropped = len(dataset) - len(tokenized)
@@ -221,10 +236,14 @@ def tokenize_records(
 # Batches
 
 
-def collate(examples: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate(
+    examples: Sequence[Mapping[str, Any]], pad_token_id: int, augmenting_pad_ids: Sequence[int] = ()
+) -> dict[str, torch.Tensor]:
     """Right-pads `input_ids` (and `labels`, with -100) to the longest example; int64 tensors [B, L].
 
     `labels` are optional (evaluation prompts may have none) but must be given for all examples or none.
+    Augmenting tokens of models with a tokenizer of their own (tokenize_records with an aligner) are
+    padded with augmenting_pad_ids[k] and come with their attention mask and visibility.
     """
     if not examples:
         raise ValueError("collate needs at least one example")
@@ -246,6 +265,8 @@ def collate(examples: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[st
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     if with_labels[0]:
         batch["labels"] = labels
+    if augmenting_pad_ids:
+        batch.update(collate_views(examples, len(augmenting_pad_ids), augmenting_pad_ids, length))
     return batch
 
 
@@ -275,6 +296,7 @@ class ShardedBatches:
         pad_token_id: int,
         shuffle: bool = True,
         drop_last: bool = True,
+        augmenting_pad_ids: Sequence[int] = (),
     ):
         if micro_batch_size < 1 or world_size < 1:
             raise ValueError(f"micro_batch_size={micro_batch_size} and world_size={world_size} must be >= 1")
@@ -286,6 +308,7 @@ class ShardedBatches:
         self.world_size = world_size
         self.seed = seed
         self.pad_token_id = pad_token_id
+        self.augmenting_pad_ids = list(augmenting_pad_ids)
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.num_samples = len(dataset)
@@ -327,8 +350,8 @@ class ShardedBatches:
 
     def _examples(self, indices: list[int]) -> list[Mapping[str, Any]]:
         if isinstance(self.dataset, datasets.Dataset):
-            # One Arrow read per batch rather than one per record, of the two columns collate uses.
-            wanted = [c for c in ("input_ids", "labels") if c in self.dataset.column_names]
+            # One Arrow read per batch rather than one per record, of the columns collate uses.
+            wanted = [c for c in self.dataset.column_names if c in ("input_ids", "labels") or c.startswith("augmenting")]
             columns = self.dataset.select_columns(wanted)[indices]
             rows = zip(*columns.values(), strict=True)
             return [dict(zip(columns, values, strict=True)) for values in rows]
@@ -341,7 +364,7 @@ class ShardedBatches:
             self.next_batch += 1
             if self.next_batch == self.batches_per_epoch:
                 self.epoch, self.next_batch = self.epoch + 1, 0
-            yield collate(self._examples(indices), self.pad_token_id)
+            yield collate(self._examples(indices), self.pad_token_id, self.augmenting_pad_ids)
 
     def state_dict(self) -> dict[str, int]:
         """The next micro-batch to be yielded, and the sharding it belongs to."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from calm_dist.alignment import views_from_batch
 from calm_dist.train_loop import StatesFor, global_sum
 
 
@@ -17,7 +18,7 @@ def eval_loss(engine, batches: list[dict[str, torch.Tensor]], states_for: States
     total, count = 0.0, 0
     for batch in batches:
         loss = engine(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
-                      augmenting_states=states_for(batch)).loss
+                      augmenting_states=states_for(batch), augmenting_views=views_from_batch(batch)).loss
         predicted = int((batch["labels"][:, 1:] != -100).sum())
         total += loss.item() * predicted
         count += predicted
@@ -36,9 +37,14 @@ def greedy_completions(
     for row, prompt in enumerate(prompts):  # left padding: new tokens go on the right
         ids[row, width - len(prompt):] = torch.tensor(prompt)
         mask[row, width - len(prompt):] = 1
+    # Augmenting models with a tokenizer of their own read the text of the tokens so far.
+    aligner = getattr(getattr(engine, "module", engine), "aligner", None)
     for _ in range(max_new_tokens):
         batch = {"input_ids": ids, "attention_mask": mask}
-        logits = engine(ids, mask, augmenting_states=states_for(batch)).logits[:, -1]
+        if aligner is not None:
+            batch = aligner.extend_batch(batch)
+        logits = engine(ids, mask, augmenting_states=states_for(batch),
+                        augmenting_views=views_from_batch(batch)).logits[:, -1]
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     completions = []

@@ -6,7 +6,9 @@ sees exactly them, and gives all A + G ranks a separate gloo group for the excha
 A+g holds the frozen augmenting models and serves the anchor ranks a with a % G == g. The protocol,
 point-to-point over the exchange group:
 
-    anchor -> server: header int64 [op, batch, length], then input_ids and attention_mask (int64)
+    anchor -> server: header int64 [op, batch, length], then input_ids and attention_mask (int64),
+                      then int64 [number of augmenting models]: the width of model k's own tokens
+                      (-1 where it reads the anchor's), and each such model's tokens and mask
     server -> anchor: the hidden state of every connected augmenting layer, in a fixed order
 
 op is STATES (compute), BARRIER (the anchor is about to report a checkpoint to Ray Train, which every
@@ -29,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from calm_dist.alignment import AugmentingView, views_from_batch
 from calm_dist.composed import augmenting_states
 from calm_dist.connections import Connection
 
@@ -129,7 +132,9 @@ class AugmentingServer:
                 mask = torch.empty_like(ids)
                 self.exchange.recv([ids], client, 0).wait()
                 self.exchange.recv([mask], client, 0).wait()
-                states = augmenting_states(self.models, self.connections, ids.to(self.device), mask.to(self.device))
+                views = self._receive_views(client, batch)
+                states = augmenting_states(self.models, self.connections, ids.to(self.device), mask.to(self.device),
+                                           views=views)
                 for key in self.keys:
                     tensor = states[key].contiguous().cpu()  # the exchange group is gloo, on the CPU
                     sends.append((self.exchange.send([_wire(tensor)], client, 0), tensor))
@@ -146,6 +151,21 @@ class AugmentingServer:
         for handle, _ in sends:
             handle.wait()
         return answered
+
+    def _receive_views(self, client: int, batch: int) -> list[AugmentingView | None]:
+        """Tokens of the models with a tokenizer of their own; their visibility stays on the anchor."""
+        widths = torch.empty(len(self.models), dtype=torch.long)
+        self.exchange.recv([widths], client, 0).wait()
+        views: list[AugmentingView | None] = []
+        for width in widths.tolist():
+            if width < 0:
+                views.append(None)
+                continue
+            ids, mask = torch.empty(batch, width, dtype=torch.long), torch.empty(batch, width, dtype=torch.long)
+            self.exchange.recv([ids], client, 0).wait()
+            self.exchange.recv([mask], client, 0).wait()
+            views.append(AugmentingView(ids.to(self.device), mask.to(self.device), torch.empty(0)))
+        return views
 
 
 @dataclass
@@ -170,14 +190,21 @@ class AugmentingClient:
     def _send_header(self, op: int, batch: int = 0, length: int = 0) -> None:
         self.exchange.send([torch.tensor([op, batch, length], dtype=torch.long)], self.server, 0).wait()
 
-    def request(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> _Pending:
+    def request(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                views: list[AugmentingView | None] | None = None) -> _Pending:
         batch, length = input_ids.shape
         ids, mask = input_ids.cpu().long().contiguous(), attention_mask.cpu().long().contiguous()
         header = torch.tensor([STATES, batch, length], dtype=torch.long)
-        sends = [self.exchange.send([tensor], self.server, 0) for tensor in (header, ids, mask)]
-        buffers = {key: torch.empty(batch, length, self.widths[key[0]], dtype=self.dtypes[key[0]]) for key in self.keys}
+        views = list(views or []) + [None] * (len(self.widths) - len(views or []))
+        own = [(v.input_ids.cpu().long().contiguous(), v.attention_mask.cpu().long().contiguous())
+               if v is not None else None for v in views]
+        lengths = torch.tensor([-1 if o is None else o[0].shape[1] for o in own], dtype=torch.long)
+        tensors = (header, ids, mask, lengths, *(t for o in own if o is not None for t in o))
+        sends = [self.exchange.send([tensor], self.server, 0) for tensor in tensors]
+        buffers = {key: torch.empty(batch, length if own[key[0]] is None else own[key[0]][0].shape[1],
+                                    self.widths[key[0]], dtype=self.dtypes[key[0]]) for key in self.keys}
         receives = [self.exchange.recv([_wire(buffers[key])], self.server, 0) for key in self.keys]
-        return _Pending(receives, buffers, sends, (header, ids, mask))
+        return _Pending(receives, buffers, sends, tensors)
 
     def wait(self, pending: _Pending) -> dict[tuple[int, int], torch.Tensor]:
         for handle in (*pending.receives, *pending.sends):
@@ -187,7 +214,7 @@ class AugmentingClient:
     def states_for(self, batch: dict) -> dict[tuple[int, int], torch.Tensor]:
         pending = batch.get("_pending")
         if pending is None:
-            pending = self.request(batch["input_ids"], batch["attention_mask"])
+            pending = self.request(batch["input_ids"], batch["attention_mask"], views_from_batch(batch))
         return self.wait(pending)
 
     def prefetched(self, batches: Iterator[dict], data_state: Callable[[], dict]) -> Iterator[dict]:
@@ -198,7 +225,7 @@ class AugmentingClient:
         while True:
             while len(queue) <= self.prefetch:
                 batch = next(batches)
-                batch["_pending"] = self.request(batch["input_ids"], batch["attention_mask"])
+                batch["_pending"] = self.request(batch["input_ids"], batch["attention_mask"], views_from_batch(batch))
                 queue.append((batch, data_state()))
             batch, state = queue.popleft()
             self.consumed_data_state = state

@@ -1,4 +1,5 @@
-"""A character-level tokenizer built in memory, for the tiny models of calm_dist.tiny.
+"""Tokenizers built in memory, for the tiny models of calm_dist.tiny: a character-level one, and
+subword ones trained on generated text (for cross-tokenizer composition).
 
 Nothing can be downloaded in tests or the demo, so the tokenizer is built here rather than fetched.
 One character is one token, which keeps arithmetic-style toy data (`12+7=19`) exactly reversible.
@@ -6,9 +7,11 @@ One character is one token, which keeps arithmetic-style toy data (`12+7=19`) ex
 
 from __future__ import annotations
 
+import random
 import string
+from collections.abc import Iterable
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 # Ids 0, 1, 2 are the pad, bos and eos ids of every config in calm_dist.tiny.
@@ -56,3 +59,61 @@ def tiny_tokenizer(vocab_size: int = 128, *, padding_side: str = "right") -> Pre
         clean_up_tokenization_spaces=False,
         **SPECIAL_TOKENS,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Subword tokenizers trained here, for cross-tokenizer composition in tests, benchmarks and demos
+
+
+def trained_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A real subword tokenizer trained on `texts` with the `tokenizers` library (no download).
+
+    kind: "bpe" (byte-level BPE with a GPT-2 style regex split, spaces attached to the next word),
+    "unigram" (SentencePiece-style Unigram with a Metaspace pre-tokenizer) or "wordpiece" (BERT-style,
+    whitespace and punctuation split). Ids 0..3 are <pad>, <s>, </s>, <unk>, as in tiny_tokenizer.
+    """
+    specials = list(SPECIAL_TOKENS.values())
+    if kind == "bpe":
+        backend = Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    elif kind == "unigram":
+        backend = Tokenizer(models.Unigram())
+        backend.pre_tokenizer = pre_tokenizers.Metaspace()
+        backend.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                          unk_token=SPECIAL_TOKENS["unk_token"], show_progress=False)
+    elif kind == "wordpiece":
+        backend = Tokenizer(models.WordPiece(unk_token=SPECIAL_TOKENS["unk_token"]))
+        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        backend.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    else:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; choose bpe, unigram or wordpiece")
+    backend.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=MODEL_MAX_LENGTH,
+                                   clean_up_tokenization_spaces=False, **SPECIAL_TOKENS)
+
+
+_SYLLABLES = ("ka", "zu", "mo", "ri", "te", "lan", "vor", "qis", "bel", "dro", "sha", "nix", "ul", "epi", "ost")
+
+
+def sample_texts(count: int, seed: int = 0, words: tuple[int, int] = (3, 12)) -> list[str]:
+    """Generated text: made-up words, numbers and arithmetic, so that subword tokenizers learn merges
+    that split words differently from one another."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(count):
+        pieces = []
+        for _ in range(rng.randint(*words)):
+            roll = rng.random()
+            if roll < 0.6:
+                pieces.append("".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4))))
+            elif roll < 0.8:
+                pieces.append(str(rng.randint(0, 999)))
+            else:
+                pieces.append(rng.choice("+-*=.,:;?"))
+        texts.append(" ".join(pieces))
+    return texts

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from calm_dist.alignment import views_from_batch
+
 StatesFor = Callable[[dict[str, torch.Tensor]], dict]
 
 
@@ -62,7 +64,8 @@ def run(
             # their module hooks, in transformers versions that checkpoint __call__ rather than forward).
             with engine.module.attached():
                 loss = engine(
-                    batch["input_ids"], batch["attention_mask"], labels=batch["labels"], augmenting_states=states
+                    batch["input_ids"], batch["attention_mask"], labels=batch["labels"], augmenting_states=states,
+                    augmenting_views=views_from_batch(batch),
                 ).loss
                 engine.backward(loss)
             engine.step()  # DeepSpeed applies the update only at the accumulation boundary

@@ -30,12 +30,22 @@ class ModelSpec(Strict):
     path: str = Field(description="a local Hugging Face model folder")
     dtype: Dtype = "bfloat16"
     trust_remote_code: bool = False
+    tokenizer: str | None = Field(
+        None, description="augmenting models only: the folder of the model's own tokenizer (often its path), "
+        "to compose across tokenizers; default: the model reads the anchor's tokens"
+    )
 
 
 class ModelsConfig(Strict):
     anchor: ModelSpec
     augmenting: list[ModelSpec] = Field(min_length=1)
     tokenizer: str | None = Field(None, description="tokenizer folder; default: the anchor's folder")
+
+    @model_validator(mode="after")
+    def _anchor_tokenizer_in_one_place(self) -> ModelsConfig:
+        if self.anchor.tokenizer is not None:
+            raise ValueError("models.anchor.tokenizer: the anchor's tokenizer is models.tokenizer")
+        return self
 
 
 class CompositionConfig(Strict):
@@ -201,8 +211,10 @@ def _resolve_paths(raw: dict, base: Path) -> None:
     models = raw.get("models")
     if isinstance(models, dict):
         for spec in [models.get("anchor"), *(models.get("augmenting") or [])]:
-            if isinstance(spec, dict) and "path" in spec:
-                spec["path"] = fix(spec["path"])
+            if isinstance(spec, dict):
+                for key in ("path", "tokenizer"):
+                    if key in spec:
+                        spec[key] = fix(spec[key])
     for keys in _PATH_KEYS:
         node = raw
         for key in keys[:-1]:

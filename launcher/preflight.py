@@ -48,6 +48,7 @@ class PreflightReport:
     eval_records: int | None
     placement: str
     total_workers: int
+    own_tokenizers: tuple[int | None, ...] = ()  # per augmenting model: its own tokenizer's size, or None
 
 
 def preflight(config: TrainConfig, *, address_timeout: float = ADDRESS_TIMEOUT_S) -> PreflightReport:
@@ -58,22 +59,24 @@ def preflight(config: TrainConfig, *, address_timeout: float = ADDRESS_TIMEOUT_S
         _read_model(spec, f"models.augmenting.{k}.path") for k, spec in enumerate(config.models.augmenting)
     ]
     for k, (spec, dims) in enumerate(zip(config.models.augmenting, augmenting, strict=True)):
-        if dims.vocab_size != anchor.vocab_size:
+        if dims.vocab_size != anchor.vocab_size and spec.tokenizer is None:
             raise ConfigError(
                 f"models.augmenting.{k}.path: {spec.path} has a vocabulary of {dims.vocab_size} tokens but the "
                 f"anchor (models.anchor.path: {config.models.anchor.path}) has {anchor.vocab_size}: "
                 "composition needs models that share a tokenizer"
             )
-    _check_tokenizer(config, anchor)
+    anchor_tokenizer = _check_tokenizer(config, anchor)
     connections = resolve_connections(config, anchor, augmenting)
     num_heads = _check_heads(config, anchor)
-    train_records = _count_records(config, "train")
+    records = _records(config, "train")
+    train_records = len(records)
+    own_tokenizers = _check_own_tokenizers(config, augmenting, anchor_tokenizer, records)
     if train_records < config.training.global_batch_size:
         raise ConfigError(
             f"data.train: {config.data.train} has {train_records} records, fewer than "
             f"training.global_batch_size={config.training.global_batch_size} (one optimizer step)"
         )
-    eval_records = _count_records(config, "eval") if config.data.eval is not None else None
+    eval_records = len(_records(config, "eval")) if config.data.eval is not None else None
     total_workers = _check_workers(config)
     if config.ray.address is not None and config.ray.address not in ("auto", "local"):
         # "auto" finds a cluster on this machine through Ray's own files and "local" starts one: no
@@ -93,6 +96,7 @@ def preflight(config: TrainConfig, *, address_timeout: float = ADDRESS_TIMEOUT_S
         eval_records=eval_records,
         placement=config.placement.mode,
         total_workers=total_workers,
+        own_tokenizers=tuple(own_tokenizers),
     )
 
 
@@ -166,30 +170,69 @@ def _header_parameters(file: Path, key: str) -> int:
         raise ConfigError(f"{key}: {file} is not a readable safetensors file ({err})") from None
 
 
-def _check_tokenizer(config: TrainConfig, anchor: ModelDims) -> None:
+def _load_tokenizer(key: str, folder: Path, hint: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
-    if config.models.tokenizer is not None:
-        key, folder, hint = "models.tokenizer", Path(config.models.tokenizer), ""
-        if not folder.is_dir():
-            raise ConfigError(f"{key}: {folder}: no such folder")
-    else:
-        key, folder = "models.anchor.path", Path(config.models.anchor.path)
-        hint = "; set models.tokenizer to the folder that has them"
+    if not folder.is_dir():
+        raise ConfigError(f"{key}: {folder}: no such folder")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ConfigError(f"{key}: {folder} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}){hint}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=config.models.anchor.trust_remote_code)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as err:  # tokenizers fail in many types; all mean this folder cannot be used
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ConfigError(f"{key}: the tokenizer in {folder} cannot be loaded: {type(err).__name__}: "
                           f"{first_line}") from None
+
+
+def _check_tokenizer(config: TrainConfig, anchor: ModelDims):
+    if config.models.tokenizer is not None:
+        key, folder, hint = "models.tokenizer", Path(config.models.tokenizer), ""
+    else:
+        key, folder = "models.anchor.path", Path(config.models.anchor.path)
+        hint = "; set models.tokenizer to the folder that has them"
+    tokenizer = _load_tokenizer(key, folder, hint, config.models.anchor.trust_remote_code)
     if len(tokenizer) > anchor.vocab_size:
         # Ids past the embedding table crash every worker at the first batch.
         raise ConfigError(
             f"{key}: the tokenizer in {folder} has {len(tokenizer)} tokens but the anchor "
             f"(models.anchor.path: {config.models.anchor.path}) has a vocabulary of {anchor.vocab_size}"
         )
+    return tokenizer
+
+
+# Texts of the training data on which each own tokenizer must split words before whitespace for good.
+STABILITY_SAMPLES, STABILITY_CHARS = 16, 400
+
+
+def _check_own_tokenizers(config: TrainConfig, augmenting: list[ModelDims], anchor_tokenizer, records) -> list[int | None]:
+    """Tokenizers of augmenting models that read the text: loadable, fast (offsets), the model's size,
+    and never re-tokenizing settled words of the training data (calm_dist.alignment)."""
+    from calm_dist.alignment import AlignmentError, check_whitespace_stable, require_offsets
+
+    sizes: list[int | None] = []
+    data = config.data
+    fields = [data.text_field] if data.text_field else [data.prompt_field, data.completion_field]
+    texts = ["".join(str(records[i][f] or "") for f in fields)[:STABILITY_CHARS]
+             for i in range(min(STABILITY_SAMPLES, len(records)))]
+    for k, (spec, dims) in enumerate(zip(config.models.augmenting, augmenting, strict=True)):
+        if spec.tokenizer is None:
+            sizes.append(None)
+            continue
+        key = f"models.augmenting.{k}.tokenizer"
+        tokenizer = _load_tokenizer(key, Path(spec.tokenizer), "", spec.trust_remote_code)
+        if len(tokenizer) > dims.vocab_size:
+            raise ConfigError(f"{key}: the tokenizer in {spec.tokenizer} has {len(tokenizer)} tokens but the model "
+                              f"(models.augmenting.{k}.path: {spec.path}) has a vocabulary of {dims.vocab_size}")
+        try:
+            require_offsets(anchor_tokenizer, "anchor")
+            require_offsets(tokenizer, f"augmenting model {k}")
+            for i, text in enumerate(texts):
+                check_whitespace_stable(tokenizer, text, where=f"record {i} of {data.train}")
+        except AlignmentError as err:
+            raise ConfigError(f"{key}: {err}") from None
+        sizes.append(len(tokenizer))
+    return sizes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,7 +265,7 @@ def _check_heads(config: TrainConfig, anchor: ModelDims) -> int:
 # Data, workers, DeepSpeed
 
 
-def _count_records(config: TrainConfig, which: str) -> int:
+def _records(config: TrainConfig, which: str):
     from calm_dist.data import DataError, check_fields, load_records
 
     path = getattr(config.data, which)
@@ -235,7 +278,7 @@ def _count_records(config: TrainConfig, which: str) -> int:
                      completion_field=data.completion_field)
     except DataError as err:
         raise ConfigError(f"data.{which}: {err}") from None
-    return len(records)
+    return records
 
 
 def _check_workers(config: TrainConfig) -> int:
@@ -318,7 +361,9 @@ def describe(report: PreflightReport) -> str:
              + (f", {report.anchor_parameters:,} parameters" if report.anchor_parameters else "")]
     for k, dims in enumerate(report.augmenting):
         pairs = ", ".join(f"{c.aug_layer}->{c.anchor_layer}" for c in report.connections if c.augmenting == k)
-        lines.append(f"augmenting {k}:  {model(dims)}")
+        own = report.own_tokenizers[k] if k < len(report.own_tokenizers) else None
+        reads = f", its own tokenizer ({own:,} tokens)" if own is not None else ""
+        lines.append(f"augmenting {k}:  {model(dims)}{reads}")
         lines.append(f"  connections (its layer -> anchor layer): {pairs}")
     share = (f" ({100 * report.composition_parameters / report.anchor_parameters:.2f}% of the anchor)"
              if report.anchor_parameters else "")

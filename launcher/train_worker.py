@@ -21,6 +21,7 @@ def train_worker(loop_config: dict) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from calm_dist.alignment import Aligner, views_from_batch
     from calm_dist.architectures import dims_from_config
     from calm_dist.composed import ComposedModel, augmenting_states
     from calm_dist.data import ShardedBatches, load_records, tokenize_records
@@ -79,24 +80,29 @@ def train_worker(loop_config: dict) -> None:
                               trust_remote_code=spec.trust_remote_code)
     if config.deepspeed.activation_checkpointing:
         anchor.activation_checkpointing_enable({"use_reentrant": False})
+    tokenizer = AutoTokenizer.from_pretrained(config.models.tokenizer or spec.path)
+    # Augmenting models with a tokenizer of their own read the text (calm_dist.alignment).
+    own = [AutoTokenizer.from_pretrained(m.tokenizer) if m.tokenizer else None for m in config.models.augmenting]
+    aligner = Aligner(tokenizer, own) if any(t is not None for t in own) else None
+    aug_pads = [aligner.pad_id(k) if t is not None else 0 for k, t in enumerate(own)] if aligner else []
     composed = ComposedModel(anchor, [dims_from_config(c) for c in aug_configs], connections,
-                             num_heads=config.composition.num_heads, dtype=getattr(torch, config.composition.dtype))
+                             num_heads=config.composition.num_heads, dtype=getattr(torch, config.composition.dtype),
+                             aligner=aligner)
     schedule = lr_lambda(train.schedule.kind, train.schedule.warmup_steps, train.steps, train.schedule.min_lr_ratio)
     opt = train.optimizer
     engine, _, _ = build_engine(composed, ds_config, lr=opt.lr, weight_decay=opt.weight_decay, betas=opt.betas,
                                 eps=opt.eps, schedule=schedule)
 
-    tokenizer = AutoTokenizer.from_pretrained(config.models.tokenizer or spec.path)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     fields = dict(text_field=config.data.text_field, prompt_field=config.data.prompt_field,
                   completion_field=config.data.completion_field)
 
     def tokenized(records):
-        return tokenize_records(records, tokenizer, max_length=config.data.max_length, **fields)
+        return tokenize_records(records, tokenizer, max_length=config.data.max_length, aligner=aligner, **fields)
 
     batches = ShardedBatches(tokenized(load_records(config.data.train, config.data.split)),
                              micro_batch_size=train.micro_batch_size, rank=data_rank, world_size=data_world,
-                             seed=train.seed, pad_token_id=pad)
+                             seed=train.seed, pad_token_id=pad, augmenting_pad_ids=aug_pads)
     start_step = 0
     # After a worker died, Ray hands back the run's latest checkpoint; otherwise `calm train --resume`
     # names one.
@@ -121,13 +127,14 @@ def train_worker(loop_config: dict) -> None:
         augmenting = load_augmenting()
 
         def states_for(batch):
-            return augmenting_states(augmenting, connections, batch["input_ids"], batch["attention_mask"])
+            return augmenting_states(augmenting, connections, batch["input_ids"], batch["attention_mask"],
+                                     views=views_from_batch(batch))
 
     evaluate = None
     if config.data.eval and train.eval_every:
         eval_records = load_records(config.data.eval, config.data.split)
         evaluate = _evaluation(config, engine, tokenizer, eval_records, tokenized(eval_records), states_for,
-                               on_device, pad, data_rank, data_world)
+                               on_device, pad, data_rank, data_world, aug_pads)
 
     run_dir = Path(config.output_dir) / config.name
     board = ray.get_actor(loop_config["board"]) if loop_config.get("board") else None
@@ -160,7 +167,7 @@ def train_worker(loop_config: dict) -> None:
 
 
 def _evaluation(config: TrainConfig, engine, tokenizer, records, eval_set, states_for, on_device, pad: int,
-                data_rank: int, data_world: int):
+                data_rank: int, data_world: int, aug_pads: list[int]):
     """The evaluate() callback: held-out loss, plus exact match of greedy completions for
     prompt/completion data. Each anchor rank evaluates an equal share (ZeRO-3 needs lockstep)."""
     from calm_dist.data import ShardedBatches
@@ -169,7 +176,8 @@ def _evaluation(config: TrainConfig, engine, tokenizer, records, eval_set, state
     train = config.training
     eval_set = eval_set.select(range(min(len(eval_set), train.eval_samples)))
     eval_batches = ShardedBatches(eval_set, micro_batch_size=train.micro_batch_size, rank=data_rank,
-                                  world_size=data_world, seed=0, pad_token_id=pad, shuffle=False, drop_last=False)
+                                  world_size=data_world, seed=0, pad_token_id=pad, shuffle=False, drop_last=False,
+                                  augmenting_pad_ids=aug_pads)
     fixed = list(on_device(b for _, b in zip(range(eval_batches.batches_per_epoch), eval_batches, strict=False)))
 
     prompts, targets = [], []
