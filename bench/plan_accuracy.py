@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGET = 0.20
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
 # name: anchor layers x width, augmenting layers x width, vocabulary, micro batch x length
-SIZES = {"tiny": ((4, 512), (4, 256), 8192, (2, 128)), "small": ((8, 1024), (8, 512), 8192, (2, 256))}
+SIZES = {"tiny": ((4, 512), (4, 384), 16384, (2, 128)), "small": ((8, 1024), (8, 512), 8192, (2, 256))}
 CASES = [
     # size, mode, anchor workers, activation checkpointing
     ("tiny", "colocated", 1, False),

@@ -36,6 +36,12 @@ GPU_RUNTIME = int(1.5 * GIB)
 CPU_RUNTIME = int(0.7 * GIB)
 # Caching-allocator fragmentation on a GPU, as a share of the tensors' bytes.
 GPU_FRAGMENTATION = 0.05
+# Memory a worker takes once it trains, whatever the model: DeepSpeed's engine (its buffers and
+# hooks), autograd's and the kernels' scratch. On a CPU worker measured by bench/plan_accuracy.py
+# (55-65 MiB after the engine is built, 20-30 MiB more after the first step).
+ENGINE_WORKSPACE = {"gpu": 256 * 2**20, "cpu": 96 * 2**20}
+# An augmenting worker's exchange buffers and forward scratch (CPU: measured as above).
+EXCHANGE_WORKSPACE = {"gpu": 128 * 2**20, "cpu": 24 * 2**20}
 # DeepSpeed ZeRO-3 defaults (deepspeed/runtime/zero/config.py).
 PERSISTENCE_THRESHOLD = 100_000
 REDUCE_BUCKET_SIZE = 500_000_000
@@ -185,6 +191,11 @@ def anchor_terms(setup: TrainSetup) -> list[Term]:
         terms.append(Term("ZeRO-3 gathered working set", gathered,
                           "every large tensor gathered whole (the model is under stage3_max_live_parameters)" if whole
                           else f"{anchor_elements:,} anchor elements live (stage3_max_live_parameters + prefetch)"))
+        if not setup.gpu:
+            # gloo all-gathers into a flat staging tensor and copies out when done: the gathers in
+            # flight (prefetch_bucket_size ahead) exist twice. NCCL gathers in place.
+            staging = min(setup.prefetch_bucket_size, anchor_elements) * a.dtype_bytes
+            terms.append(Term("gloo all-gather staging", staging, "prefetched gathers in flight, held twice on CPU"))
 
     if setup.pipelined:
         received = (setup.prefetch + 1) * sum(
@@ -217,6 +228,9 @@ def anchor_terms(setup: TrainSetup) -> list[Term]:
                       else "every anchor layer above the lowest connection, and the cross-attentions"))
     logits = t * a.vocab * (a.dtype_bytes + 4 + 4)
     terms.append(Term("logits and loss", logits, f"{t:,} tokens x {a.vocab:,}: logits, fp32 copy, log-softmax"))
+    device = "gpu" if setup.gpu else "cpu"
+    terms.append(Term("engine and kernel workspace", ENGINE_WORKSPACE[device],
+                      "DeepSpeed's engine, autograd and kernel scratch (measured, whatever the model)"))
     return terms
 
 
@@ -260,6 +274,8 @@ def augmenting_terms(setup: TrainSetup) -> list[Term]:
         Term("augmenting forward (states kept, no autograd)", _augmenting_forward(setup), ""),
         Term("states in flight to anchor workers", 4 * served * states,
              f"sends to {served} anchor worker(s), at most 4 requests deep"),
+        Term("exchange and kernel workspace", EXCHANGE_WORKSPACE["gpu" if setup.gpu else "cpu"],
+             "gloo exchange buffers and forward scratch (measured, whatever the model)"),
     ]
 
 
@@ -296,9 +312,11 @@ class Suggestion:
     fits: bool
 
 
-def fit_suggestions(setup: TrainSetup, device_memory: int, max_workers: int = 4096) -> list[Suggestion]:
-    """Each single change that lowers the peak, with its new total; then all of them together."""
+def fit_suggestions(setup: TrainSetup, device_memory: int, max_workers: int | None = None) -> list[Suggestion]:
+    """Each single change that lowers the peak, with its new total; then all of them together. More
+    workers are tried up to `max_workers` (default 8x the config's)."""
     found: list[Suggestion] = []
+    max_workers = max_workers or 8 * setup.anchor_workers
 
     def add(change: str, changed: TrainSetup) -> None:
         total = peak(changed)
@@ -360,6 +378,7 @@ class MergeSetup:
     largest_input_itemsize: int
     output_itemsize: int
     chunk_elements: int  # from merge.plan.chunk_elements
+    largest_tensor: int  # elements of the largest output tensor
     block: int  # merge.methods.BLOCK
     out_buffers: int  # merge.plan.OUT_BUFFERS
     worker_runtime: int  # merge.plan.WORKER_OVERHEAD
@@ -373,7 +392,8 @@ class MergeSetup:
 
 def merge_terms(setup: MergeSetup) -> WorkerPlan:
     """Peak anonymous memory of one merge worker (mapped input pages are file-backed: listed apart)."""
-    chunk = setup.chunk_elements
+    # A buffer's pages are touched only as far as a chunk fills it: no further than the largest tensor.
+    chunk = min(setup.chunk_elements, setup.largest_tensor)
     terms = [
         Term("output chunk buffers", setup.out_buffers * chunk * setup.output_itemsize,
              f"{setup.out_buffers} chunks of {chunk:,} elements: computed, queued, being written"),
@@ -398,7 +418,7 @@ def loss_terms(setup: MergeSetup) -> WorkerPlan:
 
 def merge_mapped_pages(setup: MergeSetup) -> int:
     """Input pages mapped at once per worker: the chunk being computed and the one read ahead."""
-    return 2 * setup.chunk_elements * setup.inputs * setup.largest_input_itemsize
+    return 2 * min(setup.chunk_elements, setup.largest_tensor) * setup.inputs * setup.largest_input_itemsize
 
 
 def merge_seconds(setup: MergeSetup, read_bytes_per_s: float, write_bytes_per_s: float) -> float:

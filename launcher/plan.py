@@ -213,10 +213,11 @@ def merge_setup(cfg) -> tuple[MergeSetup, list]:
         inputs=len(checkpoints), input_bytes=max(input_bytes), output_bytes=sum(t.nbytes for t in tensors),
         largest_input_itemsize=max(ITEMSIZE[s.dtype] for t in tensors for s in t.sources),
         output_itemsize=max(ITEMSIZE[t.dtype] for t in tensors), chunk_elements=tasks[0].chunk_elems,
+        largest_tensor=max(t.numel for t in tensors),
         block=BLOCK, out_buffers=OUT_BUFFERS, worker_runtime=WORKER_OVERHEAD, workers=cfg.workers,
         max_shard_bytes=int(cfg.output.max_shard_size),
         loss_model_bytes=max(input_bytes) if spec else 0,
-        loss_workers=getattr(spec, "workers", 1) if spec else 1,
+        loss_workers=spec.workers if spec else 1,
         loss_tokens=spec.batch_size * spec.max_length if spec else 0, vocab=vocab,
     ), tasks
 
