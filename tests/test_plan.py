@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -137,12 +135,30 @@ def test_each_suggestion_reports_the_total_of_the_changed_config(big):
     assert not suggestions["deepspeed.offload_optimizer"].fits
 
 
-def plan_command(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher.cli", "plan", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+@dataclass
+class Done:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-def test_calm_plan_prints_the_fit_and_the_changes_that_would_make_it_fit():
+@pytest.fixture
+def plan_command(capsys, monkeypatch):
+    """`calm plan ARGS` in this process (run from the repository root): its exit code and output."""
+    from launcher.cli import main
+
+    monkeypatch.chdir(ROOT)
+
+    def run(*args: str) -> Done:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["plan", *args])
+        out = capsys.readouterr()
+        return Done(exit_info.value.code, out.out, out.err)
+
+    return run
+
+
+def test_calm_plan_prints_the_fit_and_the_changes_that_would_make_it_fit(plan_command):
     models = ["--set", "models.anchor.path=models/llama-3.1-70b", "--set", "models.augmenting.0.path=models/llama-3.1-8b"]
     fits = plan_command("configs/calm-70b-7b.yaml", "--device-memory", "80GB", *models)
     assert fits.returncode == 0, fits.stderr
@@ -193,7 +209,7 @@ def test_sizes_parse_in_decimal_and_binary_units():
 # Merge configs
 
 
-def test_calm_plan_on_a_merge_config_gives_worker_memory_disk_and_time(tmp_path):
+def test_calm_plan_on_a_merge_config_gives_worker_memory_disk_and_time(tmp_path, plan_command):
     from merge.plan import OUT_BUFFERS
     from merge.tiny import write_demo
 
@@ -205,3 +221,14 @@ def test_calm_plan_on_a_merge_config_gives_worker_memory_disk_and_time(tmp_path)
     assert done.returncode == 0, done.stderr
     assert "merge worker (peak anonymous memory)" in done.stdout and "loss worker" in done.stdout
     assert f"{OUT_BUFFERS} chunks of" in done.stdout and "at 100 MB/s (given)" in done.stdout
+
+
+def test_set_reaches_into_lists_by_index(tmp_path):
+    path = ROOT / "configs/calm-70b-7b.yaml"
+    config = load_config(path, {"models.augmenting.0.dtype": "float32"})
+    assert config.models.augmenting[0].dtype == "float32"
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {"models.augmenting.1.path": "x"})
+    assert str(info.value) == f"{path}: cannot set models.augmenting.1.path: models.augmenting has no item 1 (indices 0..0)"
+    with pytest.raises(ConfigError, match="models.augmenting is a list; give an index"):
+        load_config(path, {"models.augmenting.path": "x"})
