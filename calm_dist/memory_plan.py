@@ -64,10 +64,17 @@ class ModelShape:
     layer_parameters: int  # one decoder layer
     lm_head: int  # elements of the output embedding
     dtype_bytes: int
+    tied: bool = False  # the output embedding is the input embedding
 
     @property
     def bytes(self) -> int:
         return self.parameters * self.dtype_bytes
+
+    def resident_bytes(self, gpu: bool) -> int:
+        """An augmenting model's bytes in memory. Only its backbone runs; on a CPU its weights are
+        mapped from the safetensors file, so an untied LM head is never read and never resident."""
+        unread = 0 if gpu or self.tied else self.lm_head
+        return (self.parameters - unread) * self.dtype_bytes
 
 
 @dataclass(frozen=True)
@@ -203,8 +210,9 @@ def anchor_terms(setup: TrainSetup) -> list[Term]:
         terms.append(Term("augmenting states received", received,
                           f"{setup.prefetch + 1} micro-batches in flight (placement.prefetch + 1)"))
     else:
-        aug_bytes = sum(m.bytes for m in setup.augmenting)
-        terms.append(Term("augmenting models (a copy per worker)", aug_bytes, "colocated: frozen, no gradients"))
+        aug_bytes = sum(m.resident_bytes(setup.gpu) for m in setup.augmenting)
+        terms.append(Term("augmenting models (a copy per worker)", aug_bytes, "colocated: frozen, no gradients"
+                          + ("" if setup.gpu else "; LM head unread (weights mapped from the file)")))
         terms.append(Term("augmenting forward (states kept, no autograd)", _augmenting_forward(setup), ""))
 
     p_c, c = setup.composition_parameters, setup.composition_bytes
@@ -270,7 +278,8 @@ def augmenting_terms(setup: TrainSetup) -> list[Term]:
     served = -(-setup.anchor_workers // setup.augmenting_workers)
     states = sum(t * setup.augmenting[k].hidden * setup.augmenting[k].dtype_bytes for k, _ in _state_keys(setup))
     return [
-        Term("augmenting models", sum(m.bytes for m in setup.augmenting), "whole, frozen, no gradients"),
+        Term("augmenting models", sum(m.resident_bytes(setup.gpu) for m in setup.augmenting),
+             "whole, frozen, no gradients" + ("" if setup.gpu else "; LM head unread (weights mapped from the file)")),
         Term("augmenting forward (states kept, no autograd)", _augmenting_forward(setup), ""),
         Term("states in flight to anchor workers", 4 * served * states,
              f"sends to {served} anchor worker(s), at most 4 requests deep"),

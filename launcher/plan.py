@@ -91,6 +91,7 @@ def model_shape(path: str, dtype: str, trust_remote_code: bool = False) -> Model
         kv_width=kv_heads * head_dim, vocab=config.vocab_size,
         layer_parameters=sum(p.numel() for p in layer.parameters()),
         lm_head=head.weight.numel() if head is not None else 0, dtype_bytes=DTYPE_BYTES[dtype],
+        tied=head is not None and head.weight is model.get_input_embeddings().weight,
     )
 
 
