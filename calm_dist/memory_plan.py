@@ -18,6 +18,8 @@ activation, the logits and the loss are alive at once):
   and output, and the MLP's gate, up and SiLU output. With activation checkpointing a layer keeps only
   its input, and backward recomputes one layer at a time;
 - logits and their loss: the logits, the fp32 copy the loss takes, and log-softmax's output;
+- DeepSpeed's engine and the kernels' scratch, a measured constant; on CPU workers (gloo) also the
+  all-gather staging copies;
 - a stated runtime allowance: what the process holds before any model (CUDA context and
   communication buffers on a GPU; interpreter, torch, DeepSpeed and Ray on a CPU), plus allocator
   fragmentation as a share of everything else.

@@ -102,7 +102,7 @@ def train_setup(config: TrainConfig, gpu: bool | None = None) -> TrainSetup:
     anchor = model_shape(config.models.anchor.path, config.models.anchor.dtype, config.models.anchor.trust_remote_code)
     augmenting = tuple(model_shape(m.path, m.dtype, m.trust_remote_code) for m in config.models.augmenting)
     connections = sorted(connections_for(config.composition, anchor.layers, [m.layers for m in augmenting]))
-    width, heads = anchor.hidden, config.composition.num_heads or anchor.heads
+    width = anchor.hidden
     sizes: list[int] = []
     per_connection = []
     for c in connections:
@@ -110,7 +110,6 @@ def train_setup(config: TrainConfig, gpu: bool | None = None) -> TrainSetup:
         # f_proj weight and bias, keys+values, q, out: the tensors of calm_dist.cross_attention.
         sizes += [width * aug, width, 2 * width * width, width * width, width * width]
         per_connection.append(CrossAttention.parameter_count(aug, width))
-    del heads
     zero = config.deepspeed.extra.get("zero_optimization", {})
     return TrainSetup(
         anchor=anchor, augmenting=augmenting,
