@@ -3,11 +3,13 @@
 For each case it computes the plan (launcher.plan, from the model configs alone) and measures the
 same run, then compares the two per worker; target: every case within 20 %.
 
-What is measured, per worker process: the peak of its resident anonymous memory (RssAnon, sampled
-every millisecond by a thread of the worker) minus its baseline, RssAnon after imports, the process
+What is measured, per training worker process: the peak of its resident memory (VmRSS, sampled
+every millisecond by a thread of the worker) minus its baseline, VmRSS after imports, the process
 group and DeepSpeed are set up and before any model tensor exists. That is the memory the run's
-tensors take on top of the runtime. File-backed pages (the memory-mapped safetensors being read) are
-not anonymous and are not counted: the kernel drops them under pressure. Workers run with
+tensors take on top of the runtime; it includes file-backed pages, because transformers maps an
+augmenting model's weights straight from its safetensors file (pages never read, such as its unused
+LM head, are not resident). For merges, the peak of RssAnon (anonymous memory) above the baseline:
+a merge maps its inputs and releases each chunk's pages, which the plan lists apart. Workers run with
 MALLOC_MMAP_THRESHOLD_=1MiB, so glibc returns freed tensors of 1 MiB or more to the system at once and
 RSS follows the live tensors (as a GPU's max_memory_allocated does) rather than what the heap kept.
 What is predicted: the plan's total minus its stated runtime allowance. The baseline is printed
@@ -16,7 +18,8 @@ beside the allowance (the runtime allowance the plan states for a CPU worker).
 Training cases run the calls a `calm train` worker makes (bench/plan_worker.py under torchrun: the
 partitioned anchor, the composed model, the DeepSpeed engine, calm_dist.train_loop, and in pipelined
 mode an augmenting rank serving states), for 3 steps. Merge cases run `calm merge` in a subprocess
-whose RssAnon is sampled the same way; its baseline is a process that imports the same modules.
+sampled the same way from outside; its baseline is a process that imports the same modules. The
+plan's measured constants (engine and exchange workspaces) were set from these runs.
 
     .venv/bin/python bench/plan_accuracy.py [--only small-colocated-2] [--workdir /tmp/calm-plan-bench]
 """
@@ -222,7 +225,8 @@ def main() -> None:
         results += merge_cases(args.workdir)
     errors = [w["error"] for r in results for w in r["workers"]]
     print(json.dumps({
-        "measured": "peak RssAnon minus the runtime's baseline, per worker process (MALLOC_MMAP_THRESHOLD_=1MiB)",
+        "measured": "peak VmRSS (training) or RssAnon (merges) minus the runtime's baseline, per worker process "
+                    "(MALLOC_MMAP_THRESHOLD_=1MiB)",
         "predicted": "calm plan's total minus its runtime allowance",
         "load_average": os.getloadavg()[0],
         "cases": results,
