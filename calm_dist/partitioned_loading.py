@@ -58,8 +58,10 @@ def load_partitioned(
     dtype: torch.dtype,
     group: dist.ProcessGroup | None = None,
     trust_remote_code: bool = False,
+    auto_class: type = AutoModelForCausalLM,
 ) -> nn.Module:
-    """A frozen causal LM whose parameters are ZeRO-3 partitions over `group`, filled from `path`."""
+    """A frozen model (a causal LM unless `auto_class` says otherwise, e.g. AutoModel for an embedding
+    model) whose parameters are ZeRO-3 partitions over `group`, filled from `path`."""
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if dtype not in (torch.float32, torch.bfloat16):
         raise CompositionError(f"{path}: partitioned loading supports float32 and bfloat16, not {dtype}")
@@ -70,7 +72,7 @@ def load_partitioned(
     init_config = {k: v for k, v in ds_config.items() if k not in ("train_batch_size", "gradient_accumulation_steps")}
     init_config.update(bf16={"enabled": dtype == torch.bfloat16}, fp16={"enabled": False})
     with deepspeed.zero.Init(data_parallel_group=group, config_dict_or_path=init_config), no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = auto_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.requires_grad_(False).eval()
 
     files = checkpoint_files(path)

@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("launcher.train", "train a composition: Ray Train workers running DeepSpeed ZeRO-3"),
     "submit": ("launcher.submit", "submit a training config as a job to a Ray cluster"),
     "merge": ("merge.cli", "build an LM-Cocktail blend by streaming safetensors checkpoints"),
+    "plan": ("launcher.plan", "will it fit? memory per worker of a training or merge config, from model configs only"),
 }
 
 

@@ -145,6 +145,9 @@ class RayConfig(Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    device_memory: str | None = Field(
+        None, description="memory of each worker's device, e.g. 80GB: `calm train` refuses a config that cannot fit "
+                          "(default: this machine's GPU when use_gpu)")
     storage_path: str = Field("runs", description="shared storage for checkpoints on multi-node clusters")
     max_failures: int = Field(2, ge=0, description="worker deaths to recover from by resuming")
     runtime_env: dict = Field(default_factory=dict)
@@ -252,12 +255,21 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Train
         node = raw
         *parents, last = dotted.split(".")
         for depth, key in enumerate(parents):
-            if node.get(key) is None:  # absent, or a section left empty in the file (`ray:`)
-                node[key] = {}
-            node = node[key]
-            if not isinstance(node, dict):
+            if isinstance(node, list):  # models.augmenting.0.path: an index into a list
+                if not (key.isdigit() and int(key) < len(node)):
+                    where = ".".join(parents[:depth])
+                    raise ConfigError(f"{path}: cannot set {dotted}: {where} has no item {key} "
+                                      f"(indices 0..{len(node) - 1})")
+                node = node[int(key)]
+            else:
+                if node.get(key) is None:  # absent, or a section left empty in the file (`ray:`)
+                    node[key] = {}
+                node = node[key]
+            if not isinstance(node, dict | list):
                 where = ".".join(parents[: depth + 1])
                 raise ConfigError(f"{path}: cannot set {dotted}: {where} is not a mapping")
+        if not isinstance(node, dict):
+            raise ConfigError(f"{path}: cannot set {dotted}: {'.'.join(parents)} is a list; give an index")
         node[last] = value
     _resolve_paths(raw, path.resolve().parent)
     try:

@@ -82,6 +82,9 @@ def preflight(config: TrainConfig, *, address_timeout: float = ADDRESS_TIMEOUT_S
         # "auto" finds a cluster on this machine through Ray's own files and "local" starts one: no
         # host and port to try.
         check_reachable(config.ray.address, timeout=address_timeout)
+    from launcher.plan import check_fits
+
+    check_fits(config)  # a config that cannot fit the known device memory, named by its largest term
     width = anchor.hidden_size
     return PreflightReport(
         anchor=anchor,

@@ -51,6 +51,9 @@ class ExamplesWeights(_Strict):
     fixed: dict[str, FiniteFloat] = Field(
         {}, description="LM-Cocktail's second step: these models get this weight; the rest share what is left"
     )
+    workers: PositiveInt = Field(
+        1, description="load each candidate partitioned with ZeRO-3 over this many Ray workers (each holds 1/N)"
+    )
 
 
 class Override(_Strict):
@@ -230,5 +233,8 @@ def _check_weights(cfg: MergeConfig, method: Method) -> None:
             raise ValueError(f"weights_from_examples.fixed.{name}: {weight} is not within [0, 1]")
     if len(examples.fixed) >= len(cfg.models):
         raise ValueError("weights_from_examples.fixed: at least one model must get its weight from the examples")
+    if examples.workers > 1 and examples.device_map is not None:
+        raise ValueError("weights_from_examples.workers: partitioned workers and device_map are two ways to spread a "
+                         "candidate; give one")
     if math.fsum(examples.fixed.values()) > 1:
         raise ValueError("weights_from_examples.fixed: the fixed weights sum to more than 1")

@@ -43,7 +43,8 @@ def run_merge(
     if examples and not examples[0].is_file():
         raise ExamplesError(f"weights_from_examples.examples: {examples[0]} does not exist")
     # Where the output goes and how the work is run do not change its bytes: not part of its identity.
-    settings = cfg.model_dump(mode="json", exclude={"workers": True, "memory_budget": True, "output": {"path"}})
+    settings = cfg.model_dump(mode="json", exclude={"workers": True, "memory_budget": True, "output": {"path"},
+                                                    "weights_from_examples": {"workers"}})
     merge_id = fingerprint(settings, checkpoints, examples)
     manifest = Manifest.load(out) if resuming else None
     if resuming:
@@ -57,7 +58,7 @@ def run_merge(
     elif cfg.weights_from_examples:
         from merge.weights import cocktail_weights
 
-        weights, losses = cocktail_weights(cfg, checkpoints, log)
+        weights, losses = cocktail_weights(cfg, checkpoints, log, address)
     else:
         weights, losses = default_weights(cfg), None
     tasks = build_tasks(cfg, plan_tensors(cfg, layout, weights))

@@ -63,21 +63,31 @@ def softmax_weights(losses: list[float], temperature: float) -> list[float]:
 
 
 def cocktail_weights(
-    cfg: MergeConfig, checkpoints: list[Checkpoint], log: Callable[[str], None]
+    cfg: MergeConfig, checkpoints: list[Checkpoint], log: Callable[[str], None], address: str | None = None
 ) -> tuple[list[float], list[float | None]]:
-    """Weights for every model (config order) and the losses behind them (None for fixed models)."""
+    """Weights for every model (config order) and the losses behind them (None for fixed models).
+    With weights_from_examples.workers > 1 the losses come from Ray workers, on the cluster at
+    `address` if given (else an embedded local one)."""
     spec = cfg.weights_from_examples
     assert spec is not None
     examples = read_examples(spec.examples)
     if spec.kind == "embedding" and len(examples) < 2:
         raise ExamplesError(f"{spec.examples}: embedding models need at least 2 examples (negatives come from the others)")
     tokenizer_dir = _tokenizer_folder(checkpoints)
+    scored = [c for c in checkpoints if c.name not in spec.fixed]
+    if spec.workers > 1:  # each candidate partitioned over ZeRO-3 workers (merge/partitioned_losses.py)
+        from merge.partitioned_losses import partitioned_losses
+
+        found = partitioned_losses([(c.path, tokenizer_dir(c)) for c in scored], examples, spec, address, log)
     losses: list[float | None] = []
     for ckpt in checkpoints:
         if ckpt.name in spec.fixed:
             losses.append(None)
             continue
-        loss = model_loss(ckpt.path, tokenizer_dir(ckpt), examples, spec)
+        if spec.workers > 1:
+            loss = found[scored.index(ckpt)]
+        else:
+            loss = model_loss(ckpt.path, tokenizer_dir(ckpt), examples, spec)
         if not math.isfinite(loss):
             raise ExamplesError(f"model '{ckpt.name}': its loss on {spec.examples} is {loss}, so no weight can be derived")
         log(f"loss of {ckpt.name} on {len(examples)} examples: {loss:.6f}")
@@ -109,13 +119,18 @@ def model_loss(path: Path, tokenizer_path: Path, examples: list[tuple[str, str]]
     model = loader.from_pretrained(path, dtype="auto", **{k: v for k, v in placement.items() if v is not None})
     model.eval()
     try:
-        with torch.no_grad():
-            if spec.kind == "decoder":
-                return decoder_loss(model, tokenizer, examples, spec.max_length, spec.batch_size)
-            return embedding_loss(model, tokenizer, examples, spec)
+        return score_model(model, tokenizer, examples, spec)
     finally:
         del model
         gc.collect()
+
+
+def score_model(model, tokenizer, examples: list[tuple[str, str]], spec: ExamplesWeights) -> float:
+    """One loaded candidate's loss on the examples, whoever loaded it (one process, or ZeRO-3 workers)."""
+    with torch.no_grad():
+        if spec.kind == "decoder":
+            return decoder_loss(model, tokenizer, examples, spec.max_length, spec.batch_size)
+        return embedding_loss(model, tokenizer, examples, spec)
 
 
 def _input_device(model: torch.nn.Module) -> torch.device:
