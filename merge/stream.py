@@ -167,7 +167,8 @@ def merge_tensor(
             out.copy_(files.view(sources[0], start, stop))
         else:
             for begin, xs in _blocks(files, sources, start, stop):
-                block = Block(tensor.name, begin // BLOCK, len(xs[0]), tensor.seed)
-                # copy_ rounds the fp32 result to the output dtype: the one rounding of the merge.
+                block = Block(tensor.name, begin // BLOCK, len(xs[0]), tensor.seed, dtype)
+                # copy_ rounds an fp32 result to the output dtype: the one rounding of the merge (exact
+                # methods return the output dtype already).
                 out[begin - start : begin - start + block.size].copy_(method.combine(xs, tensor.weights, params, stats, block))
         yield buffer, out

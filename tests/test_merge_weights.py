@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from merge_fixtures import read_merged, weighted_sum
+from merge_fixtures import exact_linear_bf16, read_merged
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
 from merge.checkpoint import Checkpoint
@@ -71,7 +71,7 @@ def test_decoder_weights_are_the_softmax_of_minus_loss_over_t(decoders, tmp_path
     merged = read_merged(tmp_path / "out")
     states = [m.state_dict() for m in models]
     for name in ("model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight"):
-        assert torch.equal(merged[name], weighted_sum([s[name] for s in states], weights).to(torch.bfloat16))
+        assert torch.equal(merged[name], exact_linear_bf16([s[name] for s in states], weights))
 
 
 def test_batching_without_a_pad_token_does_not_change_the_loss(decoders):
