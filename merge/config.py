@@ -216,6 +216,7 @@ def _check_weights(cfg: MergeConfig, method: Method) -> None:
             raise ValueError(f"{key}: {len(weights)} given, {cfg.method} needs {count} ({per})")
         if cfg.method == "linear" and cfg.params_for(None).normalize and math.fsum(weights) == 0:
             raise ValueError(f"{key}: the weights sum to 0, so they cannot be normalized")
+    _check_negative(cfg, given)
     examples = cfg.weights_from_examples
     if examples is None:
         return
@@ -232,3 +233,20 @@ def _check_weights(cfg: MergeConfig, method: Method) -> None:
         raise ValueError("weights_from_examples.fixed: at least one model must get its weight from the examples")
     if math.fsum(examples.fixed.values()) > 1:
         raise ValueError("weights_from_examples.fixed: the fixed weights sum to more than 1")
+
+
+def _check_negative(cfg: MergeConfig, given: list[tuple[str, list[float] | None]]) -> None:
+    """A negative linear weight extrapolates away from that model: refused unless asked for by name.
+    (Task vectors may be negative by design: subtracting a skill.)"""
+    if cfg.method != "linear":
+        return
+    overrides = [None] + list(cfg.overrides)
+    for (key, weights), override in zip(given, overrides, strict=True):
+        negative = [(name, w) for name, w in zip(cfg.names, weights or [], strict=False) if w < 0]
+        if negative and not cfg.params_for(override).allow_negative_weights:
+            name, w = negative[0]
+            where = "parameters" if override is None else key.replace(".weights", ".parameters")
+            raise ValueError(
+                f"{key}: model '{name}' has a negative weight ({w}), which extrapolates away from it; "
+                f"set {where}.allow_negative_weights: true if that is intended"
+            )
