@@ -36,13 +36,16 @@ class ModelEntry(_Strict):
 class ExamplesWeights(_Strict):
     """LM-Cocktail's weights from a few examples: w = softmax(-loss / temperature)."""
 
-    examples: Path = Field(description="JSONL, one {'input': ..., 'output': ...} per line")
+    examples: Path = Field(
+        description="JSONL; decoder: {'input': ..., 'output': ...} per line; embedding: {'query': ..., 'pos': [...], 'neg': [...]}"
+    )
     temperature: float = Field(5.0, gt=0, allow_inf_nan=False)
     kind: Literal["decoder", "embedding"] = "decoder"
-    max_length: PositiveInt = 512
-    batch_size: PositiveInt = 4
-    pooling: Literal["mean", "cls"] = Field("mean", description="embedding models: how a text becomes a vector")
-    negatives: PositiveInt = Field(7, description="embedding models: seeded negatives per example")
+    # Defaults are LM_Cocktail's (mix_models_with_data): they shape the losses, so the weights.
+    max_length: PositiveInt = 2048
+    batch_size: PositiveInt = 2
+    pooling: Literal["cls", "mean"] = Field("cls", description="embedding models: how a text becomes a vector")
+    negatives: PositiveInt = Field(7, description="embedding models: seeded negatives per example, from its 'neg'")
     contrastive_temperature: float = Field(0.05, gt=0, allow_inf_nan=False)
     seed: int = 0
     device_map: str | None = Field(None, description="'auto' spreads each model over GPUs, CPU and disk")
