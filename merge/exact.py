@@ -10,8 +10,9 @@ A bf16 (8-bit) input times a float64 (53-bit) weight needs 61 bits, so float64 i
 How: a fast pass in a wider precision (fp32 for 16-bit outputs, fp64 for fp32 outputs) computes the
 result with a rigorous error bound; where the bound's interval rounds to one value, that value is the
 correctly rounded one (rounding is monotonic). The few remaining elements, ties among them, are decided
-exactly: the sign of sum_j c_j * y_j - m * d against the rounding boundary m is computed with
-error-free float64 transformations (Dekker's product, Knuth's two-sum) and distillation.
+exactly: the sign of sum_j c_j * y_j - m * d against the rounding boundary m is computed from
+exact float64 products (constants split into 26-bit halves) summed error-free (Knuth's two-sum,
+distillation).
 Exact as long as no product underflows float64 (weights of magnitude above ~1e-250).
 """
 
@@ -29,7 +30,9 @@ _TINY = {torch.float32: 2.0**-149, torch.float64: 2.0**-1074}
 # Inputs and output of the fast pass: 16-bit outputs are checked in fp32, fp32 outputs in fp64.
 _FAST = {torch.bfloat16: torch.float32, torch.float16: torch.float32, torch.float32: torch.float64}
 _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
-_SPLIT = 134217729.0  # 2**27 + 1: Veltkamp's splitter for float64
+_SPLIT = 134217729.0
+# Elements per pass of the fast path: its dozen temporaries stay in a core's L2 cache.
+SLICE = 1 << 15  # 2**27 + 1: Veltkamp's splitter for float64
 
 
 def expansion(q: Fraction) -> tuple[float, ...]:
@@ -42,9 +45,28 @@ def expansion(q: Fraction) -> tuple[float, ...]:
     return tuple(parts) or (0.0,)
 
 
+def halves(x: float) -> tuple[float, float]:
+    """x = high + low exactly, each with at most 26 significant bits (Veltkamp's split), so that its
+    product with any fp32 value (24 bits), or a midpoint of two (25), is exact in float64."""
+    c = _SPLIT * x
+    high = c - (c - x)
+    return high, x - high
+
+
+def _narrow_parts(q: Fraction) -> tuple[float, ...]:
+    return tuple(h for part in expansion(q) for h in halves(part) if h != 0.0) or (0.0,)
+
+
+def _plan(coefficients: Sequence[Fraction], divisor: Fraction, fast: torch.dtype) -> tuple:
+    # Keyed by integers: hashing a Fraction costs a modular exponentiation.
+    key = tuple((c.numerator, c.denominator) for c in (*coefficients, divisor))
+    return _cached_plan(key, fast)
+
+
 @lru_cache(maxsize=256)
-def _plan(coefficients: tuple[Fraction, ...], divisor: Fraction, fast: torch.dtype) -> tuple:
+def _cached_plan(key: tuple[tuple[int, int], ...], fast: torch.dtype) -> tuple:
     """Per-tensor constants: the fast pass's coefficients and error factor, and exact expansions."""
+    *coefficients, divisor = (Fraction(n, d) for n, d in key)
     inverse = 1 / divisor
     scaled = [float(c * inverse) for c in coefficients]
     u = _UNIT[fast]
@@ -54,7 +76,7 @@ def _plan(coefficients: tuple[Fraction, ...], divisor: Fraction, fast: torch.dty
     factor = (2 * k + 8) * u
     # Subnormal products lose relative accuracy: an absolute error of one tiny per operation.
     absolute = (2 * k + 4) * _TINY[fast]
-    return scaled, factor, absolute, [expansion(c) for c in coefficients], expansion(divisor), divisor > 0
+    return scaled, factor, absolute, [_narrow_parts(c) for c in coefficients], _narrow_parts(divisor), divisor > 0
 
 
 def combine(
@@ -62,16 +84,21 @@ def combine(
 ) -> Tensor:
     """sum_j coefficients[j] * ys[j] / divisor, correctly rounded (ties to even) to out_dtype.
 
-    ys: same-shape 1-D float tensors whose values are exactly those of the inputs. Non-finite inputs
-    give what plain arithmetic gives.
+    ys: same-shape 1-D tensors of fp32 or a narrower float type (their values are the inputs'). Non-finite
+    inputs give what plain arithmetic gives. Long inputs go in cache-sized slices.
     """
+    if len(ys[0]) > SLICE:
+        out = torch.empty(len(ys[0]), dtype=out_dtype)
+        for start in range(0, len(ys[0]), SLICE):
+            out[start : start + SLICE] = combine([y[start : start + SLICE] for y in ys], coefficients, divisor, out_dtype)
+        return out
     if divisor == 0:
         raise ValueError("divisor is 0")
     fast = _FAST.get(out_dtype)
     if fast is None:  # float64 output: no wider type to check against; plain float64 arithmetic
         scale = 1 / divisor
         return sum((y.double() * float(c * scale) for y, c in zip(ys, coefficients, strict=True)), torch.zeros(()))
-    scaled, factor, absolute, exact_c, exact_d, positive = _plan(tuple(coefficients), divisor, fast)
+    scaled, factor, absolute, exact_c, exact_d, positive = _plan(coefficients, divisor, fast)
     ys_fast = [y.to(fast) for y in ys]
     estimate = torch.zeros_like(ys_fast[0])
     bound = torch.zeros_like(ys_fast[0])
@@ -113,19 +140,6 @@ def _two_sum(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return s, (a - (s - bb)) + (b - bb)
 
 
-def _split(a: Tensor) -> tuple[Tensor, Tensor]:
-    c = a * _SPLIT
-    high = c - (c - a)
-    return high, a - high
-
-
-def _two_product(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    p = a * b
-    ah, al = _split(a)
-    bh, bl = _split(b)
-    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
-
-
 def _distill(terms: list[Tensor], ratio: float = 1 + 2.0**-40) -> list[Tensor]:
     """The same exact sum (elementwise) rearranged so the last term outweighs all others together by
     `ratio`: error-free two-sum passes, repeated until that holds (each pass brings the last term
@@ -147,10 +161,8 @@ def _decide(
 ) -> Tensor:
     """The correctly rounded values of sum_j c_j y_j / d for a few elements whose value rounds to
     low, high, or (rarely: cancellation, overflow) something between, decided exactly."""
-    products = []
-    for y, parts in zip(ys, coefficients, strict=True):
-        for part in parts:
-            products.extend(_two_product(y, torch.full_like(y, part)))
+    # Every factor has at most 26 significant bits and every input at most 24: each product is exact.
+    products = [y * part for y, parts in zip(ys, coefficients, strict=True) for part in parts]
     up = torch.nextafter(low, torch.full_like(low, torch.inf))
     adjacent = up == high
     # The usual case: one boundary between two neighbours. A tie goes to the even one.
@@ -198,8 +210,7 @@ def _compare(products: list[Tensor], divisor: tuple[float, ...], positive: bool,
     finite = boundary.isfinite()
     m = torch.where(finite, boundary, 0.0)
     terms = list(products)
-    for part in divisor:
-        terms.extend(_two_product(-m, torch.full_like(m, part)))
+    terms += [m * -part for part in divisor]  # exact: a midpoint has at most 25 bits
     sign = torch.sign(_distill(terms)[-1])
     sign = sign if positive else -sign
     return torch.where(finite, sign, -torch.sign(boundary))
