@@ -275,7 +275,10 @@ def main() -> None:
     parser.add_argument("--no-check", action="store_true", help="skip the bit-identity check")
     parser.add_argument("--mergekit", help="mergekit-yaml to time on the same inputs (default: on PATH, if any)")
     args = parser.parse_args()
-    results = [run_size(args, int(s), args.workdir / f"x{s}") for s in args.sizes.split(",")]
+    results = []
+    for scale in args.sizes.split(","):
+        results.append(run_size(args, int(scale), args.workdir / f"x{scale}"))
+        print(f"size {scale}x: {json.dumps(results[-1])}", file=sys.stderr, flush=True)  # in case a later size fails
     summary: dict = {"runs": results}
     if len(results) > 1:
         summary["anon_growth_vs_1x"] = round(results[-1]["peak_anon_bytes"] / results[0]["peak_anon_bytes"], 3)
