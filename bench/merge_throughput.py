@@ -7,7 +7,12 @@ For each size (1x; 2x doubles the layers and the vocabulary) it:
 3. drops caches and times `calm merge` (uniform linear) as a subprocess, sampling the total RSS and
    the anonymous memory (RssAnon: excludes the memory-mapped input pages the kernel can drop) of the
    process and its children every 20 ms,
-4. checks every output tensor is bit-identical to the exact result (fp32 sum in order, rounded once).
+4. when mergekit is installed (`--mergekit PATH` to its mergekit-yaml, else found on PATH; never a
+   dependency of this project), drops caches and times it on the same inputs the same way,
+5. checks every output tensor is bit-identical to the exact result: the mean of the inputs rounded
+   once to bf16 (ties to even). The inputs' exponents lie in [-7, 0], so their sum is exact in
+   float64 and one float64 division by 3 lands on a rounding boundary only when the mean does.
+The machine is shared: the load average is recorded at the start and end of each size.
 
 Quick run: python bench/merge_throughput.py --layers 4 --vocab 8000 --sizes 1
 """
@@ -128,8 +133,8 @@ def _memory(proc: psutil.Process) -> tuple[int, int]:
     return rss, anon
 
 
-def timed_merge(config: Path) -> dict:
-    cmd = [sys.executable, "-m", "launcher.cli", "merge", str(config), "--no-progress"]
+def timed(cmd: list[str]) -> dict:
+    """Wall time and peak memory of a command and its children."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     watched = psutil.Process(proc.pid)
@@ -141,12 +146,38 @@ def timed_merge(config: Path) -> dict:
     wall = time.perf_counter() - start
     output = proc.stdout.read().decode() if proc.stdout else ""
     if proc.returncode:
-        raise SystemExit(f"calm merge failed ({proc.returncode}):\n{output}")
-    return {"merge_wall_s": round(wall, 2), "peak_rss_bytes": peak_rss, "peak_anon_bytes": peak_anon}
+        raise SystemExit(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{output}")
+    return {"wall_s": round(wall, 2), "peak_rss_bytes": peak_rss, "peak_anon_bytes": peak_anon}
 
 
-def check_exact(inputs: list[Path], out: Path, weights: list[float]) -> bool:
-    """Every output tensor equals sum_i w_i * x_i in fp32, in order, rounded once to bf16."""
+def timed_merge(config: Path) -> dict:
+    result = timed([sys.executable, "-m", "launcher.cli", "merge", str(config), "--no-progress"])
+    return {"merge_wall_s": result["wall_s"], "peak_rss_bytes": result["peak_rss_bytes"], "peak_anon_bytes": result["peak_anon_bytes"]}
+
+
+def timed_mergekit(mergekit: str, inputs: list[Path], work: Path) -> dict:
+    """mergekit's linear merge of the same inputs: weights 1 each, normalized, fp32 arithmetic, bf16 out."""
+    config = work / "mergekit.yaml"
+    config.write_text(json.dumps({
+        "merge_method": "linear", "dtype": "float32", "out_dtype": "bfloat16", "parameters": {"normalize": True},
+        "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in inputs],
+    }))
+    out = work / "mergekit-out"
+    drop_caches()
+    result = timed([mergekit, str(config), str(out), "--lazy-unpickle", "--no-copy-tokenizer"])
+    shutil.rmtree(out, ignore_errors=True)
+    return {"mergekit_wall_s": result["wall_s"], "mergekit_peak_anon_gib": round(result["peak_anon_bytes"] / 2**30, 3)}
+
+
+def round_to_bf16(values: torch.Tensor) -> torch.Tensor:
+    """float64 values (normal range) rounded to 8 significant bits, ties to even, on their bits."""
+    bits = values.view(torch.int64)
+    bits = bits + (1 << 44) - 1 + ((bits >> 45) & 1)
+    return (bits >> 45 << 45).view(torch.float64).to(torch.bfloat16)
+
+
+def check_exact(inputs: list[Path], out: Path) -> bool:
+    """Every output tensor equals the inputs' mean rounded once to bf16 (see the module docstring)."""
     def tensors(folder: Path) -> dict[str, Path]:
         index = folder / "model.safetensors.index.json"
         if not index.exists():
@@ -162,12 +193,12 @@ def check_exact(inputs: list[Path], out: Path, weights: list[float]) -> bool:
             rows = merged.get_shape()[0]
             per_row = max(1, step // max(1, int(np.prod(merged.get_shape()[1:]))))
             for r in range(0, rows, per_row):
-                acc = None
-                for src, w in zip(sources, weights, strict=True):
+                total = None
+                for src in sources:
                     with safe_open(src[name], "pt") as g:
-                        term = g.get_slice(name)[r : r + per_row].float() * w
-                    acc = term if acc is None else acc.add_(term)
-                if not torch.equal(acc.to(torch.bfloat16), merged[r : r + per_row]):
+                        term = g.get_slice(name)[r : r + per_row].double()
+                    total = term if total is None else total.add_(term)
+                if not torch.equal(round_to_bf16(total / len(sources)), merged[r : r + per_row]):
                     return False
     return True
 
@@ -201,7 +232,7 @@ def run_size(args: argparse.Namespace, scale: int, work: Path) -> dict:
     drop_caches()
     result = {"scale": scale, "models": args.models, "params_per_model": params,
               "input_bytes": sum(p.stat().st_size for p in files), "caches_dropped": dropped,
-              "load_average": os.getloadavg()[0]}
+              "loadavg_start": Path("/proc/loadavg").read_text().strip()}
     result |= timed_merge(cfg)
     drop_caches()
     after = disk_limit(files, 2 * params, work / "scratch.bin")
@@ -212,7 +243,13 @@ def run_size(args: argparse.Namespace, scale: int, work: Path) -> dict:
     result["peak_rss_gib"] = round(result["peak_rss_bytes"] / 2**30, 3)
     result["peak_anon_gib"] = round(result["peak_anon_bytes"] / 2**30, 3)
     if not args.no_check:
-        result["bit_identical"] = check_exact(inputs, out, weights)
+        result["bit_identical"] = check_exact(inputs, out)
+    mergekit = args.mergekit or shutil.which("mergekit-yaml")
+    if mergekit:
+        shutil.rmtree(out)
+        result |= timed_mergekit(mergekit, inputs, work)
+        result["mergekit_over_calm"] = round(result["mergekit_wall_s"] / result["merge_wall_s"], 2)
+    result["loadavg_end"] = Path("/proc/loadavg").read_text().strip()
     if not args.keep:
         shutil.rmtree(work)
     return result
@@ -236,8 +273,12 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/calm-merge-bench"))
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints and output")
     parser.add_argument("--no-check", action="store_true", help="skip the bit-identity check")
+    parser.add_argument("--mergekit", help="mergekit-yaml to time on the same inputs (default: on PATH, if any)")
     args = parser.parse_args()
-    results = [run_size(args, int(s), args.workdir / f"x{s}") for s in args.sizes.split(",")]
+    results = []
+    for scale in args.sizes.split(","):
+        results.append(run_size(args, int(scale), args.workdir / f"x{scale}"))
+        print(f"size {scale}x: {json.dumps(results[-1])}", file=sys.stderr, flush=True)  # in case a later size fails
     summary: dict = {"runs": results}
     if len(results) > 1:
         summary["anon_growth_vs_1x"] = round(results[-1]["peak_anon_bytes"] / results[0]["peak_anon_bytes"], 3)

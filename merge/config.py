@@ -36,13 +36,16 @@ class ModelEntry(_Strict):
 class ExamplesWeights(_Strict):
     """LM-Cocktail's weights from a few examples: w = softmax(-loss / temperature)."""
 
-    examples: Path = Field(description="JSONL, one {'input': ..., 'output': ...} per line")
+    examples: Path = Field(
+        description="JSONL; decoder: {'input': ..., 'output': ...} per line; embedding: {'query': ..., 'pos': [...], 'neg': [...]}"
+    )
     temperature: float = Field(5.0, gt=0, allow_inf_nan=False)
     kind: Literal["decoder", "embedding"] = "decoder"
-    max_length: PositiveInt = 512
-    batch_size: PositiveInt = 4
-    pooling: Literal["mean", "cls"] = Field("mean", description="embedding models: how a text becomes a vector")
-    negatives: PositiveInt = Field(7, description="embedding models: seeded negatives per example")
+    # Defaults are LM_Cocktail's (mix_models_with_data): they shape the losses, so the weights.
+    max_length: PositiveInt = 2048
+    batch_size: PositiveInt = 2
+    pooling: Literal["cls", "mean"] = Field("cls", description="embedding models: how a text becomes a vector")
+    negatives: PositiveInt = Field(7, description="embedding models: seeded negatives per example, from its 'neg'")
     contrastive_temperature: float = Field(0.05, gt=0, allow_inf_nan=False)
     seed: int = 0
     device_map: str | None = Field(None, description="'auto' spreads each model over GPUs, CPU and disk")
@@ -219,6 +222,7 @@ def _check_weights(cfg: MergeConfig, method: Method) -> None:
             raise ValueError(f"{key}: {len(weights)} given, {cfg.method} needs {count} ({per})")
         if cfg.method == "linear" and cfg.params_for(None).normalize and math.fsum(weights) == 0:
             raise ValueError(f"{key}: the weights sum to 0, so they cannot be normalized")
+    _check_negative(cfg, given)
     examples = cfg.weights_from_examples
     if examples is None:
         return
@@ -238,3 +242,20 @@ def _check_weights(cfg: MergeConfig, method: Method) -> None:
                          "candidate; give one")
     if math.fsum(examples.fixed.values()) > 1:
         raise ValueError("weights_from_examples.fixed: the fixed weights sum to more than 1")
+
+
+def _check_negative(cfg: MergeConfig, given: list[tuple[str, list[float] | None]]) -> None:
+    """A negative linear weight extrapolates away from that model: refused unless asked for by name.
+    (Task vectors may be negative by design: subtracting a skill.)"""
+    if cfg.method != "linear":
+        return
+    overrides = [None] + list(cfg.overrides)
+    for (key, weights), override in zip(given, overrides, strict=True):
+        negative = [(name, w) for name, w in zip(cfg.names, weights or [], strict=False) if w < 0]
+        if negative and not cfg.params_for(override).allow_negative_weights:
+            name, w = negative[0]
+            where = "parameters" if override is None else key.replace(".weights", ".parameters")
+            raise ValueError(
+                f"{key}: model '{name}' has a negative weight ({w}), which extrapolates away from it; "
+                f"set {where}.allow_negative_weights: true if that is intended"
+            )

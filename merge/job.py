@@ -22,7 +22,7 @@ from merge.manifest import MANIFEST, Manifest, fingerprint, index_bytes, pending
 from merge.output import auxiliary_files, check_output_folder
 from merge.plan import build_tasks, default_weights, plan_tensors
 from merge.report import REPORT, build_report, format_weights
-from merge.shard import ShardResult
+from merge.shard import ShardResult, writing
 
 
 def run_merge(
@@ -66,14 +66,21 @@ def run_merge(
     if weights:
         log(format_weights(cfg, weights, losses))
 
-    # Everything is validated: from here on, files are written.
-    out.mkdir(parents=True, exist_ok=True)
+    # Everything is validated: from here on, files are written. The manifest comes first, so a crash at
+    # any later point leaves a folder the rerun recognises (before it, the folder holds nothing of ours
+    # but temporary files, and the rerun starts afresh).
     manifest = manifest or Manifest(merge_id, weights, losses, [t.filename for t in tasks])
-    for name, data in aux.items():
-        write_atomic(out / name, data)
-        manifest.files[name] = hashlib.sha256(data).hexdigest()
-    todo = set(pending_shards(out, manifest))
-    manifest.save(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"{out}: cannot be created: {err.strerror or err}") from err
+    with writing(out):
+        manifest.save(out)
+        for name, data in aux.items():
+            write_atomic(out / name, data)
+            manifest.files[name] = hashlib.sha256(data).hexdigest()
+        todo = set(pending_shards(out, manifest))
+        manifest.save(out)
     if len(todo) < len(tasks):
         log(f"resuming {out}: {len(tasks) - len(todo)} of {len(tasks)} shards already complete and verified")
 
@@ -95,12 +102,13 @@ def run_merge(
             run_local(run, cfg.workers, on_done, bar.update)
 
     report = build_report(cfg, checkpoints, weights, losses, tasks)
-    write_atomic(out / REPORT, report)
-    manifest.files[REPORT] = hashlib.sha256(report).hexdigest()
-    manifest.complete = True
-    manifest.save(out)
-    if len(tasks) > 1:
-        write_atomic(out / INDEX_FILE, index_bytes(out, manifest.shards))
+    with writing(out):
+        write_atomic(out / REPORT, report)
+        manifest.files[REPORT] = hashlib.sha256(report).hexdigest()
+        manifest.complete = True
+        manifest.save(out)
+        if len(tasks) > 1:
+            write_atomic(out / INDEX_FILE, index_bytes(out, manifest.shards))
     log(f"merged {len(checkpoints)} models into {out} ({len(tasks)} shard(s), {sum(t.nbytes for t in tasks)} bytes)")
     return out
 

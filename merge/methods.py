@@ -1,6 +1,7 @@
 """Merge methods: small pure functions over fp32 tensors, registered by name.
 
-A method sees one block of every input at a time (`combine`), plus, when the formula needs a
+Linear and task arithmetic are exact: their result is the real-number formula rounded once
+(`merge.exact`). A method sees one block of every input at a time (`combine`), plus, when the formula needs a
 whole-tensor statistic (TIES's magnitude thresholds, SLERP's angle), the result of `prepare`, which
 streams the whole tensor's blocks once or twice beforehand. Everything elementwise is written as
 separate IEEE operations (a product, then a sum), so a block gives bit for bit what the same formula
@@ -17,11 +18,14 @@ import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from functools import reduce
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+from merge import exact
 
 # Elements per block. Part of the definition of DARE's masks: changing it changes their random stream.
 BLOCK = 1 << 18
@@ -38,6 +42,7 @@ class Block:
     index: int
     size: int
     seed: int
+    out_dtype: torch.dtype = torch.float32  # what the result is rounded to
 
 
 class _Params(BaseModel):
@@ -45,7 +50,8 @@ class _Params(BaseModel):
 
 
 class LinearParams(_Params):
-    normalize: bool = Field(True, description="divide the weights by their sum")
+    normalize: bool = Field(True, description="divide by the sum of the weights")
+    allow_negative_weights: bool = Field(False, description="negative weights extrapolate; refused unless set")
 
 
 class TaskArithmeticParams(_Params):
@@ -85,14 +91,19 @@ def _weighted_sum(xs: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
 
 
 def linear(xs: Sequence[Tensor], weights: Sequence[float], params: LinearParams, stats: None, block: Block) -> Tensor:
-    return _weighted_sum(xs, weights)
+    """sum_i w_i x_i / sum_i w_i (or without the division), exactly, rounded once to the output dtype.
+    The raw weights, not w / sum(w): rounding the fractions first moves ties off centre."""
+    coefficients = [Fraction(w) for w in weights]
+    return exact.combine(xs, coefficients, sum(coefficients) if params.normalize else Fraction(1), block.out_dtype)
 
 
 def task_arithmetic(
     xs: Sequence[Tensor], weights: Sequence[float], params: TaskArithmeticParams, stats: None, block: Block
 ) -> Tensor:
-    base = xs[0]
-    return base + _weighted_sum([x - base for x in xs[1:]], weights) * params.scale
+    """base + lambda * sum_i w_i (x_i - base), exactly, rounded once: the same value written as the
+    linear combination (1 - lambda * sum w) * base + sum_i lambda * w_i * x_i."""
+    scaled = [Fraction(params.scale) * Fraction(w) for w in weights]
+    return exact.combine(xs, [1 - sum(scaled), *scaled], Fraction(1), block.out_dtype)
 
 
 def disjoint_mean(deltas: Sequence[Tensor], weights: Sequence[float]) -> Tensor:

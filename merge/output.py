@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 from pathlib import Path
 
 from merge.checkpoint import Checkpoint
@@ -25,16 +26,37 @@ AUX_PATTERNS = (
 )
 
 
+def is_leftover(path: Path) -> bool:
+    """A temporary file of ours (write_atomic's `.NAME.tmp`, a shard's `.NAME.partial`): a crash may
+    leave one behind, and the next write of that name replaces it."""
+    return path.name.startswith(".") and path.name.endswith((".tmp", ".partial"))
+
+
 def check_output_folder(out: Path, checkpoints: list[Checkpoint]) -> bool:
-    """Whether `out` already holds something (then it must be this merge, resumed). Raises if `out` is
-    an input, lies inside one, or is a file."""
+    """Whether `out` already holds something (then it must be this merge, resumed); a folder holding
+    only our temporary files (a crash before the first manifest) starts afresh. Raises if `out` is an
+    input, lies inside one, is a file, or cannot be created or written."""
     resolved = out.resolve()
     for ckpt in checkpoints:
         if resolved == ckpt.path.resolve() or ckpt.path.resolve() in resolved.parents:
             raise OutputError(f"{out}: the output folder is inside input model '{ckpt.name}' ({ckpt.path})")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder")
-    return out.exists() and any(out.iterdir())
+    check_writable(out)
+    return out.exists() and any(not is_leftover(p) for p in out.iterdir())
+
+
+def check_writable(out: Path) -> None:
+    """Fail before any work if the output folder cannot be created or written: its nearest existing
+    ancestor must be a writable folder (os.access; the writes themselves are guarded too, for what
+    access() cannot see, e.g. root on a read-only mount)."""
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{out}: cannot be created: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{out}: cannot be {'written' if existing == out else 'created'}: {existing} is not writable")
 
 
 def auxiliary_files(source: Checkpoint, config_changes: dict[str, object]) -> dict[str, bytes]:

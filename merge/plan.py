@@ -106,12 +106,18 @@ def _output_dtype(cfg: MergeConfig, group: TensorGroup) -> str:
 
 
 def effective_weights(cfg: MergeConfig, override: Override | None, weights: list[float]) -> tuple[float, ...]:
-    """The weights a tensor is merged with: the override's or the config's, normalized if asked."""
+    """The weights a tensor is merged with: the override's or the config's, as given (linear divides
+    by their sum itself, once, after summing: see merge.methods.linear)."""
     chosen = override.weights if override is not None and override.weights is not None else weights
-    if cfg.method == "linear" and cfg.params_for(override).normalize:
-        total = math.fsum(chosen)
-        chosen = [w / total for w in chosen]
     return tuple(chosen)
+
+
+def shown_weights(cfg: MergeConfig, weights: list[float]) -> list[float]:
+    """The weights as a share of the whole, for people: w / sum(w) when linear normalizes."""
+    if cfg.method == "linear" and cfg.params_for(None).normalize:
+        total = math.fsum(weights)
+        return [w / total for w in weights]
+    return list(weights)
 
 
 def default_weights(cfg: MergeConfig) -> list[float]:

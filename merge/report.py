@@ -9,7 +9,7 @@ from importlib import metadata
 
 from merge.checkpoint import Checkpoint
 from merge.config import MergeConfig
-from merge.plan import ShardTask, effective_weights
+from merge.plan import ShardTask, shown_weights
 
 REPORT = "merge_report.json"
 
@@ -27,7 +27,7 @@ def weight_table(cfg: MergeConfig, weights: list[float], losses: list[float | No
     if not cfg.merge_method.takes_weights:
         return {}
     names = cfg.names if cfg.method == "linear" else [cfg.names[i] for i in cfg.source_order[1:]]
-    effective = effective_weights(cfg, None, weights)
+    effective = shown_weights(cfg, weights)
     rows: dict[str, dict[str, float]] = {name: {"weight": w} for name, w in zip(names, effective, strict=True)}
     for name, loss in zip(cfg.names, losses or [], strict=False):
         if loss is not None:

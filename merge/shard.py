@@ -78,12 +78,12 @@ class _WriteBehind:
 
 
 @contextlib.contextmanager
-def _writing(path: Path) -> Iterator[None]:
+def writing(path: Path) -> Iterator[None]:
     """Disk errors while writing the output (a full disk, a read-only folder) are the user's to fix."""
     try:
         yield
     except OSError as err:
-        raise OutputError(f"{path}: cannot write: {err.strerror or err}") from err
+        raise OutputError(f"{err.filename or path}: cannot write: {err.strerror or err}") from err
 
 
 def _keep_freed_memory() -> None:
@@ -111,7 +111,7 @@ def run_shard(task: ShardTask, progress: Progress | None = None) -> ShardResult:
 def _run_shard(task: ShardTask, progress: Progress | None) -> ShardResult:
     _keep_freed_memory()
     path = Path(task.out_dir) / task.filename
-    with _writing(path):
+    with writing(path):
         writer = ShardWriter(path, [(t.name, t.dtype, t.shape) for t in task.tensors])
     pool = BufferPool(OUT_BUFFERS, task.chunk_elems * max(ITEMSIZE[t.dtype] for t in task.tensors))
     behind = _WriteBehind(writer, pool, progress)
@@ -121,7 +121,7 @@ def _run_shard(task: ShardTask, progress: Progress | None) -> ShardResult:
             following = first_chunk(task.tensors[i + 1], task.chunk_elems) if i + 1 < len(task.tensors) else None
             for buffer, data in merge_tensor(tensor, files, task.chunk_elems, pool, following):
                 behind.put(buffer, data)
-        with _writing(path):
+        with writing(path):
             behind.finish()
             sha256, nbytes = writer.commit()
     except BaseException:

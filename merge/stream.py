@@ -10,9 +10,11 @@ their chunk is computed.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -166,8 +168,27 @@ def merge_tensor(
         if tensor.method == COPY:
             out.copy_(files.view(sources[0], start, stop))
         else:
-            for begin, xs in _blocks(files, sources, start, stop):
-                block = Block(tensor.name, begin // BLOCK, len(xs[0]), tensor.seed)
-                # copy_ rounds the fp32 result to the output dtype: the one rounding of the merge.
+
+            def compute(begin: int, start: int = start, stop: int = stop, out: torch.Tensor = out) -> None:
+                xs = [files.view(s, begin, min(begin + BLOCK, stop)).float() for s in sources]
+                block = Block(tensor.name, begin // BLOCK, len(xs[0]), tensor.seed, dtype)
+                # copy_ rounds an fp32 result to the output dtype: the one rounding of the merge (exact
+                # methods return the output dtype already).
                 out[begin - start : begin - start + block.size].copy_(method.combine(xs, tensor.weights, params, stats, block))
+
+            # Blocks are independent (each writes its own slice; randomness is per block), so they are
+            # computed on COMPUTE_THREADS threads: torch releases the GIL inside every op.
+            for done in _compute_pool().map(compute, range(start, stop, BLOCK)):
+                del done
         yield buffer, out
+
+
+COMPUTE_THREADS = min(2, os.cpu_count() or 1)
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _compute_pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(COMPUTE_THREADS, thread_name_prefix="merge-compute")
+    return _POOL

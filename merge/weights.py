@@ -1,12 +1,21 @@
-"""LM-Cocktail's weights from a few examples: each candidate's mean loss on them, w = softmax(-loss / T).
+"""LM-Cocktail's weights from a few examples: each candidate's loss on them, w = softmax(-loss / T).
 
-Decoder models: per example, the mean next-token cross-entropy over the output's tokens, the prompt's
-tokens masked; a model's loss is the mean over examples. Examples are batched with right padding and
-an attention mask, padded with token 0 whatever the tokenizer's pad token (many decoders have none).
-Embedding models: InfoNCE. Each input is a query, its output the positive, and `negatives` outputs
-of other examples (drawn with a seeded generator, so weights are the same on every run) the negatives;
-texts become vectors by masked mean pooling or the first ([CLS]) token, L2-normalised; scores are
-cosine / contrastive_temperature.
+The recipes are LM_Cocktail's own (FlagEmbedding, LM_Cocktail 0.0.4, `compute_weights`), with its
+defaults, so the weights agree with it (pinned by tests/fixtures/lm_cocktail_reference.json):
+- decoder: each example is tokenized as `input + ' ' + output` with the tokenizer's special tokens,
+  EOS appended; the first len(tokenize(input)) tokens are masked, so the space, the output and EOS are
+  scored. Batches of batch_size examples in file order; a batch's loss is the mean next-token
+  cross-entropy over all its scored tokens; a model's loss is the mean over batches.
+- embedding: each example is {"query", "pos": [...], "neg": [...]}; a batch holds batch_size queries
+  and, per query, pos[0] then `negatives` of its own negatives drawn with random.sample from a
+  generator seeded by `seed` (LM_Cocktail draws them unseeded); texts become their first token's
+  ([CLS]) final hidden state, L2-normalised; each query is scored against every passage of its batch,
+  scores / contrastive_temperature, cross-entropy towards its own positive, averaged over the batch,
+  then over batches.
+Departures, all outside the defaults' results: `pooling: mean` (masked mean pooling instead of CLS);
+padding is masked by length (LM_Cocktail masks every token equal to the pad id, and fails on a
+tokenizer without one); a tokenizer without EOS scores no EOS (LM_Cocktail fails); over max_length
+the sequence loses its end, as in LM_Cocktail.
 
 Models are loaded one at a time, under no_grad. With device_map: auto (plus max_memory and
 offload_folder) accelerate spreads a model over GPUs, CPU memory and disk, so a 70B candidate needs
@@ -31,7 +40,11 @@ from merge.errors import ExamplesError
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
-def read_examples(path: Path) -> list[tuple[str, str]]:
+Example = tuple[str, str] | tuple[str, str, list[str]]  # decoder: (input, output); embedding: (query, pos, negs)
+
+
+def read_examples(path: Path, kind: str = "decoder", negatives: int = 0) -> list:
+    """Decoder examples as (input, output); embedding examples as (query, positive, negatives)."""
     examples = []
     try:
         lines = path.read_text().splitlines()
@@ -44,14 +57,34 @@ def read_examples(path: Path) -> list[tuple[str, str]]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise ExamplesError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("input", "output")):
-            raise ExamplesError(f"{path}:{number}: each line needs string fields 'input' and 'output'")
-        if not record["output"]:
-            raise ExamplesError(f"{path}:{number}: 'output' is empty, so there is nothing to score")
-        examples.append((record["input"], record["output"]))
+        examples.append(_decoder_example(path, number, record) if kind == "decoder" else _embedding_example(path, number, record, negatives))
     if not examples:
         raise ExamplesError(f"{path}: no examples")
     return examples
+
+
+def _decoder_example(path: Path, number: int, record: object) -> tuple[str, str]:
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("input", "output")):
+        raise ExamplesError(f"{path}:{number}: each line needs string fields 'input' and 'output'")
+    if not record["output"]:
+        raise ExamplesError(f"{path}:{number}: 'output' is empty, so there is nothing to score")
+    return record["input"], record["output"]
+
+
+def _embedding_example(path: Path, number: int, record: object, negatives: int) -> tuple[str, str, list[str]]:
+    def texts(key: str) -> list[str] | None:
+        value = record.get(key) if isinstance(record, dict) else None
+        return value if isinstance(value, list) and value and all(isinstance(t, str) for t in value) else None
+
+    if not isinstance(record, dict) or not isinstance(record.get("query"), str) or texts("pos") is None or texts("neg") is None:
+        raise ExamplesError(
+            f"{path}:{number}: embedding examples need 'query' (a string), 'pos' and 'neg' (lists of strings)"
+        )
+    if len(record["neg"]) < negatives:
+        raise ExamplesError(
+            f"{path}:{number}: {len(record['neg'])} negatives, fewer than weights_from_examples.negatives ({negatives})"
+        )
+    return record["query"], record["pos"][0], record["neg"]
 
 
 def softmax_weights(losses: list[float], temperature: float) -> list[float]:
@@ -70,9 +103,7 @@ def cocktail_weights(
     `address` if given (else an embedded local one)."""
     spec = cfg.weights_from_examples
     assert spec is not None
-    examples = read_examples(spec.examples)
-    if spec.kind == "embedding" and len(examples) < 2:
-        raise ExamplesError(f"{spec.examples}: embedding models need at least 2 examples (negatives come from the others)")
+    examples = read_examples(spec.examples, spec.kind, spec.negatives)
     tokenizer_dir = _tokenizer_folder(checkpoints)
     scored = [c for c in checkpoints if c.name not in spec.fixed]
     if spec.workers > 1:  # each candidate partitioned over ZeRO-3 workers (merge/partitioned_losses.py)
@@ -106,7 +137,8 @@ def _tokenizer_folder(checkpoints: list[Checkpoint]) -> Callable[[Checkpoint], P
     return lambda c: c.path if c.path in having else having[0]
 
 
-def model_loss(path: Path, tokenizer_path: Path, examples: list[tuple[str, str]], spec: ExamplesWeights) -> float:
+def model_loss(path: Path, tokenizer_path: Path, examples: list, spec: ExamplesWeights) -> float:
+    """One candidate's loss on the examples: load it (as the spec places it), score, free it."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
@@ -138,72 +170,83 @@ def _input_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu") if device.type == "meta" else device
 
 
-def _pad(sequences: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids (pad id 0: masked, so any id works) and the attention mask."""
+def _pad(sequences: list[list[int]], device: torch.device, fill: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded rows (`fill` after each sequence) and the attention mask of the real tokens."""
     width = max(len(s) for s in sequences)
-    ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    ids = torch.full((len(sequences), width), fill, dtype=torch.long)
     mask = torch.zeros(len(sequences), width, dtype=torch.long)
     for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq)
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[row, : len(seq)] = 1
     return ids.to(device), mask.to(device)
 
 
-def encode_example(tokenizer, prompt: str, output: str, max_length: int) -> tuple[list[int], int]:
-    """Token ids of prompt + output and the prompt's length. The two are tokenized separately so the
-    boundary is exact; over max_length, the prompt loses its start, then the output its end."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    output_ids = tokenizer(output, add_special_tokens=False)["input_ids"][:max_length]
-    room = max_length - len(output_ids)
-    prompt_ids = prompt_ids[max(0, len(prompt_ids) - room) :] if room > 0 else []
-    return prompt_ids + output_ids, len(prompt_ids)
+IGNORE = -100
+
+
+def encode_example(tokenizer, prompt: str, output: str, max_length: int) -> tuple[list[int], list[int]]:
+    """LM_Cocktail's encoding: ids of `prompt + ' ' + output` plus EOS, and labels with the prompt's
+    len(tokenize(prompt)) tokens masked; both cut to max_length."""
+    ids = tokenizer.encode(prompt + " " + output)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    masked = len(tokenizer.encode(prompt))
+    labels = [IGNORE] * masked + ids[masked:]
+    return ids[:max_length], labels[:max_length]
 
 
 def decoder_loss(model, tokenizer, examples: list[tuple[str, str]], max_length: int, batch_size: int) -> float:
-    """Mean over examples of the mean next-token cross-entropy over each output's tokens."""
+    """Mean over batches of each batch's mean next-token cross-entropy over its scored tokens."""
     device = _input_device(model)
     encoded = [encode_example(tokenizer, p, o, max_length) for p, o in examples]
-    per_example = []
+    batch_losses = []
     for first in range(0, len(encoded), batch_size):
         batch = encoded[first : first + batch_size]
         ids, mask = _pad([seq for seq, _ in batch], device)
+        labels, _ = _pad([lab for _, lab in batch], device, fill=IGNORE)
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        token_loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-        for row, (seq, prompt_len) in enumerate(batch):
-            # Position j predicts token j+1; score the output's tokens that have something before them.
-            scored = token_loss[row, max(prompt_len, 1) - 1 : len(seq) - 1]
-            if scored.numel():
-                per_example.append(scored.mean().item())
-    if not per_example:
-        raise ExamplesError("no example has an output token to score (a one-token output needs a prompt)")
-    return math.fsum(per_example) / len(per_example)
+        targets = labels[:, 1:]
+        if not bool((targets != IGNORE).any()):
+            raise ExamplesError(f"examples {first + 1}-{first + len(batch)}: no output token left to score within max_length")
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE)
+        batch_losses.append(loss.item())
+    return math.fsum(batch_losses) / len(batch_losses)
 
 
 def _embed(model, tokenizer, texts: list[str], spec: ExamplesWeights) -> torch.Tensor:
     device = _input_device(model)
-    vectors = []
-    for first in range(0, len(texts), spec.batch_size):
-        sequences = [tokenizer(t)["input_ids"][: spec.max_length] for t in texts[first : first + spec.batch_size]]
-        ids, mask = _pad(sequences, device)
-        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-        if spec.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * weights).sum(1) / weights.sum(1)
-        vectors.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
-    return torch.cat(vectors)
+    sequences = [tokenizer(t, truncation=True, max_length=spec.max_length)["input_ids"] for t in texts]
+    ids, mask = _pad(sequences, device)
+    hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+    if spec.pooling == "cls":
+        pooled = hidden[:, 0]
+    else:
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1)
+    return torch.nn.functional.normalize(pooled, dim=-1)
 
 
-def embedding_loss(model, tokenizer, examples: list[tuple[str, str]], spec: ExamplesWeights) -> float:
-    """Mean InfoNCE loss: each query against its positive and seeded negatives from other examples."""
-    queries = _embed(model, tokenizer, [q for q, _ in examples], spec)
-    passages = _embed(model, tokenizer, [p for _, p in examples], spec)
+def embedding_batches(examples: list[tuple[str, str, list[str]]], spec: ExamplesWeights) -> list[tuple[list[str], list[str]]]:
+    """(queries, passages) per batch: per query its positive then its seeded negatives. Drawn once, so
+    every candidate model sees the same negatives."""
     rng = random.Random(spec.seed)
+    batches = []
+    for first in range(0, len(examples), spec.batch_size):
+        queries, passages = [], []
+        for query, positive, negatives in examples[first : first + spec.batch_size]:
+            queries.append(query)
+            passages += [positive, *rng.sample(negatives, spec.negatives)]
+        batches.append((queries, passages))
+    return batches
+
+
+def embedding_loss(model, tokenizer, examples: list[tuple[str, str, list[str]]], spec: ExamplesWeights) -> float:
+    """Mean over batches of the batch's InfoNCE: every query against every passage of its batch."""
     losses = []
-    for i in range(len(examples)):
-        others = [j for j in range(len(examples)) if j != i]
-        candidates = [i] + rng.sample(others, min(spec.negatives, len(others)))
-        scores = passages[candidates] @ queries[i] / spec.contrastive_temperature
-        losses.append(-torch.log_softmax(scores, dim=0)[0].item())
+    for queries, passages in embedding_batches(examples, spec):
+        q = _embed(model, tokenizer, queries, spec)
+        p = _embed(model, tokenizer, passages, spec)
+        scores = q @ p.T / spec.contrastive_temperature
+        target = torch.arange(len(queries), device=scores.device) * (len(passages) // len(queries))
+        losses.append(torch.nn.functional.cross_entropy(scores, target).item())
     return math.fsum(losses) / len(losses)

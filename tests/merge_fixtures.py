@@ -4,6 +4,7 @@ the exact linear formula. Tiny Hugging Face models come from merge.tiny (the dem
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 from functools import reduce
 from pathlib import Path
 
@@ -69,3 +70,32 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 def weighted_sum(xs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """sum_i w_i x_i in fp32, in order, each term rounded before it is added: the exact merge."""
     return reduce(lambda acc, term: acc + term, [x.float() * w for x, w in zip(xs[1:], weights[1:], strict=True)], xs[0].float() * weights[0])
+
+
+def round_to_bf16(values: torch.Tensor) -> torch.Tensor:
+    """float64 values (normal bf16 range) rounded to 8 significant bits, ties to even, by integer
+    arithmetic on their bits: a reference independent of torch's and merge's conversions."""
+    bits = values.double().view(torch.int64)
+    drop = 52 - 7
+    bits = bits + (1 << (drop - 1)) - 1 + ((bits >> drop) & 1)
+    return (bits >> drop << drop).view(torch.float64).to(torch.bfloat16)
+
+
+def exact_bf16(value: Fraction) -> float:
+    """A rational value correctly rounded to bf16 (normal range), decided with exact arithmetic."""
+    bits = torch.tensor([float(value)], dtype=torch.float64).view(torch.int64)
+    low = (bits >> 45 << 45).view(torch.float64).item()  # truncated toward zero
+    high = ((bits >> 45) + 1 << 45).view(torch.float64).item()
+    d_low, d_high = abs(Fraction(low) - value), abs(Fraction(high) - value)
+    if d_low != d_high:
+        return low if d_low < d_high else high
+    return low if (int(bits) >> 45) & 1 == 0 else high
+
+
+def exact_linear_bf16(xs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """sum_i w_i x_i / sum_i w_i with exact rational arithmetic, each element rounded once to bf16."""
+    ws = [Fraction(w) for w in weights]
+    total = sum(ws)
+    flat = [x.flatten().tolist() for x in xs]
+    values = [exact_bf16(sum(w * Fraction(v) for w, v in zip(ws, column, strict=True)) / total) for column in zip(*flat, strict=True)]
+    return torch.tensor(values, dtype=torch.float64).to(torch.bfloat16).reshape(xs[0].shape)

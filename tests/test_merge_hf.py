@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from merge_fixtures import folder_bytes, read_merged, weighted_sum, write_config
+from merge_fixtures import exact_linear_bf16, folder_bytes, read_merged, write_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from launcher.cli import main as calm
@@ -35,7 +35,13 @@ def formula_model(inputs, weights, dtype=torch.bfloat16, config=None) -> LlamaFo
     model = LlamaForCausalLM(config or inputs[0].config).eval()
     for parameter in model.parameters():
         parameter.data = parameter.data.to(dtype)
-    merged = {name: weighted_sum([s[name] for s in states], weights).to(dtype) for name in states[0]}
+    if dtype == torch.bfloat16:
+        merged = {name: exact_linear_bf16([s[name] for s in states], weights) for name in states[0]}
+    else:  # dyadic weights of float32 outputs: float64 arithmetic is exact, one rounding
+        merged = {
+            name: (sum(s[name].double() * w for s, w in zip(states, weights, strict=True)) / sum(weights)).to(dtype)
+            for name in states[0]
+        }
     model.load_state_dict(merged)
     return model
 
@@ -87,8 +93,8 @@ def test_tied_and_untied_inputs_give_an_untied_output(tmp_path):
     untied = tiny_llama(tmp_path / "untied", seed=21, tie=False)
     out = merge(tmp_path, [tmp_path / "tied", tmp_path / "untied"], weights=[0.7, 0.3])
     merged = read_merged(out)
-    expected = weighted_sum([tied.model.embed_tokens.weight.data, untied.lm_head.weight.data], [0.7, 0.3])
-    assert torch.equal(merged["lm_head.weight"], expected.to(torch.bfloat16))
+    expected = exact_linear_bf16([tied.model.embed_tokens.weight.data, untied.lm_head.weight.data], [0.7, 0.3])
+    assert torch.equal(merged["lm_head.weight"], expected)
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert torch.equal(loaded.lm_head.weight, merged["lm_head.weight"])
@@ -105,7 +111,7 @@ def test_vocabulary_truncation_keeps_the_shared_rows(tmp_path):
     merged = read_merged(out)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         rows = [small.state_dict()[name], large.state_dict()[name][:VOCAB]]
-        assert torch.equal(merged[name], weighted_sum(rows, [0.5, 0.5]).to(torch.bfloat16))
+        assert torch.equal(merged[name], exact_linear_bf16(rows, [0.5, 0.5]))
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == VOCAB
 
 

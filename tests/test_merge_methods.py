@@ -4,15 +4,18 @@ computation of its formula: the outputs must be bit-identical."""
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
 from merge_fixtures import (
     BIG_SHAPES,
     budget_for_blocks,
+    exact_bf16,
     random_tensors,
     raw_checkpoint,
     read_merged,
+    round_to_bf16,
     weighted_sum,
 )
 
@@ -53,30 +56,67 @@ def floats(models, name):
     return [m[name] for m in models]
 
 
-def test_linear_is_the_fp32_weighted_sum_rounded_once(inputs, tmp_path):
+def test_linear_is_the_exact_weighted_mean_rounded_once(inputs, tmp_path):
+    # Integer weights: products and sums of bf16 values are exact in float64 and the one division
+    # by 10 cannot land on a rounding boundary unless the mean itself does, so this reference is exact.
     root, models = inputs
     out = merge(root, tmp_path, method="linear", weights=[2.0, 5.0, 3.0], integer_tensors_from="m2")
     for name in BIG_SHAPES:
-        assert torch.equal(out[name], weighted_sum(floats(models, name), [0.2, 0.5, 0.3]).to(torch.bfloat16)), name
+        exact = sum(x.double() * w for x, w in zip(floats(models, name), [2, 5, 3], strict=True)) / 10
+        assert torch.equal(out[name], round_to_bf16(exact)), name
     assert torch.equal(out["buf.ids"], models[2]["buf.ids"])
     assert set(out) == set(models[0])
+
+
+def test_uniform_merge_rounds_ties_to_even(tmp_path):
+    """The issue's example: the exact mean -0.013214111328125 lies halfway between two bf16 values;
+    weights normalized first (1/3 each) pushed it off centre and to the odd one."""
+    values = [-0.042724609375, 0.00860595703125, -0.005523681640625]
+    for name, v in zip(NAMES, values, strict=True):
+        raw_checkpoint(tmp_path / name, {"w": torch.tensor([v], dtype=torch.bfloat16)})
+    out = merge(tmp_path, tmp_path, method="linear")
+    assert sum(Fraction(v) for v in values) / 3 == Fraction(-0.013214111328125)
+    assert out["w"].item() == -0.01318359375
+
+
+def test_uniform_merge_equals_the_exact_mean_everywhere(inputs, tmp_path):
+    root, models = inputs
+    out = merge(root, tmp_path, method="linear")  # default weights: 1/3 each, i.e. the plain mean
+    for name in BIG_SHAPES:
+        exact = sum(x.double() for x in floats(models, name)) / 3
+        expected = round_to_bf16(exact)
+        assert torch.equal(out[name], expected), name
+        ties = (exact * 3 == sum(x.double() for x in floats(models, name))) & (expected.double() != exact)
+        assert ties.any()  # not vacuous: some elements round a real result
 
 
 def test_linear_output_dtype_is_configurable(inputs, tmp_path):
     root, models = inputs
     out = merge(root, tmp_path, method="linear", weights=[1, 1, 1], parameters={"normalize": False}, output={"dtype": "float32"})
     assert out["embed.weight"].dtype == torch.float32
-    assert torch.equal(out["embed.weight"], weighted_sum(floats(models, "embed.weight"), [1.0, 1.0, 1.0]))
+    exact = sum(x.double() for x in floats(models, "embed.weight"))  # exact in float64: one rounding to fp32
+    assert torch.equal(out["embed.weight"], exact.float())
     assert out["buf.ids"].dtype == torch.int64
 
 
-def test_task_arithmetic(inputs, tmp_path):
+def test_task_arithmetic_with_dyadic_parameters_is_exact(inputs, tmp_path):
+    root, models = inputs
+    out = merge(root, tmp_path, method="task_arithmetic", base_model="m1", weights=[0.75, 0.25], parameters={"lambda": 0.5})
+    for name in BIG_SHAPES:
+        base, a, b = (models[i][name].double() for i in (1, 0, 2))
+        assert torch.equal(out[name], round_to_bf16(base + ((a - base) * 0.75 + (b - base) * 0.25) * 0.5)), name
+
+
+def test_task_arithmetic_is_the_exact_formula_rounded_once(inputs, tmp_path):
     root, models = inputs
     out = merge(root, tmp_path, method="task_arithmetic", base_model="m1", weights=[0.7, 0.4], parameters={"lambda": 0.8})
+    lam, w = Fraction(0.8), [Fraction(0.7), Fraction(0.4)]
     for name in BIG_SHAPES:
-        base, a, b = (models[i][name].float() for i in (1, 0, 2))
-        expected = base + weighted_sum([a - base, b - base], [0.7, 0.4]) * 0.8
-        assert torch.equal(out[name], expected.to(torch.bfloat16)), name
+        flat = [models[i][name].flatten() for i in (1, 0, 2)]
+        for j in torch.randperm(flat[0].numel(), generator=torch.Generator().manual_seed(0))[:1500].tolist():
+            base, a, b = (Fraction(x[j].item()) for x in flat)
+            expected = exact_bf16(base + lam * (w[0] * (a - base) + w[1] * (b - base)))
+            assert out[name].flatten()[j].item() == expected, (name, j)
 
 
 def disjoint_mean(deltas, weights):
@@ -170,7 +210,7 @@ def test_overrides_change_weights_for_matching_tensors_only(inputs, tmp_path):
     root, models = inputs
     out = merge(root, tmp_path, method="linear", weights=[1, 1, 1], overrides=[{"pattern": "embed.*", "weights": [1, 0, 0]}])
     assert torch.equal(out["embed.weight"], models[0]["embed.weight"])
-    expected = weighted_sum(floats(models, "layer.weight"), [1 / 3] * 3).to(torch.bfloat16)
+    expected = round_to_bf16(sum(x.double() for x in floats(models, "layer.weight")) / 3)
     assert torch.equal(out["layer.weight"], expected)
 
 

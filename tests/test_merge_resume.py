@@ -63,6 +63,8 @@ KILLER = textwrap.dedent("""
                     os.kill(os.getpid(), signal.SIGKILL)
             original_replace(src, dst)
         merge.manifest.os.replace = replace
+    elif point == "aux":  # the first of the config and tokenizer files written
+        merge.job.write_atomic = hook(merge.job.write_atomic, before=False)
     elif point == "before-index":  # everything but the index
         merge.job.index_bytes = hook(merge.job.index_bytes)
     merge.job.run_merge(load_config(config), show_progress=False)
@@ -96,7 +98,10 @@ def rerun(root: Path, config: dict, out: Path) -> list[str]:
 
 @pytest.mark.parametrize(
     ("point", "when", "kept"),
-    [("mid-shard", 5, 0), ("after-rename", 2, 1), ("mid-manifest", 4, 2), ("before-index", 1, 3)],
+    [
+        ("mid-manifest", 1, 0), ("aux", 1, 0), ("mid-shard", 5, 0), ("after-rename", 2, 1), ("mid-manifest", 5, 2),
+        ("before-index", 1, 3),
+    ],
 )
 def test_killed_merge_resumes_to_identical_bytes(setup, tmp_path, point, when, kept):
     root, config = setup

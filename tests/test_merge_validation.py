@@ -276,3 +276,47 @@ def test_corrupt_shard_in_index_folder_is_named(two, tmp_path):
     """A shard the index lists but which holds other tensors than the index says."""
     save_file({"x": torch.zeros(2)}, str(tmp_path / "m1" / "model-00002-of-00002.safetensors"))
     refused(two, CheckpointError, "model-00002-of-00002.safetensors: holds 'x'")
+
+
+def test_negative_linear_weights_need_to_be_asked_for(two, tmp_path):
+    two["weights"] = [-0.5, 1.5]
+    refused(two, ConfigError, "weights: model 'm0' has a negative weight (-0.5)", "parameters.allow_negative_weights: true")
+    two["parameters"] = {"allow_negative_weights": True}
+    run_merge(validate_config(two), show_progress=False, log=lambda _: None)
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_negative_override_weights_name_the_override(two):
+    two["overrides"] = [{"pattern": "*", "weights": [1.0, -0.25]}]
+    refused(two, ConfigError, "overrides[0].weights: model 'm1'", "overrides[0].parameters.allow_negative_weights")
+
+
+def test_negative_task_vector_weights_are_allowed(two, tmp_path):
+    two |= {"method": "task_arithmetic", "base_model": "m0", "weights": [-1.0]}
+    run_merge(validate_config(two), show_progress=False, log=lambda _: None)
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("where", ["proc", "under-a-file"])
+def test_unwritable_output_is_one_line_and_exit_2(two, tmp_path, capsys, where):
+    (tmp_path / "file").write_text("x")
+    out = "/proc/calm-merge-out" if where == "proc" else str(tmp_path / "file" / "out")
+    two["output"]["path"] = out
+    config = write_config(tmp_path, two)
+    with pytest.raises(SystemExit) as exit_:
+        calm(["merge", str(config), "--no-progress"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"calm merge: error: {out}: cannot be created"), err
+
+
+def test_a_write_that_fails_anyway_is_one_line(two, tmp_path, monkeypatch):
+    """What access() cannot see (root on a read-only mount, a full disk): the write itself is guarded."""
+    import merge.manifest
+
+    def refuse(path, data):
+        raise PermissionError(13, "Read-only file system", str(path))
+
+    monkeypatch.setattr(merge.manifest, "write_atomic", refuse)
+    with pytest.raises(OutputError, match=r"merge_manifest.json: cannot write: Read-only file system"):
+        run_merge(validate_config(two), show_progress=False, log=lambda _: None)
