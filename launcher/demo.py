@@ -21,6 +21,8 @@ CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(CONFIG), help="demo training config")
     parser.add_argument("--steps", type=int, default=None, help="override training.steps")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray, DeepSpeed and library output here instead of in the run's log file")
 
 
 def toy_records(count: int, seed: int) -> list[dict]:
@@ -53,10 +55,12 @@ def make_assets(folder: Path, seed: int = 0) -> None:
 def run(args: argparse.Namespace) -> int:
     from launcher.config import load_config
     from launcher.preflight import describe, preflight
+    from launcher.quiet import log_path, quiet_output
     from launcher.train import train
 
     overrides = {"training.steps": args.steps} if args.steps else {}
     config = load_config(args.config, overrides)
-    make_assets(Path(config.models.anchor.path).parent)
-    print(describe(preflight(config)))
-    return train(config)
+    with quiet_output(log_path(config.run_dir, "demo"), verbose=args.verbose):
+        make_assets(Path(config.models.anchor.path).parent)
+        print(describe(preflight(config)))
+        return train(config)
