@@ -267,12 +267,12 @@ def run_plan(p: Plan, progress: bool = True) -> dict:
         chunks = math.ceil(math.ceil(records / job.micro_batch_size) / p.workers)
         follow(board, chunks * (1 if job.text_field else 2), thread, desc=f"eval {p.label}", unit="batch")
     thread.join()
+    metrics = ray.get(board.get_result.remote()) if "error" not in outcome else None
     ray.kill(board)
     if own_cluster:
         ray.shutdown()
     if "error" in outcome:
         raise EvalFailed(outcome["error"])
-    metrics = outcome["result"].metrics
     result = {
         "model": p.label,
         "exact_match": metrics.get("eval_exact_match"),

@@ -71,4 +71,6 @@ def eval_worker(loop_config: dict) -> None:
                        pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, device=device,
                        on_progress=on_progress, examples=job.examples if rank == 0 else 0)
     metrics["eval_micro_batches"] = len(share.loss_batches) + len(share.prompt_batches)
-    ray.train.report(metrics)  # every worker reports once; the driver reads rank 0's
+    if board is not None:  # Ray Train keeps only metrics that come with a checkpoint
+        ray.get(board.set_result.remote(metrics))
+    ray.train.report({})  # every worker reports, the same number of times

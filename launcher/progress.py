@@ -24,6 +24,12 @@ class ProgressBoard:
     def advance(self, step: int) -> None:
         self.step = step
 
+    def set_result(self, result: dict) -> None:
+        self.result = result
+
+    def get_result(self) -> dict | None:
+        return getattr(self, "result", None)
+
     def read(self, seen: int) -> tuple[int, list[dict]]:
         return self.step, self.history[seen:]
 
