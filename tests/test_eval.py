@@ -2,6 +2,7 @@
 equals recomputation, exact match can be 1.0 and 0.0, `calm generate` and `calm eval` on tiny models."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,17 +67,16 @@ def test_cached_greedy_decoding_on_the_eval_path_equals_recomputation(saved):
             lambda b: augmenting_states(augmenting, connections, b["input_ids"], b["attention_mask"])), []),
         (SingleModel(composed.anchor), None, []),
     ]
+    outputs = []
     for m, states, caches in cases:
-        cached = greedy_completions(m, PROMPTS, states, lambda m=m, c=caches: new_cache_for(m, c), 24, 0, None)
-        full = greedy_completions(m, PROMPTS, states, lambda m=m, c=caches: new_cache_for(m, c), 24, 0, None,
+        cached = greedy_completions(m, PROMPTS, states, lambda m=m, c=caches: new_cache_for(m, c), 12, 0, None)
+        full = greedy_completions(m, PROMPTS, states, lambda m=m, c=caches: new_cache_for(m, c), 12, 0, None,
                                   use_cache=False)
         assert cached == full
-        assert all(len(row) == 24 for row in cached)
-    # The composition changes what is generated (else the comparison above says little).
-    anchor_alone = greedy_completions(SingleModel(composed.anchor), PROMPTS, None,
-                                      lambda: new_cache_for(composed, []), 24, 0, None)
-    assert anchor_alone != greedy_completions(model, PROMPTS, cases[0][1],
-                                              lambda: new_cache_for(model, augmenting), 24, 0, None)
+        assert all(len(row) == 12 for row in cached)
+        outputs.append(cached)
+    assert outputs[0] == outputs[1]
+    assert outputs[0] != outputs[2]  # the composition changes what is generated: the checks above say something
 
 
 def test_decoding_stops_at_eos_on_every_row():
@@ -109,13 +109,17 @@ def test_rank_chunks_evaluate_each_record_once_in_lockstep(count, micro, world):
     assert counted == list(range(count))
 
 
-def greedy_records(composed, tokenizer, prompts: list[str], wrong: bool = False) -> list[dict]:
+def greedy_records(composed, tokenizer, prompts: list[str], wrong: bool = False, micro_batch_size: int = 2) -> list[dict]:
     """Records whose completion is the composition's own greedy continuation (cut at EOS), or, with
-    `wrong`, that continuation with one more character."""
+    `wrong`, that continuation with one more character. Decoded in the micro-batches the evaluation
+    uses, so that padding is the same too."""
     model, augmenting = external(composed), list(composed.augmenting)
     encoded = [[tokenizer.bos_token_id] + tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-    tokens = greedy_completions(model, encoded, colocated_decode_states(augmenting, composed.connections),
-                                lambda: new_cache_for(model, augmenting), 6, 0, tokenizer.eos_token_id)
+    tokens = []
+    for start in range(0, len(encoded), micro_batch_size):
+        tokens += greedy_completions(model, encoded[start:start + micro_batch_size],
+                                     colocated_decode_states(augmenting, composed.connections),
+                                     lambda: new_cache_for(model, augmenting), 6, 0, tokenizer.eos_token_id)
     records = []
     for prompt, row in zip(prompts, tokens, strict=True):
         completion = tokenizer.decode(row).strip()
@@ -165,36 +169,129 @@ def test_exact_match_is_one_for_greedy_targets_and_zero_for_others_and_loss_is_e
     assert right["eval_loss"] == pytest.approx(expected, rel=1e-5)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], env=ENV, cwd=ROOT, timeout=900,
-                          capture_output=True, text=True)
+def calm(capsys, *args: str) -> tuple[int, str, str]:
+    """Run `calm ARGS` in this process: (exit code, stdout, stderr)."""
+    from launcher.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
 
 
-def test_calm_generate_streams_the_greedy_completion_and_writes_prompt_files(saved, tmp_path):
+def test_calm_generate_streams_the_greedy_completion_and_writes_prompt_files(saved, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    folder, composed = saved
+    composition = str(folder / "run/composition")
+    tokenizer = AutoTokenizer.from_pretrained(folder / "assets/anchor")
+    records = greedy_records(composed, tokenizer, ["12+7=", "3+45="])
+    code, out, err = calm(capsys, "generate", composition, "--prompt", "12+7=", "--max-new-tokens", "6")
+    assert code == 0, err
+    assert out.splitlines() == ["12+7=" + records[0]["completion"]]  # nothing but the text
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("12+7=\n3+45=\n")
+    output = tmp_path / "completions.jsonl"
+    code, out, err = calm(capsys, "generate", composition, "--prompts", str(prompts), "--max-new-tokens", "6",
+                          "--output", str(output))
+    assert code == 0, err
+    assert [json.loads(line) for line in output.read_text().splitlines()] == records
+    assert "Loading weights" not in out + err  # transformers' chatter stays quiet
+
+
+def test_sampling_through_generate_is_seeded(saved):
+    from transformers import AutoTokenizer
+
+    from launcher.generate import complete
+
+    folder, composed = saved
+    tokenizer = AutoTokenizer.from_pretrained(folder / "assets/anchor")
+    runs = [complete(composed, tokenizer, ["1+1=", "22+3="], max_new_tokens=8, sample=True, temperature=2.0,
+                     top_k=20, seed=3) for _ in range(2)]
+    assert runs[0] == runs[1]
+    greedy = complete(composed, tokenizer, ["1+1=", "22+3="], max_new_tokens=8)
+    assert greedy == complete(composed, tokenizer, ["1+1=", "22+3="], max_new_tokens=8, sample=True, top_k=1, seed=5)
+
+
+def test_calm_generate_names_a_missing_base_model(saved, tmp_path, capsys):
+    folder, _ = saved
+    code, _, err = calm(capsys, "generate", str(folder / "run/composition"), "--prompt", "1",
+                        "--anchor", str(tmp_path / "nope"))
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"calm generate: error: --anchor: the anchor {tmp_path / 'nope'} is not a Hugging Face model folder "
+        "(no config.json)"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-process: the real commands on Ray Train workers under DeepSpeed ZeRO-3
+
+
+# Lines that must never reach the terminal of a quiet run (seen there before output was made quiet).
+NOISE = ["Failed to query Ray Train Controller", "Warning", "WARNING", "across cluster", "pid=",
+         "Checkpoint successfully created", "deepspeed_shm_comm_op", "DeepSpeed", "ds_accelerator",
+         "Started a local Ray instance", "Token authentication", "core_worker", "Generating train split",
+         "tokenizing", "Loading weights", "Setting up process group", "[rank", "INFO", "Traceback"]
+
+
+def terminal_lines(result: subprocess.CompletedProcess) -> list[str]:
+    """What a terminal shows: both streams, progress-bar redraws (carriage returns) split into lines."""
+    return [line for line in re.split(r"[\r\n]+", result.stdout + result.stderr) if line.strip()]
+
+
+def noise_in(lines: list[str]) -> list[str]:
+    return [line for line in lines if any(pattern in line for pattern in NOISE)]
+
+
+@pytest.mark.distributed
+def test_calm_eval_on_two_zero3_workers_scores_the_composition(saved):
     from transformers import AutoTokenizer
 
     folder, composed = saved
     tokenizer = AutoTokenizer.from_pretrained(folder / "assets/anchor")
-    records = greedy_records(composed, tokenizer, ["12+7=", "3+45="])
-    single = run_cli("generate", str(folder / "run/composition"), "--prompt", "12+7=", "--max-new-tokens", "6")
-    assert single.returncode == 0, single.stderr[-2000:]
-    assert single.stdout.splitlines() == ["12+7=" + records[0]["completion"]]  # nothing but the text
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("12+7=\n3+45=\n")
-    out = tmp_path / "completions.jsonl"
-    many = run_cli("generate", str(folder / "run/composition"), "--prompts", str(prompts), "--max-new-tokens", "6",
-                   "--output", str(out))
-    assert many.returncode == 0, many.stderr[-2000:]
-    assert [json.loads(line) for line in out.read_text().splitlines()] == records
-    sampled = [run_cli("generate", str(folder / "run/composition"), "--prompt", "1+1=", "--sample", "--seed", "3",
-                       "--temperature", "2.0", "--max-new-tokens", "8").stdout for _ in range(2)]
-    assert sampled[0] == sampled[1]  # seeded
+    prompts = ["1+2=", "33+4=", "5+67=", "8+9=", "10+11=", "99+1=", "7="]
+    data = write_jsonl(folder / "greedy.jsonl", greedy_records(composed, tokenizer, prompts))
+    result = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "eval", str(folder / "run/composition"), "--data", str(data),
+         "--workers", "2", "--micro-batch-size", "2", "--max-new-tokens", "6"],
+        env=ENV, cwd=ROOT, timeout=900, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((folder / "run/eval/greedy.composition.json").read_text())
+    # 7 records in micro-batches of 2 over 2 ranks: rank 1 runs a filler that must count nowhere.
+    assert report["exact_match"] == 1.0 and report["samples"] == 7
+    assert report["model"] == "composition" and report["workers"] == 2
+    records = load_records(data)
+    tokenized = tokenize_records(records, tokenizer, max_length=512, prompt_field="prompt", completion_field="completion")
+    batch = collate(list(tokenized), 0)
+    logits = composed(batch["input_ids"], batch["attention_mask"]).logits
+    total = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                              ignore_index=-100, reduction="sum")
+    assert report["loss"] == pytest.approx(total.item() / int((batch["labels"][:, 1:] != -100).sum()), rel=1e-5)
+    lines = terminal_lines(result)
+    assert noise_in(lines) == []
+    assert any(line.split()[:3] == ["composition", "1.000", f"{report['loss']:.4f}"] for line in lines)
+    assert lines[-1].startswith("log: ") and Path(lines[-1][5:]).is_file()
 
 
-def test_calm_generate_names_a_missing_base_model(saved, tmp_path):
-    folder, _ = saved
-    result = run_cli("generate", str(folder / "run/composition"), "--prompt", "1", "--anchor", str(tmp_path / "nope"))
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        f"calm generate: error: --anchor: the anchor {tmp_path / 'nope'} is not a Hugging Face model folder "
-        "(no config.json)"]
+@pytest.mark.distributed
+def test_calm_train_is_quiet_and_its_evaluation_decodes_under_zero3(tmp_path):
+    from tests.distributed.runs import tiny_config, train_command
+
+    config = tiny_config(tmp_path, steps=2, checkpoint_every=2)
+    assets = tmp_path / "assets"
+    result = subprocess.run(
+        train_command(config, "--set", f"data.eval={assets / 'eval.jsonl'}", "--set", "training.eval_every=2",
+                      "--set", "training.eval_samples=8", "--set", "training.eval_max_new_tokens=3"),
+        env=ENV, cwd=ROOT, timeout=900, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = terminal_lines(result)
+    assert noise_in(lines) == [], "\n".join(noise_in(lines))
+    assert any(line.startswith("step 2 ") and "exact_match" in line for line in lines)
+    assert any(line.startswith("done: 2 steps") for line in lines)
+    assert lines[-1].startswith("log: ")
+    log = Path(lines[-1][5:]).read_text()
+    assert "Started a local Ray instance" in log  # the driver's chatter went there
+    assert "tokenizing" in log  # and the workers'
+    metrics = [json.loads(line) for line in (tmp_path / "out/tiny-demo/metrics.jsonl").read_text().splitlines()]
+    assert 0.0 <= metrics[-1]["eval_exact_match"] <= 1.0 and metrics[-1]["eval_loss"] > 0
