@@ -11,8 +11,10 @@ a table on the terminal and JSON in the run folder's eval/ folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -243,14 +245,15 @@ def run_plan(p: Plan, progress: bool = True) -> dict:
     job = p.job
     board_name = f"calm-eval-progress-{time.time_ns()}"
     board = ProgressBoard.options(name=board_name, num_cpus=0).remote()
-    storage = p.output_dir / ".ray"
+    storage = (p.output_dir / ".ray").resolve()  # Ray Train's bookkeeping; removed after a success
+    run_name = f"eval-{p.label}-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = TorchTrainer(
         eval_worker,
         train_loop_config={"job": job.model_dump(mode="json"), "board": board_name},
         scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=job.use_gpu,
                                      resources_per_worker={"CPU": p.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),
-        run_config=RunConfig(name=f"eval-{p.label}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(storage.resolve())),
+        run_config=RunConfig(name=run_name, storage_path=str(storage)),
     )
     outcome: dict = {}
 
@@ -273,6 +276,9 @@ def run_plan(p: Plan, progress: bool = True) -> dict:
         ray.shutdown()
     if "error" in outcome:
         raise EvalFailed(outcome["error"])
+    shutil.rmtree(storage / run_name, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        storage.rmdir()  # only if no other evaluation is using it
     result = {
         "model": p.label,
         "exact_match": metrics.get("eval_exact_match"),
