@@ -208,13 +208,19 @@ def _check_bases(manifest: dict, specs: list[ModelSpec], file: Path) -> None:
 
 
 def _check_data(path: Path, fields: tuple) -> None:
+    import datasets
+
     from calm_dist.data import DataError, check_fields, load_records
 
+    # Before the log exists (its folder comes from the plan): a peek at the file, without a progress bar.
+    datasets.disable_progress_bars()
     try:
         records = load_records(path)
         check_fields(records, path, prompt_field=fields[0], completion_field=fields[1], text_field=fields[2])
     except DataError as err:
         raise ConfigError(f"--data: {err}") from None
+    finally:
+        datasets.enable_progress_bars()
 
 
 def evaluate(target: str | Path, data: str | Path, *, progress: bool = True, **flags) -> dict:
