@@ -38,10 +38,12 @@ def save_composition(
     path: str | os.PathLike,
     extra: dict | None = None,
     state: dict[str, torch.Tensor] | None = None,
+    augmenting_sources: list[str] | None = None,
 ) -> Path:
     """Write the checkpoint folder atomically: a crash never leaves a folder that looks complete.
 
     state: the composition tensors, when they are not in the model itself (gathered from ZeRO shards).
+    augmenting_sources: the augmenting models' folders, when the model holds only their dimensions.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,7 +52,8 @@ def save_composition(
         "format_version": FORMAT_VERSION,
         "anchor": {"source": _source(model.anchor), **model.anchor_dims.to_json()},
         "augmenting": [
-            {"source": _source(model.augmenting[k]) if model.augmenting else "", **d.to_json()}
+            {"source": _source(model.augmenting[k]) if model.augmenting else (augmenting_sources or [""] * (k + 1))[k],
+             **d.to_json()}
             for k, d in enumerate(model.augmenting_dims)
         ],
         "connections": [

@@ -3,6 +3,8 @@ the augmenting models, each advancing its own KV cache."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from calm_dist.composed import ComposedModel
@@ -44,11 +46,13 @@ def generate(
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
     generator: torch.Generator | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Prompts (left- or right-padded) followed by up to max_new_tokens generated tokens per row.
 
     Rows that produced eos_token_id are padded with pad_token_id from then on; decoding stops when every
-    row has finished.
+    row has finished. on_token, if given, receives each step's new tokens ([batch]) as they come
+    (streaming).
     """
     if do_sample and temperature <= 0:
         raise ValueError("temperature must be > 0 when sampling (use do_sample=False for greedy)")
@@ -67,6 +71,8 @@ def generate(
             token = logits.argmax(-1)
         token = token.masked_fill(finished, pad_token_id)
         sequence = torch.cat([sequence, token[:, None]], dim=1)
+        if on_token is not None:
+            on_token(token)
         attention_mask = torch.cat([attention_mask, (~finished).long()[:, None]], dim=1)
         if eos_token_id is not None:
             finished |= token == eos_token_id

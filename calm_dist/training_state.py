@@ -49,9 +49,11 @@ def gathered_composition(model: ComposedModel) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in model.composition.state_dict().items()}
 
 
-def export_composition(model: ComposedModel, path: str | Path, extra: dict | None = None) -> Path | None:
-    """Write the composition checkpoint (calm_dist.checkpoint format) from rank 0."""
+def export_composition(model: ComposedModel, path: str | Path, extra: dict | None = None,
+                       augmenting_sources: list[str] | None = None) -> Path | None:
+    """Write the composition checkpoint (calm_dist.checkpoint format) from rank 0. augmenting_sources:
+    the augmenting models' folders, which a model holding only their dimensions cannot name."""
     state = gathered_composition(model)
     if dist.get_rank() != 0:
         return None
-    return save_composition(model, path, extra=extra, state=state)
+    return save_composition(model, path, extra=extra, state=state, augmenting_sources=augmenting_sources)

@@ -17,6 +17,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("launcher.demo", "train a composition of two tiny seeded models on an embedded local Ray"),
     "train": ("launcher.train", "train a composition: Ray Train workers running DeepSpeed ZeRO-3"),
     "submit": ("launcher.submit", "submit a training config as a job to a Ray cluster"),
+    "eval": ("launcher.eval", "score a composition, or one base model alone, on prompt/completion data"),
+    "generate": ("launcher.generate", "complete prompts with a saved composition and its base models"),
     "merge": ("merge.cli", "build an LM-Cocktail blend by streaming safetensors checkpoints"),
     "plan": ("launcher.plan", "will it fit? memory per worker of a training or merge config, from model configs only"),
 }
@@ -39,11 +41,27 @@ def main(argv: list[str] | None = None) -> None:
         code = module.run(args)
     except tuple(getattr(module, "USER_ERRORS", ())) as err:
         print(f"calm {args.command}: error: {err}", file=sys.stderr)
+        _name_log()
         code = 2
     except KeyboardInterrupt:
         print(f"calm {args.command}: interrupted", file=sys.stderr)
         code = 130
+    except Exception as err:
+        from launcher.quiet import last_log, one_line
+
+        if last_log() is None:  # not a quiet command: the traceback is the report
+            raise
+        print(f"calm {args.command}: failed: {type(err).__name__}: {one_line(err)}", file=sys.stderr)
+        _name_log()
+        code = 1
     raise SystemExit(code)
+
+
+def _name_log() -> None:
+    """After an error of a quiet command, say where the whole story is."""
+    quiet = sys.modules.get("launcher.quiet")
+    if quiet is not None and quiet.last_log() is not None:
+        print(f"log: {quiet.last_log()}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ job of DeepSpeed ZeRO-3 workers, show progress, print a summary."""
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, e.g. --set training.steps=50 (value parsed as YAML)",
     )
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray, DeepSpeed and library output here instead of in the run's log file")
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -43,9 +46,11 @@ def latest_checkpoint(run_storage: Path) -> Path | None:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, parse_overrides(args.set))
     from launcher.preflight import describe, preflight
+    from launcher.quiet import log_path, quiet_output
 
-    print(describe(preflight(config)))
-    return train(config, resume=args.resume)
+    with quiet_output(log_path(config.run_dir, "train"), verbose=args.verbose):
+        print(describe(preflight(config)))
+        return train(config, resume=args.resume)
 
 
 def train(config: TrainConfig, resume: bool = False) -> int:
@@ -53,7 +58,8 @@ def train(config: TrainConfig, resume: bool = False) -> int:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from launcher.progress import ProgressBoard, follow
+    from launcher.progress import ProgressBoard, follow, summary
+    from launcher.quiet import is_quiet, one_line
     from launcher.train_worker import train_worker
 
     storage = Path(config.ray.storage_path).resolve()
@@ -73,11 +79,12 @@ def train(config: TrainConfig, resume: bool = False) -> int:
     if config.placement.mode == "pipelined":
         workers += config.placement.augmenting_workers
     if config.ray.address:
-        ray.init(address=config.ray.address, runtime_env=config.ray.runtime_env or None)
+        ray.init(address=config.ray.address, runtime_env=config.ray.runtime_env or None,
+                 log_to_driver=not is_quiet())
     else:  # embedded local cluster, reachable only from this machine
         ray.init(num_cpus=max(2, int(workers * config.ray.cpus_per_worker) + 1), include_dashboard=False,
                  _node_ip_address="127.0.0.1", runtime_env=config.ray.runtime_env or None,
-                 log_to_driver=True)
+                 log_to_driver=not is_quiet())
     board_name = f"calm-progress-{config.name}-{time.time_ns()}"
     board = ProgressBoard.options(name=board_name, num_cpus=0).remote()
     trainer = TorchTrainer(
@@ -107,10 +114,12 @@ def train(config: TrainConfig, resume: bool = False) -> int:
     last = follow(board, config.training.steps, thread)
     thread.join()
     if "error" in outcome:
-        print(f"calm train: training failed: {outcome['error']}")
+        print(f"calm train: training failed: {one_line(outcome['error'])}")
+        print(outcome["error"], file=sys.stderr)  # the whole story, for the log
         return 1
-    composition = Path(config.output_dir) / config.name / "composition"
-    print("summary:", {k: round(v, 4) if isinstance(v, float) else v for k, v in last.items()})
-    print(f"composition checkpoint: {composition}")
-    print(f"tensorboard: tensorboard --logdir {Path(config.output_dir) / config.name / 'tensorboard'}")
+    run_dir = Path(config.output_dir) / config.name
+    print(summary(last))
+    print(f"composition: {run_dir / 'composition'}")
+    print(f"metrics:     {run_dir / 'metrics.jsonl'}")
+    print(f"tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}")
     return 0

@@ -3,30 +3,35 @@ data shard, report checkpoints to Ray Train, export the composition at the end."
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
 from launcher.config import TrainConfig
 from launcher.connections import connections_for
 from launcher.run_log import RunLog
+from launcher.worker_setup import (
+    load_partitioned_model,
+    load_tokenizer,
+    load_whole,
+    model_config,
+    start_worker,
+    training_evaluation,
+)
 
 
 def train_worker(loop_config: dict) -> None:
     config = TrainConfig.model_validate(loop_config["config"])
-    if not config.ray.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    device = start_worker(config.ray.use_gpu)
     import deepspeed
     import ray.train
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from calm_dist.alignment import Aligner, views_from_batch
     from calm_dist.architectures import dims_from_config
     from calm_dist.composed import ComposedModel, augmenting_states
     from calm_dist.data import ShardedBatches, load_records, tokenize_records
     from calm_dist.engine import build_engine, deepspeed_config, lr_lambda
-    from calm_dist.partitioned_loading import load_partitioned
+    from calm_dist.evaluation import colocated_decode_states, new_cache_for, recomputed_decode_states
     from calm_dist.placement import AugmentingClient, AugmentingServer, Layout, split_world
     from calm_dist.train_loop import LoopSettings, run
     from calm_dist.training_state import export_composition, load_training_state, save_training_state
@@ -38,23 +43,16 @@ def train_worker(loop_config: dict) -> None:
     pipelined = config.placement.mode == "pipelined"
     layout = Layout(config.ray.num_workers, config.placement.augmenting_workers) if pipelined else None
     world = split_world(layout, backend) if pipelined else None  # anchors get a world of their own
-    device = torch.device("cuda", torch.cuda.current_device()) if config.ray.use_gpu else torch.device("cpu")
     torch.manual_seed(train.seed)
     data_rank, data_world = rank, config.ray.num_workers  # anchor ranks come first
 
-    aug_configs = [AutoConfig.from_pretrained(m.path, trust_remote_code=m.trust_remote_code)
-                   for m in config.models.augmenting]
-    anchor_config = AutoConfig.from_pretrained(config.models.anchor.path,
-                                               trust_remote_code=config.models.anchor.trust_remote_code)
+    aug_configs = [model_config(m) for m in config.models.augmenting]
+    anchor_config = model_config(config.models.anchor)
     connections = connections_for(config.composition, anchor_config.num_hidden_layers,
                                   [c.num_hidden_layers for c in aug_configs])
 
     def load_augmenting():
-        return [
-            AutoModelForCausalLM.from_pretrained(m.path, dtype=getattr(torch, m.dtype), trust_remote_code=m.trust_remote_code)
-            .to(device).requires_grad_(False).eval()
-            for m in config.models.augmenting
-        ]
+        return load_whole(config.models.augmenting, device)
 
     if pipelined and not layout.is_anchor(rank):
         # An augmenting rank: serve hidden states until the anchor ranks stop, and take part in every
@@ -76,13 +74,12 @@ def train_worker(loop_config: dict) -> None:
         extra=config.deepspeed.extra,
     )
     spec = config.models.anchor
-    anchor = load_partitioned(spec.path, ds_config, getattr(torch, spec.dtype),
-                              trust_remote_code=spec.trust_remote_code)
+    anchor = load_partitioned_model(spec, ds_config)
     if config.deepspeed.activation_checkpointing:
         anchor.activation_checkpointing_enable({"use_reentrant": False})
-    tokenizer = AutoTokenizer.from_pretrained(config.models.tokenizer or spec.path)
+    tokenizer, pad = load_tokenizer(config.models.tokenizer or spec.path)
     # Augmenting models with a tokenizer of their own read the text (calm_dist.alignment).
-    own = [AutoTokenizer.from_pretrained(m.tokenizer) if m.tokenizer else None for m in config.models.augmenting]
+    own = [load_tokenizer(m.tokenizer)[0] if m.tokenizer else None for m in config.models.augmenting]
     aligner = Aligner(tokenizer, own) if any(t is not None for t in own) else None
     aug_pads = [aligner.pad_id(k) if t is not None else 0 for k, t in enumerate(own)] if aligner else []
     composed = ComposedModel(anchor, [dims_from_config(c) for c in aug_configs], connections,
@@ -93,7 +90,6 @@ def train_worker(loop_config: dict) -> None:
     engine, _, _ = build_engine(composed, ds_config, lr=opt.lr, weight_decay=opt.weight_decay, betas=opt.betas,
                                 eps=opt.eps, schedule=schedule)
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     fields = dict(text_field=config.data.text_field, prompt_field=config.data.prompt_field,
                   completion_field=config.data.completion_field)
 
@@ -123,6 +119,8 @@ def train_worker(loop_config: dict) -> None:
                                   [getattr(torch, m.dtype) for m in config.models.augmenting], device,
                                   config.placement.prefetch)
         states_for = client.states_for
+        decode_states = recomputed_decode_states(states_for)
+        augmenting = []
     else:
         augmenting = load_augmenting()
 
@@ -130,11 +128,18 @@ def train_worker(loop_config: dict) -> None:
             return augmenting_states(augmenting, connections, batch["input_ids"], batch["attention_mask"],
                                      views=views_from_batch(batch))
 
+        decode_states = colocated_decode_states(augmenting, connections)
+
     evaluate = None
     if config.data.eval and train.eval_every:
         eval_records = load_records(config.data.eval, config.data.split)
-        evaluate = _evaluation(config, engine, tokenizer, eval_records, tokenized(eval_records), states_for,
-                               on_device, pad, data_rank, data_world, aug_pads)
+        if aligner is not None:  # augmenting tokens of their own: decoding recomputes (calm_dist.aligned_evaluation)
+            evaluate = _aligned_evaluation(config, engine, tokenizer, eval_records, tokenized(eval_records), states_for,
+                                           on_device, pad, data_rank, data_world, aug_pads)
+        else:
+            evaluate = training_evaluation(config, engine, tokenizer, eval_records, tokenized(eval_records), states_for,
+                                           decode_states, lambda: new_cache_for(composed, augmenting), device, pad,
+                                           data_rank, data_world)
 
     run_dir = Path(config.output_dir) / config.name
     board = ray.get_actor(loop_config["board"]) if loop_config.get("board") else None
@@ -161,17 +166,18 @@ def train_worker(loop_config: dict) -> None:
         run(engine, stream, states_for, settings, start_step, on_log, on_checkpoint, evaluate)
     if pipelined:
         client.stop()
-    export_composition(composed, run_dir / "composition", extra={"trained_steps": train.steps, "run": config.name})
+    export_composition(composed, run_dir / "composition", extra={"trained_steps": train.steps, "run": config.name},
+                       augmenting_sources=[m.path for m in config.models.augmenting])
     if run_log is not None:
         run_log.close()
 
 
-def _evaluation(config: TrainConfig, engine, tokenizer, records, eval_set, states_for, on_device, pad: int,
+def _aligned_evaluation(config: TrainConfig, engine, tokenizer, records, eval_set, states_for, on_device, pad: int,
                 data_rank: int, data_world: int, aug_pads: list[int]):
     """The evaluate() callback: held-out loss, plus exact match of greedy completions for
     prompt/completion data. Each anchor rank evaluates an equal share (ZeRO-3 needs lockstep)."""
+    from calm_dist.aligned_evaluation import eval_loss, exact_match
     from calm_dist.data import ShardedBatches
-    from calm_dist.evaluation import eval_loss, exact_match
 
     train = config.training
     eval_set = eval_set.select(range(min(len(eval_set), train.eval_samples)))

@@ -1,0 +1,76 @@
+"""What each Ray Train worker of `calm eval` runs: the model to score under DeepSpeed ZeRO-3 (the
+composition on its base models, or one base model alone), its share of the data, and the metrics
+reported back to the driver."""
+
+from __future__ import annotations
+
+from launcher.eval import EvalJob
+from launcher.worker_setup import load_partitioned_model, load_tokenizer, load_whole, start_worker
+
+
+def eval_worker(loop_config: dict) -> None:
+    job = EvalJob.model_validate(loop_config["job"])
+    device = start_worker(job.use_gpu)
+    import deepspeed
+    import ray.train
+    import torch
+    from safetensors.torch import load_file
+
+    from calm_dist.architectures import dims_from_config
+    from calm_dist.checkpoint import WEIGHTS, read_manifest
+    from calm_dist.composed import ComposedModel, augmenting_states
+    from calm_dist.connections import Connection
+    from calm_dist.data import load_records, tokenize_records
+    from calm_dist.engine import deepspeed_config
+    from calm_dist.evaluation import SingleModel, colocated_decode_states, eval_share, evaluate, new_cache_for
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    deepspeed.init_distributed(dist_backend="nccl" if job.use_gpu else "gloo")
+    ds_config = deepspeed_config(micro_batch_size=job.micro_batch_size, gradient_accumulation_steps=1,
+                                 data_parallel_size=world, zero_stage=job.zero_stage)
+    tokenizer, pad = load_tokenizer(job.tokenizer)
+
+    if job.model == "composition":
+        manifest = read_manifest(job.composition)
+        connections = [Connection(**c) for c in manifest["connections"]]
+        augmenting = load_whole(job.augmenting, device)
+        model = ComposedModel(load_partitioned_model(job.anchor, ds_config),
+                              [dims_from_config(m.config) for m in augmenting], connections,
+                              num_heads=manifest["num_heads"], dtype=getattr(torch, manifest["dtype"]))
+        # θ_C goes in while the composition is still whole; DeepSpeed partitions it below.
+        model.composition.load_state_dict(load_file(f"{job.composition}/{WEIGHTS}"))
+        model.composition.requires_grad_(False)
+
+        def states_for(batch):
+            return augmenting_states(augmenting, connections, batch["input_ids"], batch["attention_mask"])
+
+        decode_states = colocated_decode_states(augmenting, connections)
+    else:
+        spec = job.anchor if job.model == "anchor" else job.augmenting[job.augmenting_index]
+        model, augmenting, states_for, decode_states = SingleModel(load_partitioned_model(spec, ds_config)), [], None, None
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+
+    records = load_records(job.data, job.split)
+    if job.samples is not None:
+        records = records.select(range(min(job.samples, len(records))))
+    tokenized = tokenize_records(records, tokenizer, max_length=job.max_length, text_field=job.text_field,
+                                 prompt_field=job.prompt_field, completion_field=job.completion_field)
+    share = eval_share(records, tokenized, tokenizer, micro_batch_size=job.micro_batch_size, rank=rank,
+                       world_size=world, pad_token_id=pad, prompt_field=job.prompt_field,
+                       completion_field=job.completion_field)
+    board = ray.get_actor(loop_config["board"]) if rank == 0 and loop_config.get("board") else None
+
+    def on_progress(done: int) -> None:
+        if board is not None:
+            board.advance.remote(done)
+
+    metrics = evaluate(engine, share, decode=tokenizer.decode, states_for=states_for, decode_states=decode_states,
+                       new_cache=lambda: new_cache_for(model, augmenting), max_new_tokens=job.max_new_tokens,
+                       pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, device=device,
+                       on_progress=on_progress, examples=job.examples if rank == 0 else 0)
+    metrics["eval_micro_batches"] = len(share.loss_batches) + len(share.prompt_batches)
+    if board is not None:  # Ray Train keeps only metrics that come with a checkpoint
+        ray.get(board.set_result.remote(metrics))
+    ray.train.report({})  # every worker reports, the same number of times
