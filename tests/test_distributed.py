@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from calm_dist.tiny import tiny_model
 from tests.distributed.runs import ENV, ROOT, assert_same_composition, tiny_config, train
@@ -18,19 +18,54 @@ from tests.distributed.runs import ENV, ROOT, assert_same_composition, tiny_conf
 pytestmark = pytest.mark.distributed
 
 
-def test_each_rank_holds_half_the_anchor_and_gathers_it_exactly(tmp_path):
-    tiny_model("llama", layers=4, width=128, heads=4, seed=0).save_pretrained(tmp_path / "anchor")
+def hub_style(family: str, folder: Path, seed: int) -> None:
+    """A tied checkpoint as model hubs publish many: saved from the base model, so no base-model prefix
+    (GPT-2: `wte.weight`, `h.0.attn.c_attn.weight`; Gemma: `embed_tokens.weight`), no head, and GPT-2's
+    causal-mask buffers stored beside the weights."""
+    model = tiny_model(family, layers=2, width=64, heads=4, seed=seed, tied=True)
+    prefix = model.base_model_prefix + "."
+    tensors = {name.removeprefix(prefix): tensor.contiguous() for name, tensor in model.state_dict().items()
+               if name.startswith(prefix)}
+    if family == "gpt2":
+        positions = model.config.n_positions
+        mask = torch.tril(torch.ones(positions, positions)).view(1, 1, positions, positions)
+        tensors.update({f"h.{i}.attn.bias": mask.clone() for i in range(model.config.n_layer)})
+    folder.mkdir(parents=True)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    model.config.save_pretrained(folder)
+
+
+def test_each_rank_holds_half_of_each_anchor_and_gathers_it_exactly(tmp_path):
+    """Llama (untied), Gemma, Qwen2 and GPT-2 (tied) as save_pretrained writes them, and GPT-2 and Gemma as
+    hubs publish them, loaded one after the other by the same two ranks."""
+    checkpoints = {"llama": tmp_path / "llama"}
+    tiny_model("llama", layers=4, width=128, heads=4, seed=0).save_pretrained(checkpoints["llama"])
+    for seed, family in enumerate(("gemma", "qwen2", "gpt2"), start=1):
+        checkpoints[family] = tmp_path / family
+        tiny_model(family, layers=2, width=64, heads=4, seed=seed, tied=True).save_pretrained(checkpoints[family])
+    for seed, family in enumerate(("gpt2", "gemma"), start=10):
+        checkpoints[f"{family}-hub"] = tmp_path / f"{family}-hub"
+        hub_style(family, checkpoints[f"{family}-hub"], seed)
+    stored = {name: set(load_file(path / "model.safetensors")) for name, path in checkpoints.items()}
+    assert "lm_head.weight" not in stored["gpt2"] and "transformer.wte.weight" in stored["gpt2"]
+    assert "wte.weight" in stored["gpt2-hub"] and "h.0.attn.bias" in stored["gpt2-hub"]
+    assert "embed_tokens.weight" in stored["gemma-hub"]
+
     out = tmp_path / "report"
     subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-         str(ROOT / "tests/distributed/partition_check.py"), str(tmp_path / "anchor"), str(out)],
+         str(ROOT / "tests/distributed/partition_check.py"), str(out), *map(str, checkpoints.values())],
         check=True, env=ENV, cwd=ROOT, timeout=600,
     )
     reports = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)]
-    for report in reports:
-        assert report["equal"]
-        assert abs(report["local_bytes"] / report["total_bytes"] - 0.5) < 0.05
-    assert sum(r["local_bytes"] for r in reports) >= reports[0]["total_bytes"]
+    for name, rank0, rank1 in zip(checkpoints, *reports, strict=True):
+        for report in (rank0, rank1):
+            assert report["equal_file"] and report["equal_reference"], name
+            # The same parameters as from_pretrained builds: a tied head is the embedding, held once.
+            assert report["parameters"] == report["reference_parameters"], name
+            assert report["head_is_embedding"] == (name != "llama"), name
+            assert abs(report["local_bytes"] / report["total_bytes"] - 0.5) < 0.05, name
+        assert rank0["local_bytes"] + rank1["local_bytes"] >= rank0["total_bytes"], name
 
 
 @pytest.fixture(scope="module")
