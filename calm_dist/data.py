@@ -33,6 +33,10 @@ class DataError(ValueError):
     resume state from other sharding. The message names the file or setting at fault."""
 
 
+class NothingToPredict(DataError):
+    """No record keeps a token to predict after truncation to max_length."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Records
 
@@ -213,7 +217,7 @@ def tokenize_records(
         log.warning("dropped %d of %d records with nothing left to predict after truncation to max_length=%d",
                     dropped, len(dataset), max_length)
     if len(tokenized) == 0:
-        raise DataError(f"no record has a token left to predict after truncation to max_length={max_length}")
+        raise NothingToPredict(f"no record has a token left to predict after truncation to max_length={max_length}")
     return tokenized
 
 

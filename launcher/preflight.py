@@ -8,10 +8,7 @@ Each problem raises ConfigError naming the config key and the path or value at f
 
 from __future__ import annotations
 
-import json
-import math
 import socket
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -22,6 +19,7 @@ from calm_dist.cross_attention import CrossAttention
 from calm_dist.errors import CompositionError
 from launcher.config import ConfigError, ModelSpec, TrainConfig
 from launcher.connections import connections_for
+from launcher.weight_files import check_weights
 
 ADDRESS_TIMEOUT_S = 3.0
 
@@ -43,7 +41,7 @@ class PreflightReport:
     connections: tuple[Connection, ...]
     num_heads: int
     composition_parameters: int
-    anchor_parameters: int | None  # from the safetensors headers; None for .bin checkpoints
+    anchor_parameters: int  # from the safetensors headers
     train_records: int
     eval_records: int | None
     placement: str
@@ -64,16 +62,20 @@ def preflight(config: TrainConfig, *, address_timeout: float = ADDRESS_TIMEOUT_S
                 f"anchor (models.anchor.path: {config.models.anchor.path}) has {anchor.vocab_size}: "
                 "composition needs models that share a tokenizer"
             )
-    _check_tokenizer(config, anchor)
+    anchor_parameters = check_weights(config.models.anchor.path, "models.anchor.path",
+                                      config.models.anchor.trust_remote_code, safetensors_only=True)
+    for k, spec in enumerate(config.models.augmenting):
+        check_weights(spec.path, f"models.augmenting.{k}.path", spec.trust_remote_code)
+    tokenizer = _check_tokenizer(config, anchor)
     connections = resolve_connections(config, anchor, augmenting)
     num_heads = _check_heads(config, anchor)
-    train_records = _count_records(config, "train")
+    train_records = _count_records(config, "train", tokenizer)
     if train_records < config.training.global_batch_size:
         raise ConfigError(
             f"data.train: {config.data.train} has {train_records} records, fewer than "
             f"training.global_batch_size={config.training.global_batch_size} (one optimizer step)"
         )
-    eval_records = _count_records(config, "eval") if config.data.eval is not None else None
+    eval_records = _count_records(config, "eval", tokenizer) if config.data.eval is not None else None
     total_workers = _check_workers(config)
     if config.ray.address is not None and config.ray.address not in ("auto", "local"):
         # "auto" finds a cluster on this machine through Ray's own files and "local" starts one: no
@@ -88,7 +90,7 @@ def preflight(config: TrainConfig, *, address_timeout: float = ADDRESS_TIMEOUT_S
         composition_parameters=sum(
             CrossAttention.parameter_count(augmenting[c.augmenting].hidden_size, width) for c in connections
         ),
-        anchor_parameters=_safetensors_parameters(Path(config.models.anchor.path), "models.anchor.path"),
+        anchor_parameters=anchor_parameters,
         train_records=train_records,
         eval_records=eval_records,
         placement=config.placement.mode,
@@ -131,42 +133,8 @@ def _weight_files(path: Path) -> list[Path]:
     return sorted([*path.glob("*.safetensors"), *path.glob("pytorch_model*.bin")])
 
 
-def _safetensors_parameters(path: Path, key: str) -> int | None:
-    """Parameter count from the safetensors headers, which a half-finished download leaves unreadable
-    or missing: checked here rather than when every worker tries to load its shard."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError) as err:
-            raise ConfigError(f"{key}: {index} is not a safetensors index: {err}") from None
-        files = [path / name for name in names]
-    elif (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
-    else:
-        return None
-    total = 0
-    for file in files:
-        if not file.is_file():
-            raise ConfigError(f"{key}: {index} names {file.name}, which is missing (an unfinished download?)")
-        total += _header_parameters(file, key)
-    return total
-
-
-def _header_parameters(file: Path, key: str) -> int:
-    # Format: an 8-byte little-endian header length, then a JSON header of name -> dtype, shape, offsets.
-    try:
-        with file.open("rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > 100_000_000:  # the format's own limit; anything larger is not a header
-                raise ValueError(f"header length {length}")
-            header = json.loads(f.read(length))
-        return sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as err:
-        raise ConfigError(f"{key}: {file} is not a readable safetensors file ({err})") from None
-
-
-def _check_tokenizer(config: TrainConfig, anchor: ModelDims) -> None:
+def _check_tokenizer(config: TrainConfig, anchor: ModelDims):
+    """The tokenizer the workers will use, once it is known to fit the anchor."""
     from transformers import AutoTokenizer
 
     if config.models.tokenizer is not None:
@@ -190,6 +158,7 @@ def _check_tokenizer(config: TrainConfig, anchor: ModelDims) -> None:
             f"{key}: the tokenizer in {folder} has {len(tokenizer)} tokens but the anchor "
             f"(models.anchor.path: {config.models.anchor.path}) has a vocabulary of {anchor.vocab_size}"
         )
+    return tokenizer
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,7 +191,7 @@ def _check_heads(config: TrainConfig, anchor: ModelDims) -> int:
 # Data, workers, DeepSpeed
 
 
-def _count_records(config: TrainConfig, which: str) -> int:
+def _count_records(config: TrainConfig, which: str, tokenizer) -> int:
     from calm_dist.data import DataError, check_fields, load_records
 
     path = getattr(config.data, which)
@@ -233,9 +202,31 @@ def _count_records(config: TrainConfig, which: str) -> int:
         records = load_records(path, data.split if which == "train" else None)
         check_fields(records, path, text_field=data.text_field, prompt_field=data.prompt_field,
                      completion_field=data.completion_field)
+        _check_something_to_predict(config, records, tokenizer, path)
     except DataError as err:
         raise ConfigError(f"data.{which}: {err}") from None
     return len(records)
+
+
+def _check_something_to_predict(config: TrainConfig, records, tokenizer, path: str, chunk: int = 256) -> None:
+    """ConfigError unless at least one record keeps a token to predict after truncation to
+    data.max_length, decided by the workers' own tokenization. It stops at the first chunk that has
+    one, so a usable data set costs one chunk however large it is."""
+    from calm_dist.data import NothingToPredict, tokenize_records
+
+    data = config.data
+    for start in range(0, len(records), chunk):
+        try:
+            tokenize_records(records.select(range(start, min(start + chunk, len(records)))), tokenizer,
+                             max_length=data.max_length, text_field=data.text_field,
+                             prompt_field=data.prompt_field, completion_field=data.completion_field)
+            return
+        except NothingToPredict:
+            continue
+    raise ConfigError(
+        f"data.max_length: {data.max_length} tokens leave no record of {path} a token to predict (each loses "
+        "its completion or all but one token to truncation); raise data.max_length"
+    )
 
 
 def _check_workers(config: TrainConfig) -> int:
