@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from launcher.config import ConfigError, TrainConfig, load_config
+from launcher.config import ConfigError, TrainConfig, blamed_on_command_line, load_config
 
 USER_ERRORS = (ConfigError,)
 
@@ -89,11 +89,14 @@ def run(args: argparse.Namespace) -> int:
     # Checked against the address the job goes to; the file itself is uploaded unchanged.
     from launcher.train import parse_overrides
 
-    config = load_config(args.config, overrides={**parse_overrides(args.set), "ray.address": args.address})
-    if args.paths_on_cluster:
-        check_reachable(args.address)
-    else:
-        print(describe(preflight(config)))
+    overrides = {**parse_overrides(args.set), "ray.address": args.address}
+    given = {"ray.address": f"--address {args.address}"}
+    config = load_config(args.config, overrides=overrides, given=given)
+    with blamed_on_command_line(overrides, given):
+        if args.paths_on_cluster:
+            check_reachable(args.address)
+        else:
+            print(describe(preflight(config)))
     train_args = [arg for pair in args.set for arg in ("--set", pair)] + (["--resume"] if args.resume else [])
     request = build_job_request(args.config, args.address, args.working_dir, config, train_args)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from launcher.config import ConfigError, TrainConfig, load_config
+from launcher.config import ConfigError, TrainConfig, blamed_on_command_line, load_config
 
 USER_ERRORS = (ConfigError,)
 
@@ -41,10 +41,13 @@ def latest_checkpoint(run_storage: Path) -> Path | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.config, parse_overrides(args.set))
+    overrides = parse_overrides(args.set)
+    config = load_config(args.config, overrides)
     from launcher.preflight import describe, preflight
 
-    print(describe(preflight(config)))
+    with blamed_on_command_line(overrides):
+        report = preflight(config)
+    print(describe(report))
     return train(config, resume=args.resume)
 
 

@@ -146,8 +146,8 @@ def test_an_unreachable_address_exits_2_naming_ray_address(tmp_path, calm, capsy
         port = sock.getsockname()[1]
     assert calm("submit", str(config_path), "--address", f"http://127.0.0.1:{port}",
                 "--working-dir", str(tmp_path)) == 2
-    assert f"calm submit: error: ray.address: cannot reach 127.0.0.1:{port} (Connection refused)" in (
-        capsys.readouterr().err)
+    assert (f"calm submit: error: ray.address (from --address http://127.0.0.1:{port} on the command line): "
+            f"cannot reach 127.0.0.1:{port} (Connection refused)") in capsys.readouterr().err
 
 
 def test_a_bad_config_exits_2_before_anything_is_contacted(tmp_path, calm, capsys):
