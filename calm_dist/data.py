@@ -23,6 +23,8 @@ import pyarrow.compute
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from calm_dist.errors import InputError
+
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value that the loss skips (prompt tokens and padding)
@@ -31,7 +33,7 @@ IGNORE_INDEX = -100  # label value that the loss skips (prompt tokens and paddin
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Training data that cannot be used as asked: a missing or unreadable file, a missing field, a
     resume state from other sharding. The message names the file or setting at fault."""
 

@@ -4,6 +4,7 @@ Each costs tens of seconds on 2 cores, so they are few and each checks several t
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from calm_dist.tiny import tiny_model
+from launcher.run_folder import complete_checkpoints, newest_checkpoint
 from tests.distributed.runs import ENV, ROOT, assert_same_composition, tiny_config, train
 
 pytestmark = pytest.mark.distributed
@@ -94,17 +96,48 @@ def test_pipelined_placement_gives_the_same_training_as_colocated(tiny_run):
     assert_same_composition(tmp_path / "out", "straight", "pipelined", trained_steps=4)
 
 
+def forget_newest_registration(run_storage: Path) -> int:
+    """Make Ray Train's snapshot one checkpoint behind the disk, as when the driver is killed between a
+    checkpoint's upload and its registration; the step it now calls latest."""
+    path = run_storage / "checkpoint_manager_snapshot.json"
+    snapshot = json.loads(path.read_text())
+    steps = [entry["metrics"]["step"] for entry in snapshot["checkpoint_results"]]
+    newest = steps.index(max(steps))
+    del snapshot["checkpoint_results"][newest]
+    del snapshot["checkpoint_report_indices"][newest]
+    snapshot["latest_checkpoint_result"] = snapshot["checkpoint_results"][-1]
+    path.write_text(json.dumps(snapshot))
+    return snapshot["latest_checkpoint_result"]["metrics"]["step"]
+
+
 def test_resumed_training_equals_uninterrupted_training(tiny_run):
     tmp_path, config = tiny_run
-    train(config, "--set", "name=resumed", "--set", "training.steps=2")
-    train(config, "--set", "name=resumed", "--resume")
+    run_storage = tmp_path / "ray/resumed"
+    train(config, "--set", "name=resumed", "--set", "training.steps=3")  # checkpoints at steps 2 and 3
+    assert forget_newest_registration(run_storage) == 2
+
+    # Resuming with other batch sizes is an input error met on the workers: one line naming the checkpoint's
+    # file, exit 2, and no retry although ray.max_failures allows two.
+    failed = train(config, "--set", "name=resumed", "--resume", "--set", "training.micro_batch_size=2",
+                   "--set", "ray.max_failures=2", expect=2)
+    newest = newest_checkpoint(run_storage)
+    assert newest.step == 3
+    assert (f"calm train: error: {newest.path}/training_state.json: cannot resume the data position: it was saved "
+            "with micro_batch_size=4 but this run has micro_batch_size=2") in failed.stderr
+    assert "attempt 1 failed" not in failed.stdout + failed.stderr
+    assert "Traceback" not in failed.stderr
+
+    # --resume continues from the newest complete checkpoint on disk (step 3), not Ray's snapshot (step 2).
+    resumed = train(config, "--set", "name=resumed", "--resume")
+    assert [int(s) for s in re.findall(r"step (\d+)  loss", resumed.stdout)] == [4]
     # Same data order, optimizer moments and schedule, and gloo reduces in a fixed order: bitwise.
     assert_same_composition(tmp_path / "out", "straight", "resumed", trained_steps=4)
+    # Two checkpoints kept (steps 2 and 4, those Ray registered); step 3, never registered, is gone.
+    assert [c.step for c in complete_checkpoints(run_storage)] == [2, 4]
+    assert len([p for p in run_storage.glob("checkpoint_*") if p.is_dir()]) == 2
 
     # Checkpoints hold the composition and its optimizer state, never the frozen models.
-    from launcher.train import latest_checkpoint
-
-    checkpoint = latest_checkpoint(tmp_path / "ray/resumed")
+    checkpoint = newest_checkpoint(run_storage).path
     composition = load_file(tmp_path / "out/resumed/composition/composition.safetensors")
     model_states = torch.load(next(checkpoint.rglob("*model_states.pt")), weights_only=False)
     assert set(model_states["module"]) == {f"composition.{k}" for k in composition}

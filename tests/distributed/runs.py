@@ -38,10 +38,12 @@ def train_command(config: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "launcher.cli", "train", str(config), *extra]
 
 
-def train(config: Path, *extra: str) -> None:
+def train(config: Path, *extra: str, expect: int = 0) -> subprocess.CompletedProcess:
+    """`calm train CONFIG EXTRA...`, asserting its exit code; its output is returned."""
     result = subprocess.run(train_command(config, *extra), env=ENV, cwd=ROOT, timeout=900,
                             capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
 
 
 def assert_same_composition(out: Path, expected_run: str, run: str, trained_steps: int) -> None:
