@@ -62,6 +62,7 @@ def train_worker(loop_config: dict) -> None:
         server = AugmentingServer(load_augmenting(), connections, layout, world.exchange, device,
                                   on_barrier=lambda: ray.train.report({}))
         server.serve()
+        world.close()
         return
 
     deepspeed.init_distributed(dist_backend=backend)
@@ -160,6 +161,8 @@ def train_worker(loop_config: dict) -> None:
     export_composition(composed, run_dir / "composition", extra={"trained_steps": train.steps, "run": config.name})
     if run_log is not None:
         run_log.close()
+    if pipelined:
+        world.close()  # Ray Train destroys the default group itself, never this one
 
 
 def _newest(*checkpoints):
