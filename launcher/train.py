@@ -89,8 +89,10 @@ def train(config: TrainConfig, resume: bool = False) -> int:
             break
         error = outcome["error"]
         if (input_error := input_error_in(error)) is not None:
+            ray.shutdown()  # before the one line: the cluster's own farewells come first, not after it
             raise input_error
         if attempt == config.ray.max_failures:
+            ray.shutdown()
             print(f"calm train: training failed: {error}")
             return 1
         print(f"calm train: attempt {attempt + 1} failed ({first_line(error)}); restarting from the newest "

@@ -122,10 +122,11 @@ def test_resumed_training_equals_uninterrupted_training(tiny_run):
                    "--set", "ray.max_failures=2", expect=2)
     newest = newest_checkpoint(run_storage)
     assert newest.step == 3
-    assert (f"calm train: error: {newest.path}/training_state.json: cannot resume the data position: it was saved "
-            "with micro_batch_size=4 but this run has micro_batch_size=2") in failed.stderr
+    assert failed.stderr.strip().splitlines()[-1] == (
+        f"calm train: error: {newest.path}/training_state.json: cannot resume the data position: it was saved with "
+        "micro_batch_size=4 but this run has micro_batch_size=2; resume with the same data and sharding, or start "
+        "afresh")
     assert "attempt 1 failed" not in failed.stdout + failed.stderr
-    assert "Traceback" not in failed.stderr
 
     # --resume continues from the newest complete checkpoint on disk (step 3), not Ray's snapshot (step 2).
     resumed = train(config, "--set", "name=resumed", "--resume")
