@@ -11,30 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from calm_dist.tiny import tiny_model
 from launcher.run_folder import complete_checkpoints, newest_checkpoint
-from tests.distributed.runs import ENV, ROOT, assert_same_composition, tiny_config, train
+from tests.distributed.runs import ENV, ROOT, assert_same_composition, hub_style, tiny_config, train
 
 pytestmark = pytest.mark.distributed
-
-
-def hub_style(family: str, folder: Path, seed: int) -> None:
-    """A tied checkpoint as model hubs publish many: saved from the base model, so no base-model prefix
-    (GPT-2: `wte.weight`, `h.0.attn.c_attn.weight`; Gemma: `embed_tokens.weight`), no head, and GPT-2's
-    causal-mask buffers stored beside the weights."""
-    model = tiny_model(family, layers=2, width=64, heads=4, seed=seed, tied=True)
-    prefix = model.base_model_prefix + "."
-    tensors = {name.removeprefix(prefix): tensor.contiguous() for name, tensor in model.state_dict().items()
-               if name.startswith(prefix)}
-    if family == "gpt2":
-        positions = model.config.n_positions
-        mask = torch.tril(torch.ones(positions, positions)).view(1, 1, positions, positions)
-        tensors.update({f"h.{i}.attn.bias": mask.clone() for i in range(model.config.n_layer)})
-    folder.mkdir(parents=True)
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    model.config.save_pretrained(folder)
 
 
 def test_each_rank_holds_half_of_each_anchor_and_gathers_it_exactly(tmp_path):

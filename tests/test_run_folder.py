@@ -100,16 +100,26 @@ class RayStarted(Exception):
     """Raised in place of starting Ray: the driver got past its checks."""
 
 
-def start_train(config, monkeypatch, resume=False):
+def start_train(config, monkeypatch, resume=False, calls=None):
     import ray
 
     from launcher.train import train
 
     def refuse(*args, **kwargs):
+        if calls is not None:
+            calls.append(kwargs)
         raise RayStarted
 
     monkeypatch.setattr(ray, "init", refuse)
     return train(config, resume=resume)
+
+
+def test_the_embedded_cluster_is_always_a_new_local_one(tiny_train_config, monkeypatch):
+    # ray.init() without an address would attach to a cluster someone started with `ray start` here.
+    calls = []
+    with pytest.raises(RayStarted):
+        start_train(tiny_train_config, monkeypatch, calls=calls)
+    assert calls[0]["address"] == "local" and calls[0]["_node_ip_address"] == "127.0.0.1"
 
 
 def test_a_run_that_failed_before_its_first_checkpoint_blocks_nothing(tiny_train_config, monkeypatch, capsys):
