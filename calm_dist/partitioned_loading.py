@@ -61,6 +61,11 @@ def load_partitioned(
 
     files = checkpoint_files(path)
     plan = plan_weights(model, files, path)
+    if plan.converted:
+        name, key = next(iter(plan.converted.items()))
+        raise CompositionError(f"{path}: tensor {key} must be converted to fill {name} (transformers does so on "
+                               "loading); partitioned loading reads tensors as stored: save the anchor with "
+                               "save_pretrained first")
     # Tied parameters become one parameter, hence one partition filled once (zero.Init built them apart).
     apply_ties(model, plan.ties)
     handles: dict[Path, object] = {}

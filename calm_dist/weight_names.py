@@ -46,10 +46,13 @@ def checkpoint_files(folder: str | Path) -> dict[str, Path]:
 @dataclass
 class WeightPlan:
     """sources: model parameter name -> checkpoint tensor name, one entry per parameter to read.
-    ties: (target, source) parameter names; target becomes the very same parameter as source."""
+    ties: (target, source) parameter names; target becomes the very same parameter as source.
+    converted: checkpoint tensors that transformers converts (fuses, splits) on loading, by parameter;
+    from_pretrained handles them, reading tensors as stored does not."""
 
     sources: dict[str, str] = field(default_factory=dict)
     ties: list[tuple[str, str]] = field(default_factory=list)
+    converted: dict[str, str] = field(default_factory=dict)
 
 
 def plan_weights(model: nn.Module, checkpoint_names: list[str] | set[str], folder: str | Path) -> WeightPlan:
@@ -71,11 +74,9 @@ def plan_weights(model: nn.Module, checkpoint_names: list[str] | set[str], folde
         if renamed not in parameters:
             continue  # unexpected in the checkpoint (a saved buffer such as GPT-2's attn.bias): ignored
         if converter is not None:
-            raise CompositionError(
-                f"{folder}: tensor {key} must be converted ({converter}) to fill {renamed}; partitioned loading "
-                "reads tensors as stored, so convert the checkpoint with save_pretrained first"
-            )
-        plan.sources[renamed] = key
+            plan.converted[renamed] = key
+        else:
+            plan.sources[renamed] = key
 
     tied = model.get_expanded_tied_weights_keys(all_submodels=True) if hasattr(
         model, "get_expanded_tied_weights_keys") else {}
@@ -89,7 +90,7 @@ def plan_weights(model: nn.Module, checkpoint_names: list[str] | set[str], folde
 
     tied_targets = {target for target, _ in plan.ties}
     for name in sorted(parameters):
-        if name not in plan.sources and name not in tied_targets:
+        if name not in plan.sources and name not in tied_targets and name not in plan.converted:
             raise CompositionError(f"{folder}: tensor {name} is missing from the checkpoint (nor is it tied to "
                                    "a stored tensor)")
     return plan

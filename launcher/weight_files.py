@@ -120,6 +120,11 @@ def check_weights(path: str | Path, key: str, trust_remote_code: bool = False, s
         plan = plan_weights(model, tensors, path)
     except CompositionError as err:
         raise ConfigError(f"{key}: {err}") from None
+    if plan.converted and safetensors_only:
+        name, stored = next(iter(plan.converted.items()))
+        raise ConfigError(f"{key}: {path}: tensor {stored} must be converted to fill {name} (transformers does so "
+                          "on loading); the anchor is loaded partitioned, reading tensors as stored: save it with "
+                          "save_pretrained first")
     for parameter, name in plan.sources.items():
         file, entry = tensors[name]
         expected = list(model.get_parameter(parameter).shape)
@@ -129,4 +134,5 @@ def check_weights(path: str | Path, key: str, trust_remote_code: bool = False, s
         if entry["dtype"] not in PARAMETER_DTYPES:
             raise ConfigError(f"{key}: {file}: tensor {name} is stored as {entry['dtype']}, not a floating-point "
                               f"type ({', '.join(PARAMETER_DTYPES)}); quantized checkpoints are not supported")
-    return sum(math.prod(tensors[name][1]["shape"]) for name in plan.sources.values())
+    stored = [*plan.sources.values(), *plan.converted.values()]
+    return sum(math.prod(tensors[name][1]["shape"]) for name in dict.fromkeys(stored))
