@@ -93,6 +93,7 @@ def forget_newest_registration(run_storage: Path) -> int:
     return snapshot["latest_checkpoint_result"]["metrics"]["step"]
 
 
+@pytest.mark.timeout(900)  # three runs: a first part, a refused resume, the resume
 def test_resumed_training_equals_uninterrupted_training(tiny_run):
     tmp_path, config = tiny_run
     run_storage = tmp_path / "ray/resumed"
