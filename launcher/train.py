@@ -4,6 +4,7 @@ job of DeepSpeed ZeRO-3 workers, show progress, print a summary."""
 from __future__ import annotations
 
 import argparse
+import os
 import threading
 import time
 from pathlib import Path
@@ -70,7 +71,10 @@ def train(config: TrainConfig, resume: bool = False) -> int:
     if config.placement.mode == "pipelined":
         workers += config.placement.augmenting_workers
     if config.ray.address:
-        ray.init(address=config.ray.address, runtime_env=config.ray.runtime_env or None)
+        # Inside a Ray job (`calm submit`, `ray job submit`) the job already runs in its runtime env, which
+        # `calm submit` built from ray.runtime_env; giving it again makes Ray refuse to merge the two.
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+        ray.init(address=config.ray.address, runtime_env=None if in_job else config.ray.runtime_env or None)
     else:  # an embedded cluster of its own, reachable only from this machine: never one found by `ray start`
         ray.init(address="local", num_cpus=max(2, int(workers * config.ray.cpus_per_worker) + 1),
                  include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=config.ray.runtime_env or None,
