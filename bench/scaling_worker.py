@@ -3,6 +3,7 @@
     scaling_worker.py MODE FOLDER STEPS   (MODE: bytes, anchor_only, colocated, pipelined)
 """
 
+import atexit
 import json
 import sys
 import time
@@ -24,6 +25,17 @@ mode, folder, steps = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(1)  # one core per process: the augmenting rank gets a core of its own
 dist.init_process_group("gloo")
 rank = dist.get_rank()
+
+
+@atexit.register
+def _shut_down_groups() -> None:
+    # Before interpreter teardown: gloo groups left to it can abort the process at exit.
+    if globals().get("world") is not None:
+        world.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 anchor_config, aug_config = (AutoConfig.from_pretrained(folder / n) for n in ("anchor", "augmenting"))
 connections = every_n(aug_config.num_hidden_layers, anchor_config.num_hidden_layers, 4)
 batch = json.loads((folder / "batch.json").read_text())

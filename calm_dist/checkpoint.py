@@ -8,6 +8,8 @@ definition): the trained connections mean nothing with another tokenizer, so loa
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -65,18 +67,80 @@ def save_composition(
         **({"tokenizers": model.aligner.identities()} if model.aligner is not None else {}),
         **(extra or {}),
     }
+    check_replaceable(path)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         tensors = {k: v.contiguous() for k, v in (state or model.composition_state_dict()).items()}
         save_file(tensors, staging / WEIGHTS, metadata={"format": "pt"})
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(staging, path)
+        _move_into_place(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
+
+
+def check_replaceable(path: str | os.PathLike) -> None:
+    """CompositionError unless saving a composition to `path` replaces nothing but a composition: the
+    folder is absent, empty, or holds exactly a composition checkpoint's files."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise CompositionError(f"{path}: exists and is not a folder; a composition checkpoint is a folder, so "
+                               "choose another path")
+    entries = {entry.name for entry in path.iterdir()}
+    if not entries:
+        return
+    if MANIFEST not in entries:
+        raise CompositionError(f"{path}: not empty and not a composition checkpoint (no {MANIFEST}); refusing to "
+                               "replace it: choose another path")
+    read_manifest(path)
+    others = sorted(entries - {MANIFEST, WEIGHTS})
+    if others:
+        raise CompositionError(f"{path}: a composition checkpoint that also holds other files ({', '.join(others[:3])}"
+                               f"{', ...' if len(others) > 3 else ''}); refusing to replace it: move them or choose "
+                               "another path")
+
+
+def _move_into_place(staging: Path, path: Path) -> None:
+    """Rename the finished folder to `path`. An existing composition there is swapped out in one atomic
+    step where the filesystem can (Linux renameat2 RENAME_EXCHANGE), so `path` always holds a complete
+    checkpoint; elsewhere it is renamed aside first and removed only once the new one is in place."""
+    if not path.exists():
+        os.replace(staging, path)
+        return
+    if _exchange(staging, path):
+        shutil.rmtree(staging)  # now the old composition
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+    os.replace(path, aside / path.name)
+    try:
+        os.replace(staging, path)
+    except BaseException:
+        os.replace(aside / path.name, path)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths; False where the OS or filesystem cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def read_manifest(path: str | os.PathLike) -> dict:

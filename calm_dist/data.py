@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -17,10 +19,12 @@ from typing import Any
 
 import datasets
 import pyarrow
+import pyarrow.compute
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from calm_dist.alignment import Aligner, batch_key, collate_views
+from calm_dist.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +34,13 @@ IGNORE_INDEX = -100  # label value that the loss skips (prompt tokens and paddin
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Training data that cannot be used as asked: a missing or unreadable file, a missing field, a
     resume state from other sharding. The message names the file or setting at fault."""
+
+
+class NothingToPredict(DataError):
+    """No record keeps a token to predict after truncation to max_length."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -86,8 +94,58 @@ def load_records(
             raise DataError(f"{path}: no records") from err
         # DatasetGenerationError says only "an error occurred"; the parser's error is its cause.
         cause = err.__cause__ or err
-        raise DataError(f"{path}: cannot be read as {fmt}: {type(cause).__name__}: {cause}") from err
+        where = _bad_json_line(path) if fmt == "json" and path.suffix.lower() == ".jsonl" else None
+        if where is not None:
+            raise DataError(f"{path}: line {where[0]} is not valid JSON: {where[1]}") from err
+        raise DataError(f"{path}: cannot be read as {fmt}: {type(cause).__name__}: {_rows_as_lines(path, cause)}") from err
     return _nonempty(dataset, path)
+
+
+def record_lines(path: str | os.PathLike) -> list[int] | None:
+    """The 1-based file line on which each record of a JSON Lines or CSV file starts, as an editor
+    numbers them (a CSV's header is line 1); None for other formats, whose records have no lines."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8", errors="replace") as f:
+            return [number for number, line in enumerate(f, start=1) if line.strip()]
+    if suffix == ".csv":
+        starts = []
+        with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:
+            reader = csv.reader(f)
+            next(reader, None)  # the header
+            end = reader.line_num
+            for row in reader:
+                if row:  # blank lines hold no record (pandas skips them too)
+                    starts.append(end + 1)
+                end = reader.line_num
+        return starts
+    return None
+
+
+def where_is(path: str | os.PathLike, index: int) -> str:
+    """Where record `index` (0-based, in file order) lies, in the words a person looks it up with."""
+    lines = record_lines(path)
+    if lines is not None and 0 <= index < len(lines):
+        return f"line {lines[index]}"
+    return f"record {index} (counting from 0)"
+
+
+def _bad_json_line(path: Path) -> tuple[int, str] | None:
+    """(1-based line, error) of the first line of a JSON Lines file that is not JSON, if any."""
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except ValueError as err:
+                    return number, str(err)
+    return None
+
+
+def _rows_as_lines(path: Path, err: BaseException) -> str:
+    """A parser's message with its 0-based "row N" turned into the file line it means."""
+    return re.sub(r"\bin row (\d+)", lambda m: f"at {where_is(path, int(m.group(1)))}", str(err))
 
 
 def _load_saved(path: Path, split: str | None) -> datasets.Dataset:
@@ -144,6 +202,10 @@ def check_fields(
         feature = dataset.features[field]
         if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
             raise DataError(f"{path}: field {field!r} (the {role}) holds {feature}, not text")
+        column = dataset.data.column(field)
+        if column.null_count:  # Arrow keeps the count: free to ask, and only then is the column scanned
+            first = pyarrow.compute.index(pyarrow.compute.is_null(column), True).as_py()
+            raise DataError(f"{path}: {where_is(path, first)} has no value (null) in field {field!r} (the {role})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,7 +290,7 @@ def tokenize_records(
         log.warning("dropped %d of %d records with nothing left to predict after truncation to max_length=%d",
                     dropped, len(dataset), max_length)
     if len(tokenized) == 0:
-        raise DataError(f"no record has a token left to predict after truncation to max_length={max_length}")
+        raise NothingToPredict(f"no record has a token left to predict after truncation to max_length={max_length}")
     return tokenized
 
 

@@ -11,7 +11,6 @@ augmenting ranks).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -24,20 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
 from calm_dist.errors import CompositionError
-
-
-def checkpoint_files(folder: str | Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file holding it, for a single-file or sharded checkpoint."""
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: folder / file for name, file in weight_map.items()}
-    single = folder / "model.safetensors"
-    if not single.exists():
-        raise CompositionError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-    with safe_open(single, "pt") as f:
-        return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+from calm_dist.weight_names import apply_ties, checkpoint_files, plan_weights
 
 
 def _flat_range(handle, name: str, start: int, stop: int) -> torch.Tensor:
@@ -76,28 +62,36 @@ def load_partitioned(
     model.requires_grad_(False).eval()
 
     files = checkpoint_files(path)
+    plan = plan_weights(model, files, path)
+    if plan.converted:
+        name, key = next(iter(plan.converted.items()))
+        raise CompositionError(f"{path}: tensor {key} must be converted to fill {name} (transformers does so on "
+                               "loading); partitioned loading reads tensors as stored: save the anchor with "
+                               "save_pretrained first")
+    # Tied parameters become one parameter, hence one partition filled once (zero.Init built them apart).
+    apply_ties(model, plan.ties)
     handles: dict[Path, object] = {}
-    tied = getattr(config, "tie_word_embeddings", False)
     try:
         for name, param in model.named_parameters():
-            source = name
-            if source not in files and tied and name == "lm_head.weight":
-                source = next(n for n in files if n.endswith("embed_tokens.weight"))
-            if source not in files:
-                raise CompositionError(f"{path}: tensor {name} is missing from the checkpoint")
+            source = plan.sources[name]
             file = files[source]
-            if file not in handles:
-                handles[file] = safe_open(file, "pt").__enter__()
-            expected = tuple(param.ds_shape)
-            actual = tuple(handles[file].get_slice(source).get_shape())
-            if actual != expected:
-                raise CompositionError(f"{file}: tensor {source} has shape {actual}, the config implies {expected}")
-            part = param.ds_tensor.ds_numel
-            start = min(dist.get_rank(group) * part, param.ds_numel)
-            stop = min(start + part, param.ds_numel)
-            if stop > start:
-                piece = _flat_range(handles[file], source, start, stop)
-                param.ds_tensor.data[: stop - start].copy_(piece.to(dtype))
+            try:
+                if file not in handles:
+                    handles[file] = safe_open(file, "pt").__enter__()
+                actual = tuple(handles[file].get_slice(source).get_shape())
+                expected = tuple(param.ds_shape)
+                if actual != expected:
+                    raise CompositionError(f"{file}: tensor {source} has shape {actual}, the config implies {expected}")
+                part = param.ds_tensor.ds_numel
+                start = min(dist.get_rank(group) * part, param.ds_numel)
+                stop = min(start + part, param.ds_numel)
+                if stop > start:
+                    piece = _flat_range(handles[file], source, start, stop)
+                    param.ds_tensor.data[: stop - start].copy_(piece.to(dtype))
+            except CompositionError:
+                raise
+            except Exception as err:  # safetensors' own error type: a corrupt or truncated file
+                raise CompositionError(f"{file}: tensor {source} cannot be read ({err})") from None
     finally:
         for handle in handles.values():
             handle.__exit__(None, None, None)

@@ -73,6 +73,12 @@ class SplitWorld:
     exchange: dist.ProcessGroup  # all ranks, for augmenting states
     store: dist.Store  # kept alive: rank 0 hosts it
 
+    def close(self) -> None:
+        """Shut the exchange group down while the interpreter is fully alive. Nothing else would (it is
+        not registered with torch.distributed), and a gloo group left to interpreter teardown can abort
+        the process at exit ("terminate called without an active exception")."""
+        self.exchange.shutdown()
+
 
 def split_world(layout: Layout, backend: str, timeout: timedelta = timedelta(minutes=30)) -> SplitWorld:
     """Replace the launcher's world of A + G ranks by an anchor-only default group plus an exchange group.

@@ -11,21 +11,25 @@ import torch
 import torch.distributed as dist
 
 from calm_dist.checkpoint import save_composition
+from calm_dist.checkpoint_layout import STATE, write_rank_manifest
 from calm_dist.composed import ComposedModel
-
-STATE = "training_state.json"
 
 
 def save_training_state(engine, directory: str | Path, step: int, data_state: dict) -> Path:
-    """Every rank writes its shard into `directory`; rank 0 also writes the step and data position."""
+    """Every rank writes its shard into `directory` (its own, until Ray Train merges them into one
+    checkpoint folder), then a list of the files it wrote with their sizes; rank 0 also writes the step,
+    data position and world size (calm_dist.checkpoint_layout says when such a folder is complete)."""
     directory = Path(directory)
     tag = f"step-{step:08d}"  # never 'latest', which is DeepSpeed's own pointer file
     engine.save_checkpoint(
         str(directory), tag=tag, exclude_frozen_parameters=True,
         client_state={"step": step, "data": data_state, "torch_rng": torch.get_rng_state()},
     )
-    if dist.get_rank() == 0:
-        (directory / STATE).write_text(json.dumps({"step": step, "tag": tag, "data": data_state}))
+    rank = dist.get_rank()
+    if rank == 0:
+        (directory / STATE).write_text(json.dumps({"step": step, "tag": tag, "data": data_state,
+                                                   "world_size": dist.get_world_size()}))
+    write_rank_manifest(directory, rank)
     return directory
 
 

@@ -8,14 +8,19 @@ anywhere.
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from calm_dist.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A config that cannot run; the message names the file and the key."""
 
 
@@ -226,20 +231,62 @@ def _resolve_paths(raw: dict, base: Path) -> None:
             node[keys[-1]] = fix(node[keys[-1]])
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid config"]
+def describe_override(key: str, value) -> str:
+    """How a `--set` override was typed, near enough to find it on the command line."""
+    shown = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+    shown = shown.removesuffix("\n...").strip()
+    return f"--set {key}={shown}"
+
+
+def blame_overrides(message: str, given: dict[str, str]) -> str:
+    """`message` (which starts with the dotted key at fault) with the key's command-line origin named,
+    when the key or one of its parents was overridden there rather than set in the file."""
+    key = re.match(r"[\w.]+", message)
+    if key is None:
+        return message
+    for dotted, origin in given.items():
+        if key.group() == dotted or key.group().startswith(dotted + "."):
+            return f"{key.group()} (from {origin} on the command line){message[key.end():]}"
+    return message
+
+
+@contextmanager
+def blamed_on_command_line(overrides: dict, given: dict[str, str] | None = None) -> Iterator[None]:
+    """A ConfigError raised inside about a key that was overridden names the override."""
+    try:
+        yield
+    except ConfigError as err:
+        given = {**{key: describe_override(key, value) for key, value in overrides.items()}, **(given or {})}
+        raise ConfigError(blame_overrides(str(err), given)) from None
+
+
+def format_validation_error(err: ValidationError, source: str, given: dict[str, str] | None = None) -> str:
+    """One line per problem, each naming its key; a key set on the command line is blamed there."""
+    given = given or {}
+    lines = []
     for problem in err.errors():
         where = ".".join(str(part) for part in problem["loc"])
         # Our own validators' messages already name their keys; pydantic's "Value error, " prefix adds
         # nothing to them.
         own = problem["type"] == "value_error" and "error" in problem.get("ctx", {})
         message = str(problem["ctx"]["error"]) if own else problem["msg"]
-        lines.append(f"  {where}: {message}" if where else f"  {message}")
-    return "\n".join(lines)
+        line = blame_overrides(f"{where}: {message}", given) if where else message
+        if line == f"{where}: {message}" or not where:  # not blamed by key: maybe named in the message
+            named = [origin for dotted, origin in given.items() if dotted in message]
+            if named:
+                line += f" (from {', '.join(named)} on the command line)"
+        lines.append(f"  {line}")
+    return "\n".join([f"{source}: invalid config", *lines])
 
 
-def load_config(path: str | os.PathLike, overrides: dict | None = None) -> TrainConfig:
-    """Read, resolve and validate a training config; ConfigError on any problem."""
+def load_config(path: str | os.PathLike, overrides: dict | None = None,
+                given: dict[str, str] | None = None) -> TrainConfig:
+    """Read, resolve and validate a training config; ConfigError on any problem.
+
+    overrides: dotted key -> value, set over the file's values. given: dotted key -> how the user typed
+    it (default `--set KEY=VALUE`), so a bad override is blamed on the command line, not the file.
+    """
+    given = {**{key: describe_override(key, value) for key, value in (overrides or {}).items()}, **(given or {})}
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -275,4 +322,4 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Train
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, str(path))) from None
+        raise ConfigError(format_validation_error(err, str(path), given)) from None

@@ -16,9 +16,9 @@ import json
 import random
 from pathlib import Path
 
-from launcher.config import ConfigError
+from calm_dist.errors import InputError
 
-USER_ERRORS = (ConfigError,)
+USER_ERRORS = (InputError,)  # ConfigError, DataError, CompositionError: also those met on the workers
 TINY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
 

@@ -8,10 +8,7 @@ Each problem raises ConfigError naming the config key and the path or value at f
 
 from __future__ import annotations
 
-import json
-import math
 import socket
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -22,6 +19,7 @@ from calm_dist.cross_attention import CrossAttention
 from calm_dist.errors import CompositionError
 from launcher.config import ConfigError, ModelSpec, TrainConfig
 from launcher.connections import connections_for
+from launcher.weight_files import check_weights
 
 ADDRESS_TIMEOUT_S = 3.0
 
@@ -43,7 +41,7 @@ class PreflightReport:
     connections: tuple[Connection, ...]
     num_heads: int
     composition_parameters: int
-    anchor_parameters: int | None  # from the safetensors headers; None for .bin checkpoints
+    anchor_parameters: int  # from the safetensors headers
     train_records: int
     eval_records: int | None
     placement: str
@@ -65,10 +63,14 @@ def preflight(config: TrainConfig, *, address_timeout: float = ADDRESS_TIMEOUT_S
                 f"anchor (models.anchor.path: {config.models.anchor.path}) has {anchor.vocab_size}: "
                 "composition needs models that share a tokenizer"
             )
+    anchor_parameters = check_weights(config.models.anchor.path, "models.anchor.path",
+                                      config.models.anchor.trust_remote_code, safetensors_only=True)
+    for k, spec in enumerate(config.models.augmenting):
+        check_weights(spec.path, f"models.augmenting.{k}.path", spec.trust_remote_code)
     anchor_tokenizer = _check_tokenizer(config, anchor)
     connections = resolve_connections(config, anchor, augmenting)
     num_heads = _check_heads(config, anchor)
-    records = _records(config, "train")
+    records = _records(config, "train", anchor_tokenizer)
     train_records = len(records)
     own_tokenizers = _check_own_tokenizers(config, augmenting, anchor_tokenizer, records)
     if train_records < config.training.global_batch_size:
@@ -76,7 +78,7 @@ def preflight(config: TrainConfig, *, address_timeout: float = ADDRESS_TIMEOUT_S
             f"data.train: {config.data.train} has {train_records} records, fewer than "
             f"training.global_batch_size={config.training.global_batch_size} (one optimizer step)"
         )
-    eval_records = len(_records(config, "eval")) if config.data.eval is not None else None
+    eval_records = len(_records(config, "eval", anchor_tokenizer)) if config.data.eval is not None else None
     total_workers = _check_workers(config)
     if config.ray.address is not None and config.ray.address not in ("auto", "local"):
         # "auto" finds a cluster on this machine through Ray's own files and "local" starts one: no
@@ -94,7 +96,7 @@ def preflight(config: TrainConfig, *, address_timeout: float = ADDRESS_TIMEOUT_S
         composition_parameters=sum(
             CrossAttention.parameter_count(augmenting[c.augmenting].hidden_size, width) for c in connections
         ),
-        anchor_parameters=_safetensors_parameters(Path(config.models.anchor.path), "models.anchor.path"),
+        anchor_parameters=anchor_parameters,
         train_records=train_records,
         eval_records=eval_records,
         placement=config.placement.mode,
@@ -136,41 +138,6 @@ def _read_model(spec: ModelSpec, key: str) -> ModelDims:
 
 def _weight_files(path: Path) -> list[Path]:
     return sorted([*path.glob("*.safetensors"), *path.glob("pytorch_model*.bin")])
-
-
-def _safetensors_parameters(path: Path, key: str) -> int | None:
-    """Parameter count from the safetensors headers, which a half-finished download leaves unreadable
-    or missing: checked here rather than when every worker tries to load its shard."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError) as err:
-            raise ConfigError(f"{key}: {index} is not a safetensors index: {err}") from None
-        files = [path / name for name in names]
-    elif (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
-    else:
-        return None
-    total = 0
-    for file in files:
-        if not file.is_file():
-            raise ConfigError(f"{key}: {index} names {file.name}, which is missing (an unfinished download?)")
-        total += _header_parameters(file, key)
-    return total
-
-
-def _header_parameters(file: Path, key: str) -> int:
-    # Format: an 8-byte little-endian header length, then a JSON header of name -> dtype, shape, offsets.
-    try:
-        with file.open("rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > 100_000_000:  # the format's own limit; anything larger is not a header
-                raise ValueError(f"header length {length}")
-            header = json.loads(f.read(length))
-        return sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as err:
-        raise ConfigError(f"{key}: {file} is not a readable safetensors file ({err})") from None
 
 
 def _load_tokenizer(key: str, folder: Path, hint: str, trust_remote_code: bool):
@@ -268,7 +235,7 @@ def _check_heads(config: TrainConfig, anchor: ModelDims) -> int:
 # Data, workers, DeepSpeed
 
 
-def _records(config: TrainConfig, which: str):
+def _records(config: TrainConfig, which: str, tokenizer):
     from calm_dist.data import DataError, check_fields, load_records
 
     path = getattr(config.data, which)
@@ -279,9 +246,31 @@ def _records(config: TrainConfig, which: str):
         records = load_records(path, data.split if which == "train" else None)
         check_fields(records, path, text_field=data.text_field, prompt_field=data.prompt_field,
                      completion_field=data.completion_field)
+        _check_something_to_predict(config, records, tokenizer, path)
     except DataError as err:
         raise ConfigError(f"data.{which}: {err}") from None
     return records
+
+
+def _check_something_to_predict(config: TrainConfig, records, tokenizer, path: str, chunk: int = 256) -> None:
+    """ConfigError unless at least one record keeps a token to predict after truncation to
+    data.max_length, decided by the workers' own tokenization. It stops at the first chunk that has
+    one, so a usable data set costs one chunk however large it is."""
+    from calm_dist.data import NothingToPredict, tokenize_records
+
+    data = config.data
+    for start in range(0, len(records), chunk):
+        try:
+            tokenize_records(records.select(range(start, min(start + chunk, len(records)))), tokenizer,
+                             max_length=data.max_length, text_field=data.text_field,
+                             prompt_field=data.prompt_field, completion_field=data.completion_field)
+            return
+        except NothingToPredict:
+            continue
+    raise ConfigError(
+        f"data.max_length: {data.max_length} tokens leave no record of {path} a token to predict (each loses "
+        "its completion or all but one token to truncation); raise data.max_length"
+    )
 
 
 def _check_workers(config: TrainConfig) -> int:

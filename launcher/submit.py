@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from launcher.config import ConfigError, TrainConfig, load_config
+from launcher.config import ConfigError, TrainConfig, blamed_on_command_line, load_config
 
 USER_ERRORS = (ConfigError,)
 
@@ -89,24 +89,39 @@ def run(args: argparse.Namespace) -> int:
     # Checked against the address the job goes to; the file itself is uploaded unchanged.
     from launcher.train import parse_overrides
 
-    config = load_config(args.config, overrides={**parse_overrides(args.set), "ray.address": args.address})
-    if args.paths_on_cluster:
-        check_reachable(args.address)
-    else:
-        print(describe(preflight(config)))
+    overrides = {**parse_overrides(args.set), "ray.address": args.address}
+    given = {"ray.address": f"--address {args.address}"}
+    config = load_config(args.config, overrides=overrides, given=given)
+    with blamed_on_command_line(overrides, given):
+        if args.paths_on_cluster:
+            check_reachable(args.address)
+        else:
+            print(describe(preflight(config)))
     train_args = [arg for pair in args.set for arg in ("--set", pair)] + (["--resume"] if args.resume else [])
     request = build_job_request(args.config, args.address, args.working_dir, config, train_args)
 
+    try:  # the Jobs API client needs Ray's full install (aiohttp and friends), not just ray[train]
+        import aiohttp  # noqa: F401
+    except ImportError:
+        raise ConfigError("calm submit needs Ray's job client: pip install 'calm-dist[submit]' "
+                          "(that is, ray[default])") from None
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    from launcher.ray_auth import find_token, refusal
+
     print(f"equivalent command: {request['command_line']}")
+    token = find_token()
     try:
-        client = JobSubmissionClient(request["address"])
+        client = JobSubmissionClient(request["address"], headers=token.headers() if token else None)
+        job_id = client.submit_job(
+            entrypoint=request["entrypoint"], runtime_env=request["runtime_env"], metadata=request["metadata"]
+        )
     except ConnectionError as err:  # something listens there, but not a Ray dashboard
         raise ConfigError(f"ray.address: {args.address} does not answer as a Ray dashboard: {err}") from None
-    job_id = client.submit_job(
-        entrypoint=request["entrypoint"], runtime_env=request["runtime_env"], metadata=request["metadata"]
-    )
+    except AuthenticationError as err:
+        status = 403 if str(err).startswith("Authentication failed") else 401
+        raise ConfigError(refusal(args.address, status, token)) from None
     print(f"submitted job {job_id}")
     if args.no_wait:
         print(f"follow it with: ray job logs --address {shlex.quote(args.address)} --follow {job_id}")

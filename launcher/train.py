@@ -4,6 +4,7 @@ job of DeepSpeed ZeRO-3 workers, show progress, print a summary."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 import time
@@ -11,9 +12,10 @@ from pathlib import Path
 
 import yaml
 
-from launcher.config import ConfigError, TrainConfig, load_config
+from calm_dist.errors import InputError
+from launcher.config import ConfigError, TrainConfig, blamed_on_command_line, load_config
 
-USER_ERRORS = (ConfigError,)
+USER_ERRORS = (InputError,)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,59 +39,99 @@ def parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
-def latest_checkpoint(run_storage: Path) -> Path | None:
-    """The newest complete Ray Train checkpoint folder of a run, if any."""
-    candidates = [p for p in run_storage.glob("checkpoint_*") if (p / "training_state.json").exists()]
-    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
-
-
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.config, parse_overrides(args.set))
+    overrides = parse_overrides(args.set)
+    config = load_config(args.config, overrides)
     from launcher.preflight import describe, preflight
     from launcher.quiet import log_path, quiet_output
 
     with quiet_output(log_path(config.run_dir, "train"), verbose=args.verbose):
-        print(describe(preflight(config)))
+        with blamed_on_command_line(overrides):
+            report = preflight(config)
+        print(describe(report))
         return train(config, resume=args.resume)
 
 
 def train(config: TrainConfig, resume: bool = False) -> int:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
+    from launcher import run_folder
     from launcher.progress import ProgressBoard, follow, summary
     from launcher.quiet import is_quiet, one_line
-    from launcher.train_worker import train_worker
+    from launcher.worker_errors import first_line, input_error_in
 
     storage = Path(config.ray.storage_path).resolve()
-    resume_from = None
-    if resume:
-        found = latest_checkpoint(storage / config.name)
-        if found is None:
-            raise ConfigError(f"--resume: no checkpoint of run {config.name!r} under {storage}")
-        resume_from = str(found)
-    elif (storage / config.name).exists():
+    run_storage = storage / config.name
+    newest = run_folder.newest_checkpoint(run_storage)
+    if newest is not None and not resume:
         raise ConfigError(
-            f"name: run {config.name!r} already exists under {storage}; pass --resume to continue it "
-            "or choose another name"
+            f"name: run {config.name!r} already has a checkpoint at step {newest.step} ({newest.path}); pass "
+            "--resume to continue it, or choose another name"
         )
+    if newest is None:
+        if resume:
+            print(f"--resume: run {config.name!r} has no complete checkpoint under {storage}; starting from step 0")
+        run_folder.clear_failed_attempts(run_storage)
 
     workers = config.ray.num_workers
     if config.placement.mode == "pipelined":
         workers += config.placement.augmenting_workers
     if config.ray.address:
-        ray.init(address=config.ray.address, runtime_env=config.ray.runtime_env or None,
+        # Inside a Ray job (`calm submit`, `ray job submit`) the job already runs in its runtime env, which
+        # `calm submit` built from ray.runtime_env; giving it again makes Ray refuse to merge the two.
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+        ray.init(address=config.ray.address, runtime_env=None if in_job else config.ray.runtime_env or None,
                  log_to_driver=not is_quiet())
-    else:  # embedded local cluster, reachable only from this machine
-        ray.init(num_cpus=max(2, int(workers * config.ray.cpus_per_worker) + 1), include_dashboard=False,
-                 _node_ip_address="127.0.0.1", runtime_env=config.ray.runtime_env or None,
+    else:  # an embedded cluster of its own, reachable only from this machine: never one found by `ray start`
+        ray.init(address="local", num_cpus=max(2, int(workers * config.ray.cpus_per_worker) + 1),
+                 include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=config.ray.runtime_env or None,
                  log_to_driver=not is_quiet())
-    board_name = f"calm-progress-{config.name}-{time.time_ns()}"
-    board = ProgressBoard.options(name=board_name, num_cpus=0).remote()
+
+    # Retries are decided here rather than by Ray Train's FailureConfig, which retries every worker error:
+    # an input error fails the same way each time, so it ends the run at once, in one line.
+    for attempt in range(config.ray.max_failures + 1):
+        resume_from = run_folder.newest_checkpoint(run_storage)
+        # A board per attempt: each shows its own steps, the steps redone after a restart included.
+        board_name = f"calm-progress-{config.name}-{time.time_ns()}"
+        board = ProgressBoard.options(name=board_name, num_cpus=0).remote()
+        outcome = _attempt(config, workers, storage, board, board_name, resume_from.path if resume_from else None,
+                           follow)
+        if "error" not in outcome:
+            break
+        error = outcome["error"]
+        if (input_error := input_error_in(error)) is not None:
+            ray.shutdown()  # before the one line: the cluster's own farewells come first, not after it
+            raise input_error
+        if attempt == config.ray.max_failures:
+            ray.shutdown()
+            print(f"calm train: training failed: {one_line(error)}")
+            print(error, file=sys.stderr)  # the whole story, for the log
+            return 1
+        print(f"calm train: attempt {attempt + 1} failed ({first_line(error)}); restarting from the newest "
+              f"checkpoint ({attempt + 1} of ray.max_failures={config.ray.max_failures} retries)")
+    # Ray Train keeps checkpoint_config.num_to_keep of the checkpoints it registered; uploads it never
+    # registered (cut short by a failure, or superseded) are left to us.
+    run_folder.remove_unregistered(run_storage)
+    run_dir = Path(config.output_dir) / config.name
+    print(summary(outcome["last"]))
+    print(f"composition: {run_dir / 'composition'}")
+    print(f"metrics:     {run_dir / 'metrics.jsonl'}")
+    print(f"tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}")
+    return 0
+
+
+def _attempt(config: TrainConfig, workers: int, storage: Path, board, board_name: str, resume_from: Path | None,
+             follow) -> dict:
+    """One Ray Train run of the worker group, with its progress shown: {"last": metrics} or {"error": ...}."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from launcher.train_worker import train_worker
+
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "board": board_name, "resume_from": resume_from},
+        train_loop_config={"config": config.model_dump(mode="json"), "board": board_name,
+                           "resume_from": str(resume_from) if resume_from else None},
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=config.ray.use_gpu,
             resources_per_worker={"CPU": config.ray.cpus_per_worker, **config.ray.resources_per_worker},
@@ -97,29 +139,22 @@ def train(config: TrainConfig, resume: bool = False) -> int:
         torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo"),
         run_config=RunConfig(
             name=config.name, storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=config.ray.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=0),
+            # By step, so a checkpoint resumed from (registered before the restart) ranks as it should.
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="step",
+                                               checkpoint_score_order="max"),
         ),
     )
     outcome: dict = {}
 
     def fit():
         try:
-            outcome["result"] = trainer.fit()
-        except Exception as err:  # reported below, after the progress display closes
+            trainer.fit()
+        except Exception as err:  # reported by the caller, after the progress display closes
             outcome["error"] = err
 
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
-    last = follow(board, config.training.steps, thread)
+    outcome["last"] = follow(board, config.training.steps, thread)
     thread.join()
-    if "error" in outcome:
-        print(f"calm train: training failed: {one_line(outcome['error'])}")
-        print(outcome["error"], file=sys.stderr)  # the whole story, for the log
-        return 1
-    run_dir = Path(config.output_dir) / config.name
-    print(summary(last))
-    print(f"composition: {run_dir / 'composition'}")
-    print(f"metrics:     {run_dir / 'metrics.jsonl'}")
-    print(f"tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}")
-    return 0
+    return outcome

@@ -28,8 +28,9 @@ def train_worker(loop_config: dict) -> None:
 
     from calm_dist.alignment import Aligner, views_from_batch
     from calm_dist.architectures import dims_from_config
+    from calm_dist.checkpoint_layout import STATE
     from calm_dist.composed import ComposedModel, augmenting_states
-    from calm_dist.data import ShardedBatches, load_records, tokenize_records
+    from calm_dist.data import DataError, ShardedBatches, load_records, tokenize_records
     from calm_dist.engine import build_engine, deepspeed_config, lr_lambda
     from calm_dist.evaluation import colocated_decode_states, new_cache_for, recomputed_decode_states
     from calm_dist.placement import AugmentingClient, AugmentingServer, Layout, split_world
@@ -60,6 +61,7 @@ def train_worker(loop_config: dict) -> None:
         server = AugmentingServer(load_augmenting(), connections, layout, world.exchange, device,
                                   on_barrier=lambda: ray.train.report({}))
         server.serve()
+        world.close()
         return
 
     deepspeed.init_distributed(dist_backend=backend)
@@ -100,15 +102,17 @@ def train_worker(loop_config: dict) -> None:
                              micro_batch_size=train.micro_batch_size, rank=data_rank, world_size=data_world,
                              seed=train.seed, pad_token_id=pad, augmenting_pad_ids=aug_pads)
     start_step = 0
-    # After a worker died, Ray hands back the run's latest checkpoint; otherwise `calm train --resume`
-    # names one.
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and loop_config.get("resume_from"):
-        checkpoint = ray.train.Checkpoint(loop_config["resume_from"])
+    # The driver names the newest complete checkpoint on disk; Ray Train may know one too (restored from
+    # its snapshot, or kept across a restart it made itself). The higher step wins: Ray's snapshot can lag.
+    resume_from = loop_config.get("resume_from")
+    checkpoint = _newest(ray.train.get_checkpoint(), ray.train.Checkpoint(resume_from) if resume_from else None)
     if checkpoint:
         with checkpoint.as_directory() as directory:
             start_step, data_state = load_training_state(engine, directory)
-        batches.load_state_dict(data_state)
+        try:
+            batches.load_state_dict(data_state)
+        except DataError as err:  # resumed with other data or batch sizes: the user's to fix
+            raise DataError(f"{checkpoint.path}/{STATE}: {err}") from None
 
     def on_device(iterator):
         for batch in iterator:
@@ -170,6 +174,19 @@ def train_worker(loop_config: dict) -> None:
                        augmenting_sources=[m.path for m in config.models.augmenting])
     if run_log is not None:
         run_log.close()
+    if pipelined:
+        world.close()  # Ray Train destroys the default group itself, never this one
+
+
+def _newest(*checkpoints):
+    """The checkpoint saved at the highest step among those given (None entries skipped)."""
+    from calm_dist.checkpoint_layout import checkpoint_step
+
+    def step(checkpoint) -> int:
+        with checkpoint.as_directory() as directory:
+            return checkpoint_step(directory)
+
+    return max((c for c in checkpoints if c is not None), key=step, default=None)
 
 
 def _aligned_evaluation(config: TrainConfig, engine, tokenizer, records, eval_set, states_for, on_device, pad: int,

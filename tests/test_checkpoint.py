@@ -63,3 +63,51 @@ def test_bf16_composition_roundtrip(tmp_path):
     assert all(p.dtype == torch.bfloat16 for p in restored.composition_parameters())
     ids = torch.randint(3, 128, (1, 6))
     assert torch.equal(restored(ids).logits, composed(ids).logits)
+
+
+def test_saving_never_replaces_what_is_not_a_composition(trained_pair, tmp_path):
+    experiment = tmp_path / "runs"
+    (experiment / "other-run").mkdir(parents=True)
+    (experiment / "notes.txt").write_text("unrelated")
+    with pytest.raises(CompositionError, match=f"{experiment}: not empty and not a composition checkpoint"):
+        save_composition(trained_pair, experiment)
+    assert (experiment / "notes.txt").read_text() == "unrelated" and (experiment / "other-run").is_dir()
+
+    composition = save_composition(trained_pair, tmp_path / "ckpt")
+    (composition / "README.md").write_text("mine")
+    with pytest.raises(CompositionError, match="also holds other files \\(README.md\\)"):
+        save_composition(trained_pair, composition)
+    assert (composition / "README.md").read_text() == "mine"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CompositionError, match="exists and is not a folder"):
+        save_composition(trained_pair, tmp_path / "file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "file", "runs"]  # no staging left
+
+
+def test_an_existing_composition_is_replaced_in_one_step(trained_pair, tmp_path, monkeypatch):
+    import calm_dist.checkpoint as checkpoint
+
+    path = save_composition(trained_pair, tmp_path / "ckpt", extra={"trained_steps": 1})
+    # A crash while the new one is written leaves the old one whole.
+    monkeypatch.setattr(checkpoint, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        save_composition(trained_pair, path, extra={"trained_steps": 2})
+    assert json.loads((path / MANIFEST).read_text())["trained_steps"] == 1
+    monkeypatch.undo()
+
+    # The swap is one rename: at no moment is there no complete checkpoint at the path.
+    seen = []
+    real_rmtree = checkpoint.shutil.rmtree
+
+    def rmtree_observing(target, *args, **kwargs):
+        seen.append(json.loads((path / MANIFEST).read_text())["trained_steps"])
+        return real_rmtree(target, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", rmtree_observing)
+    save_composition(trained_pair, path, extra={"trained_steps": 2})
+    assert seen == [2]  # the old folder is deleted only after the new one took its place
+    assert json.loads((path / MANIFEST).read_text())["trained_steps"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    restored = load_composition(path, trained_pair.anchor, trained_pair.augmenting[0])
+    for k, v in trained_pair.composition.state_dict().items():
+        assert torch.equal(restored.composition.state_dict()[k], v)

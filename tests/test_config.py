@@ -165,3 +165,29 @@ def test_overrides_set_dotted_keys_even_under_an_empty_section(tmp_path):
 def test_an_override_below_a_scalar_names_the_key(tmp_path):
     path = write(tmp_path, {"ray": 5})
     assert rejection(path, {"ray.address": "x:1"}) == f"{path}: cannot set ray.address: ray is not a mapping"
+
+
+def test_a_bad_override_is_blamed_on_the_command_line_not_the_file(tmp_path):
+    path = write(tmp_path, {})
+    message = rejection(path, {"training.steps": "many"})
+    assert "  training.steps (from --set training.steps=many on the command line): Input should be a valid integer" in (
+        message)
+    # A cross-key rule broken by an override names the override too.
+    message = rejection(path, {"training.micro_batch_size": 3})
+    assert "(from --set training.micro_batch_size=3 on the command line)" in message
+    # A key from the file stays the file's.
+    assert "command line" not in rejection(write(tmp_path, {"training.steps": "many"}))
+
+
+def test_preflight_problems_with_an_overridden_key_name_the_override(tmp_path):
+    from launcher.config import blamed_on_command_line
+
+    with pytest.raises(ConfigError) as info, blamed_on_command_line({"data.train": "/nope.jsonl"}):
+        raise ConfigError("data.train: /nope.jsonl: no such file or folder")
+    assert str(info.value) == ("data.train (from --set data.train=/nope.jsonl on the command line): /nope.jsonl: no "
+                               "such file or folder")
+    with pytest.raises(ConfigError) as info, blamed_on_command_line({"data": {"train": "x"}}):
+        raise ConfigError("data.train: x: no such file or folder")
+    assert str(info.value).startswith("data.train (from --set data={train: x} on the command line): ")
+    with pytest.raises(ConfigError, match="^models.anchor.path: gone$"), blamed_on_command_line({"data.train": "x"}):
+        raise ConfigError("models.anchor.path: gone")

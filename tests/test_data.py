@@ -16,7 +16,9 @@ from calm_dist.data import (
     check_fields,
     collate,
     load_records,
+    record_lines,
     tokenize_records,
+    where_is,
 )
 from calm_dist.tokenizer import tiny_tokenizer
 
@@ -78,7 +80,7 @@ def test_unusable_sources_name_the_file(tmp_path):
         (tmp_path / "missing.jsonl", None, "no such file or folder"),
         (tmp_path / "notes.txt", None, "unknown data file extension '.txt'; use one of ['.csv', '.json'"),
         (tmp_path / "empty.jsonl", None, "the file is empty"),
-        (tmp_path / "broken.jsonl", None, "cannot be read as json"),
+        (tmp_path / "broken.jsonl", None, "line 2 is not valid JSON: Expecting value"),
         (tmp_path / "plain_folder", None, "a folder but not one written by Dataset.save_to_disk"),
         (tmp_path / "header_only.csv", None, "no records"),
         (tmp_path / "no_rows.json", None, "no records"),
@@ -178,7 +180,7 @@ def test_tokenizing_is_deterministic_and_refuses_nulls():
     second = tokenize_records(records, tok, max_length=16, **PROMPTED)
     assert first.to_list() == second.to_list()
     with_null = datasets.Dataset.from_list([{"text": "ab"}, {"text": None}])
-    with pytest.raises(DataError, match="record 1 has no value \\(null\\) in field 'text'"):
+    with pytest.raises(DataError, match="record 1 \\(counting from 0\\) has no value \\(null\\) in field 'text'"):
         tokenize_records(with_null, tok, max_length=16, text_field="text")
 
 
@@ -317,3 +319,27 @@ def test_a_state_from_other_sharding_or_data_is_refused():
         batches.load_state_dict({**state, "next_batch": 5})
     with pytest.raises(DataError, match=r"the saved state lacks \['seed'\]"):
         batches.load_state_dict({k: v for k, v in state.items() if k != "seed"})
+
+
+def test_errors_name_file_lines_as_an_editor_numbers_them(tmp_path):
+    """Line numbers count from 1, blank lines included, and a CSV's header is line 1."""
+    lines = [json.dumps({"text": str(i)}) for i in range(300)]
+    lines[256] = '{"text": oops}'
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=re.escape(f"{broken}: line 257 is not valid JSON: Expecting value")):
+        load_records(broken)
+
+    lines[256] = json.dumps({"text": None})
+    with_null = tmp_path / "null.jsonl"
+    with_null.write_text("\n".join(lines[:3]) + "\n\n" + "\n".join(lines[3:]) + "\n")  # a blank line 4
+    records = load_records(with_null)
+    with pytest.raises(DataError, match=re.escape(
+            f"{with_null}: line 258 has no value (null) in field 'text' (the text_field)")):
+        check_fields(records, with_null, text_field="text", prompt_field=None, completion_field=None)
+
+    table = tmp_path / "t.csv"
+    table.write_text('text,note\n"a",x\n"two\nlines",y\n\n"c",z\n')
+    assert record_lines(table) == [2, 3, 6]
+    assert [where_is(table, i) for i in (0, 2, 3)] == ["line 2", "line 6", "record 3 (counting from 0)"]
+    assert where_is(tmp_path / "saved_folder", 5) == "record 5 (counting from 0)"

@@ -4,6 +4,7 @@ Each costs tens of seconds on 2 cores, so they are few and each checks several t
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,24 +14,43 @@ import torch
 from safetensors.torch import load_file
 
 from calm_dist.tiny import tiny_model
-from tests.distributed.runs import ENV, ROOT, assert_same_composition, tiny_config, train
+from launcher.run_folder import complete_checkpoints, newest_checkpoint
+from tests.distributed.runs import ENV, ROOT, assert_same_composition, hub_style, tiny_config, train
 
 pytestmark = pytest.mark.distributed
 
 
-def test_each_rank_holds_half_the_anchor_and_gathers_it_exactly(tmp_path):
-    tiny_model("llama", layers=4, width=128, heads=4, seed=0).save_pretrained(tmp_path / "anchor")
+def test_each_rank_holds_half_of_each_anchor_and_gathers_it_exactly(tmp_path):
+    """Llama (untied), Gemma, Qwen2 and GPT-2 (tied) as save_pretrained writes them, and GPT-2 and Gemma as
+    hubs publish them, loaded one after the other by the same two ranks."""
+    checkpoints = {"llama": tmp_path / "llama"}
+    tiny_model("llama", layers=4, width=128, heads=4, seed=0).save_pretrained(checkpoints["llama"])
+    for seed, family in enumerate(("gemma", "qwen2", "gpt2"), start=1):
+        checkpoints[family] = tmp_path / family
+        tiny_model(family, layers=2, width=64, heads=4, seed=seed, tied=True).save_pretrained(checkpoints[family])
+    for seed, family in enumerate(("gpt2", "gemma"), start=10):
+        checkpoints[f"{family}-hub"] = tmp_path / f"{family}-hub"
+        hub_style(family, checkpoints[f"{family}-hub"], seed)
+    stored = {name: set(load_file(path / "model.safetensors")) for name, path in checkpoints.items()}
+    assert "lm_head.weight" not in stored["gpt2"] and "transformer.wte.weight" in stored["gpt2"]
+    assert "wte.weight" in stored["gpt2-hub"] and "h.0.attn.bias" in stored["gpt2-hub"]
+    assert "embed_tokens.weight" in stored["gemma-hub"]
+
     out = tmp_path / "report"
     subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-         str(ROOT / "tests/distributed/partition_check.py"), str(tmp_path / "anchor"), str(out)],
+         str(ROOT / "tests/distributed/partition_check.py"), str(out), *map(str, checkpoints.values())],
         check=True, env=ENV, cwd=ROOT, timeout=600,
     )
     reports = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)]
-    for report in reports:
-        assert report["equal"]
-        assert abs(report["local_bytes"] / report["total_bytes"] - 0.5) < 0.05
-    assert sum(r["local_bytes"] for r in reports) >= reports[0]["total_bytes"]
+    for name, rank0, rank1 in zip(checkpoints, *reports, strict=True):
+        for report in (rank0, rank1):
+            assert report["equal_file"] and report["equal_reference"], name
+            # The same parameters as from_pretrained builds: a tied head is the embedding, held once.
+            assert report["parameters"] == report["reference_parameters"], name
+            assert report["head_is_embedding"] == (name != "llama"), name
+            assert abs(report["local_bytes"] / report["total_bytes"] - 0.5) < 0.05, name
+        assert rank0["local_bytes"] + rank1["local_bytes"] >= rank0["total_bytes"], name
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +79,50 @@ def test_pipelined_placement_gives_the_same_training_as_colocated(tiny_run):
     assert_same_composition(tmp_path / "out", "straight", "pipelined", trained_steps=4)
 
 
+def forget_newest_registration(run_storage: Path) -> int:
+    """Make Ray Train's snapshot one checkpoint behind the disk, as when the driver is killed between a
+    checkpoint's upload and its registration; the step it now calls latest."""
+    path = run_storage / "checkpoint_manager_snapshot.json"
+    snapshot = json.loads(path.read_text())
+    steps = [entry["metrics"]["step"] for entry in snapshot["checkpoint_results"]]
+    newest = steps.index(max(steps))
+    del snapshot["checkpoint_results"][newest]
+    del snapshot["checkpoint_report_indices"][newest]
+    snapshot["latest_checkpoint_result"] = snapshot["checkpoint_results"][-1]
+    path.write_text(json.dumps(snapshot))
+    return snapshot["latest_checkpoint_result"]["metrics"]["step"]
+
+
+@pytest.mark.timeout(900)  # three runs: a first part, a refused resume, the resume
 def test_resumed_training_equals_uninterrupted_training(tiny_run):
     tmp_path, config = tiny_run
-    train(config, "--set", "name=resumed", "--set", "training.steps=2")
-    train(config, "--set", "name=resumed", "--resume")
+    run_storage = tmp_path / "ray/resumed"
+    train(config, "--set", "name=resumed", "--set", "training.steps=3")  # checkpoints at steps 2 and 3
+    assert forget_newest_registration(run_storage) == 2
+
+    # Resuming with other batch sizes is an input error met on the workers: one line naming the checkpoint's
+    # file, exit 2, and no retry although ray.max_failures allows two.
+    failed = train(config, "--set", "name=resumed", "--resume", "--set", "training.micro_batch_size=2",
+                   "--set", "ray.max_failures=2", expect=2)
+    newest = newest_checkpoint(run_storage)
+    assert newest.step == 3
+    assert failed.stderr.strip().splitlines()[-1] == (
+        f"calm train: error: {newest.path}/training_state.json: cannot resume the data position: it was saved with "
+        "micro_batch_size=4 but this run has micro_batch_size=2; resume with the same data and sharding, or start "
+        "afresh")
+    assert "attempt 1 failed" not in failed.stdout + failed.stderr
+
+    # --resume continues from the newest complete checkpoint on disk (step 3), not Ray's snapshot (step 2).
+    resumed = train(config, "--set", "name=resumed", "--resume")
+    assert [int(s) for s in re.findall(r"step (\d+)  loss", resumed.stdout)] == [4]
     # Same data order, optimizer moments and schedule, and gloo reduces in a fixed order: bitwise.
     assert_same_composition(tmp_path / "out", "straight", "resumed", trained_steps=4)
+    # Two checkpoints kept (steps 2 and 4, those Ray registered); step 3, never registered, is gone.
+    assert [c.step for c in complete_checkpoints(run_storage)] == [2, 4]
+    assert len([p for p in run_storage.glob("checkpoint_*") if p.is_dir()]) == 2
 
     # Checkpoints hold the composition and its optimizer state, never the frozen models.
-    from launcher.train import latest_checkpoint
-
-    checkpoint = latest_checkpoint(tmp_path / "ray/resumed")
+    checkpoint = newest_checkpoint(run_storage).path
     composition = load_file(tmp_path / "out/resumed/composition/composition.safetensors")
     model_states = torch.load(next(checkpoint.rglob("*model_states.pt")), weights_only=False)
     assert set(model_states["module"]) == {f"composition.{k}" for k in composition}

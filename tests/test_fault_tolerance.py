@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from launcher.run_folder import newest_checkpoint
 from tests.distributed.runs import ENV, ROOT, assert_same_composition, tiny_config, train_command
 
 pytestmark = pytest.mark.distributed
@@ -116,6 +117,11 @@ def test_run_with_a_killed_worker_recovers_and_equals_an_uninterrupted_run(tmp_p
     # Same composition parameters, bitwise: the resumed workers restore optimizer moments, schedule,
     # RNG state and data position from the checkpoint, and gloo reduces in a fixed order.
     assert_same_composition(tmp_path / "out", "straight", "killed", trained_steps=STEPS)
+    # Two checkpoints kept after the restart too (an upload cut short by the kill is not left behind), the
+    # newest at the last step.
+    folders = [p for p in run_storage.glob("checkpoint_*") if p.is_dir()]
+    assert len(folders) == 2, folders
+    assert newest_checkpoint(run_storage).step == STEPS
 
     # The driver's embedded Ray went with it: no process of the killed run is left.
     stray_deadline = time.monotonic() + 30

@@ -6,9 +6,12 @@ import copy
 import json
 import shutil
 import socket
+import struct
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 from transformers import BertConfig
 
 from calm_dist.composed import compose
@@ -158,6 +161,109 @@ def test_a_truncated_safetensors_file(folders, tmp_path):
     assert message.startswith(f"models.anchor.path: {weights} is not a readable safetensors file (")
 
 
+def cut_in_half(file: Path) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("role", ["anchor", "augmenting"])
+def test_weights_cut_in_half_fail_naming_the_model_and_file(folders, tmp_path, role):
+    model = tmp_path / role
+    shutil.copytree(folders["anchor" if role == "anchor" else "aug"], model)
+    cut_in_half(model / "model.safetensors")
+    key = "models.anchor.path" if role == "anchor" else "models.augmenting.0.path"
+    changes = {key: str(model)} if role == "anchor" else {"models.augmenting": [{"path": str(model)}]}
+    message = failure(make(folders, changes))
+    assert message.startswith(f"{key}: {model / 'model.safetensors'} is not a readable safetensors file (truncated, "
+                              "an unfinished download?: its tensors need ")
+
+
+def rewrite_weights(file: Path, edit) -> None:
+    """Rewrite a safetensors file with edit(header, data) -> (header, data) applied to its raw parts."""
+    raw = file.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header, data = edit(json.loads(raw[8 : 8 + length]), raw[8 + length :])
+    encoded = json.dumps(header).encode()
+    file.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+
+
+def test_overlapping_offsets_and_foreign_dtypes_and_trailing_bytes(folders, tmp_path):
+    anchor = tmp_path / "anchor"
+    shutil.copytree(folders["anchor"], anchor)
+    weights = anchor / "model.safetensors"
+    original = weights.read_bytes()
+
+    def overlap(header, data):
+        first, second = sorted((n for n in header if n != "__metadata__"), key=lambda n: header[n]["data_offsets"])[:2]
+        header[second]["data_offsets"] = header[first]["data_offsets"]
+        return header, data
+
+    rewrite_weights(weights, overlap)
+    assert "expected" in failure(make(folders, {"models.anchor.path": str(anchor)}))
+    weights.write_bytes(original + b"\0" * 8)
+    assert "(trailing bytes" in failure(make(folders, {"models.anchor.path": str(anchor)}))
+
+    def int8_norm(header, data):  # same byte count, another dtype: a quantized checkpoint
+        header["model.norm.weight"]["dtype"] = "I8"
+        header["model.norm.weight"]["shape"] = [4 * header["model.norm.weight"]["shape"][0]]
+        return header, data
+
+    weights.write_bytes(original)
+    rewrite_weights(weights, int8_norm)
+    assert failure(make(folders, {"models.anchor.path": str(anchor)})) == (
+        f"models.anchor.path: {weights}: tensor model.norm.weight has shape [256], but {anchor}/config.json implies [64]")
+
+
+def test_weights_of_another_model_fail_naming_tensor_and_shape(folders, tmp_path):
+    anchor = tmp_path / "anchor"
+    shutil.copytree(folders["anchor"], anchor)
+    shutil.copy(folders["aug"] / "model.safetensors", anchor / "model.safetensors")  # width 32, config says 64
+    assert failure(make(folders, {"models.anchor.path": str(anchor)})) == (
+        f"models.anchor.path: {anchor / 'model.safetensors'}: tensor lm_head.weight has shape [128, 32], but "
+        f"{anchor}/config.json implies [128, 64]")
+
+    tensors = load_file(folders["anchor"] / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, anchor / "model.safetensors")
+    assert failure(make(folders, {"models.anchor.path": str(anchor)})) == (
+        f"models.anchor.path: {anchor}: tensor model.norm.weight is missing from the checkpoint (nor is it tied to a "
+        "stored tensor)")
+
+
+def test_quantized_weights_are_refused(folders, tmp_path):
+    aug = tmp_path / "aug"
+    shutil.copytree(folders["aug"], aug)
+    tensors = load_file(aug / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int8)
+    save_file(tensors, aug / "model.safetensors")
+    assert failure(make(folders, {"models.augmenting": [{"path": str(aug)}]})) == (
+        f"models.augmenting.0.path: {aug / 'model.safetensors'}: tensor model.norm.weight is stored as I8, not a "
+        "floating-point type (F16, BF16, F32, F64); quantized checkpoints are not supported")
+
+
+def test_hub_style_tied_checkpoints_pass_and_count_their_parameters_once(folders, tmp_path):
+    gpt2 = tiny_model("gpt2", layers=4, width=32, heads=2, seed=2)
+    hub = tmp_path / "gpt2-hub"
+    hub.mkdir()
+    save_file({n.removeprefix("transformer."): t.contiguous() for n, t in gpt2.state_dict().items()
+               if n.startswith("transformer.")}, hub / "model.safetensors")
+    gpt2.config.save_pretrained(hub)
+    report = preflight(make(folders, {"models.augmenting": [{"path": str(hub)}]}))
+    assert report.augmenting[0].model_type == "gpt2"
+    anchor_report = preflight(make(folders, {"models.augmenting": [{"path": str(hub)}],
+                                             "models.anchor.path": str(folders["anchor"])}))
+    assert anchor_report.anchor_parameters == sum(p.numel() for p in tiny_model("llama", seed=0).parameters())
+
+
+def test_an_anchor_without_safetensors_is_refused(folders, tmp_path):
+    anchor = tmp_path / "anchor"
+    shutil.copytree(folders["anchor"], anchor)
+    (anchor / "model.safetensors").unlink()
+    torch.save({}, anchor / "pytorch_model.bin")
+    assert failure(make(folders, {"models.anchor.path": str(anchor)})).startswith(
+        f"models.anchor.path: {anchor} has no *.safetensors weights; the anchor is loaded partitioned")
+
+
 def test_a_vocabulary_mismatch(folders):
     message = failure(make(folders, {"models.augmenting": [{"path": str(folders["wide_vocab"])}]}))
     assert message == (
@@ -292,3 +398,18 @@ def test_a_reachable_ray_address_passes(folders):
 def test_an_address_that_is_not_one(folders):
     assert failure(make(folders, {"ray.address": "s3://bucket"})) == (
         "ray.address: 's3://bucket' has scheme 's3'; use ray://, http://, https:// or host:port")
+
+
+def test_a_max_length_leaving_nothing_to_predict(folders, tmp_path):
+    qa = {"data.train": str(folders["qa"]), "data.text_field": None, "data.prompt_field": "question",
+          "data.completion_field": "answer"}
+    # bos + "0+1" fills 4 tokens: the answer is truncated away from every record.
+    assert failure(make(folders, {**qa, "data.max_length": 4})) == (
+        f"data.max_length: 4 tokens leave no record of {folders['qa']} a token to predict (each loses its "
+        "completion or all but one token to truncation); raise data.max_length")
+    preflight(make(folders, {**qa, "data.max_length": 5}))
+    # One usable record past the first chunk is enough.
+    long_prompts = tmp_path / "long.jsonl"
+    records = [{"question": "1+1+1+1", "answer": "4"}] * 300 + [{"question": "1", "answer": "1"}]
+    long_prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    preflight(make(folders, {**qa, "data.train": str(long_prompts), "data.max_length": 4}))

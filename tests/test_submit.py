@@ -146,8 +146,8 @@ def test_an_unreachable_address_exits_2_naming_ray_address(tmp_path, calm, capsy
         port = sock.getsockname()[1]
     assert calm("submit", str(config_path), "--address", f"http://127.0.0.1:{port}",
                 "--working-dir", str(tmp_path)) == 2
-    assert f"calm submit: error: ray.address: cannot reach 127.0.0.1:{port} (Connection refused)" in (
-        capsys.readouterr().err)
+    assert (f"calm submit: error: ray.address (from --address http://127.0.0.1:{port} on the command line): "
+            f"cannot reach 127.0.0.1:{port} (Connection refused)") in capsys.readouterr().err
 
 
 def test_a_bad_config_exits_2_before_anything_is_contacted(tmp_path, calm, capsys):
@@ -163,8 +163,8 @@ class FakeClient:
     final = "SUCCEEDED"
     instances: list[FakeClient] = []
 
-    def __init__(self, address):
-        self.address, self.submitted = address, None
+    def __init__(self, address, headers=None):
+        self.address, self.headers, self.submitted = address, headers, None
         FakeClient.instances.append(self)
 
     def submit_job(self, **kwargs):
@@ -261,3 +261,24 @@ def test_resume_and_overrides_reach_the_job(tmp_path):
                                 ["--set", "training.steps=9", "--resume"])
     assert request["entrypoint"].endswith("--set ray.address=auto --set training.steps=9 --resume")
     assert request["command_line"].endswith("--set ray.address=auto --set training.steps=9 --resume")
+
+
+def test_the_token_is_found_where_the_ray_cli_finds_it(tmp_path):
+    from launcher.ray_auth import find_token
+
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    assert find_token({}, home) is None
+    (home / ".ray" / "auth_token").write_text("from-home\n")
+    assert (find_token({}, home).token, find_token({}, home).source) == ("from-home", str(home / ".ray/auth_token"))
+    (tmp_path / "token").write_text("from-path")
+    found = find_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")}, home)
+    assert (found.token, found.source) == ("from-path", f"RAY_AUTH_TOKEN_PATH ({tmp_path / 'token'})")
+    found = find_token({"RAY_AUTH_TOKEN": "from-env", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")}, home)
+    assert (found.token, found.headers()) == ("from-env", {"Authorization": "Bearer from-env"})
+    # A path that is set but unusable is an error, as for Ray, not a reason to look further.
+    with pytest.raises(ConfigError, match=f"RAY_AUTH_TOKEN_PATH: cannot read {tmp_path / 'none'}"):
+        find_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "none")}, home)
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match=f"RAY_AUTH_TOKEN_PATH: {tmp_path / 'empty'} is empty"):
+        find_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "empty")}, home)

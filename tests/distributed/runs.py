@@ -9,20 +9,27 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
 
 
-def tiny_config(folder: Path, steps: int, checkpoint_every: int, max_failures: int = 0) -> Path:
-    """configs/tiny.yaml on freshly made tiny assets: constant schedule, no eval, a log line per step."""
+def tiny_config(folder: Path, steps: int, checkpoint_every: int, max_failures: int = 0, hub_gpt2_anchor: bool = False) -> Path:
+    """configs/tiny.yaml on freshly made tiny assets: constant schedule, no eval, a log line per step.
+    hub_gpt2_anchor: the anchor is a tied GPT-2 as hubs publish it (no `transformer.` prefix, no head)."""
+    from calm_dist.tokenizer import tiny_tokenizer
     from launcher.demo import make_assets
 
     assets = folder / "assets"
     make_assets(assets)
+    anchor = assets / "anchor"
+    if hub_gpt2_anchor:
+        anchor = assets / "gpt2-hub-anchor"
+        hub_style("gpt2", anchor, seed=0, width=128, layers=4)
+        tiny_tokenizer(128).save_pretrained(anchor)
     base = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
-    base["models"] = {"anchor": {"path": str(assets / "anchor"), "dtype": "float32"},
+    base["models"] = {"anchor": {"path": str(anchor), "dtype": "float32"},
                       "augmenting": [{"path": str(assets / "augmenting"), "dtype": "float32"}]}
     base["data"].update(train=str(assets / "train.jsonl"), eval=None)
     base["training"].update(steps=steps, micro_batch_size=4, global_batch_size=16, checkpoint_every=checkpoint_every,
@@ -34,14 +41,35 @@ def tiny_config(folder: Path, steps: int, checkpoint_every: int, max_failures: i
     return config
 
 
+def hub_style(family: str, folder: Path, seed: int, width: int = 64, layers: int = 2) -> None:
+    """A tied checkpoint as model hubs publish many: saved from the base model, so no base-model prefix
+    (GPT-2: `wte.weight`, `h.0.attn.c_attn.weight`; Gemma: `embed_tokens.weight`), no head, and GPT-2's
+    causal-mask buffers stored beside the weights."""
+    from calm_dist.tiny import tiny_model
+
+    model = tiny_model(family, layers=layers, width=width, heads=4, seed=seed, tied=True)
+    prefix = model.base_model_prefix + "."
+    tensors = {name.removeprefix(prefix): tensor.contiguous() for name, tensor in model.state_dict().items()
+               if name.startswith(prefix)}
+    if family == "gpt2":
+        positions = model.config.n_positions
+        mask = torch.tril(torch.ones(positions, positions)).view(1, 1, positions, positions)
+        tensors.update({f"h.{i}.attn.bias": mask.clone() for i in range(model.config.n_layer)})
+    folder.mkdir(parents=True)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    model.config.save_pretrained(folder)
+
+
 def train_command(config: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "launcher.cli", "train", str(config), *extra]
 
 
-def train(config: Path, *extra: str) -> None:
+def train(config: Path, *extra: str, expect: int = 0) -> subprocess.CompletedProcess:
+    """`calm train CONFIG EXTRA...`, asserting its exit code; its output is returned."""
     result = subprocess.run(train_command(config, *extra), env=ENV, cwd=ROOT, timeout=900,
                             capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
 
 
 def assert_same_composition(out: Path, expected_run: str, run: str, trained_steps: int) -> None:
