@@ -246,7 +246,9 @@ def run_plan(p: Plan, progress: bool = True) -> dict:
         if p.address:
             ray.init(address=p.address, runtime_env=p.runtime_env or None, log_to_driver=not is_quiet())
         else:
-            ray.init(num_cpus=max(2, math.ceil(p.workers * p.cpus_per_worker) + 1), include_dashboard=False,
+            # address="local": a cluster of its own, never one that `ray start` left on this machine
+            ray.init(address="local", num_cpus=max(2, math.ceil(p.workers * p.cpus_per_worker) + 1),
+                     include_dashboard=False,
                      _node_ip_address="127.0.0.1", runtime_env=p.runtime_env or None, log_to_driver=not is_quiet())
     job = p.job
     board_name = f"calm-eval-progress-{time.time_ns()}"

@@ -251,13 +251,19 @@ def lora_baseline(assets: Assets, config: TrainConfig, parameters: int, seed: in
     return scores, rank, count
 
 
-def evaluate_composition(composition: Path, assets: Assets) -> dict[str, float]:
-    from calm_dist.checkpoint import load_composition
-    from calm_dist.local_eval import composed_completer
+def evaluate_composition(composition: Path, assets: Assets, workers: int, log: Log) -> dict[str, float]:
+    """Exact match of the composition on every eval set, by `calm eval` (Ray Train workers, the anchor
+    under DeepSpeed ZeRO-3, KV-cached greedy decoding)."""
+    from launcher.eval import evaluate
 
-    model = load_composition(composition, _load_base(assets.folder / "anchor"), _load_base(assets.folder / "augmenting"))
-    tok = assets.tokenizer
-    return evaluate_locally(composed_completer(model.eval(), 6, tok.pad_token_id, tok.eos_token_id), assets)
+    scores = {}
+    for suffix, stem in EVAL_SETS.items():
+        result = evaluate(composition, assets.files[stem], workers=workers, max_new_tokens=6, micro_batch_size=64,
+                          progress=False)
+        scores[suffix] = result["exact_match"]
+        log(f"calm eval {stem}: exact match {result['exact_match']:.3f}, loss {result['loss']:.3f} "
+            f"({result['wall_s']:.0f} s)")
+    return scores
 
 
 def evaluate_bases(assets: Assets) -> dict[str, dict[str, float]]:
@@ -290,7 +296,7 @@ def run_experiment(root: Path, seed: int, log: Log, config_path: Path = CONFIG, 
     else:
         log(f"composition: reusing {composition} (pass --retrain to train it again)")
     results: dict = {"seed": seed}
-    for suffix, value in evaluate_composition(composition, assets).items():
+    for suffix, value in evaluate_composition(composition, assets, config.ray.num_workers, log).items():
         results[f"composed_{suffix}"] = value
     for role, scores in evaluate_bases(assets).items():
         for suffix, value in scores.items():
