@@ -42,7 +42,7 @@ class LossWorker:
 
         join_group(master_addr, master_port, rank, world_size)
 
-    def score(self, path: str, tokenizer_path: str, examples: list[tuple[str, str]], spec: dict) -> dict:
+    def score(self, path: str, tokenizer_path: str, examples: list, spec: dict) -> dict:
         from transformers import AutoTokenizer
 
         from calm_dist.partitioned_scoring import score_partitioned
@@ -68,7 +68,7 @@ def _check_dtypes(candidates: list[tuple[Path, Path]]) -> None:
 
 def partitioned_losses(
     candidates: list[tuple[Path, Path]],
-    examples: list[tuple[str, str]],
+    examples: list,
     spec: ExamplesWeights,
     address: str | None,
     log: Callable[[str], None],
@@ -82,7 +82,8 @@ def partitioned_losses(
         if address and address != "local":
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(num_cpus=spec.workers, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+            ray.init(address="local", num_cpus=spec.workers, include_dashboard=False, _node_ip_address="127.0.0.1",
+                     log_to_driver=False)
     workers = [LossWorker.options(num_cpus=1).remote() for _ in range(spec.workers)]
     try:
         master_addr, master_port = ray.get(workers[0].address.remote())

@@ -106,7 +106,9 @@ def test_resumed_training_equals_uninterrupted_training(tiny_run):
                    "--set", "ray.max_failures=2", expect=2)
     newest = newest_checkpoint(run_storage)
     assert newest.step == 3
-    assert failed.stderr.strip().splitlines()[-1] == (
+    *_, error_line, log_line = failed.stderr.strip().splitlines()  # the error, then where the whole story is
+    assert log_line.startswith("log: ") and Path(log_line.removeprefix("log: ")).is_file()
+    assert error_line == (
         f"calm train: error: {newest.path}/training_state.json: cannot resume the data position: it was saved with "
         "micro_batch_size=4 but this run has micro_batch_size=2; resume with the same data and sharding, or start "
         "afresh")

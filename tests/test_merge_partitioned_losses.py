@@ -60,10 +60,16 @@ def test_partitioned_losses_equal_single_process_losses(ray_cluster, tmp_path):
     torch.manual_seed(100)
     BertModel(bert).eval().save_pretrained(tmp_path / "e0")
     char_tokenizer(tmp_path / "e0")
-    embedding = ExamplesWeights(examples=examples_file, kind="embedding", negatives=3, batch_size=3, workers=2)
+    # LM_Cocktail's embedding examples: a query, its positive passages and negatives.
+    embedding_file = tmp_path / "embedding.jsonl"
+    embedding_file.write_text("".join(
+        json.dumps({"query": i, "pos": [o], "neg": [other for _, other in EXAMPLES if other != o]}) + "\n"
+        for i, o in EXAMPLES))
+    embedding = ExamplesWeights(examples=embedding_file, kind="embedding", negatives=3, batch_size=3, workers=2)
+    queries = read_examples(embedding_file, "embedding", 3)
     held: list[dict] = []
-    (loss,) = partitioned_losses([(tmp_path / "e0", tmp_path / "e0")], examples, embedding, None, print, held)
-    assert abs(loss - model_loss(tmp_path / "e0", tmp_path / "e0", examples, embedding)) <= 1e-5
+    (loss,) = partitioned_losses([(tmp_path / "e0", tmp_path / "e0")], queries, embedding, None, print, held)
+    assert abs(loss - model_loss(tmp_path / "e0", tmp_path / "e0", queries, embedding)) <= 1e-5
     total = held[0]["total_bytes"]
     assert total == 4 * sum(p.numel() for p in BertModel(bert).parameters())
     assert all(abs(b / total - 0.5) <= 0.01 for b in held[0]["held_bytes"])

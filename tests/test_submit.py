@@ -12,7 +12,6 @@ import pytest
 import yaml
 
 from calm_dist.connections import every_n
-from calm_dist.cross_attention import CrossAttention
 from launcher import cli
 from launcher.config import ConfigError, load_config
 from launcher.preflight import parse_address
@@ -222,7 +221,8 @@ def test_no_wait_returns_once_submitted(tmp_path, calm, capsys, monkeypatch, lis
 # The real-scale example and its KubeRay job
 
 
-def test_the_70b_example_config_validates_and_its_arithmetic_holds():
+def test_the_70b_example_config_validates():
+    """Its memory arithmetic is `calm plan`'s output now (tests/test_plan.py checks it)."""
     path = REPO / "configs" / "calm-70b-7b.yaml"
     config = load_config(path)  # its model paths exist only on the cluster: no preflight here
     assert (config.ray.num_workers, config.ray.use_gpu, config.deepspeed.zero_stage) == (16, True, 3)
@@ -231,9 +231,7 @@ def test_the_70b_example_config_validates_and_its_arithmetic_holds():
     # Anchor Llama-3.1-70B: 80 layers x 8192; augmenting Llama-3.1-8B family: 32 layers x 4096.
     connections = every_n(32, 80, config.composition.every_n)
     assert len(connections) == 8
-    stated = re.search(r"^# composition parameters: ([\d,]+)$", path.read_text(), re.MULTILINE)
-    assert stated is not None
-    assert int(stated.group(1).replace(",", "")) == len(connections) * CrossAttention.parameter_count(4096, 8192)
+    assert "calm plan" in path.read_text()
 
 
 def test_the_kuberay_job_runs_the_example_on_16_gpus_with_shared_checkpoints():
