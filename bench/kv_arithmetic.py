@@ -11,6 +11,7 @@ lora_heldout < 0.10; composed_numeric >= anchor_numeric - 0.05; wall_s <= 600 on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -40,7 +41,9 @@ def main() -> None:
 
     root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="calm-kv-bench-"))
     try:
-        results = run_experiment(root.resolve(), args.seed, lambda line: print(line, file=sys.stderr))
+        # Progress and the steps' lines go to stderr: stdout carries only the JSON.
+        with contextlib.redirect_stdout(sys.stderr):
+            results = run_experiment(root.resolve(), args.seed, print)
     finally:
         if args.root is None:
             shutil.rmtree(root, ignore_errors=True)
