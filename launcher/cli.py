@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help). Each module defines add_arguments(parser), run(args) -> int and
@@ -36,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        # DeepSpeed would pick the CPU here anyway, but says so on stdout when it has to guess, from
+        # whichever library imports it first.
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
     module = importlib.import_module(args._module)
     try:
         code = module.run(args)
