@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -111,7 +112,8 @@ def _pretrain(name: str, plan: BaseModelPlan, rows: list[dict], vocab: int, seed
 
     model = _new_model(plan, vocab, seed)
     start = time.perf_counter()
-    with tqdm(total=plan.steps, desc=f"pretraining {name}", unit="step", leave=False, dynamic_ncols=True) as bar:
+    with tqdm(total=plan.steps, desc=f"pretraining {name}", unit="step", leave=False, dynamic_ncols=True,
+              file=sys.stdout) as bar:  # stdout: quiet mode sends stderr to the log
         def on_step(step: int, loss: float) -> None:
             bar.update(1)
             if step % 50 == 0:
@@ -236,7 +238,8 @@ def lora_baseline(assets: Assets, config: TrainConfig, parameters: int, seed: in
                       prompt_field="prompt", completion_field="completion")
     train = config.training
     start = time.perf_counter()
-    with tqdm(total=train.steps, desc="LoRA baseline", unit="step", leave=False, dynamic_ncols=True) as bar:
+    with tqdm(total=train.steps, desc="LoRA baseline", unit="step", leave=False, dynamic_ncols=True,
+              file=sys.stdout) as bar:  # stdout: quiet mode sends stderr to the log
         model.train()
         local_training.train(local_training.lm_loss(model), model.parameters(),
                              local_training.batches(rows, train.global_batch_size, seed, 0), train.steps,
