@@ -1,6 +1,6 @@
-"""Exact match of greedy completions in one process, for models small enough to need no workers:
-the demo's base models alone and the LoRA baseline. (Compositions of large anchors are evaluated by
-`calm eval` on ZeRO-3 workers; both compare completions the same way: decoded and stripped.)"""
+"""Exact match of greedy completions in one process, for plain models small enough to need no workers:
+the demo's base models alone and the LoRA baseline. (Compositions are evaluated by `calm eval` on ZeRO-3
+workers; both compare completions the same way: decoded and stripped.)"""
 
 from __future__ import annotations
 
@@ -9,9 +9,6 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
-
-from calm_dist.composed import ComposedModel
-from calm_dist.generation import generate
 
 # (left-padded prompt ids, their mask) -> the full sequences, prompts included
 Complete = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -23,16 +20,6 @@ def causal_lm_completer(model: nn.Module, max_new_tokens: int, pad_token_id: int
     def complete(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                               pad_token_id=pad_token_id, eos_token_id=eos_token_id)
-
-    return complete
-
-
-def composed_completer(model: ComposedModel, max_new_tokens: int, pad_token_id: int, eos_token_id: int) -> Complete:
-    """Greedy, KV-cached iterative decoding of a composition (both models see every new token)."""
-
-    def complete(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                        pad_token_id=pad_token_id)
 
     return complete
 
