@@ -281,6 +281,7 @@ def evaluate_bases(assets: Assets) -> dict[str, dict[str, float]]:
 def run_experiment(root: Path, seed: int, log: Log, config_path: Path = CONFIG, design: Design = Design(),
                    retrain: bool = False) -> dict:
     """Everything for one seed under root/seed-N; returns the flat results (see launcher.kv_report)."""
+    from launcher.preflight import preflight
     from launcher.train import train
 
     start = time.perf_counter()
@@ -294,6 +295,7 @@ def run_experiment(root: Path, seed: int, log: Log, config_path: Path = CONFIG, 
         # This seed's earlier run (finished, or stopped part way) belongs to the experiment: replace it.
         for old in (Path(config.output_dir) / run_name, Path(config.ray.storage_path) / run_name):
             shutil.rmtree(old, ignore_errors=True)
+        preflight(config)  # bad input fails here, in one line, before any worker starts
         if train(config) != 0:
             raise RuntimeError(f"composition training failed; see {Path(config.output_dir) / run_name}")
     else:
