@@ -22,6 +22,7 @@ from calm_dist.cache import ComposedCache
 from calm_dist.composed import ComposedOutput, augmenting_states, next_token_loss, positions_from_mask
 from calm_dist.connections import Connection
 from calm_dist.data import IGNORE_INDEX, collate
+from calm_dist.generation import left_padded
 
 # (all token ids so far, attention mask, how many of them are new, the decoding cache or None)
 # -> augmenting states of the new tokens. None when the model has no augmenting models.
@@ -120,12 +121,8 @@ def greedy_completions(
     recomputed at every step (the reference the cached path must equal). Decoding stops when every row
     on every rank has produced EOS, or after max_new_tokens.
     """
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):  # left padding: new tokens go on the right
-        ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
-        mask[row, width - len(prompt):] = 1
+    ids, mask = left_padded(prompts, pad_token_id)
+    width = ids.shape[1]
     ids, mask = ids.to(device), mask.to(device)
     cache = new_cache() if use_cache else None
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)

@@ -18,6 +18,17 @@ def left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_
     return ids.masked_fill(mask == 0, pad_token_id), mask
 
 
+def left_padded(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token lists padded on the left, so new tokens can go on the right."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Set logits outside the top-k and outside the top-p nucleus to -inf (the best token always stays)."""
     if top_k and top_k < logits.shape[-1]:

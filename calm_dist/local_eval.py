@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from calm_dist.generation import left_padded
+
 # (left-padded prompt ids, their mask) -> the full sequences, prompts included
 Complete = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -42,13 +44,8 @@ def exact_match(
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
         prompts = [bos + tokenizer.encode(r[prompt_field], add_special_tokens=False) for r in chunk]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = torch.tensor(prompt)
-            mask[row, width - len(prompt):] = 1
-        for row, record in zip(complete(ids, mask)[:, width:].tolist(), chunk, strict=True):
+        ids, mask = left_padded(prompts, pad)
+        for row, record in zip(complete(ids, mask)[:, ids.shape[1]:].tolist(), chunk, strict=True):
             if tokenizer.eos_token_id in row:
                 row = row[:row.index(tokenizer.eos_token_id)]
             hits += tokenizer.decode(row, skip_special_tokens=True).strip() == str(record[completion_field]).strip()

@@ -104,7 +104,7 @@ def complete(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, 
     prompt, the completion is written there piece by piece as it is decoded."""
     import torch
 
-    from calm_dist.generation import generate
+    from calm_dist.generation import generate, left_padded
 
     device = next(model.parameters()).device
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -113,12 +113,8 @@ def complete(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, 
     completions = []
     for start in range(0, len(prompts), batch_size):
         encoded = [bos + tokenizer.encode(p, add_special_tokens=False) for p in prompts[start:start + batch_size]]
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, tokens in enumerate(encoded):
-            ids[row, width - len(tokens):] = torch.tensor(tokens)
-            mask[row, width - len(tokens):] = 1
+        ids, mask = left_padded(encoded, pad)
+        width = ids.shape[1]
         on_token = _streamer(tokenizer, stream) if stream is not None and len(prompts) == 1 else None
         out = generate(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, do_sample=sample,
                        temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=tokenizer.eos_token_id,
