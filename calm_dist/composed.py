@@ -362,20 +362,22 @@ def augmenting_states(
             _own_states(states, model, wanted, k, view, past_masks.get(k) if past_masks else None,
                         caches[k] if caches is not None else None)
             continue
-        layers = decoder_layers(model)
-        handles = [layers[i].register_forward_hook(_capture(states, (k, i))) for i in wanted]
-        try:
-            backbone(model)(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=caches[k] if caches is not None else None,
-                use_cache=caches is not None,
-            )
-        finally:
-            for handle in handles:
-                handle.remove()
+        _run_capturing(states, model, wanted, k, input_ids, attention_mask, position_ids,
+                       caches[k] if caches is not None else None)
     return states
+
+
+def _run_capturing(states: dict, model: nn.Module, wanted: list[int], k: int, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache | None) -> None:
+    """Run augmenting model k's backbone, keeping the outputs of its `wanted` layers in states[(k, layer)]."""
+    layers = decoder_layers(model)
+    handles = [layers[i].register_forward_hook(_capture(states, (k, i))) for i in wanted]
+    try:
+        backbone(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        past_key_values=cache, use_cache=cache is not None)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _own_states(states: dict, model: nn.Module, wanted: list[int], k: int, view: AugmentingView,
@@ -388,22 +390,7 @@ def _own_states(states: dict, model: nn.Module, wanted: list[int], k: int, view:
         states.update({(k, i): empty for i in wanted})
         return
     mask = view.attention_mask if past_mask is None else torch.cat([past_mask, view.attention_mask], 1)
-    layers = decoder_layers(model)
-    handles = [layers[i].register_forward_hook(_capture(states, (k, i))) for i in wanted]
-    try:
-        backbone(model)(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions_from_mask(mask)[:, -ids.shape[1]:],
-            past_key_values=cache,
-            use_cache=cache is not None,
-        )
-    finally:
-        for handle in handles:
-            handle.remove()
-    real = view.attention_mask.bool()[..., None]
-    for i in wanted:  # a padding slot may hold anything, NaN included; keys of 0 are harmless
-        states[(k, i)] = torch.where(real, states[(k, i)], 0)
+    _run_capturing(states, model, wanted, k, ids, mask, positions_from_mask(mask)[:, -ids.shape[1]:], cache)
 
 
 def _capture(store: dict, key: tuple[int, int]):
