@@ -63,6 +63,8 @@ def save_composition(
             for c in model.connections
         ],
         "num_heads": model.num_heads,
+        "recency_bias": model.recency_bias,
+        "null_attention": model.null_attention,
         "dtype": str(model.composition_dtype).removeprefix("torch."),
         **({"tokenizers": model.aligner.identities()} if model.aligner is not None else {}),
         **(extra or {}),
@@ -242,6 +244,9 @@ def load_composition(
         num_heads=manifest["num_heads"],
         dtype=getattr(torch, manifest["dtype"]),
         aligner=aligner,
+        # Compositions saved before these options existed have neither.
+        recency_bias=manifest.get("recency_bias", False),
+        null_attention=manifest.get("null_attention", False),
     )
     try:
         state = load_file(path / WEIGHTS)

@@ -73,10 +73,14 @@ class ComposedModel(nn.Module):
         num_heads: int | None = None,
         dtype: torch.dtype = torch.float32,
         aligner: Aligner | None = None,
+        recency_bias: bool = False,
+        null_attention: bool = False,
     ):
         """augmenting: the models, or only their dimensions when their states are computed elsewhere
         (then forward needs augmenting_states=). aligner: the tokenizers, when some augmenting model
-        reads the text through a tokenizer of its own (calm_dist.alignment)."""
+        reads the text through a tokenizer of its own (calm_dist.alignment). recency_bias, null_attention:
+        the cross-attention's options beyond the paper (calm_dist.cross_attention.CrossAttention); off,
+        as in the paper, unless asked for."""
         super().__init__()
         external = [isinstance(m, ModelDims) for m in augmenting]
         if any(external) and not all(external):
@@ -106,6 +110,8 @@ class ComposedModel(nn.Module):
         self.connections: list[Connection] = sorted(connections)
         self.num_heads = num_heads or self.anchor_dims.num_heads
         self.composition_dtype = dtype
+        self.recency_bias = recency_bias
+        self.null_attention = null_attention
 
         self.anchor = anchor.requires_grad_(False).eval()
         modules = [] if any(external) else augmenting
@@ -115,7 +121,8 @@ class ComposedModel(nn.Module):
         try:
             self.composition = nn.ModuleDict(
                 {
-                    c.name: CrossAttention(self.augmenting_dims[c.augmenting].hidden_size, width, self.num_heads)
+                    c.name: CrossAttention(self.augmenting_dims[c.augmenting].hidden_size, width, self.num_heads,
+                                           recency_bias=recency_bias, null_attention=null_attention)
                     for c in self.connections
                 }
             ).to(device=device, dtype=dtype)
@@ -136,7 +143,8 @@ class ComposedModel(nn.Module):
     def expected_composition_parameters(self) -> int:
         width = self.anchor_dims.hidden_size
         return sum(
-            CrossAttention.parameter_count(self.augmenting_dims[c.augmenting].hidden_size, width)
+            CrossAttention.parameter_count(self.augmenting_dims[c.augmenting].hidden_size, width, self.num_heads,
+                                           self.recency_bias)
             for c in self.connections
         )
 
@@ -408,6 +416,8 @@ def compose(
     num_heads: int | None = None,
     dtype: torch.dtype = torch.float32,
     tokenizers: Sequence[PreTrainedTokenizerBase | None] | None = None,
+    recency_bias: bool = False,
+    null_attention: bool = False,
 ) -> ComposedModel:
     """Compose models, connecting every `every_n`-th augmenting layer unless connections are given.
 
@@ -431,4 +441,5 @@ def compose(
             for k, model in enumerate(augmenting)
             for c in conn.every_n(len(decoder_layers(model)), anchor_layers, every_n, augmenting=k)
         ]
-    return ComposedModel(anchor, augmenting, connections, num_heads=num_heads, dtype=dtype, aligner=aligner)
+    return ComposedModel(anchor, augmenting, connections, num_heads=num_heads, dtype=dtype, aligner=aligner,
+                         recency_bias=recency_bias, null_attention=null_attention)

@@ -62,6 +62,14 @@ class CompositionConfig(Strict):
         "is the anchor's input embeddings"
     )
     num_heads: int | None = Field(None, ge=1, description="default: the anchor's head count")
+    recency_bias: bool = Field(
+        False, description="learned per-head penalties on how far back an augmenting token is (ALiBi-like); "
+        "not in the paper, whose cross-attention has no notion of position"
+    )
+    null_attention: bool = Field(
+        False, description="a zero key and value every query may attend to, so that the cross-attention can "
+        "add nothing where the augmenting model has nothing to add; not in the paper"
+    )
     dtype: Dtype = "float32"
 
     @model_validator(mode="before")

@@ -31,7 +31,9 @@ USER_ERRORS = (ConfigError, CompositionError)  # data errors arrive as ConfigErr
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", help="a training config (YAML; evaluates runs/NAME/composition) or a composition folder")
-    parser.add_argument("--data", required=True, help="evaluation records: JSONL, JSON, CSV or Parquet")
+    parser.add_argument("--data", required=True, nargs="+", metavar="FILE",
+                        help="evaluation records: JSONL, JSON, CSV or Parquet; several files are scored in one "
+                        "launch, the models loaded once")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--anchor-only", action="store_true", help="score the anchor alone (baseline row)")
     which.add_argument("--augmenting-only", type=int, metavar="K", help="score augmenting model K alone (baseline row)")
@@ -65,7 +67,7 @@ class EvalJob(Strict):
     anchor: ModelSpec
     augmenting: list[ModelSpec]
     tokenizer: str
-    data: str
+    data: list[str]  # scored one after the other by the same workers
     split: str | None = None
     text_field: str | None = None
     prompt_field: str | None = None
@@ -99,7 +101,7 @@ def _spec(path: str, key: str, dtype: str, trust_remote_code: bool = False) -> M
     return ModelSpec(path=str(folder.resolve()), dtype=dtype, trust_remote_code=trust_remote_code)
 
 
-def plan(target: str | Path, data: str | Path, *, anchor_only: bool = False, augmenting_only: int | None = None,
+def plan(target: str | Path, data: str | Path | list[str | Path], *, anchor_only: bool = False, augmenting_only: int | None = None,
          samples: int | None = None, max_new_tokens: int | None = None, workers: int | None = None,
          micro_batch_size: int | None = None, anchor: str | None = None, augmenting: list[str] | None = None,
          tokenizer: str | None = None, dtype: str | None = None, prompt_field: str | None = None,
@@ -179,9 +181,14 @@ def plan(target: str | Path, data: str | Path, *, anchor_only: bool = False, aug
                         ("--micro-batch-size", micro_batch_size), ("--max-length", max_length)):
         if value is not None and value < 1:
             raise ConfigError(f"{name} {value}: must be at least 1")
-    _check_data(Path(data), fields)
+    files = [Path(d) for d in (data if isinstance(data, list | tuple) else [data])]
+    for file in files:
+        _check_data(file, fields)
+    if len({f.stem for f in files}) < len(files):  # each result is written to STEM.MODEL.json
+        raise ConfigError(f"--data: {', '.join(map(str, files))}: two files with the same name would write one result")
     job = EvalJob(model=model, augmenting_index=augmenting_only or 0, composition=str(composition.resolve()),
-                  anchor=specs[0], augmenting=specs[1:], tokenizer=str(tokenizer), data=str(Path(data).resolve()),
+                  anchor=specs[0], augmenting=specs[1:], tokenizer=str(tokenizer),
+                  data=[str(f.resolve()) for f in files],
                   prompt_field=fields[0], completion_field=fields[1], text_field=fields[2], max_length=max_length,
                   samples=samples, max_new_tokens=max_new_tokens, micro_batch_size=micro_batch_size,
                   zero_stage=zero_stage, use_gpu=use_gpu)
@@ -228,10 +235,15 @@ def evaluate(target: str | Path, data: str | Path, *, progress: bool = True, **f
     and write the result as JSON; returns it: exact_match (None for plain text data), loss, samples,
     model, and where the JSON went (`output`). Flags as plan(). Starts a local Ray cluster unless one is
     running in this process or an address is given."""
-    return run_plan(plan(target, data, **flags), progress=progress)
+    return run_plan(plan(target, data, **flags), progress=progress)[0]
 
 
-def run_plan(p: Plan, progress: bool = True) -> dict:
+def evaluate_files(target: str | Path, files: list[str | Path], *, progress: bool = True, **flags) -> list[dict]:
+    """evaluate() on several data files in one launch (the models are loaded once): one result each."""
+    return run_plan(plan(target, list(files), **flags), progress=progress)
+
+
+def run_plan(p: Plan, progress: bool = True) -> list[dict]:
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -273,12 +285,12 @@ def run_plan(p: Plan, progress: bool = True) -> dict:
 
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
+    counts = [_record_count(job, file) for file in job.data]
     if progress:
-        records = _record_count(job)
-        chunks = math.ceil(math.ceil(records / job.micro_batch_size) / p.workers)
+        chunks = sum(math.ceil(math.ceil(count / job.micro_batch_size) / p.workers) for count in counts)
         follow(board, chunks * (1 if job.text_field else 2), thread, desc=f"eval {p.label}", unit="batch")
     thread.join()
-    metrics = ray.get(board.get_result.remote()) if "error" not in outcome else None
+    per_file = ray.get(board.get_result.remote()) if "error" not in outcome else None
     ray.kill(board)
     if own_cluster:
         ray.shutdown()
@@ -287,46 +299,50 @@ def run_plan(p: Plan, progress: bool = True) -> dict:
     shutil.rmtree(storage / run_name, ignore_errors=True)
     with contextlib.suppress(OSError):
         storage.rmdir()  # only if no other evaluation is using it
-    result = {
-        "model": p.label,
-        "exact_match": metrics.get("eval_exact_match"),
-        "loss": metrics["eval_loss"],
-        "samples": metrics.get("eval_samples", _record_count(job)),
-        "data": job.data,
-        "composition": job.composition if p.label == "composition" else None,
-        "anchor": job.anchor.path,
-        "augmenting": [s.path for s in job.augmenting],
-        "max_new_tokens": job.max_new_tokens,
-        "workers": p.workers,
-        "examples": metrics.get("eval_examples", []),
-        "wall_s": round(time.perf_counter() - started, 1),
-    }
+    wall_s = round(time.perf_counter() - started, 1)  # the launch's, shared by its files
+    results = []
     p.output_dir.mkdir(parents=True, exist_ok=True)
-    output = p.output_dir / f"{Path(job.data).stem}.{p.label}.json"
-    staging = output.with_name(f".{output.name}.tmp")
-    staging.write_text(json.dumps(result, indent=2) + "\n")
-    staging.replace(output)
-    result["output"] = str(output)
-    return result
+    for file, count, metrics in zip(job.data, counts, per_file, strict=True):
+        result = {
+            "model": p.label,
+            "exact_match": metrics.get("eval_exact_match"),
+            "loss": metrics["eval_loss"],
+            "samples": metrics.get("eval_samples", count),
+            "data": file,
+            "composition": job.composition if p.label == "composition" else None,
+            "anchor": job.anchor.path,
+            "augmenting": [s.path for s in job.augmenting],
+            "max_new_tokens": job.max_new_tokens,
+            "workers": p.workers,
+            "examples": metrics.get("eval_examples", []),
+            "wall_s": wall_s,
+        }
+        output = p.output_dir / f"{Path(file).stem}.{p.label}.json"
+        staging = output.with_name(f".{output.name}.tmp")
+        staging.write_text(json.dumps(result, indent=2) + "\n")
+        staging.replace(output)
+        result["output"] = str(output)
+        results.append(result)
+    return results
 
 
 class EvalFailed(RuntimeError):
     """The workers failed; the message is the workers' error."""
 
 
-def _record_count(job: EvalJob) -> int:
+def _record_count(job: EvalJob, file: str) -> int:
     from calm_dist.data import load_records
 
-    count = len(load_records(job.data, job.split))
+    count = len(load_records(file, job.split))
     return min(count, job.samples) if job.samples else count
 
 
 def table(rows: list[dict]) -> str:
-    """Results as a table for people: one row per evaluated model."""
-    lines = [f"{'model':<14} {'exact match':>11} {'loss':>8} {'samples':>8}"]
+    """Results as a table for people: one row per evaluated model and data file."""
+    lines = [f"{'model':<14} {'exact match':>11} {'loss':>8} {'samples':>8}  data"]
     for row in rows:
         match = "-" if row["exact_match"] is None else f"{row['exact_match']:.3f}"
-        lines.append(f"{row['model']:<14} {match:>11} {row['loss']:>8.4f} {row['samples']:>8}")
+        lines.append(f"{row['model']:<14} {match:>11} {row['loss']:>8.4f} {row['samples']:>8}  {Path(row['data']).name}")
     return "\n".join(lines)
 
 
@@ -340,9 +356,10 @@ def run(args: argparse.Namespace) -> int:
              completion_field=args.completion_field, text_field=args.text_field, max_length=args.max_length,
              gpu=args.gpu, address=args.address, output_dir=args.output_dir)
     with quiet_output(log_path(p.output_dir, f"eval-{p.label}"), verbose=args.verbose):
-        result = run_plan(p)
-        print(table([result]))
-        for example in result["examples"][:3]:
-            print(f"  {example['prompt']!r} -> {example['completion']!r} (expected {example['target']!r})")
-        print(f"results: {result['output']}")
+        results = run_plan(p)
+        print(table(results))
+        for result in results:
+            for example in result["examples"][:3]:
+                print(f"  {example['prompt']!r} -> {example['completion']!r} (expected {example['target']!r})")
+        print("results: " + ", ".join(result["output"] for result in results))
     return 0

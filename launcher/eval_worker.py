@@ -37,7 +37,9 @@ def eval_worker(loop_config: dict) -> None:
         augmenting = load_whole(job.augmenting, device)
         model = ComposedModel(load_partitioned_model(job.anchor, ds_config),
                               [dims_from_config(m.config) for m in augmenting], connections,
-                              num_heads=manifest["num_heads"], dtype=getattr(torch, manifest["dtype"]))
+                              num_heads=manifest["num_heads"], dtype=getattr(torch, manifest["dtype"]),
+                              recency_bias=manifest.get("recency_bias", False),
+                              null_attention=manifest.get("null_attention", False))
         # θ_C goes in while the composition is still whole; DeepSpeed partitions it below.
         model.composition.load_state_dict(load_file(f"{job.composition}/{WEIGHTS}"))
         model.composition.requires_grad_(False)
@@ -52,25 +54,30 @@ def eval_worker(loop_config: dict) -> None:
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
 
-    records = load_records(job.data, job.split)
-    if job.samples is not None:
-        records = records.select(range(min(job.samples, len(records))))
-    tokenized = tokenize_records(records, tokenizer, max_length=job.max_length, text_field=job.text_field,
-                                 prompt_field=job.prompt_field, completion_field=job.completion_field)
-    share = eval_share(records, tokenized, tokenizer, micro_batch_size=job.micro_batch_size, rank=rank,
-                       world_size=world, pad_token_id=pad, prompt_field=job.prompt_field,
-                       completion_field=job.completion_field)
     board = ray.get_actor(loop_config["board"]) if rank == 0 and loop_config.get("board") else None
+    done_before = 0  # micro-batches of the files already scored, so progress runs on across files
+    per_file = []
+    for file in job.data:
+        records = load_records(file, job.split)
+        if job.samples is not None:
+            records = records.select(range(min(job.samples, len(records))))
+        tokenized = tokenize_records(records, tokenizer, max_length=job.max_length, text_field=job.text_field,
+                                     prompt_field=job.prompt_field, completion_field=job.completion_field)
+        share = eval_share(records, tokenized, tokenizer, micro_batch_size=job.micro_batch_size, rank=rank,
+                           world_size=world, pad_token_id=pad, prompt_field=job.prompt_field,
+                           completion_field=job.completion_field)
 
-    def on_progress(done: int) -> None:
-        if board is not None:
-            board.advance.remote(done)
+        def on_progress(done: int, before: int = done_before) -> None:
+            if board is not None:
+                board.advance.remote(before + done)
 
-    metrics = evaluate(engine, share, decode=tokenizer.decode, states_for=states_for, decode_states=decode_states,
-                       new_cache=lambda: new_cache_for(model, augmenting), max_new_tokens=job.max_new_tokens,
-                       pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, device=device,
-                       on_progress=on_progress, examples=job.examples if rank == 0 else 0)
-    metrics["eval_micro_batches"] = len(share.loss_batches) + len(share.prompt_batches)
+        metrics = evaluate(engine, share, decode=tokenizer.decode, states_for=states_for,
+                           decode_states=decode_states, new_cache=lambda: new_cache_for(model, augmenting),
+                           max_new_tokens=job.max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                           device=device, on_progress=on_progress, examples=job.examples if rank == 0 else 0)
+        metrics["eval_micro_batches"] = len(share.loss_batches) + len(share.prompt_batches)
+        done_before += metrics["eval_micro_batches"]
+        per_file.append(metrics)
     if board is not None:  # Ray Train keeps only metrics that come with a checkpoint
-        ray.get(board.set_result.remote(metrics))
+        ray.get(board.set_result.remote(per_file))
     ray.train.report({})  # every worker reports, the same number of times

@@ -257,16 +257,14 @@ def lora_baseline(assets: Assets, config: TrainConfig, parameters: int, seed: in
 def evaluate_composition(composition: Path, assets: Assets, workers: int, log: Log) -> dict[str, float]:
     """Exact match of the composition on every eval set, by `calm eval` (Ray Train workers, the anchor
     under DeepSpeed ZeRO-3, KV-cached greedy decoding)."""
-    from launcher.eval import evaluate
+    from launcher.eval import evaluate_files
 
-    scores = {}
-    for suffix, stem in EVAL_SETS.items():
-        result = evaluate(composition, assets.files[stem], workers=workers, max_new_tokens=6, micro_batch_size=64,
-                          progress=False)
-        scores[suffix] = result["exact_match"]
-        log(f"calm eval {stem}: exact match {result['exact_match']:.3f}, loss {result['loss']:.3f} "
-            f"({result['wall_s']:.0f} s)")
-    return scores
+    results = evaluate_files(composition, [assets.files[stem] for stem in EVAL_SETS.values()], workers=workers,
+                             max_new_tokens=6, micro_batch_size=64, progress=False)
+    for stem, result in zip(EVAL_SETS.values(), results, strict=True):
+        log(f"calm eval {stem}: exact match {result['exact_match']:.3f}, loss {result['loss']:.3f}")
+    log(f"calm eval: {len(results)} sets in {results[0]['wall_s']:.0f} s")
+    return {suffix: result["exact_match"] for suffix, result in zip(EVAL_SETS, results, strict=True)}
 
 
 def evaluate_bases(assets: Assets) -> dict[str, dict[str, float]]:

@@ -103,13 +103,16 @@ def train_setup(config: TrainConfig, gpu: bool | None = None) -> TrainSetup:
     augmenting = tuple(model_shape(m.path, m.dtype, m.trust_remote_code) for m in config.models.augmenting)
     connections = sorted(connections_for(config.composition, anchor.layers, [m.layers for m in augmenting]))
     width = anchor.hidden
+    heads = config.composition.num_heads or anchor.heads
     sizes: list[int] = []
     per_connection = []
     for c in connections:
         aug = augmenting[c.augmenting].hidden
         # f_proj weight and bias, keys+values, q, out: the tensors of calm_dist.cross_attention.
         sizes += [width * aug, width, 2 * width * width, width * width, width * width]
-        per_connection.append(CrossAttention.parameter_count(aug, width))
+        if config.composition.recency_bias:
+            sizes.append(heads)
+        per_connection.append(CrossAttention.parameter_count(aug, width, heads, config.composition.recency_bias))
     zero = config.deepspeed.extra.get("zero_optimization", {})
     return TrainSetup(
         anchor=anchor, augmenting=augmenting,

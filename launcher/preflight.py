@@ -94,7 +94,9 @@ def preflight(config: TrainConfig, *, address_timeout: float = ADDRESS_TIMEOUT_S
         connections=tuple(connections),
         num_heads=num_heads,
         composition_parameters=sum(
-            CrossAttention.parameter_count(augmenting[c.augmenting].hidden_size, width) for c in connections
+            CrossAttention.parameter_count(augmenting[c.augmenting].hidden_size, width, num_heads,
+                                           config.composition.recency_bias)
+            for c in connections
         ),
         anchor_parameters=anchor_parameters,
         train_records=train_records,

@@ -24,10 +24,11 @@ def train_steps(model, steps: int = 5, batch: int = 4, length: int = 12, lr: flo
     return model
 
 
-@pytest.fixture(params=["every_n", "into_input"])
+@pytest.fixture(params=["every_n", "into_input", "recency_and_null"])
 def trained_pair(request):
     """A composed Llama pair (anchor 4x64, augmenting 4x32) with a trained, non-zero composition:
-    the paper's every-n layout, or one that also connects into the anchor's input embeddings."""
+    the paper's every-n layout, one that also connects into the anchor's input embeddings, or that
+    one with the cross-attention's recency bias and null key."""
     from calm_dist.composed import compose
     from calm_dist.connections import INPUT, Connection
     from calm_dist.tiny import tiny_model
@@ -36,4 +37,6 @@ def trained_pair(request):
     aug = tiny_model("llama", layers=4, width=32, heads=2, seed=1)
     if request.param == "every_n":
         return train_steps(compose(anchor, aug, every_n=2))
-    return train_steps(compose(anchor, aug, connections=[Connection(0, 3, INPUT), Connection(0, 1, 2)]))
+    return train_steps(compose(anchor, aug, connections=[Connection(0, 3, INPUT), Connection(0, 1, 2)],
+                               recency_bias=request.param == "recency_and_null",
+                               null_attention=request.param == "recency_and_null"))

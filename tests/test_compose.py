@@ -120,6 +120,66 @@ def test_parameter_count_matches_formula_and_only_composition_trains():
     assert {id(p) for p in trainable} == {id(p) for p in composed.composition_parameters()}
 
 
+def test_recency_bias_adds_one_slope_per_head_and_trains_them():
+    anchor, aug = tiny_model(layers=8, width=64), tiny_model(layers=8, width=32, heads=2, seed=1)
+    composed = compose(anchor, aug, every_n=4, num_heads=8, recency_bias=True, null_attention=True)
+    expected = 2 * (32 * 64 + 64 + 4 * 64 * 64 + 8)
+    assert sum(p.numel() for p in composed.composition_parameters()) == expected
+    assert composed.expected_composition_parameters() == expected
+    train_steps(composed)
+    assert all(not torch.equal(m.recency.slope, torch.ones(8)) for m in composed.composition.values())
+
+
+def test_keys_after_counts_visible_keys_only():
+    from calm_dist.cross_attention import keys_after
+
+    # Query 3 of a row whose first two keys are left padding, and a cross-tokenizer row that sees 0, 1, 3.
+    allowed = torch.tensor([[False, False, True, True], [True, True, False, True]])
+    distance = keys_after(allowed)
+    assert distance[0, 2:].tolist() == [1, 0] and distance[1, [0, 1, 3]].tolist() == [2, 1, 0]
+
+
+@pytest.mark.parametrize("recency_bias, null_attention", [(True, False), (False, True), (True, True)])
+def test_cross_attention_options_are_the_formula(recency_bias, null_attention):
+    """softmax over [null: 0] + [q.k/sqrt(d) - slope * (visible keys after it)], values [0] + v, in float64,
+    on left-padded rows, one of them with a query that sees no key at all."""
+    from calm_dist.cross_attention import CrossAttention
+
+    torch.manual_seed(0)
+    block = CrossAttention(24, 32, 4, recency_bias=recency_bias, null_attention=null_attention).double()
+    torch.nn.init.normal_(block.out.weight)
+    if recency_bias:
+        block.recency.slope.data = torch.tensor([0.0, 0.3, 1.0, 3.0], dtype=torch.float64)
+    anchor, aug = torch.randn(2, 5, 32, dtype=torch.float64), torch.randn(2, 5, 24, dtype=torch.float64)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]).bool()
+    allowed = (torch.ones(5, 5).tril().bool()[None] & mask[:, None, :])[:, None]
+    keys, values = block.keys_values(aug)
+    with torch.no_grad():
+        expected = _attention_by_hand(block, anchor, keys, values, allowed, recency_bias, null_attention)
+    got = block(anchor, keys, values, allowed)
+    torch.testing.assert_close(got, block.out(expected.transpose(1, 2).reshape(2, 5, 32)))
+    assert torch.equal(got[0, :2], torch.zeros(2, 32, dtype=torch.float64))  # padding queries see nothing
+
+
+def _attention_by_hand(block, anchor, keys, values, allowed, recency_bias, null_attention):
+    query = block._split_heads(block.q(torch.nn.functional.rms_norm(anchor, (32,), eps=block.eps)))
+    expected = torch.zeros(2, 4, 5, 8, dtype=torch.float64)
+    for b in range(2):
+        for h in range(4):
+            for t in range(5):
+                seen = [s for s in range(5) if allowed[b, 0, t, s]]
+                logits = [float(query[b, h, t] @ keys[b, h, s]) / 8**0.5 for s in seen]
+                if recency_bias:
+                    logits = [x - float(block.recency.slope[h]) * (len(seen) - 1 - i) for i, x in enumerate(logits)]
+                rows = [values[b, h, s] for s in seen]
+                if null_attention:
+                    logits, rows = [0.0, *logits], [torch.zeros(8, dtype=torch.float64), *rows]
+                if rows:
+                    weights = torch.softmax(torch.tensor(logits, dtype=torch.float64), 0)
+                    expected[b, h, t] = sum(w * v for w, v in zip(weights, rows, strict=True))
+    return expected
+
+
 def test_frozen_models_never_change_nor_get_gradients():
     anchor, aug = tiny_model(width=64), tiny_model(width=32, heads=2, seed=1)
     before = copy.deepcopy(anchor.state_dict()), copy.deepcopy(aug.state_dict())
@@ -229,7 +289,8 @@ def test_activation_checkpointing_gives_the_same_gradients(trained_pair):
 def test_states_computed_elsewhere_give_the_same_model(trained_pair):
     from calm_dist.composed import ComposedModel, augmenting_states
 
-    remote = ComposedModel(trained_pair.anchor, trained_pair.augmenting_dims, trained_pair.connections)
+    remote = ComposedModel(trained_pair.anchor, trained_pair.augmenting_dims, trained_pair.connections,
+                           recency_bias=trained_pair.recency_bias, null_attention=trained_pair.null_attention)
     remote.composition.load_state_dict(trained_pair.composition.state_dict())
     assert len(remote.augmenting) == 0
     ids = torch.randint(3, 128, (2, 8))

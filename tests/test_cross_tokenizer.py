@@ -49,19 +49,20 @@ def batch(tokenizer, texts, side="right"):
     return ids, mask
 
 
-def build(tokenizers):
+def build(tokenizers, options: bool = False):
     """Anchor (BPE, 500) + augmenting 0 (Unigram, 300, its own tokenizer) + augmenting 1 (GPT-2, the
     anchor's tokenizer)."""
     anchor = tiny_model("llama", layers=4, width=64, heads=4, vocab=500, seed=0)
     own = tiny_model("llama", layers=4, width=32, heads=2, vocab=300, seed=1)
     shared = tiny_model("gpt2", layers=2, width=32, heads=2, vocab=500, seed=2)
     bpe, unigram = tokenizers["bpe"], tokenizers["unigram"]
-    return compose(anchor, [own, shared], every_n=2, tokenizers=[bpe, unigram, None])
+    return compose(anchor, [own, shared], every_n=2, tokenizers=[bpe, unigram, None],
+                   recency_bias=options, null_attention=options)
 
 
-@pytest.fixture(scope="module")
-def trained(tokenizers):
-    model = build(tokenizers)
+@pytest.fixture(scope="module", params=["paper", "recency_and_null"])
+def trained(tokenizers, request):
+    model = build(tokenizers, options=request.param == "recency_and_null")
     optimizer = torch.optim.Adam(model.composition_parameters(), lr=3e-2)
     model.train()
     for step in range(5):

@@ -50,7 +50,8 @@ def saved(tmp_path_factory):
 def external(composed):
     """The composed model as the workers build it: augmenting models outside, only their dimensions in."""
     model = ComposedModel(composed.anchor, [model_dims(m) for m in composed.augmenting], composed.connections,
-                          num_heads=composed.num_heads)
+                          num_heads=composed.num_heads, recency_bias=composed.recency_bias,
+                          null_attention=composed.null_attention)
     model.composition.load_state_dict(composed.composition.state_dict())
     return model.eval()
 
@@ -252,11 +253,15 @@ def test_calm_eval_on_two_zero3_workers_scores_the_composition(saved):
     tokenizer = AutoTokenizer.from_pretrained(folder / "assets/anchor")
     prompts = ["1+2=", "33+4=", "5+67=", "8+9=", "10+11=", "99+1=", "7="]
     data = write_jsonl(folder / "greedy.jsonl", greedy_records(composed, tokenizer, prompts))
+    # A second file in the same launch, whose targets are never the greedy completion.
+    wrong = write_jsonl(folder / "wrong.jsonl", greedy_records(composed, tokenizer, prompts[:3], wrong=True))
     result = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "eval", str(folder / "run/composition"), "--data", str(data),
+        [sys.executable, "-m", "launcher.cli", "eval", str(folder / "run/composition"), "--data", str(data), str(wrong),
          "--workers", "2", "--micro-batch-size", "2", "--max-new-tokens", "6"],
         env=ENV, cwd=ROOT, timeout=900, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    other = json.loads((folder / "run/eval/wrong.composition.json").read_text())
+    assert other["exact_match"] == 0.0 and other["samples"] == 3 and other["data"] == str(wrong.resolve())
     report = json.loads((folder / "run/eval/greedy.composition.json").read_text())
     # 7 records in micro-batches of 2 over 2 ranks: rank 1 runs a filler that must count nowhere.
     assert report["exact_match"] == 1.0 and report["samples"] == 7
@@ -271,6 +276,7 @@ def test_calm_eval_on_two_zero3_workers_scores_the_composition(saved):
     lines = terminal_lines(result)
     assert noise_in(lines) == []
     assert any(line.split()[:3] == ["composition", "1.000", f"{report['loss']:.4f}"] for line in lines)
+    assert any(line.split()[:2] == ["composition", "0.000"] and line.endswith("wrong.jsonl") for line in lines)
     assert lines[-1].startswith("log: ") and Path(lines[-1][5:]).is_file()
 
 
