@@ -65,7 +65,7 @@ class Design:
     augmenting_substitutions: int = 4000
     anchor_examples: int = 8000
     dc_kv_examples: int = 4000  # D_C: KV-arithmetic over the training keys...
-    dc_numeric_examples: int = 1000  # ...with numeric examples mixed in, so m_B's skill is kept
+    dc_numeric_examples: int = 2000  # ...with numeric examples mixed in, so m_B's skill is kept (1000 kept less of it)
     eval_examples: int = 500
     max_new_tokens: int = 6
 
