@@ -11,7 +11,6 @@ lora_heldout < 0.10; composed_numeric >= anchor_numeric - 0.05; wall_s <= 600 on
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -40,16 +39,18 @@ def main() -> None:
     from launcher.kv_experiment import run_experiment
 
     root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="calm-kv-bench-"))
+    # Progress, the steps' lines and worker output go to stderr: stdout carries only the JSON. For good,
+    # not in a block: Ray's log thread still prints worker lines after the run has returned.
+    sys.stdout = sys.stderr
     try:
-        # Progress and the steps' lines go to stderr: stdout carries only the JSON.
-        with contextlib.redirect_stdout(sys.stderr):
-            results = run_experiment(root.resolve(), args.seed, print)
+        results = run_experiment(root.resolve(), args.seed, print)
     finally:
         if args.root is None:
             shutil.rmtree(root, ignore_errors=True)
     results["load_average"] = os.getloadavg()[0]
     results["targets_met"] = {name: bool(check(results)) for name, check in TARGETS.items()}
-    print(json.dumps(results))
+    sys.__stdout__.write(json.dumps(results) + "\n")
+    sys.__stdout__.flush()
 
 
 if __name__ == "__main__":
