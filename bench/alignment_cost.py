@@ -18,29 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 import torch
+from compose_overhead import timed_interleaved  # bench/ is on sys.path when a bench script runs
 
 from calm_dist.alignment import collate_views, views_from_batch
 from calm_dist.composed import compose
 from calm_dist.data import collate
 from calm_dist.tiny import tiny_model
 from calm_dist.tokenizer import sample_texts, trained_tokenizer
-
-
-def timed_interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per function, run in turn each repeat so that drift affects all alike."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:

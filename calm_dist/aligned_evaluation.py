@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from calm_dist.alignment import views_from_batch
+from calm_dist.evaluation import cut_at_eos
 from calm_dist.train_loop import StatesFor, global_sum
 
 
@@ -47,12 +48,7 @@ def greedy_completions(
                         augmenting_views=views_from_batch(batch)).logits[:, -1]
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    completions = []
-    for row in ids[:, width:].tolist():
-        if eos_token_id is not None and eos_token_id in row:
-            row = row[: row.index(eos_token_id)]
-        completions.append(row)
-    return completions
+    return cut_at_eos(ids[:, width:].tolist(), eos_token_id)
 
 
 @torch.no_grad()

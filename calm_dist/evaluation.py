@@ -140,12 +140,14 @@ def greedy_completions(
             finished |= token == eos_token_id
             if _everyone(bool(finished.all())):
                 break
-    completions = []
-    for row in ids[:, width:].tolist():
-        if eos_token_id is not None and eos_token_id in row:
-            row = row[: row.index(eos_token_id)]
-        completions.append(row)
-    return completions
+    return cut_at_eos(ids[:, width:].tolist(), eos_token_id)
+
+
+def cut_at_eos(rows: list[list[int]], eos_token_id: int | None) -> list[list[int]]:
+    """Each generated row up to (not including) its first EOS."""
+    if eos_token_id is None:
+        return rows
+    return [row[: row.index(eos_token_id)] if eos_token_id in row else row for row in rows]
 
 
 @dataclass
