@@ -18,6 +18,7 @@ Exact as long as no product underflows float64 (weights of magnitude above ~1e-2
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from fractions import Fraction
 from functools import lru_cache
@@ -31,11 +32,13 @@ _TINY = {torch.float32: 2.0**-149, torch.float64: 2.0**-1074}
 _FAST = {torch.bfloat16: torch.float32, torch.float16: torch.float32, torch.float32: torch.float64}
 _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 _SPLIT = 134217729.0  # 2**27 + 1: Veltkamp's splitter for float64
-# Elements per pass of the fast path. Smaller slices keep its temporaries in a core's L2 cache, but
-# each pays a few dozen op calls and usually one exact decision of its ties: on 2**23 bf16 elements
-# (3-model mean, one thread) 2**15 took 30 ns per element, 2**18 17 ns, 2**20 13 ns; plain fp32
-# arithmetic 4.5 ns. merge.stream hands over one BLOCK (2**18) at a time.
-SLICE = 1 << 20
+# Elements per pass of the fast path: its temporaries stay in a core's L2 cache (on 3 bf16 inputs, one
+# thread: 2**16-2**18 took 3.5-4 ns per element, 2**20 4-11 ns, depending on the allocator).
+SLICE = 1 << 18
+# Elements left unsure by the fast pass (mostly exact ties) are decided exactly in batches of about
+# this many: large enough that the few dozen op calls of a decision are paid rarely, small enough to
+# bound the decision's float64 temporaries (~100 bytes per element).
+DECIDE_BATCH = 1 << 16
 
 
 def expansion(q: Fraction) -> tuple[float, ...]:
@@ -79,7 +82,14 @@ def _cached_plan(key: tuple[tuple[int, int], ...], fast: torch.dtype) -> tuple:
     factor = (2 * k + 8) * u
     # Subnormal products lose relative accuracy: an absolute error of one tiny per operation.
     absolute = (2 * k + 4) * _TINY[fast]
-    return scaled, factor, absolute, [_narrow_parts(c) for c in coefficients], _narrow_parts(divisor), divisor > 0
+    overflow_risk = factor * torch.finfo(fast).max / 2
+    # The exact decision compares sum_j c_j y_j with m * d; scaling every c_j and d by one positive
+    # factor keeps the answer, and as coprime integers they are often tiny (a uniform mean of k: 1s
+    # and k), so each is one float and the exact sums have k + 1 terms instead of 2k + 2 or more.
+    unit = Fraction(math.lcm(*(c.denominator for c in (*coefficients, divisor))))
+    unit /= math.gcd(*(int(c * unit) for c in (*coefficients, divisor)))
+    integers = [c * unit for c in coefficients]
+    return scaled, factor, absolute, overflow_risk, [_narrow_parts(c) for c in integers], _narrow_parts(divisor * unit), divisor > 0
 
 
 def combine(
@@ -87,39 +97,68 @@ def combine(
 ) -> Tensor:
     """sum_j coefficients[j] * ys[j] / divisor, correctly rounded (ties to even) to out_dtype.
 
-    ys: same-shape 1-D tensors of fp32 or a narrower float type (their values are the inputs'). Non-finite
-    inputs give what plain arithmetic gives. Long inputs go in cache-sized slices.
+    ys: same-shape 1-D tensors of fp32 or a narrower float type, in any mix (their values are the
+    inputs'). Non-finite inputs give what plain arithmetic gives. Any length: the fast pass goes in
+    cache-sized slices, the exact decisions in batches.
     """
-    if len(ys[0]) > SLICE:
-        out = torch.empty(len(ys[0]), dtype=out_dtype)
-        for start in range(0, len(ys[0]), SLICE):
-            out[start : start + SLICE] = combine([y[start : start + SLICE] for y in ys], coefficients, divisor, out_dtype)
-        return out
     if divisor == 0:
         raise ValueError("divisor is 0")
     fast = _FAST.get(out_dtype)
     if fast is None:  # float64 output: no wider type to check against; plain float64 arithmetic
         scale = 1 / divisor
         return sum((y.double() * float(c * scale) for y, c in zip(ys, coefficients, strict=True)), torch.zeros(()))
-    scaled, factor, absolute, exact_c, exact_d, positive = _plan(coefficients, divisor, fast)
-    ys_fast = [y.to(fast) for y in ys]
-    estimate = torch.zeros_like(ys_fast[0])
-    bound = torch.zeros_like(ys_fast[0])
-    for y, c in zip(ys_fast, scaled, strict=True):
-        term = y * c
-        estimate += term
-        bound += term.abs_()
-    bound.mul_(factor).add_(absolute)
-    low = (estimate - bound).to(out_dtype)
-    result = (estimate + bound).to(out_dtype)
-    unsure = result != low
-    if bool(unsure.any()):
-        where = unsure.nonzero().squeeze(1)
-        finite = torch.stack([y[where] for y in ys_fast]).isfinite().all(0)
-        exact, loose = where[finite], where[~finite]
-        if len(exact):
-            result[exact] = _decide([y[exact].double() for y in ys], low[exact], result[exact], exact_c, exact_d, positive)
-        result[loose] = estimate[loose].to(out_dtype)
+    plan = _plan(coefficients, divisor, fast)
+    result = torch.empty(len(ys[0]), dtype=out_dtype)
+    unsure: list[tuple[Tensor, Tensor, Tensor]] = []  # (positions, low values, estimates)
+    pending = 0
+    for start in range(0, len(result), SLICE):
+        stop = min(start + SLICE, len(result))
+        where, low, estimate = _fast_pass([y[start:stop] for y in ys], plan[:4], result[start:stop])
+        if len(where):
+            unsure.append((where + start, low, estimate))
+            pending += len(where)
+        if pending >= DECIDE_BATCH or (pending and stop == len(result)):
+            where, low, estimate = (torch.cat(parts) for parts in zip(*unsure, strict=True))
+            result[where] = _settle(ys, where, low, result[where], estimate, plan[4:])
+            unsure, pending = [], 0
+    return result
+
+
+def _fast_pass(ys: list[Tensor], constants: tuple, out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Writes the fast estimate's rounding into out; returns where that may be wrong, with the lower
+    end of the error interval rounded there and the estimate (both needed to settle them).
+
+    Inputs are read in their own dtype (add_ widens them on the fly): no converted copies. Every op
+    here is vectorised; torch's comparisons of 16-bit floats are not, hence the integer views."""
+    scaled, factor, absolute, overflow_risk = constants
+    fast = _FAST[out.dtype]
+    estimate = torch.zeros(len(out), dtype=fast)
+    bound = torch.full((len(out),), absolute, dtype=fast)
+    magnitude = torch.empty_like(ys[0])
+    for y, c in zip(ys, scaled, strict=True):
+        estimate.add_(y, alpha=c)
+        bound.add_(torch.abs(y, out=magnitude) if y.dtype == magnitude.dtype else y.abs(), alpha=abs(c) * factor)
+    # Partial sums stay below the fast type's largest value unless the bound says they may not; then an
+    # infinite estimate may be an overflow of that range (bf16 shares fp32's), not the value's.
+    overflow = bool(bound.max() >= overflow_risk)
+    low = torch.sub(estimate, bound).to(out.dtype)
+    out.copy_(torch.add(estimate, bound, out=bound))
+    bits = _BITS[out.dtype]
+    differ = torch.sub(out.view(bits), low.view(bits))  # zero where both ends round alike
+    if overflow:
+        differ |= out.isinf()
+    where = differ.nonzero().squeeze(1)
+    return where, low[where], estimate[where]
+
+
+def _settle(ys: Sequence[Tensor], where: Tensor, low: Tensor, high: Tensor, estimate: Tensor, exact: tuple) -> Tensor:
+    """The correctly rounded values at `where`, given the fast pass's interval [low, high] there."""
+    chosen = [y[where].double() for y in ys]
+    finite = sum(chosen[1:], chosen[0]).isfinite()  # no overflow: every input is at most fp32
+    if bool(finite.all()):
+        return _decide(chosen, low, high, *exact)
+    result = estimate.to(high.dtype)  # non-finite inputs: what plain arithmetic gives
+    result[finite] = _decide([y[finite] for y in chosen], low[finite], high[finite], *exact)
     return result
 
 
@@ -165,9 +204,9 @@ def _decide(
     """The correctly rounded values of sum_j c_j y_j / d for a few elements whose value rounds to
     low, high, or (rarely: cancellation, overflow) something between, decided exactly."""
     # Every factor has at most 26 significant bits and every input at most 24: each product is exact.
-    products = [y * part for y, parts in zip(ys, coefficients, strict=True) for part in parts]
+    products = [y if part == 1 else y * part for y, parts in zip(ys, coefficients, strict=True) for part in parts]
     up = torch.nextafter(low, torch.full_like(low, torch.inf))
-    adjacent = up == high
+    adjacent = (up == high) & (low != high)  # low == high == inf: the fast type overflowed
     # The usual case: one boundary between two neighbours. A tie goes to the even one.
     above = _compare(products, divisor, positive, _midpoint(low, high, low))
     low_even = (low.view(_BITS[low.dtype]) & 1) == 0
@@ -201,7 +240,11 @@ def _midpoint(value: Tensor, neighbour: Tensor, other: Tensor) -> Tensor:
     """The rounding boundary between value and its neighbour (one of them finite), in float64: exact,
     since it needs one bit more than the output dtype. Between the largest finite value and infinity
     it lies half an ulp past the largest finite value, where rounding starts to overflow."""
-    v, n, o = value.double(), neighbour.double(), other.double()
+    v, n = value.double(), neighbour.double()
+    middle = (v + n) / 2
+    if bool(middle.isfinite().all()):
+        return middle
+    o = other.double()
     inward = torch.nextafter(neighbour, torch.zeros_like(neighbour)).double()
     return torch.where(
         v.isinf(), n + (n - inward) / 2, torch.where(n.isinf(), v + (v - o) / 2, (v + n) / 2)
@@ -211,9 +254,10 @@ def _midpoint(value: Tensor, neighbour: Tensor, other: Tensor) -> Tensor:
 def _compare(products: list[Tensor], divisor: tuple[float, ...], positive: bool, boundary: Tensor) -> Tensor:
     """sign(exact value - boundary), elementwise."""
     finite = boundary.isfinite()
-    m = torch.where(finite, boundary, 0.0)
+    everywhere = bool(finite.all())
+    m = boundary if everywhere else torch.where(finite, boundary, 0.0)
     terms = list(products)
     terms += [m * -part for part in divisor]  # exact: a midpoint has at most 25 bits
     sign = torch.sign(_distill(terms)[-1])
-    sign = sign if positive else -sign
-    return torch.where(finite, sign, -torch.sign(boundary))
+    sign = sign if positive else sign.neg_()
+    return sign if everywhere else torch.where(finite, sign, -torch.sign(boundary))

@@ -1,7 +1,7 @@
 """Merge methods: small pure functions over fp32 tensors, registered by name.
 
 Linear and task arithmetic are exact: their result is the real-number formula rounded once
-(`merge.exact`). A method sees one block of every input at a time (`combine`), plus, when the formula needs a
+(`merge.exact`), and they take any range of the inputs as stored (`any_range`). A method sees one block of every input at a time (`combine`), plus, when the formula needs a
 whole-tensor statistic (TIES's magnitude thresholds, SLERP's angle), the result of `prepare`, which
 streams the whole tensor's blocks once or twice beforehand. Everything elementwise is written as
 separate IEEE operations (a product, then a sum), so a block gives bit for bit what the same formula
@@ -76,6 +76,9 @@ class Method:
     takes_weights: bool
     model_count: tuple[int, int | None]
     prepare: Callable[[Blocks, int, Any], Any] | None = None
+    # combine is elementwise and draws nothing at random: it may be given any range of the tensor, with
+    # the inputs in their stored dtypes (it widens them itself), instead of fp32 blocks.
+    any_range: bool = False
 
 
 METHODS: dict[str, Method] = {}
@@ -226,8 +229,8 @@ def slerp(
     return xs[0] * c0 + xs[1] * c1
 
 
-register("linear", Method(linear, LinearParams, uses_base=False, takes_weights=True, model_count=(1, None)))
-register("task_arithmetic", Method(task_arithmetic, TaskArithmeticParams, True, True, (2, None)))
+register("linear", Method(linear, LinearParams, uses_base=False, takes_weights=True, model_count=(1, None), any_range=True))
+register("task_arithmetic", Method(task_arithmetic, TaskArithmeticParams, True, True, (2, None), any_range=True))
 register("ties", Method(ties, SparseParams, True, True, (2, None), prepare=ties_thresholds))
 register("dare_linear", Method(dare_linear, SparseParams, True, True, (2, None)))
 register("dare_ties", Method(dare_ties, SparseParams, True, True, (2, None)))

@@ -68,6 +68,12 @@ class InputFiles:
             self._tickets[key] = _Ticket(self._ranges(sources, start, stop))
             self._queue.put(self._tickets[key])
 
+    def advise(self, sources: Sequence[TensorInfo], start: int, stop: int) -> None:
+        """Start reading a later chunk into the page cache (not mapped: no memory of ours), so the disk
+        stays busy while the chunks before it are read ahead and computed."""
+        for file, offset, length in self._ranges(sources, start, stop):
+            file.advise(offset, length)
+
     def _read_ahead(self) -> None:
         while (ticket := self._queue.get()) is not None:
             with ticket.lock:
@@ -134,6 +140,8 @@ def _walk(
         following = (sources, *ranges[i + 1]) if i + 1 < len(ranges) else then
         if following is not None:
             files.prefetch(*following)
+        if i + 2 < len(ranges):
+            files.advise(sources, *ranges[i + 2])
         with files.reading(sources, start, stop):
             yield start, stop
 
@@ -168,19 +176,32 @@ def merge_tensor(
         if tensor.method == COPY:
             out.copy_(files.view(sources[0], start, stop))
         else:
+            # A method that takes any range gets one piece per thread, as stored; others get fp32 blocks.
+            step = _piece(stop - start) if method.any_range else BLOCK
 
-            def compute(begin: int, start: int = start, stop: int = stop, out: torch.Tensor = out) -> None:
-                xs = [files.view(s, begin, min(begin + BLOCK, stop)).float() for s in sources]
-                block = Block(tensor.name, begin // BLOCK, len(xs[0]), tensor.seed, dtype)
+            def compute(begin: int, start: int = start, stop: int = stop, out: torch.Tensor = out, step: int = step) -> None:
+                end = min(begin + step, stop)
+                xs = [files.view(s, begin, end) for s in sources]
+                xs = xs if method.any_range else [x.float() for x in xs]
+                block = Block(tensor.name, begin // BLOCK, end - begin, tensor.seed, dtype)
                 # copy_ rounds an fp32 result to the output dtype: the one rounding of the merge (exact
                 # methods return the output dtype already).
-                out[begin - start : begin - start + block.size].copy_(method.combine(xs, tensor.weights, params, stats, block))
+                out[begin - start : end - start].copy_(method.combine(xs, tensor.weights, params, stats, block))
 
-            # Blocks are independent (each writes its own slice; randomness is per block), so they are
+            # Pieces are independent (each writes its own slice; randomness is per block), so they are
             # computed on COMPUTE_THREADS threads: torch releases the GIL inside every op.
-            for done in _compute_pool().map(compute, range(start, stop, BLOCK)):
+            for done in _compute_pool().map(compute, range(start, stop, step)):
                 del done
         yield buffer, out
+
+
+def _piece(elements: int) -> int:
+    """A chunk split evenly between the compute threads, in whole blocks, at most MAX_PIECE."""
+    return min(-(-elements // (COMPUTE_THREADS * BLOCK)) * BLOCK, MAX_PIECE)
+
+
+# Each piece's result is a temporary (up to 16 MB per thread), counted in the plan's WORKER_OVERHEAD.
+MAX_PIECE = 16 * BLOCK
 
 
 COMPUTE_THREADS = min(2, os.cpu_count() or 1)

@@ -1,0 +1,104 @@
+"""merge.exact against a reference built from Python Fractions: every element of sum_j c_j y_j / d
+rounded once, ties to even, on inputs chosen to be hard (ties, cancellation, subnormals, overflow)."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+
+from merge import exact
+
+
+def mantissa_bits(dtype: torch.dtype) -> int:
+    return -int(math.log2(torch.finfo(dtype).eps))
+
+
+def reference_round(q: Fraction, dtype: torch.dtype) -> float:
+    """q rounded to nearest (ties to even) in dtype, overflow to infinity, decided with Fractions."""
+    info = torch.finfo(dtype)
+    largest = Fraction(info.max)
+    half_ulp_of_largest = Fraction(2) ** (math.floor(math.log2(info.max)) - mantissa_bits(dtype)) / 2
+    if abs(q) >= largest + half_ulp_of_largest:
+        return math.copysign(math.inf, q)
+    near = torch.tensor(float(q), dtype=torch.float64).to(dtype).clamp(-info.max, info.max)
+    candidates = [near, torch.nextafter(near, torch.tensor(math.inf, dtype=dtype)),
+                  torch.nextafter(near, torch.tensor(-math.inf, dtype=dtype))]
+    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[dtype]
+
+    def distance(v: torch.Tensor) -> tuple[Fraction, int]:
+        return abs(Fraction(v.item()) - q), int(v.view(bits).item()) & 1
+
+    best = min((v for v in candidates if v.isfinite()), key=distance)
+    return best.item()
+
+
+def hard_values(generator: torch.Generator, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A mix: narrow exponents (many ties), the full exponent range, subnormals, zeros, the largest values."""
+    info = torch.finfo(dtype)
+    kind = torch.randint(0, 5, (n,), generator=generator)
+    sign = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0).double()
+    mantissa = 1 + torch.rand(n, generator=generator).double()
+    low, high = math.log2(info.smallest_normal), math.log2(info.max)
+    wide = torch.randint(int(low) - mantissa_bits(dtype), int(high), (n,), generator=generator).double()
+    narrow = torch.randint(-4, 1, (n,), generator=generator).double()
+    exponent = torch.where(kind == 0, narrow, torch.where(kind == 1, wide, torch.full((n,), high - 1)))
+    values = sign * mantissa * 2.0**exponent
+    values = torch.where(kind == 3, 0.0, values)
+    values = torch.where(kind == 4, sign * info.smallest_normal * torch.rand(n, generator=generator).double(), values)
+    return values.to(dtype).nan_to_num(posinf=info.max, neginf=-info.max)
+
+
+CASES = [  # (coefficients, divisor)
+    ([Fraction(1 / 3)] * 3, Fraction(1 / 3) * 3),  # a uniform 3-model mean, as LinearParams gives it
+    ([Fraction(1)] * 2, Fraction(2)),
+    ([Fraction(0.5), Fraction(0.3), Fraction(0.2)], Fraction(1)),
+    ([Fraction(2), Fraction(-1)], Fraction(1)),  # task arithmetic: base and one fine-tune, lambda 1
+    ([Fraction(-0.25), Fraction(1.5), Fraction(1e-3)], Fraction(1.25)),
+    ([Fraction(3), Fraction(3)], Fraction(1)),  # overflows near the largest values
+]
+
+
+@pytest.mark.parametrize("in_dtype,out_dtype", [
+    (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.float32),
+    (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_combine_is_correctly_rounded(in_dtype, out_dtype, case, monkeypatch):
+    # Small slices and batches, so that several of each, and their boundaries, are exercised.
+    monkeypatch.setattr(exact, "SLICE", 384)
+    monkeypatch.setattr(exact, "DECIDE_BATCH", 100)
+    coefficients, divisor = CASES[case]
+    generator = torch.Generator().manual_seed(case)
+    n = 1500
+    ys = [hard_values(generator, n, in_dtype) for _ in coefficients]
+    # Exact cancellation between the first two inputs in some elements.
+    cancel = torch.arange(n) % 7 == 0
+    ys[1] = torch.where(cancel, -ys[0], ys[1])
+    got = exact.combine(ys, coefficients, divisor, out_dtype)
+    assert got.dtype == out_dtype and got.shape == (n,)
+    columns = [[Fraction(v) for v in y.double().tolist()] for y in ys]
+    for i in range(n):
+        q = sum(c * column[i] for c, column in zip(coefficients, columns, strict=True)) / divisor
+        expected = reference_round(q, out_dtype)
+        assert got[i].item() == expected, (i, [y[i].item() for y in ys], got[i].item(), expected)
+
+
+def test_non_finite_inputs_give_what_plain_arithmetic_gives():
+    inf, nan = math.inf, math.nan
+    a = torch.tensor([inf, inf, nan, 1.0, -inf], dtype=torch.bfloat16)
+    b = torch.tensor([1.0, -inf, 1.0, inf, -inf], dtype=torch.bfloat16)
+    got = exact.combine([a, b], [Fraction(1), Fraction(1)], Fraction(2), torch.bfloat16)
+    assert got[0].item() == inf and math.isnan(got[1].item()) and math.isnan(got[2].item())
+    assert got[3].item() == inf and got[4].item() == -inf
+
+
+def test_integer_reduction_keeps_the_value():
+    """The plan rescales coefficients and divisor to coprime integers; the value must not change."""
+    ys = [torch.tensor([-0.042724609375], dtype=torch.bfloat16), torch.tensor([0.00860595703125], dtype=torch.bfloat16),
+          torch.tensor([-0.005523681640625], dtype=torch.bfloat16)]
+    third = Fraction(1 / 3)
+    got = exact.combine(ys, [third] * 3, third * 3, torch.bfloat16)
+    assert got.item() == -0.01318359375  # the issue's tie: -0.013214111328125 rounds to even
