@@ -42,6 +42,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
 ITEMSIZE: dict[str, int] = {code: torch.empty((), dtype=dt).element_size() for code, dt in TORCH_DTYPES.items()}
 PAGE = mmap.PAGESIZE
+ADVISE_STEP = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -136,10 +137,10 @@ class MappedFile:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        with open(path, "rb") as f:
-            # A private mapping rather than ACCESS_READ because torch.frombuffer wants a writable buffer;
-            # nothing writes to it, so no page is ever copied and the pages stay file-backed.
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self._fd = os.open(path, os.O_RDONLY)
+        # A private mapping rather than ACCESS_READ because torch.frombuffer wants a writable buffer;
+        # nothing writes to it, so no page is ever copied and the pages stay file-backed.
+        self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
 
     def view(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
         """Elements [start, stop) of the flattened tensor, without copying. The range must be non-empty."""
@@ -154,6 +155,12 @@ class MappedFile:
             begin = offset - offset % PAGE
             torch.frombuffer(self._mm, dtype=torch.uint8, count=offset + length - begin, offset=begin)[::PAGE].max()
 
+    def advise(self, offset: int, length: int) -> None:
+        """Ask the kernel to start reading a byte range into the page cache, without waiting or mapping
+        it. Each call reads at most the device's read-ahead size, hence the steps."""
+        for start in range(offset, offset + length, ADVISE_STEP):
+            os.posix_fadvise(self._fd, start, min(ADVISE_STEP, offset + length - start), os.POSIX_FADV_WILLNEED)
+
     def release(self, offset: int, length: int) -> None:
         """Unmap the whole pages of a consumed byte range, so resident memory does not grow with the file.
 
@@ -166,6 +173,7 @@ class MappedFile:
 
     def close(self) -> None:
         self._mm.close()
+        os.close(self._fd)
 
 
 def build_header(tensors: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> bytes:
