@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from calm_dist.alignment import Aligner
+from calm_dist.alignment import Aligner, tokenizer_identity
 from calm_dist.architectures import model_dims
 from calm_dist.composed import ComposedModel
 from calm_dist.connections import Connection
@@ -168,7 +168,7 @@ def _check_dims(expected: dict, model: nn.Module, role: str, file: Path) -> None
             )
 
 
-def _check_tokenizers(manifest: dict, tokenizers: list | None, count: int, file: Path) -> Aligner | None:
+def check_tokenizers(manifest: dict, tokenizers: list | None, count: int, file: Path) -> Aligner | None:
     """The aligner for the given tokenizers, if they are those the composition was trained with."""
     recorded = manifest.get("tokenizers")
     aligner = None
@@ -185,12 +185,14 @@ def _check_tokenizers(manifest: dict, tokenizers: list | None, count: int, file:
                 f"but augmenting model {aligner.cross[0]} was given a tokenizer of its own"
             )
         return None
-    if aligner is None:
+    if tokenizers is None:
         raise CompositionError(
             f"{file}: this composition was trained across tokenizers ({_describe(recorded)}): pass "
             "tokenizers=[the anchor's, each augmenting model's] to load it"
         )
-    given = aligner.identities()
+    # Tokenizers given, but each the anchor's: every augmenting model would read the anchor's tokens.
+    given = aligner.identities() if aligner is not None else {"anchor": tokenizer_identity(tokenizers[0]),
+                                                               "augmenting": [None] * count}
     roles = [("anchor", recorded["anchor"], given["anchor"])] + [
         (f"augmenting model {k}", r, g) for k, (r, g) in enumerate(zip(recorded["augmenting"], given["augmenting"], strict=True))
     ]
@@ -236,7 +238,7 @@ def load_composition(
     _check_dims(manifest["anchor"], anchor, "anchor", file)
     for k, model in enumerate(augmenting):
         _check_dims(manifest["augmenting"][k], model, f"augmenting model {k}", file)
-    aligner = _check_tokenizers(manifest, tokenizers, len(augmenting), file)
+    aligner = check_tokenizers(manifest, tokenizers, len(augmenting), file)
     composed = ComposedModel(
         anchor,
         augmenting,

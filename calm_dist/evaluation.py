@@ -1,5 +1,6 @@
 """Held-out evaluation under ZeRO-3: mean loss over the predicted tokens, and exact match of greedy
-completions decoded with KV caches.
+completions decoded with KV caches (recomputed instead when an augmenting model reads the text through
+a tokenizer of its own: each new anchor token can re-split its tail).
 
 ZeRO-3 gathers each parameter collectively when its module runs, so every rank must run the same
 sequence of forwards. Records are therefore cut into micro-batches dealt round-robin to the ranks; a
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import DynamicCache
 
+from calm_dist.alignment import views_from_batch
 from calm_dist.cache import ComposedCache
 from calm_dist.composed import ComposedOutput, augmenting_states, next_token_loss, positions_from_mask
 from calm_dist.connections import Connection
@@ -143,6 +145,37 @@ def greedy_completions(
     return cut_at_eos(ids[:, width:].tolist(), eos_token_id)
 
 
+@torch.no_grad()
+def aligned_greedy_completions(
+    model, prompts: Sequence[Sequence[int]], states_for: Callable[[dict], dict], max_new_tokens: int,
+    pad_token_id: int, eos_token_id: int | None, device: torch.device | str = "cpu",
+) -> list[list[int]]:
+    """Greedy continuation, cut before EOS, of a composition whose aligner gives augmenting models their
+    own tokens: every step re-aligns the text so far (Aligner.extend_batch) and recomputes the prefix.
+    Stops, like the cached path, when every row on every rank has produced EOS."""
+    aligner = _aligner(model)
+    ids, mask = left_padded(prompts, pad_token_id)
+    width = ids.shape[1]
+    ids, mask = ids.to(device), mask.to(device)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        batch = {k: v.to(device) for k, v in aligner.extend_batch({"input_ids": ids, "attention_mask": mask}).items()}
+        logits = model(ids, mask, augmenting_states=states_for(batch), augmenting_views=views_from_batch(batch)).logits[:, -1]
+        token = logits.argmax(-1)
+        ids = torch.cat([ids, token[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        if eos_token_id is not None:
+            finished |= token == eos_token_id
+            if _everyone(bool(finished.all())):
+                break
+    return cut_at_eos(ids[:, width:].tolist(), eos_token_id)
+
+
+def _aligner(model):
+    """The composition's aligner when some augmenting model has a tokenizer of its own, else None."""
+    return getattr(getattr(model, "module", model), "aligner", None)
+
+
 def cut_at_eos(rows: list[list[int]], eos_token_id: int | None) -> list[list[int]]:
     """Each generated row up to (not including) its first EOS."""
     if eos_token_id is None:
@@ -160,12 +193,14 @@ class EvalShare:
 
 
 def eval_share(records, tokenized, tokenizer, *, micro_batch_size: int, rank: int, world_size: int,
-               pad_token_id: int, prompt_field: str | None, completion_field: str | None) -> EvalShare:
+               pad_token_id: int, prompt_field: str | None, completion_field: str | None,
+               augmenting_pad_ids: Sequence[int] = ()) -> EvalShare:
     """This rank's micro-batches: `tokenized` rows (calm_dist.data.tokenize_records) for the loss, and
-    prompts with their target completions from `records` for exact match (prompt/completion data)."""
+    prompts with their target completions from `records` for exact match (prompt/completion data).
+    augmenting_pad_ids: as for collate, when rows carry augmenting models' own tokens."""
     loss_batches = []
     for indices, counts in rank_chunks(len(tokenized), micro_batch_size, rank, world_size):
-        batch = collate([tokenized[i] for i in indices], pad_token_id)
+        batch = collate([tokenized[i] for i in indices], pad_token_id, augmenting_pad_ids)
         if not counts:
             batch["labels"].fill_(IGNORE_INDEX)
         loss_batches.append(batch)
@@ -196,8 +231,9 @@ def evaluate(
     for batch in share.loss_batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         states = states_for(batch) if states_for is not None else None
-        loss = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
-                     augmenting_states=states).loss
+        views = views_from_batch(batch)
+        loss = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], augmenting_states=states,
+                     **({"augmenting_views": views} if views is not None else {})).loss
         predicted = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         if predicted:  # a filler's loss is NaN (nothing to predict) and counts nowhere
             loss_sum += loss.item() * predicted
@@ -207,8 +243,12 @@ def evaluate(
             on_progress(done)
     hits, samples, shown = 0, 0, []
     for (prompts, targets, counts), texts in zip(share.prompt_batches, share.prompt_texts, strict=True):
-        completions = greedy_completions(model, prompts, decode_states, new_cache, max_new_tokens,
-                                         pad_token_id, eos_token_id, device)
+        if _aligner(model) is not None:
+            completions = aligned_greedy_completions(model, prompts, states_for, max_new_tokens, pad_token_id,
+                                                     eos_token_id, device)
+        else:
+            completions = greedy_completions(model, prompts, decode_states, new_cache, max_new_tokens,
+                                             pad_token_id, eos_token_id, device)
         if counts:
             for text, completion, target in zip(texts, completions, targets, strict=True):
                 answer = decode(completion).strip()

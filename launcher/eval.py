@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--augmenting", action="append", metavar="PATH",
                         help="augmenting model folder, once per augmenting model (default: from composition.json)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the config's, else the anchor's)")
+    parser.add_argument("--augmenting-tokenizer", action="append", metavar="PATH",
+                        help="own tokenizer of an augmenting model, once per augmenting model, for a composition "
+                        "trained across tokenizers (default: the config's, else the model's folder)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"],
                         help="base models' dtype for a composition folder (default float32; a config says its own)")
     parser.add_argument("--prompt-field", help="default: the config's data.prompt_field, else 'prompt'")
@@ -104,9 +107,10 @@ def _spec(path: str, key: str, dtype: str, trust_remote_code: bool = False) -> M
 def plan(target: str | Path, data: str | Path | list[str | Path], *, anchor_only: bool = False, augmenting_only: int | None = None,
          samples: int | None = None, max_new_tokens: int | None = None, workers: int | None = None,
          micro_batch_size: int | None = None, anchor: str | None = None, augmenting: list[str] | None = None,
-         tokenizer: str | None = None, dtype: str | None = None, prompt_field: str | None = None,
-         completion_field: str | None = None, text_field: str | None = None, max_length: int | None = None,
-         gpu: bool = False, address: str | None = None, output_dir: str | Path | None = None) -> Plan:
+         tokenizer: str | None = None, augmenting_tokenizer: list[str] | None = None, dtype: str | None = None,
+         prompt_field: str | None = None, completion_field: str | None = None, text_field: str | None = None,
+         max_length: int | None = None, gpu: bool = False, address: str | None = None,
+         output_dir: str | Path | None = None) -> Plan:
     """Resolve the target and flags and check them on the driver: ConfigError, DataError or
     CompositionError name the file or flag at fault, before any worker starts."""
     from calm_dist.checkpoint import MANIFEST, WEIGHTS, read_manifest
@@ -154,10 +158,20 @@ def plan(target: str | Path, data: str | Path | list[str | Path], *, anchor_only
             specs.append(_spec(override or source, key if override else f"{composition / MANIFEST}",
                                dtype or "float32", trust))
         tokenizer = tokenizer or specs[0].path
+        # A model that was trained reading its own tokens reads them again: from its folder by default.
+        recorded = (manifest.get("tokenizers") or {}).get("augmenting") or []
+        for k, identity in enumerate(recorded):
+            if identity is not None:
+                specs[k + 1] = specs[k + 1].model_copy(update={"tokenizer": specs[k + 1].path})
         fields = (prompt_field or ("prompt" if not text_field else None),
                   completion_field or ("completion" if not text_field else None), text_field)
         max_length, micro_batch_size = max_length or 512, micro_batch_size or 8
         max_new_tokens, workers = max_new_tokens or 32, workers or 1
+    for k, path in enumerate(augmenting_tokenizer or []):
+        if k + 1 >= len(specs):
+            raise ConfigError(f"--augmenting-tokenizer: {len(specs) - 1} augmenting model(s), "
+                              f"{len(augmenting_tokenizer)} tokenizers given")
+        specs[k + 1] = specs[k + 1].model_copy(update={"tokenizer": path})
     if text_field:
         fields = (None, None, text_field)
     elif prompt_field or completion_field:
@@ -170,6 +184,7 @@ def plan(target: str | Path, data: str | Path | list[str | Path], *, anchor_only
             raise ConfigError(f"--augmenting-only {augmenting_only}: the composition has augmenting models "
                               f"0..{len(specs) - 2}")
         label, model = f"augmenting-{augmenting_only}", "augmenting"
+        tokenizer = specs[augmenting_only + 1].tokenizer or tokenizer  # alone, it reads its own tokens
     else:
         label, model = "composition", "composition"
         for file in (composition / MANIFEST, composition / WEIGHTS):
@@ -177,6 +192,7 @@ def plan(target: str | Path, data: str | Path | list[str | Path], *, anchor_only
                 raise ConfigError(f"{file}: not found; train the composition first (calm train), or pass "
                                   "--anchor-only / --augmenting-only K")
         _check_bases(read_manifest(composition), specs, composition / MANIFEST)
+        _check_tokenizers(read_manifest(composition), tokenizer, specs, composition / MANIFEST)
     for name, value in (("--samples", samples), ("--max-new-tokens", max_new_tokens), ("--workers", workers),
                         ("--micro-batch-size", micro_batch_size), ("--max-length", max_length)):
         if value is not None and value < 1:
@@ -212,6 +228,24 @@ def _check_bases(manifest: dict, specs: list[ModelSpec], file: Path) -> None:
             if key in want and want[key] != value:
                 raise CompositionError(f"{file}: the {role} has {key}={want[key]!r} there but {spec.path} has "
                                        f"{value!r}: not the base model this composition was trained on")
+
+
+def _check_tokenizers(manifest: dict, tokenizer: str, specs: list[ModelSpec], file: Path) -> None:
+    """The tokenizers given are those the composition was trained with (or it was trained with none of
+    its own, and none is given)."""
+    from transformers import AutoTokenizer
+
+    from calm_dist.checkpoint import check_tokenizers
+
+    def load(path: str, key: str):
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{key}: {path}: cannot load a tokenizer ({err})") from None
+
+    given = [load(tokenizer, "--tokenizer"), *(load(s.tokenizer, "--augmenting-tokenizer") if s.tokenizer else None
+                                              for s in specs[1:])]
+    check_tokenizers(manifest, given if any(t is not None for t in given[1:]) else None, len(specs) - 1, file)
 
 
 def _check_data(path: Path, fields: tuple) -> None:
@@ -352,7 +386,8 @@ def run(args: argparse.Namespace) -> int:
     p = plan(args.target, args.data, anchor_only=args.anchor_only, augmenting_only=args.augmenting_only,
              samples=args.samples, max_new_tokens=args.max_new_tokens, workers=args.workers,
              micro_batch_size=args.micro_batch_size, anchor=args.anchor, augmenting=args.augmenting,
-             tokenizer=args.tokenizer, dtype=args.dtype, prompt_field=args.prompt_field,
+             tokenizer=args.tokenizer, augmenting_tokenizer=args.augmenting_tokenizer, dtype=args.dtype,
+             prompt_field=args.prompt_field,
              completion_field=args.completion_field, text_field=args.text_field, max_length=args.max_length,
              gpu=args.gpu, address=args.address, output_dir=args.output_dir)
     with quiet_output(log_path(p.output_dir, f"eval-{p.label}"), verbose=args.verbose):

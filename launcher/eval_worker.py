@@ -5,7 +5,13 @@ reported back to the driver."""
 from __future__ import annotations
 
 from launcher.eval import EvalJob
-from launcher.worker_setup import load_partitioned_model, load_tokenizer, load_whole, start_worker
+from launcher.worker_setup import (
+    load_partitioned_model,
+    load_tokenizer,
+    load_whole,
+    own_tokenizers,
+    start_worker,
+)
 
 
 def eval_worker(loop_config: dict) -> None:
@@ -16,6 +22,7 @@ def eval_worker(loop_config: dict) -> None:
     import torch
     from safetensors.torch import load_file
 
+    from calm_dist.alignment import views_from_batch
     from calm_dist.architectures import dims_from_config
     from calm_dist.checkpoint import WEIGHTS, read_manifest
     from calm_dist.composed import ComposedModel, augmenting_states
@@ -30,8 +37,11 @@ def eval_worker(loop_config: dict) -> None:
     ds_config = deepspeed_config(micro_batch_size=job.micro_batch_size, gradient_accumulation_steps=1,
                                  data_parallel_size=world, zero_stage=job.zero_stage)
     tokenizer, pad = load_tokenizer(job.tokenizer)
+    aligner, aug_pads = None, []
 
     if job.model == "composition":
+        # Augmenting models with a tokenizer of their own read the text (checked on the driver).
+        aligner, aug_pads = own_tokenizers(tokenizer, [m.tokenizer for m in job.augmenting])
         manifest = read_manifest(job.composition)
         connections = [Connection(**c) for c in manifest["connections"]]
         augmenting = load_whole(job.augmenting, device)
@@ -39,13 +49,14 @@ def eval_worker(loop_config: dict) -> None:
                               [dims_from_config(m.config) for m in augmenting], connections,
                               num_heads=manifest["num_heads"], dtype=getattr(torch, manifest["dtype"]),
                               recency_bias=manifest.get("recency_bias", False),
-                              null_attention=manifest.get("null_attention", False))
+                              null_attention=manifest.get("null_attention", False), aligner=aligner)
         # θ_C goes in while the composition is still whole; DeepSpeed partitions it below.
         model.composition.load_state_dict(load_file(f"{job.composition}/{WEIGHTS}"))
         model.composition.requires_grad_(False)
 
         def states_for(batch):
-            return augmenting_states(augmenting, connections, batch["input_ids"], batch["attention_mask"])
+            return augmenting_states(augmenting, connections, batch["input_ids"], batch["attention_mask"],
+                                     views=views_from_batch(batch))
 
         decode_states = colocated_decode_states(augmenting, connections)
     else:
@@ -61,11 +72,11 @@ def eval_worker(loop_config: dict) -> None:
         records = load_records(file, job.split)
         if job.samples is not None:
             records = records.select(range(min(job.samples, len(records))))
-        tokenized = tokenize_records(records, tokenizer, max_length=job.max_length, text_field=job.text_field,
+        tokenized = tokenize_records(records, tokenizer, max_length=job.max_length, text_field=job.text_field, aligner=aligner,
                                      prompt_field=job.prompt_field, completion_field=job.completion_field)
         share = eval_share(records, tokenized, tokenizer, micro_batch_size=job.micro_batch_size, rank=rank,
                            world_size=world, pad_token_id=pad, prompt_field=job.prompt_field,
-                           completion_field=job.completion_field)
+                           completion_field=job.completion_field, augmenting_pad_ids=aug_pads)
 
         def on_progress(done: int, before: int = done_before) -> None:
             if board is not None:

@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--augmenting", action="append", metavar="PATH",
                         help="augmenting model folder, once per augmenting model (default: named in composition.json)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the anchor's)")
+    parser.add_argument("--augmenting-tokenizer", action="append", metavar="PATH",
+                        help="own tokenizer of an augmenting model, once per augmenting model, for a composition "
+                        "trained across tokenizers (default: the model's folder)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="base models' dtype")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -81,20 +84,32 @@ def read_prompts(path: Path, field: str) -> list[str]:
 
 
 def load(composition: Path, anchor: str | None = None, augmenting: list[str] | None = None,
-         tokenizer: str | None = None, dtype: str = "float32", device: str = "cpu"):
-    """(composed model, tokenizer) from a composition folder and its base models."""
+         tokenizer: str | None = None, dtype: str = "float32", device: str = "cpu",
+         augmenting_tokenizers: list[str] | None = None):
+    """(composed model, anchor tokenizer) from a composition folder and its base models. A composition
+    trained across tokenizers gets its augmenting models' own tokenizers: augmenting_tokenizers, else
+    each model's folder (checked against the identities composition.json recorded)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from calm_dist.checkpoint import load_composition
+    from calm_dist.checkpoint import load_composition, read_manifest
 
     anchor_path, augmenting_paths = base_paths(composition, anchor, augmenting)
+    if augmenting_tokenizers and len(augmenting_tokenizers) != len(augmenting_paths):
+        raise ConfigError(f"--augmenting-tokenizer: {len(augmenting_paths)} augmenting model(s), "
+                          f"{len(augmenting_tokenizers)} tokenizers given")
 
     def model(path):
         return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
 
-    composed = load_composition(composition, model(anchor_path), [model(p) for p in augmenting_paths])
-    return composed.to(device).eval(), AutoTokenizer.from_pretrained(tokenizer or anchor_path)
+    anchor_tokenizer = AutoTokenizer.from_pretrained(tokenizer or anchor_path)
+    recorded = (read_manifest(composition).get("tokenizers") or {}).get("augmenting") or []
+    tokenizers = None
+    if augmenting_tokenizers or any(r is not None for r in recorded):
+        own = augmenting_tokenizers or [path if r is not None else None for path, r in zip(augmenting_paths, recorded, strict=True)]
+        tokenizers = [anchor_tokenizer, *(AutoTokenizer.from_pretrained(p) if p else None for p in own)]
+    composed = load_composition(composition, model(anchor_path), [model(p) for p in augmenting_paths], tokenizers)
+    return composed.to(device).eval(), anchor_tokenizer
 
 
 def complete(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, sample: bool = False,
@@ -161,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
         transformers_logging.set_verbosity_error()
         transformers_logging.disable_progress_bar()
     prompts = [args.prompt] if args.prompt is not None else read_prompts(Path(args.prompts), args.prompt_field)
-    model, tokenizer = load(composition, args.anchor, args.augmenting, args.tokenizer, args.dtype, args.device)
+    model, tokenizer = load(composition, args.anchor, args.augmenting, args.tokenizer, args.dtype, args.device,
+                            args.augmenting_tokenizer)
     settings = dict(max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
     if args.prompt is not None:

@@ -14,6 +14,7 @@ from launcher.worker_setup import (
     load_tokenizer,
     load_whole,
     model_config,
+    own_tokenizers,
     start_worker,
     training_evaluation,
 )
@@ -26,7 +27,7 @@ def train_worker(loop_config: dict) -> None:
     import ray.train
     import torch
 
-    from calm_dist.alignment import Aligner, views_from_batch
+    from calm_dist.alignment import views_from_batch
     from calm_dist.architectures import dims_from_config
     from calm_dist.checkpoint_layout import STATE
     from calm_dist.composed import ComposedModel, augmenting_states
@@ -81,9 +82,7 @@ def train_worker(loop_config: dict) -> None:
         anchor.activation_checkpointing_enable({"use_reentrant": False})
     tokenizer, pad = load_tokenizer(config.models.tokenizer or spec.path)
     # Augmenting models with a tokenizer of their own read the text (calm_dist.alignment).
-    own = [load_tokenizer(m.tokenizer)[0] if m.tokenizer else None for m in config.models.augmenting]
-    aligner = Aligner(tokenizer, own) if any(t is not None for t in own) else None
-    aug_pads = [aligner.pad_id(k) if t is not None else 0 for k, t in enumerate(own)] if aligner else []
+    aligner, aug_pads = own_tokenizers(tokenizer, [m.tokenizer for m in config.models.augmenting])
     composed = ComposedModel(anchor, [dims_from_config(c) for c in aug_configs], connections,
                              num_heads=config.composition.num_heads, dtype=getattr(torch, config.composition.dtype),
                              aligner=aligner, recency_bias=config.composition.recency_bias,
@@ -138,13 +137,9 @@ def train_worker(loop_config: dict) -> None:
     evaluate = None
     if config.data.eval and train.eval_every:
         eval_records = load_records(config.data.eval, config.data.split)
-        if aligner is not None:  # augmenting tokens of their own: decoding recomputes (calm_dist.aligned_evaluation)
-            evaluate = _aligned_evaluation(config, engine, tokenizer, eval_records, tokenized(eval_records), states_for,
-                                           on_device, pad, data_rank, data_world, aug_pads)
-        else:
-            evaluate = training_evaluation(config, engine, tokenizer, eval_records, tokenized(eval_records), states_for,
-                                           decode_states, lambda: new_cache_for(composed, augmenting), device, pad,
-                                           data_rank, data_world)
+        evaluate = training_evaluation(config, engine, tokenizer, eval_records, tokenized(eval_records), states_for,
+                                       decode_states, lambda: new_cache_for(composed, augmenting), device, pad,
+                                       data_rank, data_world, aug_pads)
 
     run_dir = Path(config.output_dir) / config.name
     board = ray.get_actor(loop_config["board"]) if loop_config.get("board") else None
@@ -190,35 +185,3 @@ def _newest(*checkpoints):
     return max((c for c in checkpoints if c is not None), key=step, default=None)
 
 
-def _aligned_evaluation(config: TrainConfig, engine, tokenizer, records, eval_set, states_for, on_device, pad: int,
-                data_rank: int, data_world: int, aug_pads: list[int]):
-    """The evaluate() callback: held-out loss, plus exact match of greedy completions for
-    prompt/completion data. Each anchor rank evaluates an equal share (ZeRO-3 needs lockstep)."""
-    from calm_dist.aligned_evaluation import eval_loss, exact_match
-    from calm_dist.data import ShardedBatches
-
-    train = config.training
-    eval_set = eval_set.select(range(min(len(eval_set), train.eval_samples)))
-    eval_batches = ShardedBatches(eval_set, micro_batch_size=train.micro_batch_size, rank=data_rank,
-                                  world_size=data_world, seed=0, pad_token_id=pad, shuffle=False, drop_last=False,
-                                  augmenting_pad_ids=aug_pads)
-    fixed = list(on_device(b for _, b in zip(range(eval_batches.batches_per_epoch), eval_batches, strict=False)))
-
-    prompts, targets = [], []
-    if config.data.prompt_field:
-        per_rank = min(len(records), train.eval_samples) // data_world
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        for i in range(data_rank * per_rank, (data_rank + 1) * per_rank):
-            prompts.append(bos + tokenizer.encode(records[i][config.data.prompt_field], add_special_tokens=False))
-            targets.append(records[i][config.data.completion_field])
-
-    def evaluate() -> dict:
-        metrics = {"eval_loss": eval_loss(engine, fixed, states_for)}
-        if prompts:
-            metrics["eval_exact_match"] = exact_match(
-                engine, prompts, targets, tokenizer.decode, states_for, train.micro_batch_size,
-                train.eval_max_new_tokens, pad, tokenizer.eos_token_id,
-            )
-        return metrics
-
-    return evaluate

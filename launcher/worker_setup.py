@@ -55,11 +55,24 @@ def load_tokenizer(path: str):
     return tokenizer, pad
 
 
+def own_tokenizers(tokenizer, paths: list[str | None]):
+    """(aligner, augmenting pad ids) for augmenting models reading the text through the tokenizers at
+    `paths` (None: the model reads the anchor's tokens), or (None, []) when none has its own."""
+    from calm_dist.alignment import Aligner
+
+    own = [load_tokenizer(path)[0] if path else None for path in paths]
+    if all(t is None for t in own):
+        return None, []
+    aligner = Aligner(tokenizer, own)
+    return aligner, [aligner.pad_id(k) if t is not None else 0 for k, t in enumerate(own)]
+
+
 def training_evaluation(config, engine, tokenizer, records, tokenized, states_for, decode_states, new_cache,
-                        device: torch.device, pad: int, data_rank: int, data_world: int):
-    """The evaluate() callback of the training loop: eval loss, and exact match of KV-cached greedy
-    completions for prompt/completion data, over the first training.eval_samples records. Each anchor
-    rank evaluates an equal share (ZeRO-3 needs lockstep)."""
+                        device: torch.device, pad: int, data_rank: int, data_world: int,
+                        augmenting_pad_ids: list[int] | None = None):
+    """The evaluate() callback of the training loop: eval loss, and exact match of greedy completions
+    (KV-cached, or recomputed across tokenizers) for prompt/completion data, over the first
+    training.eval_samples records. Each anchor rank evaluates an equal share (ZeRO-3 needs lockstep)."""
     from calm_dist.evaluation import eval_share, evaluate
 
     train, data = config.training, config.data
@@ -67,7 +80,7 @@ def training_evaluation(config, engine, tokenizer, records, tokenized, states_fo
     tokenized = tokenized.select(range(min(len(tokenized), train.eval_samples)))
     share = eval_share(records, tokenized, tokenizer, micro_batch_size=train.micro_batch_size, rank=data_rank,
                        world_size=data_world, pad_token_id=pad, prompt_field=data.prompt_field,
-                       completion_field=data.completion_field)
+                       completion_field=data.completion_field, augmenting_pad_ids=augmenting_pad_ids or [])
 
     def run_evaluation() -> dict:
         metrics = evaluate(engine, share, decode=tokenizer.decode, states_for=states_for,

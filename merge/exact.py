@@ -11,8 +11,8 @@ How: a fast pass in a wider precision (fp32 for 16-bit outputs, fp64 for fp32 ou
 result with a rigorous error bound; where the bound's interval rounds to one value, that value is the
 correctly rounded one (rounding is monotonic). The few remaining elements, ties among them, are decided
 exactly: the sign of sum_j c_j * y_j - m * d against the rounding boundary m is computed from
-exact float64 products (constants split into 26-bit halves) summed error-free (Knuth's two-sum,
-distillation).
+exact float64 products (constants rescaled to coprime integers, split into 26-bit halves) summed
+error-free (Knuth's two-sum, distillation).
 Exact as long as no product underflows float64 (weights of magnitude above ~1e-250).
 """
 
@@ -22,6 +22,7 @@ import math
 from collections.abc import Sequence
 from fractions import Fraction
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 
@@ -63,15 +64,26 @@ def _narrow_parts(q: Fraction) -> tuple[float, ...]:
     return tuple(h for part in expansion(q) for h in halves(part) if h != 0.0) or (0.0,)
 
 
-def _plan(coefficients: Sequence[Fraction], divisor: Fraction, fast: torch.dtype) -> tuple:
+class _Plan(NamedTuple):
+    """Per-tensor constants."""
+
+    scaled: list[float]  # the fast pass's coefficients c_j / d
+    factor: float  # its error bound, relative to sum_j |c_j y_j / d|
+    absolute: float  # and absolute (subnormal products)
+    overflow_risk: float  # a bound at least this large may hide an overflow of the fast type
+    exact_coefficients: list[tuple[float, ...]]  # c_j and d rescaled, as sums of 26-bit floats
+    exact_divisor: tuple[float, ...]
+    positive: bool  # d > 0
+
+
+def _plan(coefficients: Sequence[Fraction], divisor: Fraction, fast: torch.dtype) -> _Plan:
     # Keyed by integers: hashing a Fraction costs a modular exponentiation.
     key = tuple((c.numerator, c.denominator) for c in (*coefficients, divisor))
     return _cached_plan(key, fast)
 
 
 @lru_cache(maxsize=256)
-def _cached_plan(key: tuple[tuple[int, int], ...], fast: torch.dtype) -> tuple:
-    """Per-tensor constants: the fast pass's coefficients and error factor, and exact expansions."""
+def _cached_plan(key: tuple[tuple[int, int], ...], fast: torch.dtype) -> _Plan:
     *coefficients, divisor = (Fraction(n, d) for n, d in key)
     inverse = 1 / divisor
     scaled = [float(c * inverse) for c in coefficients]
@@ -89,7 +101,9 @@ def _cached_plan(key: tuple[tuple[int, int], ...], fast: torch.dtype) -> tuple:
     unit = Fraction(math.lcm(*(c.denominator for c in (*coefficients, divisor))))
     unit /= math.gcd(*(int(c * unit) for c in (*coefficients, divisor)))
     integers = [c * unit for c in coefficients]
-    return scaled, factor, absolute, overflow_risk, [_narrow_parts(c) for c in integers], _narrow_parts(divisor * unit), divisor > 0
+    return _Plan(
+        scaled, factor, absolute, overflow_risk, [_narrow_parts(c) for c in integers], _narrow_parts(divisor * unit), divisor > 0
+    )
 
 
 def combine(
@@ -113,34 +127,34 @@ def combine(
     pending = 0
     for start in range(0, len(result), SLICE):
         stop = min(start + SLICE, len(result))
-        where, low, estimate = _fast_pass([y[start:stop] for y in ys], plan[:4], result[start:stop])
+        where, low, estimate = _fast_pass([y[start:stop] for y in ys], plan, result[start:stop])
         if len(where):
             unsure.append((where + start, low, estimate))
             pending += len(where)
         if pending >= DECIDE_BATCH or (pending and stop == len(result)):
             where, low, estimate = (torch.cat(parts) for parts in zip(*unsure, strict=True))
-            result[where] = _settle(ys, where, low, result[where], estimate, plan[4:])
+            result[where] = _settle(ys, where, low, result[where], estimate, plan)
             unsure, pending = [], 0
     return result
 
 
-def _fast_pass(ys: list[Tensor], constants: tuple, out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _fast_pass(ys: list[Tensor], plan: _Plan, out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Writes the fast estimate's rounding into out; returns where that may be wrong, with the lower
     end of the error interval rounded there and the estimate (both needed to settle them).
 
     Inputs are read in their own dtype (add_ widens them on the fly): no converted copies. Every op
     here is vectorised; torch's comparisons of 16-bit floats are not, hence the integer views."""
-    scaled, factor, absolute, overflow_risk = constants
+    factor = plan.factor
     fast = _FAST[out.dtype]
     estimate = torch.zeros(len(out), dtype=fast)
-    bound = torch.full((len(out),), absolute, dtype=fast)
+    bound = torch.full((len(out),), plan.absolute, dtype=fast)
     magnitude = torch.empty_like(ys[0])
-    for y, c in zip(ys, scaled, strict=True):
+    for y, c in zip(ys, plan.scaled, strict=True):
         estimate.add_(y, alpha=c)
         bound.add_(torch.abs(y, out=magnitude) if y.dtype == magnitude.dtype else y.abs(), alpha=abs(c) * factor)
     # Partial sums stay below the fast type's largest value unless the bound says they may not; then an
     # infinite estimate may be an overflow of that range (bf16 shares fp32's), not the value's.
-    overflow = bool(bound.max() >= overflow_risk)
+    overflow = bool(bound.max() >= plan.overflow_risk)
     low = torch.sub(estimate, bound).to(out.dtype)
     out.copy_(torch.add(estimate, bound, out=bound))
     bits = _BITS[out.dtype]
@@ -151,10 +165,11 @@ def _fast_pass(ys: list[Tensor], constants: tuple, out: Tensor) -> tuple[Tensor,
     return where, low[where], estimate[where]
 
 
-def _settle(ys: Sequence[Tensor], where: Tensor, low: Tensor, high: Tensor, estimate: Tensor, exact: tuple) -> Tensor:
+def _settle(ys: Sequence[Tensor], where: Tensor, low: Tensor, high: Tensor, estimate: Tensor, plan: _Plan) -> Tensor:
     """The correctly rounded values at `where`, given the fast pass's interval [low, high] there."""
     chosen = [y[where].double() for y in ys]
     finite = sum(chosen[1:], chosen[0]).isfinite()  # no overflow: every input is at most fp32
+    exact = plan.exact_coefficients, plan.exact_divisor, plan.positive
     if bool(finite.all()):
         return _decide(chosen, low, high, *exact)
     result = estimate.to(high.dtype)  # non-finite inputs: what plain arithmetic gives
