@@ -14,6 +14,7 @@ data: which model trains on what, and the exact record sets, are decided by a se
 from __future__ import annotations
 
 import random
+import re
 import string
 from dataclasses import dataclass
 
@@ -46,16 +47,48 @@ def make_task(seed: int, num_keys: int = 2000, train_key_fraction: float = 0.2, 
     return KVTask(tuple(ordered), values, tuple(ordered[:cut]), tuple(ordered[cut:]), seed)
 
 
-def kv_tokenizer(task: KVTask) -> PreTrainedTokenizerFast:
+def kv_tokenizer(task: KVTask, spaced: bool = False) -> PreTrainedTokenizerFast:
     """Word-level: each key is one token, each digit and operator one token, no spaces needed.
 
-    decode(encode(s)) == s for every string this task writes."""
+    decode(encode(s)) == s for every string this task writes. `spaced`: for the task's strings written
+    by `spaced`, spaces separate tokens and are not tokens, and decoding writes each token followed by
+    one space (decode(encode(s)) == s + " "), so that the text of the tokens up to a key ends in
+    whitespace: across tokenizers, an augmenting model's view of a word is seen from the anchor token
+    whose text has whitespace after it (calm_dist.alignment), here the key's own token."""
     vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS.values(), *SYMBOLS, *sorted(task.keys)])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[a-z]+|\S"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
+    split = pre_tokenizers.Split(Regex(r"[a-z]+|\S"), behavior="isolated")
+    if spaced:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), split])
+        backend.decoder = decoders.Sequence([decoders.Replace(Regex("$"), " "), decoders.Fuse()])
+    else:
+        backend.pre_tokenizer = split
+        backend.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=128,
                                    clean_up_tokenization_spaces=False, **SPECIAL_TOKENS)
+
+
+def character_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character (space included), so a key is 2-4 tokens: an augmenting model with a
+    tokenizer other than the anchor's. decode(encode(s)) == s."""
+    characters = [" ", *SYMBOLS, *string.ascii_lowercase]
+    vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS.values(), *characters])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=256,
+                                   clean_up_tokenization_spaces=False, **SPECIAL_TOKENS)
+
+
+def spaced(text: str) -> str:
+    """`qzx+ab=` -> `qzx + ab =`: keys, digits and operators separated by single spaces. Composition
+    across tokenizers sees an augmenting token once whitespace follows its word (calm_dist.alignment),
+    so the cross-tokenizer experiment writes its records this way."""
+    return " ".join(re.findall(r"[a-z]+|\S", text))
+
+
+def spaced_records(records: list[dict]) -> list[dict]:
+    return [{field: spaced(value) for field, value in record.items()} for record in records]
 
 
 def _expression(rng: random.Random, terms: list) -> str:
@@ -121,7 +154,7 @@ def numeric_arithmetic(task: KVTask, count: int, seed: int, terms: tuple[int, in
     return records
 
 
-def kv_streams(task: KVTask, count: int, seed: int, pairs: int = 8) -> list[dict]:
-    """`qzx3ab5mno1...`: keys from all of the map, each followed by its value."""
+def kv_streams(task: KVTask, count: int, seed: int, pairs: int = 8, separator: str = "") -> list[dict]:
+    """`qzx3ab5mno1...` (pairs joined by `separator`): keys from all of the map, each followed by its value."""
     rng = random.Random(f"kv-stream-{task.seed}-{seed}")
-    return [{"text": "".join(f"{k}{task.values[k]}" for k in rng.sample(task.keys, pairs))} for _ in range(count)]
+    return [{"text": separator.join(f"{k}{task.values[k]}" for k in rng.sample(task.keys, pairs))} for _ in range(count)]

@@ -68,7 +68,23 @@ class Design:
     dc_numeric_examples: int = 2000  # ...with numeric examples mixed in, so m_B's skill is kept (1000 kept less of it)
     eval_examples: int = 500
     max_new_tokens: int = 6
+    # "same": m_A reads the anchor's word-level tokens (a key is one token). "characters": m_A has a
+    # tokenizer of its own, one token per character (a key is 2-4 tokens), and every record is written
+    # with spaces between symbols: across tokenizers a word is seen once whitespace follows it.
+    augmenting_tokenizer: str = "same"
 
+    @property
+    def suffix(self) -> str:
+        """Folder and run-name suffix, so each variant keeps its own cached models."""
+        return "" if self.augmenting_tokenizer == "same" else f"-{self.augmenting_tokenizer}"
+
+
+# The cross-tokenizer variant (issue #10): m_A reads characters, so it must build each key from 2-4
+# tokens before it can recall the value. 500 keys, 2000 steps: it recalls every held-out key's value
+# (substitution exact match 1.0, 127 s); with 2000 keys, 800 steps it had learned none (0.003).
+# The composition does not yet reach the issue's 0.5 on held-out keys with it (0.10; see the README).
+CHARACTERS = Design(num_keys=500, augmenting_tokenizer="characters",
+                    augmenting=BaseModelPlan(2, 128, 4, steps=2000, lr=3e-3))
 
 Log = Callable[[str], None]
 
@@ -76,10 +92,15 @@ Log = Callable[[str], None]
 @dataclass
 class Assets:
     folder: Path
-    tokenizer: object
+    tokenizer: object  # the anchor's
     task: object
     files: dict[str, Path]
     pretraining: dict
+    augmenting_tokenizer: object  # m_A's: the anchor's, or one of its own
+
+    @property
+    def own_tokenizer(self) -> bool:
+        return self.augmenting_tokenizer is not self.tokenizer
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
@@ -142,19 +163,26 @@ def prepare(folder: Path, seed: int, design: Design, log: Log) -> Assets:
     from calm_dist import kv_task
 
     task = kv_task.make_task(seed, design.num_keys, design.train_key_fraction)
-    tokenizer = kv_task.kv_tokenizer(task)
+    characters = design.augmenting_tokenizer == "characters"
+    if design.augmenting_tokenizer not in ("same", "characters"):
+        raise ValueError(f"augmenting_tokenizer {design.augmenting_tokenizer!r}: choose same or characters")
+    tokenizer = kv_task.kv_tokenizer(task, spaced=characters)
+    augmenting_tokenizer = kv_task.character_tokenizer() if characters else tokenizer
+    form = kv_task.spaced_records if characters else list
     data = folder / "data"
     data.mkdir(parents=True, exist_ok=True)
     records = {
-        "augmenting_train": kv_task.kv_streams(task, design.augmenting_streams, 0)
-        + kv_task.kv_substitution(task, task.keys, design.augmenting_substitutions, 1),
-        "anchor_train": kv_task.numeric_arithmetic(task, design.anchor_examples, 2),
-        "composition_train": kv_task.kv_arithmetic(task, task.train_keys, design.dc_kv_examples, 3)
-        + kv_task.numeric_arithmetic(task, design.dc_numeric_examples, 4),
-        EVAL_SETS["heldout"]: kv_task.kv_arithmetic(task, task.heldout_keys, design.eval_examples, 5),
-        EVAL_SETS["train_keys"]: kv_task.kv_arithmetic(task, task.train_keys, design.eval_examples, 6),
-        EVAL_SETS["substitution"]: kv_task.kv_substitution(task, task.heldout_keys, design.eval_examples, 7),
-        EVAL_SETS["numeric"]: kv_task.numeric_arithmetic(task, design.eval_examples, 8),
+        # Streams keep each key next to its value (`qzx3 ab5`): m_A's state at a key's last character
+        # then predicts its value, and that state is what the anchor sees after the key.
+        "augmenting_train": kv_task.kv_streams(task, design.augmenting_streams, 0, separator=" " if characters else "")
+        + form(kv_task.kv_substitution(task, task.keys, design.augmenting_substitutions, 1)),
+        "anchor_train": form(kv_task.numeric_arithmetic(task, design.anchor_examples, 2)),
+        "composition_train": form(kv_task.kv_arithmetic(task, task.train_keys, design.dc_kv_examples, 3)
+                                  + kv_task.numeric_arithmetic(task, design.dc_numeric_examples, 4)),
+        EVAL_SETS["heldout"]: form(kv_task.kv_arithmetic(task, task.heldout_keys, design.eval_examples, 5)),
+        EVAL_SETS["train_keys"]: form(kv_task.kv_arithmetic(task, task.train_keys, design.eval_examples, 6)),
+        EVAL_SETS["substitution"]: form(kv_task.kv_substitution(task, task.heldout_keys, design.eval_examples, 7)),
+        EVAL_SETS["numeric"]: form(kv_task.numeric_arithmetic(task, design.eval_examples, 8)),
     }
     files = {}
     for stem, rows in records.items():
@@ -165,25 +193,31 @@ def prepare(folder: Path, seed: int, design: Design, log: Log) -> Assets:
     identity = {"seed": seed, "design": asdict(design)}
     if marker.exists() and json.loads(marker.read_text()).get("identity") == identity:
         log(f"base models: reusing {folder / 'augmenting'} and {folder / 'anchor'}")
-        return Assets(folder, tokenizer, task, files, json.loads(marker.read_text())["pretraining"])
+        for name, tok in (("augmenting", augmenting_tokenizer), ("anchor", tokenizer)):
+            tok.save_pretrained(folder / name)  # as this code defines them (a decoder may have changed)
+        return Assets(folder, tokenizer, task, files, json.loads(marker.read_text())["pretraining"], augmenting_tokenizer)
     marker.unlink(missing_ok=True)
 
     pair = dict(prompt_field="prompt", completion_field="completion")
-    augmenting_rows = (_tokenized(records["augmenting_train"][:design.augmenting_streams], tokenizer, text_field="text")
-                       + _tokenized(records["augmenting_train"][design.augmenting_streams:], tokenizer, **pair))
+    streams, substitutions = (records["augmenting_train"][:design.augmenting_streams],
+                              records["augmenting_train"][design.augmenting_streams:])
+    augmenting_rows = (_tokenized(streams, augmenting_tokenizer, text_field="text")
+                       + _tokenized(substitutions, augmenting_tokenizer, **pair))
     anchor_rows = _tokenized(records["anchor_train"], tokenizer, **pair)
     pretraining = {}
-    for name, plan, rows, model_seed in (("augmenting", design.augmenting, augmenting_rows, 1000 * seed + 1),
-                                         ("anchor", design.anchor, anchor_rows, 1000 * seed + 2)):
-        model, pretraining[name] = _pretrain(name, plan, rows, len(tokenizer), model_seed, log)
+    for name, plan, rows, tok, model_seed in (
+        ("augmenting", design.augmenting, augmenting_rows, augmenting_tokenizer, 1000 * seed + 1),
+        ("anchor", design.anchor, anchor_rows, tokenizer, 1000 * seed + 2),
+    ):
+        model, pretraining[name] = _pretrain(name, plan, rows, len(tok), model_seed, log)
         if name == "anchor":
             read_keys_as_unknown(model, tokenizer, task)
         model.save_pretrained(folder / name)
-        tokenizer.save_pretrained(folder / name)
+        tok.save_pretrained(folder / name)
         log(f"pretrained m_{'A' if name == 'augmenting' else 'B'} ({name}, {plan.layers} layers x {plan.width}): "
             f"final loss {pretraining[name]['final_loss']:.3f} in {pretraining[name]['seconds']:.0f} s")
     marker.write_text(json.dumps({"identity": identity, "pretraining": pretraining}, indent=2))
-    return Assets(folder, tokenizer, task, files, pretraining)
+    return Assets(folder, tokenizer, task, files, pretraining, augmenting_tokenizer)
 
 
 def training_config(config_path: Path, assets: Assets, seed: int, run_name: str, output_dir: Path,
@@ -192,7 +226,8 @@ def training_config(config_path: Path, assets: Assets, seed: int, run_name: str,
     overrides = {
         "name": run_name,
         "models.anchor.path": str(assets.folder / "anchor"),
-        "models.augmenting": [{"path": str(assets.folder / "augmenting"), "dtype": "float32"}],
+        "models.augmenting": [{"path": str(assets.folder / "augmenting"), "dtype": "float32",
+                               **({"tokenizer": str(assets.folder / "augmenting")} if assets.own_tokenizer else {})}],
         "data.train": str(assets.files["composition_train"]),
         "data.eval": str(assets.files[EVAL_SETS["heldout"]]),
         "training.seed": seed,
@@ -212,11 +247,12 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
-def evaluate_locally(complete, assets: Assets) -> dict[str, float]:
-    """Exact match of one model on every eval set, by metric suffix."""
+def evaluate_locally(complete, assets: Assets, tokenizer=None) -> dict[str, float]:
+    """Exact match of one model (reading `tokenizer`'s tokens; default the anchor's) on every eval set,
+    by metric suffix."""
     from calm_dist.local_eval import exact_match
 
-    return {suffix: exact_match(complete, assets.tokenizer, _read_jsonl(assets.files[stem]))
+    return {suffix: exact_match(complete, tokenizer or assets.tokenizer, _read_jsonl(assets.files[stem]))
             for suffix, stem in EVAL_SETS.items()}
 
 
@@ -270,10 +306,13 @@ def evaluate_composition(composition: Path, assets: Assets, workers: int, log: L
 def evaluate_bases(assets: Assets) -> dict[str, dict[str, float]]:
     from calm_dist.local_eval import causal_lm_completer
 
-    tok = assets.tokenizer
-    return {role: evaluate_locally(causal_lm_completer(_load_base(assets.folder / role), 6, tok.pad_token_id,
-                                                       tok.eos_token_id), assets)
-            for role in ("augmenting", "anchor")}
+    scores = {}
+    for role, tok in (("augmenting", assets.augmenting_tokenizer), ("anchor", assets.tokenizer)):
+        # m_A writes its substitutions in its own tokens: up to three times as many with characters.
+        new_tokens = 6 if tok is assets.tokenizer else 16
+        complete = causal_lm_completer(_load_base(assets.folder / role), new_tokens, tok.pad_token_id, tok.eos_token_id)
+        scores[role] = evaluate_locally(complete, assets, tok)
+    return scores
 
 
 def run_experiment(root: Path, seed: int, log: Log, config_path: Path = CONFIG, design: Design = Design(),
@@ -283,9 +322,9 @@ def run_experiment(root: Path, seed: int, log: Log, config_path: Path = CONFIG, 
     from launcher.train import train
 
     start = time.perf_counter()
-    folder = root / f"seed-{seed}"
+    folder = root / f"seed-{seed}{design.suffix}"
     assets = prepare(folder, seed, design, log)
-    run_name = f"composition-seed-{seed}"
+    run_name = f"composition-seed-{seed}{design.suffix}"
     config = training_config(config_path, assets, seed, run_name, root / "runs", root / "ray")
     composition = Path(config.output_dir) / run_name / "composition"
     done = composition / "composition.json"
@@ -309,6 +348,9 @@ def run_experiment(root: Path, seed: int, log: Log, config_path: Path = CONFIG, 
     results.update({f"lora_{suffix}": value for suffix, value in lora.items()})
     results.update(composition_parameters=parameters, lora_parameters=lora_parameters, lora_rank=rank,
                    num_keys=design.num_keys, train_keys=len(assets.task.train_keys),
+                   tokenizers={"anchor": f"word level, a key is one token ({len(assets.tokenizer)} tokens)",
+                               "augmenting": "the anchor's" if not assets.own_tokenizer else
+                               f"its own: one token per character, a key is 2-4 tokens ({len(assets.augmenting_tokenizer)} tokens)"},
                    wall_s=round(time.perf_counter() - start, 1))
     return results
 

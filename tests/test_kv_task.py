@@ -82,3 +82,29 @@ def test_lora_rank_matches_the_composition_parameters():
     assert abs(rank * per_rank - target) <= per_rank / 2  # the nearest rank
     lora = with_lora(tiny_model("llama", layers=4, width=128, heads=4, vocab=64, seed=0), rank)
     assert trainable_parameters(lora) == rank * per_rank
+
+
+def test_the_cross_tokenizer_variant_reads_keys_as_characters_after_whitespace(task):
+    """The records of the cross-tokenizer variant: spaced, word level for the anchor (the same ids as the
+    unspaced task), one token per character for m_A; the anchor's decoding puts a space after each
+    token, so m_A's view of a key is visible from the key's own token on."""
+    from calm_dist.alignment import Aligner
+
+    anchor, spaced_anchor, characters = kv_task.kv_tokenizer(task), kv_task.kv_tokenizer(task, spaced=True), kv_task.character_tokenizer()
+    records = kv_task.kv_substitution(task, task.keys, 50, seed=0) + kv_task.numeric_arithmetic(task, 20, seed=1)
+    for record, spaced in zip(records, kv_task.spaced_records(records), strict=True):
+        for field in ("prompt", "completion"):
+            text = spaced[field]
+            assert text == " ".join(re.findall(r"[a-z]+|\S", record[field]))
+            assert spaced_anchor.encode(text, add_special_tokens=False) == anchor.encode(record[field], add_special_tokens=False)
+            assert spaced_anchor.decode(spaced_anchor.encode(text, add_special_tokens=False)) == text + " "
+            assert characters.decode(characters.encode(text, add_special_tokens=False)) == text
+    key = next(k for k in task.keys if len(k) == 3)
+    assert characters.convert_ids_to_tokens(characters.encode(key, add_special_tokens=False)) == list(key)
+
+    prompt = kv_task.spaced(f"{key}+{task.keys[1]}=")
+    ids = [spaced_anchor.bos_token_id, *spaced_anchor.encode(prompt, add_special_tokens=False)]
+    settled_ids, visible = Aligner(spaced_anchor, [characters]).align_ids(ids)[0]
+    seen = [characters.decode(settled_ids[1:count]) for count in visible]  # settled_ids[0] is m_A's BOS
+    # Positions: <s>, the key, +, the second key, =.
+    assert seen[0] == "" and seen[1] == key and seen[3] == f"{key} + {task.keys[1]}"
