@@ -167,10 +167,10 @@ def plan(target: str | Path, data: str | Path | list[str | Path], *, anchor_only
                   completion_field or ("completion" if not text_field else None), text_field)
         max_length, micro_batch_size = max_length or 512, micro_batch_size or 8
         max_new_tokens, workers = max_new_tokens or 32, workers or 1
+    if augmenting_tokenizer and len(augmenting_tokenizer) != len(specs) - 1:
+        raise ConfigError(f"--augmenting-tokenizer: {len(specs) - 1} augmenting model(s), "
+                          f"{len(augmenting_tokenizer)} tokenizers given")
     for k, path in enumerate(augmenting_tokenizer or []):
-        if k + 1 >= len(specs):
-            raise ConfigError(f"--augmenting-tokenizer: {len(specs) - 1} augmenting model(s), "
-                              f"{len(augmenting_tokenizer)} tokenizers given")
         specs[k + 1] = specs[k + 1].model_copy(update={"tokenizer": path})
     if text_field:
         fields = (None, None, text_field)
@@ -387,8 +387,8 @@ def run(args: argparse.Namespace) -> int:
              samples=args.samples, max_new_tokens=args.max_new_tokens, workers=args.workers,
              micro_batch_size=args.micro_batch_size, anchor=args.anchor, augmenting=args.augmenting,
              tokenizer=args.tokenizer, augmenting_tokenizer=args.augmenting_tokenizer, dtype=args.dtype,
-             prompt_field=args.prompt_field,
-             completion_field=args.completion_field, text_field=args.text_field, max_length=args.max_length,
+             prompt_field=args.prompt_field, completion_field=args.completion_field, text_field=args.text_field,
+             max_length=args.max_length,
              gpu=args.gpu, address=args.address, output_dir=args.output_dir)
     with quiet_output(log_path(p.output_dir, f"eval-{p.label}"), verbose=args.verbose):
         results = run_plan(p)
