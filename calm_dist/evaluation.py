@@ -123,26 +123,14 @@ def greedy_completions(
     recomputed at every step (the reference the cached path must equal). Decoding stops when every row
     on every rank has produced EOS, or after max_new_tokens.
     """
-    ids, mask = left_padded(prompts, pad_token_id)
-    width = ids.shape[1]
-    ids, mask = ids.to(device), mask.to(device)
     cache = new_cache() if use_cache else None
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    new = width
-    for _ in range(max_new_tokens):
-        if not use_cache:
-            new = ids.shape[1]
+
+    def next_logits(ids: torch.Tensor, mask: torch.Tensor, step: int) -> torch.Tensor:
+        new = 1 if use_cache and step else ids.shape[1]
         states = decode_states(ids, mask, new, cache) if decode_states is not None else None
-        logits = model(ids[:, -new:], mask, augmenting_states=states, cache=cache).logits[:, -1]
-        token = logits.argmax(-1)
-        ids = torch.cat([ids, token[:, None]], 1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        new = 1
-        if eos_token_id is not None:
-            finished |= token == eos_token_id
-            if _everyone(bool(finished.all())):
-                break
-    return cut_at_eos(ids[:, width:].tolist(), eos_token_id)
+        return model(ids[:, -new:], mask, augmenting_states=states, cache=cache).logits[:, -1]
+
+    return _decode_greedily(prompts, next_logits, max_new_tokens, pad_token_id, eos_token_id, device)
 
 
 @torch.no_grad()
@@ -154,14 +142,25 @@ def aligned_greedy_completions(
     own tokens: every step re-aligns the text so far (Aligner.extend_batch) and recomputes the prefix.
     Stops, like the cached path, when every row on every rank has produced EOS."""
     aligner = _aligner(model)
+
+    def next_logits(ids: torch.Tensor, mask: torch.Tensor, step: int) -> torch.Tensor:
+        batch = {k: v.to(device) for k, v in aligner.extend_batch({"input_ids": ids, "attention_mask": mask}).items()}
+        return model(ids, mask, augmenting_states=states_for(batch), augmenting_views=views_from_batch(batch)).logits[:, -1]
+
+    return _decode_greedily(prompts, next_logits, max_new_tokens, pad_token_id, eos_token_id, device)
+
+
+def _decode_greedily(
+    prompts: Sequence[Sequence[int]], next_logits: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+    max_new_tokens: int, pad_token_id: int, eos_token_id: int | None, device: torch.device | str,
+) -> list[list[int]]:
+    """The greedy loop both decoders share: next_logits(all ids, mask, step) -> last-position logits."""
     ids, mask = left_padded(prompts, pad_token_id)
     width = ids.shape[1]
     ids, mask = ids.to(device), mask.to(device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        batch = {k: v.to(device) for k, v in aligner.extend_batch({"input_ids": ids, "attention_mask": mask}).items()}
-        logits = model(ids, mask, augmenting_states=states_for(batch), augmenting_views=views_from_batch(batch)).logits[:, -1]
-        token = logits.argmax(-1)
+    for step in range(max_new_tokens):
+        token = next_logits(ids, mask, step).argmax(-1)
         ids = torch.cat([ids, token[:, None]], 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         if eos_token_id is not None:

@@ -191,8 +191,9 @@ def plan(target: str | Path, data: str | Path | list[str | Path], *, anchor_only
             if not file.is_file():
                 raise ConfigError(f"{file}: not found; train the composition first (calm train), or pass "
                                   "--anchor-only / --augmenting-only K")
-        _check_bases(read_manifest(composition), specs, composition / MANIFEST)
-        _check_tokenizers(read_manifest(composition), tokenizer, specs, composition / MANIFEST)
+        trained = read_manifest(composition)
+        _check_bases(trained, specs, composition / MANIFEST)
+        _check_tokenizers(trained, tokenizer, specs, composition / MANIFEST)
     for name, value in (("--samples", samples), ("--max-new-tokens", max_new_tokens), ("--workers", workers),
                         ("--micro-batch-size", micro_batch_size), ("--max-length", max_length)):
         if value is not None and value < 1:

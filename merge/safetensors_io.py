@@ -172,8 +172,10 @@ class MappedFile:
             self._mm.madvise(mmap.MADV_DONTNEED, begin, end - begin)
 
     def close(self) -> None:
-        self._mm.close()
-        os.close(self._fd)
+        try:
+            self._mm.close()  # BufferError while a view is still referenced: the descriptor goes anyway
+        finally:
+            os.close(self._fd)
 
 
 def build_header(tensors: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> bytes:
