@@ -26,6 +26,8 @@ from typing import NamedTuple
 
 import torch
 
+from merge import fast_kernel
+
 Tensor = torch.Tensor
 _UNIT = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 _TINY = {torch.float32: 2.0**-149, torch.float64: 2.0**-1074}
@@ -123,11 +125,16 @@ def combine(
         return sum((y.double() * float(c * scale) for y, c in zip(ys, coefficients, strict=True)), torch.zeros(()))
     plan = _plan(coefficients, divisor, fast)
     result = torch.empty(len(ys[0]), dtype=out_dtype)
+    lib = fast_kernel.library() if fast_kernel.supports(list(ys), result) else None
     unsure: list[tuple[Tensor, Tensor, Tensor]] = []  # (positions, low values, estimates)
     pending = 0
     for start in range(0, len(result), SLICE):
         stop = min(start + SLICE, len(result))
-        where, low, estimate = _fast_pass([y[start:stop] for y in ys], plan, result[start:stop])
+        pieces, out = [y[start:stop] for y in ys], result[start:stop]
+        if lib is not None:
+            where, low, estimate = fast_kernel.fast_pass(lib, pieces, plan, out, fast)
+        else:
+            where, low, estimate = _fast_pass(pieces, plan, out)
         if len(where):
             unsure.append((where + start, low, estimate))
             pending += len(where)
@@ -140,7 +147,8 @@ def combine(
 
 def _fast_pass(ys: list[Tensor], plan: _Plan, out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Writes the fast estimate's rounding into out; returns where that may be wrong, with the lower
-    end of the error interval rounded there and the estimate (both needed to settle them).
+    end of the error interval rounded there and the estimate (both needed to settle them). In torch
+    ops; merge/fast_pass.c is the same pass fused, used where it could be built.
 
     Inputs are read in their own dtype (add_ widens them on the fly): no converted copies. Every op
     here is vectorised; torch's comparisons of 16-bit floats are not, hence the integer views."""
@@ -153,14 +161,14 @@ def _fast_pass(ys: list[Tensor], plan: _Plan, out: Tensor) -> tuple[Tensor, Tens
         estimate.add_(y, alpha=c)
         bound.add_(torch.abs(y, out=magnitude) if y.dtype == magnitude.dtype else y.abs(), alpha=abs(c) * factor)
     # Partial sums stay below the fast type's largest value unless the bound says they may not; then an
-    # infinite estimate may be an overflow of that range (bf16 shares fp32's), not the value's.
+    # infinite or NaN estimate may come from an overflow of that range (bf16 shares fp32's), not the value.
     overflow = bool(bound.max() >= plan.overflow_risk)
     low = torch.sub(estimate, bound).to(out.dtype)
     out.copy_(torch.add(estimate, bound, out=bound))
     bits = _BITS[out.dtype]
     differ = torch.sub(out.view(bits), low.view(bits))  # zero where both ends round alike
     if overflow:
-        differ |= out.isinf()
+        differ |= ~out.isfinite()
     where = differ.nonzero().squeeze(1)
     return where, low[where], estimate[where]
 

@@ -9,7 +9,17 @@ from fractions import Fraction
 import pytest
 import torch
 
-from merge import exact
+from merge import exact, fast_kernel
+
+
+@pytest.fixture(params=["compiled", "torch"], autouse=True)
+def fast_pass(request, monkeypatch):
+    """Every test runs twice: with merge/fast_pass.c and with the torch ops used where no C compiler is."""
+    if request.param == "torch":
+        monkeypatch.setattr(fast_kernel, "library", lambda: None)
+    elif fast_kernel.library() is None:
+        pytest.skip("no C compiler here: the compiled fast pass could not be built")
+    return request.param
 
 
 def mantissa_bits(dtype: torch.dtype) -> int:
@@ -63,7 +73,8 @@ CASES = [  # (coefficients, divisor)
 
 @pytest.mark.parametrize("in_dtype,out_dtype", [
     (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.float32),
-    (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16), (torch.float16, torch.float32),
+    ((torch.bfloat16, torch.float32, torch.float16), torch.bfloat16),  # inputs of mixed dtypes
 ])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_combine_is_correctly_rounded(in_dtype, out_dtype, case, monkeypatch):
@@ -73,7 +84,8 @@ def test_combine_is_correctly_rounded(in_dtype, out_dtype, case, monkeypatch):
     coefficients, divisor = CASES[case]
     generator = torch.Generator().manual_seed(case)
     n = 1500
-    ys = [hard_values(generator, n, in_dtype) for _ in coefficients]
+    in_dtypes = in_dtype if isinstance(in_dtype, tuple) else (in_dtype,) * len(coefficients)
+    ys = [hard_values(generator, n, dtype) for dtype, _ in zip(in_dtypes, coefficients, strict=False)]
     # Exact cancellation between the first two inputs in some elements.
     cancel = torch.arange(n) % 7 == 0
     ys[1] = torch.where(cancel, -ys[0], ys[1])
@@ -102,3 +114,28 @@ def test_integer_reduction_keeps_the_value():
     third = Fraction(1 / 3)
     got = exact.combine(ys, [third] * 3, third * 3, torch.bfloat16)
     assert got.item() == -0.01318359375  # the issue's tie: -0.013214111328125 rounds to even
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_one_input_rounds_like_a_conversion(out_dtype):
+    """sum of 1 * y is y rounded once: fp32 bit patterns of every exponent, NaN, infinities and
+    subnormals, each rounded as torch's conversion rounds (correctly, ties to even)."""
+    generator = torch.Generator().manual_seed(1)
+    bits = torch.randint(-(2**31), 2**31, (200_000,), generator=generator, dtype=torch.int64).to(torch.int32)
+    # Many near ties too: the low 16 or 13 bits exactly half, or one off.
+    bits[::3] = (bits[::3] & ~0xFFFF) | 0x8000
+    bits[1::3] = (bits[1::3] & ~0x1FFF) | 0x1000
+    y = bits.view(torch.float32)
+    got = exact.combine([y], [Fraction(1)], Fraction(1), out_dtype)
+    expected = y.to(out_dtype)
+    finite = expected.isfinite() | expected.isinf()
+    assert torch.equal(got[finite].view(torch.int16), expected[finite].view(torch.int16))
+    assert bool(got[~finite].isnan().all())
+
+
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float16])
+def test_every_16_bit_input_is_read_exactly(in_dtype):
+    y = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(in_dtype)
+    got = exact.combine([y], [Fraction(1)], Fraction(1), torch.float32)
+    number = ~y.isnan()
+    assert torch.equal(got[number], y[number].float()) and bool(got[~number].isnan().all())
