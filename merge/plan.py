@@ -153,8 +153,8 @@ def shard_filenames(count: int) -> list[str]:
 
 def chunk_elements(tensors: list[OutputTensor], memory_budget: int, workers: int) -> int:
     """The largest chunk (a multiple of BLOCK elements) that keeps each worker within its share of the
-    budget: OUT_BUFFERS output chunks, plus the mapped input pages of the chunk being computed and of
-    the one prefetched."""
+    budget: OUT_BUFFERS output chunks, plus the input buffers of the chunk being computed and of the
+    one read ahead."""
     per_element = max(
         OUT_BUFFERS * ITEMSIZE[t.dtype] + 2 * sum(ITEMSIZE[s.dtype] for s in t.sources) for t in tensors
     )

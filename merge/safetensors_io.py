@@ -1,5 +1,5 @@
-"""Safetensors files read and written by hand: strict header validation, memory-mapped views of any
-element range, and a streaming writer whose header is fixed before the first data byte.
+"""Safetensors files read and written by hand: strict header validation, and a streaming writer whose
+header is fixed before the first data byte (reading element ranges is merge/reader.py's).
 
 The format is an 8-byte little-endian header length, a JSON header (dtype, shape and data_offsets of
 each tensor, relative to the end of the header) and raw little-endian bytes. Handling it directly lets a
@@ -9,6 +9,7 @@ whose tensors arrive chunk by chunk, which the safetensors library's whole-dict 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
@@ -41,8 +42,12 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 }
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
 ITEMSIZE: dict[str, int] = {code: torch.empty((), dtype=dt).element_size() for code, dt in TORCH_DTYPES.items()}
-PAGE = mmap.PAGESIZE
-ADVISE_STEP = 4 * 2**20
+# Direct I/O (no page cache: see merge/reader.py) needs transfers that start and end on the device's
+# logical block (512 or 4096 bytes), in memory and in the file.
+ALIGN = 4096
+DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the OS has none
+# The writer's staging buffer for direct writes.
+STAGE_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -132,52 +137,6 @@ def _parse_entry(path: str, name: str, entry: object, data_start: int, size: int
     return TensorInfo(path, name, dtype, tuple(shape), data_start + begin, nbytes)
 
 
-class MappedFile:
-    """A memory map of one input file; views share its pages, so nothing is read until it is used."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._fd = os.open(path, os.O_RDONLY)
-        # A private mapping rather than ACCESS_READ because torch.frombuffer wants a writable buffer;
-        # nothing writes to it, so no page is ever copied and the pages stay file-backed.
-        self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
-
-    def view(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
-        """Elements [start, stop) of the flattened tensor, without copying. The range must be non-empty."""
-        return torch.frombuffer(
-            self._mm, dtype=TORCH_DTYPES[info.dtype], count=stop - start, offset=info.offset + start * ITEMSIZE[info.dtype]
-        )
-
-    def touch(self, offset: int, length: int) -> None:
-        """Fault in the pages of a byte range (reading them from disk if needed), one byte per page.
-        A torch op does the reading, so the GIL is released while the disk works."""
-        if length > 0:
-            begin = offset - offset % PAGE
-            torch.frombuffer(self._mm, dtype=torch.uint8, count=offset + length - begin, offset=begin)[::PAGE].max()
-
-    def advise(self, offset: int, length: int) -> None:
-        """Ask the kernel to start reading a byte range into the page cache, without waiting or mapping
-        it. Each call reads at most the device's read-ahead size, hence the steps."""
-        for start in range(offset, offset + length, ADVISE_STEP):
-            os.posix_fadvise(self._fd, start, min(ADVISE_STEP, offset + length - start), os.POSIX_FADV_WILLNEED)
-
-    def release(self, offset: int, length: int) -> None:
-        """Unmap the whole pages of a consumed byte range, so resident memory does not grow with the file.
-
-        The page cache keeps the data; only this process's mapping of it goes.
-        """
-        begin = -(-offset // PAGE) * PAGE
-        end = (offset + length) // PAGE * PAGE
-        if end > begin:
-            self._mm.madvise(mmap.MADV_DONTNEED, begin, end - begin)
-
-    def close(self) -> None:
-        try:
-            self._mm.close()  # BufferError while a view is still referenced: the descriptor goes anyway
-        finally:
-            os.close(self._fd)
-
-
 def build_header(tensors: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> bytes:
     """The header of a file holding these (name, dtype, shape) tensors back to back, in this order."""
     header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
@@ -211,6 +170,8 @@ class ShardWriter:
 
     The layout is fixed up front from the tensors' shapes, so data is plain sequential writes in header
     order. commit() checks the byte count, fsyncs and renames: a file with the final name is complete.
+    Writes bypass the page cache where the filesystem allows (see merge/reader.py for why), through an
+    aligned staging buffer; the last block is padded, then the file truncated to its size.
     """
 
     def __init__(self, path: Path, tensors: Sequence[tuple[str, str, tuple[int, ...]]]) -> None:
@@ -218,7 +179,15 @@ class ShardWriter:
         self.tmp_path = partial_path(self.path)
         header = build_header(tensors)
         self.expected = len(header) + sum(math.prod(shape) * ITEMSIZE[dtype] for _, dtype, shape in tensors)
-        self._file = open(self.tmp_path, "wb", buffering=0)  # noqa: SIM115 - closed by commit/abort
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            self._fd = os.open(self.tmp_path, flags | DIRECT) if DIRECT else os.open(self.tmp_path, flags)
+            self._stage: mmap.mmap | None = mmap.mmap(-1, STAGE_BYTES) if DIRECT else None
+        except OSError as err:
+            if err.errno != errno.EINVAL:  # EINVAL: no direct I/O on this filesystem
+                raise
+            self._fd, self._stage = os.open(self.tmp_path, flags), None
+        self._staged = 0
         self._sha = hashlib.sha256()
         self._written = 0
         self.write(header)
@@ -229,26 +198,73 @@ class ShardWriter:
             raise RuntimeError(f"{self.path.name}: more data than its header announces")
         self._sha.update(view)
         self._written += len(view)
-        while view:
-            view = view[self._file.write(view):]
+        while view and self._stage is not None:
+            n = min(len(view), STAGE_BYTES - self._staged)
+            self._stage[self._staged : self._staged + n] = view[:n]
+            self._staged += n
+            view = view[n:]
+            if self._staged == STAGE_BYTES:
+                self._flush(STAGE_BYTES)
+        _write_all(self._fd, view)
+
+    def _flush(self, nbytes: int) -> None:
+        """Writes the staging buffer's first nbytes (a multiple of ALIGN) and empties it."""
+        assert self._stage is not None
+        with memoryview(self._stage) as staged:
+            done = 0
+            while done < nbytes:
+                try:
+                    done += os.write(self._fd, staged[done:nbytes])
+                except OSError as err:
+                    if err.errno != errno.EINVAL:
+                        raise
+                    # The filesystem took O_DIRECT at open but refuses the write: on through the cache.
+                    position = os.lseek(self._fd, 0, os.SEEK_CUR)
+                    os.close(self._fd)
+                    self._fd = os.open(self.tmp_path, os.O_WRONLY)
+                    os.lseek(self._fd, position, os.SEEK_SET)
+                    _write_all(self._fd, staged[done : self._staged])
+                    break
+        if done < nbytes:
+            self._stage.close()
+            self._stage = None
+        self._staged = 0
 
     def sync(self) -> None:
         """Flush what was written so far to disk; called periodically so the final fsync is short."""
-        os.fdatasync(self._file.fileno())
+        os.fdatasync(self._fd)
 
     def commit(self) -> tuple[str, int]:
         """Finish the file; returns its sha256 and size."""
         if self._written != self.expected:
             raise RuntimeError(f"{self.path.name}: {self._written} bytes written, {self.expected} expected")
-        os.fsync(self._file.fileno())
-        self._file.close()
+        if self._stage is not None and self._staged:
+            padded = -(-self._staged // ALIGN) * ALIGN
+            self._stage[self._staged : padded] = bytes(padded - self._staged)
+            self._flush(padded)
+            os.ftruncate(self._fd, self._written)
+        os.fsync(self._fd)
+        self._close()
         os.replace(self.tmp_path, self.path)
         fsync_dir(self.path.parent)
         return self._sha.hexdigest(), self._written
 
     def abort(self) -> None:
-        self._file.close()
+        self._close()
         self.tmp_path.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._stage is not None:
+            self._stage.close()
+            self._stage = None
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

@@ -1,18 +1,15 @@
-"""One output tensor as a stream of chunks: inputs read through memory maps, combined block by block in
-fp32, rounded once to the output dtype into a buffer taken from a fixed pool.
+"""One output tensor as a stream of chunks: inputs read a chunk ahead (merge.reader), combined block by
+block, rounded once to the output dtype into a buffer taken from a fixed pool.
 
 Chunks are ranges of the flattened tensor (row chunks are the case of a row-aligned range), always a
 multiple of BLOCK elements, so the blocks a method sees are the same whatever the chunk size. Memory
-per chunk is bounded twice: output buffers come from a fixed pool, and input pages are unmapped once
-their chunk is computed.
+per chunk is bounded twice: output buffers come from a fixed pool, inputs from two reused buffers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
-import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,86 +17,8 @@ import torch
 
 from merge.methods import BLOCK, METHODS, Block
 from merge.plan import COPY, OutputTensor
-from merge.safetensors_io import ITEMSIZE, TORCH_DTYPES, MappedFile, TensorInfo
-
-
-class _Ticket:
-    """One chunk's input ranges, queued for the read-ahead thread."""
-
-    def __init__(self, ranges: list[tuple[MappedFile, int, int]]) -> None:
-        self.ranges = ranges
-        self.lock = threading.Lock()
-        self.skip = False
-
-
-class InputFiles:
-    """The memory-mapped input files of one task, each opened on first use, and a read-ahead thread.
-
-    The thread faults in the pages of the chunk after the one being computed (waiting on the disk so
-    the arithmetic does not). madvise(WILLNEED) alone is not enough: the kernel caps it at the
-    device's read-ahead size (often 128 KB to 8 MB), far less than a chunk.
-    """
-
-    def __init__(self) -> None:
-        self._files: dict[str, MappedFile] = {}
-        self._tickets: dict[tuple, _Ticket] = {}
-        self._queue: queue.Queue[_Ticket | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._read_ahead, name="merge-read-ahead", daemon=True)
-        self._thread.start()
-
-    def view(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
-        return self._file(info.path).view(info, start, stop)
-
-    def _file(self, path: str) -> MappedFile:
-        if path not in self._files:
-            self._files[path] = MappedFile(path)
-        return self._files[path]
-
-    def _ranges(self, sources: Sequence[TensorInfo], start: int, stop: int) -> list[tuple[MappedFile, int, int]]:
-        return [
-            (self._file(s.path), s.offset + start * ITEMSIZE[s.dtype], (stop - start) * ITEMSIZE[s.dtype])
-            for s in sources
-        ]
-
-    def prefetch(self, sources: Sequence[TensorInfo], start: int, stop: int) -> None:
-        """Queue a chunk for reading ahead (once; a chunk already queued is left alone)."""
-        key = (tuple(sources), start, stop)
-        if key not in self._tickets:
-            self._tickets[key] = _Ticket(self._ranges(sources, start, stop))
-            self._queue.put(self._tickets[key])
-
-    def advise(self, sources: Sequence[TensorInfo], start: int, stop: int) -> None:
-        """Start reading a later chunk into the page cache (not mapped: no memory of ours), so the disk
-        stays busy while the chunks before it are read ahead and computed."""
-        for file, offset, length in self._ranges(sources, start, stop):
-            file.advise(offset, length)
-
-    def _read_ahead(self) -> None:
-        while (ticket := self._queue.get()) is not None:
-            with ticket.lock:
-                for file, offset, length in ticket.ranges if not ticket.skip else ():
-                    file.touch(offset, length)
-
-    @contextlib.contextmanager
-    def reading(self, sources: Sequence[TensorInfo], start: int, stop: int) -> Iterator[None]:
-        """Around the computation of one chunk: its read-ahead, if not started, is no longer needed;
-        afterwards its pages are unmapped (after any read-ahead of them is done, so none stays mapped)."""
-        ticket = self._tickets.pop((tuple(sources), start, stop), None)
-        if ticket is not None:
-            ticket.skip = True
-        yield
-        with ticket.lock if ticket is not None else contextlib.nullcontext():
-            for file, offset, length in self._ranges(sources, start, stop):
-                file.release(offset, length)
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        for file in self._files.values():
-            # BufferError: a view is still referenced (an error is unwinding); the GC unmaps it later.
-            with contextlib.suppress(BufferError):
-                file.close()
-        self._files.clear()
+from merge.reader import Chunk, InputFiles
+from merge.safetensors_io import ITEMSIZE, TORCH_DTYPES, TensorInfo
 
 
 class BufferPool:
@@ -128,33 +47,34 @@ def _blocks(files: InputFiles, sources: Sequence[TensorInfo], start: int, stop: 
         yield begin, [files.view(s, begin, end).float() for s in sources]
 
 
-Chunk = tuple[Sequence[TensorInfo], int, int]
-
-
-def _walk(
-    files: InputFiles, sources: Sequence[TensorInfo], ranges: list[tuple[int, int]], then: Chunk | None
-) -> Iterator[tuple[int, int]]:
-    """The chunk ranges in order, each read ahead while the one before it is computed; `then`, the
-    chunk read after these, is read ahead during the last one."""
-    for i, (start, stop) in enumerate(ranges):
-        following = (sources, *ranges[i + 1]) if i + 1 < len(ranges) else then
+def _walk(files: InputFiles, chunks: list[Chunk], then: Chunk | None) -> Iterator[Chunk]:
+    """The chunks in order, each read ahead while the one before it is computed; `then`, the chunk
+    read after these, is read ahead during the last one."""
+    for i, chunk in enumerate(chunks):
+        following = chunks[i + 1] if i + 1 < len(chunks) else then
         if following is not None:
-            files.prefetch(*following)
-        if i + 2 < len(ranges):
-            files.advise(sources, *ranges[i + 2])
-        with files.reading(sources, start, stop):
-            yield start, stop
+            files.prefetch(following)
+        with files.reading(chunk):
+            yield chunk
 
 
-def _whole(files: InputFiles, sources: Sequence[TensorInfo], ranges: list[tuple[int, int]]) -> Iterator[list[torch.Tensor]]:
+def _whole(files: InputFiles, chunks: list[Chunk]) -> Iterator[list[torch.Tensor]]:
     """Every block of the tensor in order, for a method's whole-tensor statistic."""
-    for start, stop in _walk(files, sources, ranges, then=(sources, *ranges[0])):
-        for _, xs in _blocks(files, sources, start, stop):
+    for chunk in _walk(files, chunks, then=chunks[0]):
+        for _, xs in _blocks(files, chunk.sources, chunk.start, chunk.stop):
             yield xs
 
 
+def _chunks(tensor: OutputTensor, chunk_elems: int) -> list[Chunk]:
+    # A tensor read twice (a whole-tensor statistic, then the merge) goes through the page cache, so
+    # the second read finds it in memory.
+    method = METHODS.get(tensor.method)
+    cached = method is not None and method.prepare is not None
+    return [Chunk(tuple(tensor.sources), start, stop, cached) for start, stop in chunk_ranges(tensor.numel, chunk_elems)]
+
+
 def first_chunk(tensor: OutputTensor, chunk_elems: int) -> Chunk | None:
-    return (tensor.sources, 0, min(chunk_elems, tensor.numel)) if tensor.numel else None
+    return _chunks(tensor, chunk_elems)[0] if tensor.numel else None
 
 
 def merge_tensor(
@@ -166,11 +86,11 @@ def merge_tensor(
     dtype = TORCH_DTYPES[tensor.dtype]
     method = METHODS.get(tensor.method)
     params = method.params.model_validate(tensor.params) if method else None
-    ranges = chunk_ranges(numel, chunk_elems)
+    chunks = _chunks(tensor, chunk_elems)
     stats = None
     if method is not None and method.prepare is not None and numel > 0:
-        stats = method.prepare(lambda: _whole(files, sources, ranges), numel, params)
-    for start, stop in _walk(files, sources, ranges, then):
+        stats = method.prepare(lambda: _whole(files, chunks), numel, params)
+    for _, start, stop, _ in _walk(files, chunks, then):
         buffer = pool.take()
         out = buffer[: (stop - start) * ITEMSIZE[tensor.dtype]].view(dtype)
         if tensor.method == COPY:

@@ -1,0 +1,134 @@
+"""The merge's file I/O: chunk reads (direct where the filesystem allows, else through the page cache)
+and the shard writer (direct through an aligned staging buffer, else buffered) give exactly the bytes
+of the files, at any offset and length, and fail with the file's name."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+
+import pytest
+import torch
+from merge_fixtures import BIG_SHAPES, folder_bytes, random_tensors, raw_checkpoint
+
+from merge import reader, safetensors_io
+from merge.config import validate_config
+from merge.errors import CheckpointError
+from merge.job import run_merge
+from merge.reader import ALIGN, Chunk, InputFile, InputFiles, slot_bytes
+from merge.safetensors_io import ShardWriter, TensorInfo
+
+
+def direct_io_here(folder) -> bool:
+    probe = folder / "probe"
+    probe.write_bytes(bytes(ALIGN))
+    try:
+        return InputFile(str(probe))._direct is not None
+    finally:
+        probe.unlink()
+
+
+@pytest.fixture(params=["direct", "buffered"])
+def io_mode(request, monkeypatch, tmp_path):
+    """Each test once as this filesystem does it (direct, on ext4 or xfs) and once as on tmpfs."""
+    if request.param == "buffered":
+        monkeypatch.setattr(reader, "DIRECT", 0)
+        monkeypatch.setattr(safetensors_io, "DIRECT", 0)
+    elif not direct_io_here(tmp_path):
+        pytest.skip("this filesystem does no direct I/O")
+    return request.param
+
+
+def test_chunks_read_the_file_bytes_at_any_offset(tmp_path, io_mode):
+    data = torch.randint(0, 256, (3 * ALIGN * 5 + 1000,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    path = tmp_path / "input.bin"
+    path.write_bytes(data.numpy().tobytes())
+    # Tensors at offsets that are not block-aligned; the last ends at the end of the file.
+    infos = [TensorInfo(str(path), "a", "BF16", (5000,), 1000, 10000), TensorInfo(str(path), "b", "F32", (4000,), len(data) - 16000, 16000)]
+    files = InputFiles(max(slot_bytes(infos, 5000), slot_bytes(infos[1:], 4000)))
+    try:
+        for cached in (False, True):
+            for info, start, stop in [(infos[0], 0, 5000), (infos[0], 17, 2049), (infos[1], 3001, 4000), (infos[1], 0, 1)]:
+                chunk = Chunk((info,), start, stop, cached)
+                files.prefetch(chunk)
+                with files.reading(chunk):
+                    got = files.view(info, start, stop)
+                    inner = files.view(info, start + (stop - start) // 2, stop)
+                itemsize = 2 if info.dtype == "BF16" else 4
+                expected = data[info.offset + start * itemsize : info.offset + stop * itemsize]
+                assert torch.equal(got.view(torch.uint8), expected)
+                assert torch.equal(inner.view(torch.uint8), expected[len(expected) - inner.numel() * itemsize :])
+    finally:
+        files.close()
+
+
+def test_a_file_truncated_while_merging_is_named(tmp_path, io_mode):
+    path = tmp_path / "input.bin"
+    path.write_bytes(bytes(20000))
+    info = TensorInfo(str(path), "a", "F32", (4000,), 4000, 16000)
+    os.truncate(path, 12000)
+    files = InputFiles(slot_bytes([info], 4000))
+    try:
+        with pytest.raises(CheckpointError, match=f"{path}: truncated while merging"), files.reading(Chunk((info,), 0, 4000)):
+            pass
+    finally:
+        files.close()
+
+
+@pytest.mark.parametrize("pieces", [[10, 5000, 3, 70000, 1], [4096, 4096], [1]])
+def test_shard_writer_writes_exactly_its_bytes(tmp_path, io_mode, monkeypatch, pieces):
+    monkeypatch.setattr(safetensors_io, "STAGE_BYTES", 2 * ALIGN)  # several stagings per write
+    blob = os.urandom(sum(pieces))
+    writer = ShardWriter(tmp_path / "out.safetensors", [("x", "U8", (len(blob),))])
+    header = safetensors_io.build_header([("x", "U8", (len(blob),))])
+    position = 0
+    for n in pieces:
+        writer.write(blob[position : position + n])
+        position += n
+    sha, size = writer.commit()
+    written = (tmp_path / "out.safetensors").read_bytes()
+    assert written == header + blob and size == len(written)
+    assert sha == hashlib.sha256(written).hexdigest()
+    assert not (tmp_path / ".out.safetensors.partial").exists()
+
+
+def test_a_filesystem_that_refuses_direct_writes_gets_buffered_ones(tmp_path, monkeypatch):
+    if not direct_io_here(tmp_path):
+        pytest.skip("this filesystem does no direct I/O")
+    monkeypatch.setattr(safetensors_io, "STAGE_BYTES", 2 * ALIGN)
+    real_write, refused = os.write, []
+
+    def write(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & safetensors_io.DIRECT:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    blob = os.urandom(5 * ALIGN + 123)
+    writer = ShardWriter(tmp_path / "out.safetensors", [("x", "U8", (len(blob),))])
+    writer.write(blob)
+    writer.commit()
+    assert refused
+    assert (tmp_path / "out.safetensors").read_bytes() == safetensors_io.build_header([("x", "U8", (len(blob),))]) + blob
+
+
+def test_merge_output_is_the_same_either_way(tmp_path, monkeypatch):
+    root = tmp_path / "in"
+    for seed in range(2):
+        raw_checkpoint(root / f"m{seed}", random_tensors(seed, BIG_SHAPES), shards=2)
+
+    def merged(name: str) -> dict[str, bytes]:
+        cfg = validate_config({
+            "method": "linear", "models": [{"path": str(root / f"m{k}")} for k in range(2)],
+            "output": {"path": str(tmp_path / name)},
+        })
+        run_merge(cfg, show_progress=False, log=lambda _: None)
+        return folder_bytes(tmp_path / name)
+
+    direct = merged("direct")
+    monkeypatch.setattr(reader, "DIRECT", 0)
+    monkeypatch.setattr(safetensors_io, "DIRECT", 0)
+    assert merged("buffered") == direct
