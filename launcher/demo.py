@@ -23,12 +23,11 @@ TINY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from launcher.kv_experiment import CONFIG, ROOT
-
+    # Defaults named, not imported: launcher.kv_experiment imports torch, and `calm --help` must not.
     parser.add_argument("--seed", type=int, default=0, help="changes keys, values and every initialisation")
     parser.add_argument("--config", default=None,
-                        help=f"the composition's training config (default {CONFIG.name}; with --tiny {TINY_CONFIG.name})")
-    parser.add_argument("--root", default=str(ROOT), help="where data, models, runs and results go")
+                        help=f"the composition's training config (default kv-arithmetic.yaml; with --tiny {TINY_CONFIG.name})")
+    parser.add_argument("--root", default=None, help="where data, models, runs and results go (default runs/kv-arithmetic)")
     parser.add_argument("--retrain", action="store_true",
                         help="train the composition again even if this seed's run has finished")
     parser.add_argument("--tiny", action="store_true", help="train configs/tiny.yaml only (about a minute)")
@@ -69,10 +68,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.tiny:
         return _run_tiny(args)
-    from launcher.kv_experiment import CONFIG, run_experiment
+    from launcher.kv_experiment import CONFIG, ROOT, run_experiment
     from launcher.kv_report import text_table, write_report
 
-    root = Path(args.root).resolve()
+    root = Path(args.root or ROOT).resolve()
     folder = root / f"seed-{args.seed}"
     with quiet_output(log_path(folder, "demo"), verbose=args.verbose):
         results = run_experiment(root, args.seed, print, Path(args.config or CONFIG), retrain=args.retrain)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -191,3 +193,13 @@ def test_preflight_problems_with_an_overridden_key_name_the_override(tmp_path):
     assert str(info.value).startswith("data.train (from --set data={train: x} on the command line): ")
     with pytest.raises(ConfigError, match="^models.anchor.path: gone$"), blamed_on_command_line({"data.train": "x"}):
         raise ConfigError("models.anchor.path: gone")
+
+
+def test_the_cli_parser_imports_no_heavy_library():
+    """`calm --help` stays instant (0.2 s, against 1.9 s when a subcommand's arguments imported torch)."""
+    code = (
+        "import sys; from launcher.cli import build_parser; build_parser(); "
+        "print([m for m in ('torch', 'ray', 'deepspeed', 'transformers', 'datasets') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
+    assert out.stdout.strip() == "[]"
