@@ -1,11 +1,11 @@
 """Reading the inputs chunk by chunk, one chunk ahead of the arithmetic, into two reused buffers.
 
-Reads bypass the page cache (ODIRECT) where the filesystem allows it: the disk writes straight into
+Reads bypass the page cache (O_DIRECT) where the filesystem allows it: the disk writes straight into
 our buffers. Through the page cache every byte costs a kernel copy and fresh cache pages; on a 2-core
 VM, reading 6.6 GB took 10-11 s of CPU that way and 0.4-0.7 s direct, and a merge reads every input
 byte once, so the cache gains nothing. Exceptions: tensors that a method reads twice (a whole-tensor
 statistic first) are read through the cache, so the second pass finds them in memory; and where
-ODIRECT is refused (tmpfs, some network filesystems) every read is buffered.
+O_DIRECT is refused (tmpfs, some network filesystems) every read is buffered.
 """
 
 from __future__ import annotations
