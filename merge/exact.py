@@ -125,16 +125,13 @@ def combine(
         return sum((y.double() * float(c * scale) for y, c in zip(ys, coefficients, strict=True)), torch.zeros(()))
     plan = _plan(coefficients, divisor, fast)
     result = torch.empty(len(ys[0]), dtype=out_dtype)
-    lib = fast_kernel.library() if fast_kernel.supports(list(ys), result) else None
+    compiled = fast_kernel.compiled_pass(plan, ys, result, fast)
     unsure: list[tuple[Tensor, Tensor, Tensor]] = []  # (positions, low values, estimates)
     pending = 0
     for start in range(0, len(result), SLICE):
         stop = min(start + SLICE, len(result))
         pieces, out = [y[start:stop] for y in ys], result[start:stop]
-        if lib is not None:
-            where, low, estimate = fast_kernel.fast_pass(lib, pieces, plan, out, fast)
-        else:
-            where, low, estimate = _fast_pass(pieces, plan, out)
+        where, low, estimate = compiled(pieces, out) if compiled is not None else _fast_pass(pieces, plan, out)
         if len(where):
             unsure.append((where + start, low, estimate))
             pending += len(where)

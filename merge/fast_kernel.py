@@ -22,6 +22,7 @@ import subprocess
 import sysconfig
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,42 +87,52 @@ def _build(compiler: list[str], target: Path) -> None:
             os.unlink(partial)
 
 
-def supports(ys: list[torch.Tensor], out: torch.Tensor) -> bool:
-    return out.dtype in CODES and all(y.dtype in CODES and y.is_contiguous() for y in ys)
-
-
 _SCRATCH = threading.local()
 
 
 def _scratch(n: int, out_dtype: torch.dtype, fast: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-thread room for the unsure elements of n outputs, reused: fresh allocations this size would
     be page-faulted in on every call."""
-    key = (out_dtype, fast)
-    held = getattr(_SCRATCH, "buffers", {}).get(key)
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    held = buffers.get((out_dtype, fast))
     if held is None or len(held[0]) < n:
-        held = (torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=out_dtype), torch.empty(n, dtype=fast))
-        _SCRATCH.buffers = {**getattr(_SCRATCH, "buffers", {}), key: held}
+        held = buffers[out_dtype, fast] = (
+            torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=out_dtype), torch.empty(n, dtype=fast)
+        )
     return held
 
 
-def fast_pass(
-    lib: ctypes.CDLL, ys: list[torch.Tensor], plan: Any, out: torch.Tensor, fast: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fast_pass.c on contiguous 1-D inputs (see supports()) with merge.exact's per-tensor constants:
-    fills out, deciding the usual unsure elements exactly itself; returns the others' positions with
-    the low end's rounding and the estimate there (fresh tensors), for merge.exact to settle."""
-    n, k = len(out), len(ys)
-    where, low, estimate = _scratch(n, out.dtype, fast)
-    groups = [*plan.exact_coefficients, plan.exact_divisor]
-    parts = [part for group in groups for part in group]
-    constants = (
-        k, (ctypes.c_void_p * k)(*(y.data_ptr() for y in ys)), (ctypes.c_int * k)(*(CODES[y.dtype] for y in ys)),
-        (ctypes.c_double * k)(*plan.scaled), plan.factor, plan.absolute, plan.overflow_risk,
-        (ctypes.c_double * len(parts))(*parts), (ctypes.c_int * len(groups))(*map(len, groups)), int(plan.positive),
-    )
-    tail = (out.data_ptr(), n, where.data_ptr(), low.data_ptr(), estimate.data_ptr())
-    if fast == torch.float64:
-        count = lib.fast_pass_double(*constants, *tail)
-    else:
-        count = lib.fast_pass_float(*constants, CODES[out.dtype], *tail)
-    return where[:count].clone(), low[:count].clone(), estimate[:count].clone()
+class CompiledPass:
+    """fast_pass.c set up for one merge.exact.combine() call: the per-tensor constants become C arrays
+    once, and each call runs the pass on one slice."""
+
+    def __init__(self, lib: ctypes.CDLL, plan: Any, dtypes: list[torch.dtype], out_dtype: torch.dtype, fast: torch.dtype):
+        k = len(dtypes)
+        groups = [*plan.exact_coefficients, plan.exact_divisor]
+        parts = [part for group in groups for part in group]
+        self._after_inputs = (
+            (ctypes.c_int * k)(*(CODES[d] for d in dtypes)), (ctypes.c_double * k)(*plan.scaled), plan.factor, plan.absolute, plan.overflow_risk,
+            (ctypes.c_double * len(parts))(*parts), (ctypes.c_int * len(groups))(*map(len, groups)), int(plan.positive),
+            *(() if fast == torch.float64 else (CODES[out_dtype],)),
+        )
+        self._function = lib.fast_pass_double if fast == torch.float64 else lib.fast_pass_float
+        self._fast = fast
+
+    def __call__(self, ys: list[torch.Tensor], out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fills out, deciding the usual unsure elements exactly itself; returns the others' positions
+        with the low end's rounding and the estimate there (fresh tensors), for merge.exact to settle."""
+        n, k = len(out), len(ys)
+        where, low, estimate = _scratch(n, out.dtype, self._fast)
+        inputs = (ctypes.c_void_p * k)(*(y.data_ptr() for y in ys))
+        count = self._function(k, inputs, *self._after_inputs, out.data_ptr(), n, where.data_ptr(), low.data_ptr(),
+                               estimate.data_ptr())
+        return where[:count].clone(), low[:count].clone(), estimate[:count].clone()
+
+
+def compiled_pass(plan: Any, ys: Sequence[torch.Tensor], out: torch.Tensor, fast: torch.dtype) -> CompiledPass | None:
+    """The compiled pass for these contiguous inputs and output, or None (no compiler, another dtype):
+    then merge.exact runs the same pass in torch."""
+    if out.dtype not in CODES or not all(y.dtype in CODES and y.is_contiguous() for y in ys):
+        return None
+    lib = library()
+    return CompiledPass(lib, plan, [y.dtype for y in ys], out.dtype, fast) if lib is not None else None

@@ -51,16 +51,15 @@ class InputFile:
         except OSError:  # EINVAL: this filesystem does not do direct I/O
             self._direct = None
 
-    def span(self, offset: int, length: int, cached: bool) -> tuple[int, int]:
-        """The file range to read for bytes [offset, offset + length): widened to whole blocks when
-        direct (the last may end past the end of the file, which reads short)."""
+    def span(self, offset: int, length: int, cached: bool) -> tuple[int, int, int]:
+        """(descriptor, begin, end): how to read bytes [offset, offset + length). Direct reads are
+        widened to whole blocks (the last may end past the end of the file, which reads short)."""
         if cached or self._direct is None:
-            return offset, offset + length
-        return offset // ALIGN * ALIGN, -(-(offset + length) // ALIGN) * ALIGN
+            return self._buffered, offset, offset + length
+        return self._direct, offset // ALIGN * ALIGN, -(-(offset + length) // ALIGN) * ALIGN
 
-    def read(self, slot: mmap.mmap, position: int, begin: int, end: int, needed: int, cached: bool) -> None:
-        """File bytes [begin, end) into the slot at `position` (aligned); at least up to `needed`."""
-        fd = self._buffered if cached or self._direct is None else self._direct
+    def read(self, fd: int, slot: mmap.mmap, position: int, begin: int, end: int, needed: int) -> None:
+        """File bytes [begin, end) through fd into the slot at `position`; at least up to `needed`."""
         got = 0
         with memoryview(slot)[position : position + end - begin] as target:
             try:
@@ -141,8 +140,8 @@ class InputFiles:
             file = self._files[source.path]
             itemsize = ITEMSIZE[source.dtype]
             offset, length = source.offset + chunk.start * itemsize, (chunk.stop - chunk.start) * itemsize
-            begin, end = file.span(offset, length, chunk.cached)
-            reads.append(self._readers.submit(file.read, slot, position, begin, end, offset + length, chunk.cached))
+            fd, begin, end = file.span(offset, length, chunk.cached)
+            reads.append(self._readers.submit(file.read, fd, slot, position, begin, end, offset + length))
             starts.append(position + offset - begin)
             position += -(-(end - begin) // ALIGN) * ALIGN
         return _Ticket(chunk, slot, starts, reads)
