@@ -12,7 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
 from merge.plan import ShardTask
-from merge.shard import Progress, ShardResult, run_shard
+from merge.shard import Progress, ShardResult, run_shard, run_shards
 
 _worker_progress: multiprocessing.Queue | None = None
 
@@ -32,8 +32,7 @@ def run_local(
 ) -> None:
     if workers == 1 or len(tasks) <= 1:
         # One worker needs no pool: no process start, no second copy of torch in memory.
-        for task in tasks:
-            on_done(run_shard(task, progress))
+        run_shards(tasks, on_done, progress)
         return
     # spawn, not fork: the parent may hold torch thread pools and Ray/tqdm threads that fork would copy
     # in an undefined state.

@@ -13,7 +13,7 @@ import ctypes
 import gc
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import torch
 
 from merge.errors import OutputError
 from merge.plan import OUT_BUFFERS, ShardTask
-from merge.reader import InputFiles, slot_bytes
+from merge.reader import Chunk, InputFiles, slot_bytes
 from merge.safetensors_io import ITEMSIZE, ShardWriter, tensor_bytes
 from merge.stream import BufferPool, first_chunk, merge_tensor
 
@@ -101,6 +101,17 @@ def _keep_freed_memory() -> None:
 
 def run_shard(task: ShardTask, progress: Progress | None = None) -> ShardResult:
     """Compute and write one output shard; returns its sha256 and size."""
+    results: list[ShardResult] = []
+    run_shards([task], results.append, progress)
+    return results[0]
+
+
+def run_shards(tasks: Sequence[ShardTask], on_done: Callable[[ShardResult], None], progress: Progress | None = None) -> None:
+    """Shards one after another in this process, each reported to on_done once committed. They share
+    the input and output buffers (faulted in once), and the next shard's first chunk is read while
+    this one's last chunk is computed, written and synced: the disk never waits between shards."""
+    if not tasks:
+        return
     # One arithmetic thread: block ops are small, and intra-op threads would spin on the cores the
     # reading and writing threads need (measured: 4x slower on 2 cores). Scale out with workers.
     threads = torch.get_num_threads()
@@ -109,24 +120,29 @@ def run_shard(task: ShardTask, progress: Progress | None = None) -> ShardResult:
     # sight, its full collections, triggered by the many small objects of the block loop, stay cheap
     # (they held the GIL for ~2% of a merge's CPU time).
     gc.freeze()
+    _keep_freed_memory()
+    pool = BufferPool(OUT_BUFFERS, max(task.chunk_elems * max(ITEMSIZE[t.dtype] for t in task.tensors) for task in tasks))
+    files = InputFiles(max(slot_bytes(t.sources, min(task.chunk_elems, t.numel)) for task in tasks for t in task.tensors))
     try:
-        return _run_shard(task, progress)
+        for task, following in zip(tasks, [*tasks[1:], None], strict=True):
+            then = first_chunk(following.tensors[0], following.chunk_elems) if following is not None else None
+            on_done(_run_shard(task, progress, files, pool, then))
     finally:
+        files.close()
         gc.unfreeze()
         torch.set_num_threads(threads)
 
 
-def _run_shard(task: ShardTask, progress: Progress | None) -> ShardResult:
-    _keep_freed_memory()
+def _run_shard(task: ShardTask, progress: Progress | None, files: InputFiles, pool: BufferPool,
+               then: Chunk | None) -> ShardResult:
+    """One shard through the shared buffers; `then` (the next shard's first chunk) is read ahead at its end."""
     path = Path(task.out_dir) / task.filename
     with writing(path):
         writer = ShardWriter(path, [(t.name, t.dtype, t.shape) for t in task.tensors])
-    pool = BufferPool(OUT_BUFFERS, task.chunk_elems * max(ITEMSIZE[t.dtype] for t in task.tensors))
     behind = _WriteBehind(writer, pool, progress)
-    files = InputFiles(max(slot_bytes(t.sources, min(task.chunk_elems, t.numel)) for t in task.tensors))
     try:
         for i, tensor in enumerate(task.tensors):
-            following = first_chunk(task.tensors[i + 1], task.chunk_elems) if i + 1 < len(task.tensors) else None
+            following = first_chunk(task.tensors[i + 1], task.chunk_elems) if i + 1 < len(task.tensors) else then
             for buffer, data in merge_tensor(tensor, files, task.chunk_elems, pool, following):
                 behind.put(buffer, data)
         with writing(path):
@@ -137,6 +153,4 @@ def _run_shard(task: ShardTask, progress: Progress | None) -> ShardResult:
             behind.finish()
         writer.abort()
         raise
-    finally:
-        files.close()
     return ShardResult(task.filename, sha256, nbytes)

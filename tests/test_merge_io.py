@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import json
 import os
 
 import pytest
@@ -132,3 +133,47 @@ def test_merge_output_is_the_same_either_way(tmp_path, monkeypatch):
     monkeypatch.setattr(reader, "DIRECT", 0)
     monkeypatch.setattr(safetensors_io, "DIRECT", 0)
     assert merged("buffered") == direct
+
+
+def test_shards_in_one_process_read_the_next_shard_before_committing_this_one(tmp_path, monkeypatch):
+    """workers: 1 runs the shards in turn through shared buffers; the next shard's first chunk is
+    already being read when this shard is synced and committed, and the bytes are those of one shard
+    per process (workers: 2)."""
+    root = tmp_path / "in"
+    for seed in range(2):
+        raw_checkpoint(root / f"m{seed}", random_tensors(seed, BIG_SHAPES), shards=2)
+
+    def config(name: str, workers: int):
+        return validate_config({
+            "method": "linear", "models": [{"path": str(root / f"m{k}")} for k in range(2)],
+            "output": {"path": str(tmp_path / name), "max_shard_size": "1MB"}, "workers": workers,
+        })
+
+    pooled = config("pooled", 2)
+    run_merge(pooled, show_progress=False, log=lambda _: None)
+
+    events: list[tuple[str, str]] = []
+    prefetch, commit = InputFiles.prefetch, ShardWriter.commit
+
+    def record_prefetch(self, chunk):
+        if chunk.start == 0:
+            events.append(("read", chunk.sources[0].name))
+        return prefetch(self, chunk)
+
+    def record_commit(self):
+        events.append(("commit", self.path.name))
+        return commit(self)
+
+    monkeypatch.setattr(InputFiles, "prefetch", record_prefetch)
+    monkeypatch.setattr(ShardWriter, "commit", record_commit)
+    run_merge(config("sequential", 1), show_progress=False, log=lambda _: None)
+
+    assert folder_bytes(tmp_path / "sequential") == folder_bytes(tmp_path / "pooled")
+    index = json.loads((tmp_path / "sequential" / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(set(index.values()))
+    assert len(shards) >= 2
+    commits = [i for i, (kind, _) in enumerate(events) if kind == "commit"]
+    for before, after in zip(shards, shards[1:]):
+        first = min((name for name, shard in index.items() if shard == after),
+                    key=lambda name: events.index(("read", name)))
+        assert events.index(("read", first)) < commits[shards.index(before)], (before, after, events)
