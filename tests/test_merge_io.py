@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 
@@ -173,7 +174,7 @@ def test_shards_in_one_process_read_the_next_shard_before_committing_this_one(tm
     shards = sorted(set(index.values()))
     assert len(shards) >= 2
     commits = [i for i, (kind, _) in enumerate(events) if kind == "commit"]
-    for before, after in zip(shards, shards[1:]):
+    for before, after in itertools.pairwise(shards):
         first = min((name for name, shard in index.items() if shard == after),
                     key=lambda name: events.index(("read", name)))
         assert events.index(("read", first)) < commits[shards.index(before)], (before, after, events)
