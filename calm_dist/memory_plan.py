@@ -388,7 +388,8 @@ class MergeSetup:
     output_bytes: int
     largest_input_itemsize: int
     output_itemsize: int
-    chunk_elements: int  # from merge.plan.chunk_elements
+    chunk_elements: int  # from merge.plan.chunk_plan
+    read_slots: int  # input chunks held at once, also from merge.plan.chunk_plan
     largest_tensor: int  # elements of the largest output tensor
     block: int  # merge.methods.BLOCK
     out_buffers: int  # merge.plan.OUT_BUFFERS
@@ -402,10 +403,12 @@ class MergeSetup:
 
 
 def merge_terms(setup: MergeSetup) -> WorkerPlan:
-    """Peak anonymous memory of one merge worker (mapped input pages are file-backed: listed apart)."""
+    """Peak anonymous memory of one merge worker."""
     # A buffer's pages are touched only as far as a chunk fills it: no further than the largest tensor.
     chunk = min(setup.chunk_elements, setup.largest_tensor)
     terms = [
+        Term("input read buffers", setup.read_slots * chunk * setup.inputs * setup.largest_input_itemsize,
+             f"{setup.read_slots} chunks of every input: the one computed and those read ahead"),
         Term("output chunk buffers", setup.out_buffers * chunk * setup.output_itemsize,
              f"{setup.out_buffers} chunks of {chunk:,} elements: computed, queued, being written"),
         Term("fp32 block arithmetic", (setup.inputs + 2) * setup.block * 4,
@@ -425,11 +428,6 @@ def loss_terms(setup: MergeSetup) -> WorkerPlan:
         Term("runtime allowance", setup.worker_runtime, "interpreter, torch, transformers"),
     ]
     return WorkerPlan("loss worker", tuple(terms))
-
-
-def merge_mapped_pages(setup: MergeSetup) -> int:
-    """Input pages mapped at once per worker: the chunk being computed and the one read ahead."""
-    return 2 * min(setup.chunk_elements, setup.largest_tensor) * setup.inputs * setup.largest_input_itemsize
 
 
 def merge_seconds(setup: MergeSetup, read_bytes_per_s: float, write_bytes_per_s: float) -> float:

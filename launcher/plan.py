@@ -24,7 +24,6 @@ from calm_dist.memory_plan import (
     WorkerPlan,
     fit_suggestions,
     loss_terms,
-    merge_mapped_pages,
     merge_seconds,
     merge_terms,
     train_plan,
@@ -198,7 +197,7 @@ def check_fits(config: TrainConfig) -> None:
 def merge_setup(cfg) -> tuple[MergeSetup, list]:
     from merge.checkpoint import Checkpoint
     from merge.inputs import match_tensors
-    from merge.methods import BLOCK
+    from merge.method_specs import BLOCK
     from merge.plan import OUT_BUFFERS, WORKER_OVERHEAD, build_tasks, default_weights, plan_tensors
     from merge.safetensors_io import ITEMSIZE
 
@@ -216,6 +215,7 @@ def merge_setup(cfg) -> tuple[MergeSetup, list]:
         inputs=len(checkpoints), input_bytes=max(input_bytes), output_bytes=sum(t.nbytes for t in tensors),
         largest_input_itemsize=max(ITEMSIZE[s.dtype] for t in tensors for s in t.sources),
         output_itemsize=max(ITEMSIZE[t.dtype] for t in tensors), chunk_elements=tasks[0].chunk_elems,
+        read_slots=tasks[0].read_slots,
         largest_tensor=max(t.numel for t in tensors),
         block=BLOCK, out_buffers=OUT_BUFFERS, worker_runtime=WORKER_OVERHEAD, workers=cfg.workers,
         max_shard_bytes=int(cfg.output.max_shard_size),
@@ -250,8 +250,6 @@ def describe_merge(cfg, setup: MergeSetup, tasks: list, disk_speed: str | None) 
         lines.append(f"    {'total':<{width}} {gib(plan.total)}"
                      + (f"   x {setup.workers} workers = {plan.total * setup.workers / GIB:.2f} GiB"
                         if plan.role == "merge worker" and setup.workers > 1 else ""))
-    lines.append(f"  mapped input pages per worker (page cache, dropped under pressure): "
-                 f"{merge_mapped_pages(setup) / GIB:.2f} GiB")
     lines.append(f"disk: read {setup.inputs * setup.input_bytes / GIB:.2f} GiB, write {setup.output_bytes / GIB:.2f} GiB "
                  f"to {cfg.output.path} (shards written under temporary names, renamed when complete: no extra space)")
     if cfg.weights_from_examples and cfg.weights_from_examples.offload_folder:

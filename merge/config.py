@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, PositiveInt, ValidationError
 
 from merge.errors import ConfigError
-from merge.methods import METHODS, Method
+from merge.method_specs import SPECS, MethodSpec
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 # Output dtype names (as in torch and config.json) -> safetensors codes.
@@ -92,8 +92,8 @@ class MergeConfig(_Strict):
         return [m.name or "" for m in self.models]
 
     @property
-    def merge_method(self) -> Method:
-        return METHODS[self.method]
+    def merge_method(self) -> MethodSpec:
+        return SPECS[self.method]
 
     def index(self, name: str) -> int:
         return self.names.index(name)
@@ -173,8 +173,8 @@ def _describe(err: ValidationError, prefix: tuple[str | int, ...] = ()) -> str:
 
 def _check(cfg: MergeConfig) -> None:
     """Rules that span fields; each ValueError starts with the key at fault."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"method: unknown method {cfg.method!r} (known: {', '.join(METHODS)})")
+    if cfg.method not in SPECS:
+        raise ValueError(f"method: unknown method {cfg.method!r} (known: {', '.join(SPECS)})")
     method = cfg.merge_method
     for i, entry in enumerate(cfg.models):
         entry.name = entry.name or entry.path.name
@@ -206,7 +206,7 @@ def _check(cfg: MergeConfig) -> None:
             raise ValueError(_describe(err, loc)) from None
 
 
-def _check_weights(cfg: MergeConfig, method: Method) -> None:
+def _check_weights(cfg: MergeConfig, method: MethodSpec) -> None:
     given = [("weights", cfg.weights)] + [(f"overrides[{i}].weights", o.weights) for i, o in enumerate(cfg.overrides)]
     if not method.takes_weights:
         for key, weights in given + [("weights_from_examples", cfg.weights_from_examples)]:

@@ -109,9 +109,11 @@ def _cached_plan(key: tuple[tuple[int, int], ...], fast: torch.dtype) -> _Plan:
 
 
 def combine(
-    ys: Sequence[Tensor], coefficients: Sequence[Fraction], divisor: Fraction, out_dtype: torch.dtype
+    ys: Sequence[Tensor], coefficients: Sequence[Fraction], divisor: Fraction, out_dtype: torch.dtype,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """sum_j coefficients[j] * ys[j] / divisor, correctly rounded (ties to even) to out_dtype.
+    """sum_j coefficients[j] * ys[j] / divisor, correctly rounded (ties to even) to out_dtype; written
+    into `out` (1-D, out_dtype) when given, which is returned.
 
     ys: same-shape 1-D tensors of fp32 or a narrower float type, in any mix (their values are the
     inputs'). Non-finite inputs give what plain arithmetic gives. Any length: the fast pass goes in
@@ -119,12 +121,12 @@ def combine(
     """
     if divisor == 0:
         raise ValueError("divisor is 0")
+    result = torch.empty(len(ys[0]), dtype=out_dtype) if out is None else out
     fast = _FAST.get(out_dtype)
     if fast is None:  # float64 output: no wider type to check against; plain float64 arithmetic
         scale = 1 / divisor
-        return sum((y.double() * float(c * scale) for y, c in zip(ys, coefficients, strict=True)), torch.zeros(()))
+        return result.copy_(sum((y.double() * float(c * scale) for y, c in zip(ys, coefficients, strict=True)), torch.zeros(())))
     plan = _plan(coefficients, divisor, fast)
-    result = torch.empty(len(ys[0]), dtype=out_dtype)
     compiled = fast_kernel.compiled_pass(plan, ys, result, fast)
     unsure: list[tuple[Tensor, Tensor, Tensor]] = []  # (positions, low values, estimates)
     pending = 0

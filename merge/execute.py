@@ -12,6 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
 from merge.plan import ShardTask
+from merge.reader import InputFiles
 from merge.shard import Progress, ShardResult, run_shard, run_shards
 
 _worker_progress: multiprocessing.Queue | None = None
@@ -28,11 +29,13 @@ def _run_in_worker(task: ShardTask) -> ShardResult:
 
 
 def run_local(
-    tasks: list[ShardTask], workers: int, on_done: Callable[[ShardResult], None], progress: Progress
+    tasks: list[ShardTask], workers: int, on_done: Callable[[ShardResult], None], progress: Progress,
+    files: InputFiles | None = None,
 ) -> None:
+    """`files`: with one worker, the tasks' reads already under way (merge.reader.read_ahead)."""
     if workers == 1 or len(tasks) <= 1:
         # One worker needs no pool: no process start, no second copy of torch in memory.
-        run_shards(tasks, on_done, progress)
+        run_shards(tasks, on_done, progress, files)
         return
     # spawn, not fork: the parent may hold torch thread pools and Ray/tqdm threads that fork would copy
     # in an undefined state.

@@ -10,19 +10,22 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from merge.checkpoint import INDEX_FILE, Checkpoint
 from merge.config import MergeConfig
 from merge.errors import ExamplesError, IncompatibleInputsError, OutputError
-from merge.execute import run_local
 from merge.inputs import InputLayout, match_tensors
 from merge.manifest import MANIFEST, Manifest, fingerprint, index_bytes, pending_shards, write_atomic
-from merge.output import auxiliary_files, check_output_folder
+from merge.output import auxiliary_files, check_output_folder, writing
 from merge.plan import build_tasks, default_weights, plan_tensors
+from merge.reader import read_ahead
 from merge.report import REPORT, build_report, format_weights
-from merge.shard import ShardResult, writing
+
+if TYPE_CHECKING:
+    from merge.shard import ShardResult
 
 
 def run_merge(
@@ -90,16 +93,24 @@ def run_merge(
 
     run = [t for t in tasks if t.filename in todo]
     done_bytes = sum(t.data_bytes for t in tasks if t.filename not in todo)
-    with tqdm(
-        total=sum(t.data_bytes for t in tasks), initial=done_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-        desc="merge", disable=not show_progress,
-    ) as bar:
-        if address:
-            from merge.ray_runner import run_on_ray
+    # Shards run in this process: their reads start now, while torch loads (merge.execute imports it).
+    files = read_ahead(run) if run and not address and (cfg.workers == 1 or len(run) == 1) else None
+    try:
+        with tqdm(
+            total=sum(t.data_bytes for t in tasks), initial=done_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+            desc="merge", disable=not show_progress,
+        ) as bar:
+            if address:
+                from merge.ray_runner import run_on_ray
 
-            run_on_ray(run, address, int(cfg.memory_budget) // cfg.workers, on_done, bar.update)
-        else:
-            run_local(run, cfg.workers, on_done, bar.update)
+                run_on_ray(run, address, int(cfg.memory_budget) // cfg.workers, on_done, bar.update)
+            else:
+                from merge.execute import run_local
+
+                run_local(run, cfg.workers, on_done, bar.update, files)
+    finally:
+        if files is not None:
+            files.close()
 
     report = build_report(cfg, checkpoints, weights, losses, tasks)
     with writing(out):

@@ -1,9 +1,10 @@
-"""Merge methods: small pure functions over fp32 tensors, registered by name.
+"""Merge methods: small pure functions over fp32 tensors, registered by name. Their parameters and
+shape (base model, weights, passes over the inputs) are declared in merge.method_specs.
 
 Linear and task arithmetic are exact: their result is the real-number formula rounded once
 (`merge.exact`), and they take any range of the inputs as stored (`any_range`). A method sees one block of every input at a time (`combine`), plus, when the formula needs a
 whole-tensor statistic (TIES's magnitude thresholds, SLERP's angle), the result of `prepare`, which
-streams the whole tensor's blocks once or twice beforehand. Everything elementwise is written as
+streams the whole tensor's blocks once or twice beforehand (`MethodSpec.reads`). Everything elementwise is written as
 separate IEEE operations (a product, then a sum), so a block gives bit for bit what the same formula
 gives on the whole tensor. Blocks are fixed ranges of the flattened tensor (BLOCK elements), never
 chunk-dependent: DARE's random masks are drawn per (seed, tensor, input, block), so results do not
@@ -23,12 +24,16 @@ from functools import reduce
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from merge import exact
-
-# Elements per block. Part of the definition of DARE's masks: changing it changes their random stream.
-BLOCK = 1 << 18
+from merge.method_specs import (
+    SPECS,
+    LinearParams,
+    MethodSpec,
+    SlerpParams,
+    SparseParams,
+    TaskArithmeticParams,
+)
 
 Tensor = torch.Tensor
 Blocks = Callable[[], Iterator[list[Tensor]]]
@@ -45,47 +50,12 @@ class Block:
     out_dtype: torch.dtype = torch.float32  # what the result is rounded to
 
 
-class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-
-class LinearParams(_Params):
-    normalize: bool = Field(True, description="divide by the sum of the weights")
-    allow_negative_weights: bool = Field(False, description="negative weights extrapolate; refused unless set")
-
-
-class TaskArithmeticParams(_Params):
-    scale: float = Field(1.0, alias="lambda", allow_inf_nan=False, description="multiplies the summed task vectors")
-
-
-class SparseParams(_Params):
-    density: float = Field(gt=0, le=1, description="fraction of each task vector kept")
-    scale: float = Field(1.0, alias="lambda", allow_inf_nan=False)
-
-
-class SlerpParams(_Params):
-    t: float = Field(ge=0, le=1, description="0 gives the first (base) model, 1 the second")
-    dot_threshold: float = Field(0.9995, gt=0, le=1, description="above this |cos| fall back to linear interpolation")
-
-
 @dataclass(frozen=True)
 class Method:
+    spec: MethodSpec
     combine: Callable[[Sequence[Tensor], Sequence[float], Any, Any, Block], Tensor]
-    params: type[_Params]
-    uses_base: bool
-    takes_weights: bool
-    model_count: tuple[int, int | None]
+    # The whole-tensor statistic, from `spec.reads - 1` passes over the blocks (None: no statistic).
     prepare: Callable[[Blocks, int, Any], Any] | None = None
-    # combine is elementwise and draws nothing at random: it may be given any range of the tensor, with
-    # the inputs in their stored dtypes (it widens them itself), instead of fp32 blocks.
-    any_range: bool = False
-
-
-METHODS: dict[str, Method] = {}
-
-
-def register(name: str, method: Method) -> None:
-    METHODS[name] = method
 
 
 def _weighted_sum(xs: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
@@ -93,20 +63,23 @@ def _weighted_sum(xs: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     return reduce(lambda acc, term: acc.add_(term), (x * w for x, w in zip(xs[1:], weights[1:], strict=True)), xs[0] * weights[0])
 
 
-def linear(xs: Sequence[Tensor], weights: Sequence[float], params: LinearParams, stats: None, block: Block) -> Tensor:
+def linear(
+    xs: Sequence[Tensor], weights: Sequence[float], params: LinearParams, stats: None, block: Block, out: Tensor | None = None
+) -> Tensor:
     """sum_i w_i x_i / sum_i w_i (or without the division), exactly, rounded once to the output dtype.
     The raw weights, not w / sum(w): rounding the fractions first moves ties off centre."""
     coefficients = [Fraction(w) for w in weights]
-    return exact.combine(xs, coefficients, sum(coefficients) if params.normalize else Fraction(1), block.out_dtype)
+    return exact.combine(xs, coefficients, sum(coefficients) if params.normalize else Fraction(1), block.out_dtype, out)
 
 
 def task_arithmetic(
-    xs: Sequence[Tensor], weights: Sequence[float], params: TaskArithmeticParams, stats: None, block: Block
+    xs: Sequence[Tensor], weights: Sequence[float], params: TaskArithmeticParams, stats: None, block: Block,
+    out: Tensor | None = None,
 ) -> Tensor:
     """base + lambda * sum_i w_i (x_i - base), exactly, rounded once: the same value written as the
     linear combination (1 - lambda * sum w) * base + sum_i lambda * w_i * x_i."""
     scaled = [Fraction(params.scale) * Fraction(w) for w in weights]
-    return exact.combine(xs, [1 - sum(scaled), *scaled], Fraction(1), block.out_dtype)
+    return exact.combine(xs, [1 - sum(scaled), *scaled], Fraction(1), block.out_dtype, out)
 
 
 def disjoint_mean(deltas: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
@@ -145,7 +118,9 @@ def kth_largest_abs(series: Callable[[], Iterable[list[Tensor]]], k: int) -> lis
     the elements in that bin finds the value itself. Memory: two histograms per series.
     """
     if k <= 0:
-        return [math.inf] * len(next(iter(series())))
+        # Nothing is kept. The two passes are still made: the reader has queued them (MethodSpec.reads).
+        counts = [len(blocks) for _ in range(2) for blocks in series()]
+        return [math.inf] * counts[0]
     highs: list[Tensor] = []
     for blocks in series():
         bits = [b.abs().view(torch.int32) for b in blocks]
@@ -229,9 +204,11 @@ def slerp(
     return xs[0] * c0 + xs[1] * c1
 
 
-register("linear", Method(linear, LinearParams, uses_base=False, takes_weights=True, model_count=(1, None), any_range=True))
-register("task_arithmetic", Method(task_arithmetic, TaskArithmeticParams, True, True, (2, None), any_range=True))
-register("ties", Method(ties, SparseParams, True, True, (2, None), prepare=ties_thresholds))
-register("dare_linear", Method(dare_linear, SparseParams, True, True, (2, None)))
-register("dare_ties", Method(dare_ties, SparseParams, True, True, (2, None)))
-register("slerp", Method(slerp, SlerpParams, True, False, (2, 2), prepare=slerp_coefficients))
+METHODS: dict[str, Method] = {
+    "linear": Method(SPECS["linear"], linear),
+    "task_arithmetic": Method(SPECS["task_arithmetic"], task_arithmetic),
+    "ties": Method(SPECS["ties"], ties, ties_thresholds),
+    "dare_linear": Method(SPECS["dare_linear"], dare_linear),
+    "dare_ties": Method(SPECS["dare_ties"], dare_ties),
+    "slerp": Method(SPECS["slerp"], slerp, slerp_coefficients),
+}

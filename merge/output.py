@@ -3,9 +3,11 @@ checkpoint needs (config, generation config, tokenizer), copied from one input."
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from merge.checkpoint import Checkpoint
@@ -71,3 +73,12 @@ def auxiliary_files(source: Checkpoint, config_changes: dict[str, object]) -> di
         if changed:
             files["config.json"] = (json.dumps({**source.config, **changed}, indent=2, sort_keys=True) + "\n").encode()
     return files
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Disk errors while writing the output (a full disk, a read-only folder) are the user's to fix."""
+    try:
+        yield
+    except OSError as err:
+        raise OutputError(f"{err.filename or path}: cannot write: {err.strerror or err}") from err

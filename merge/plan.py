@@ -15,7 +15,7 @@ from typing import Any
 from merge.config import OUTPUT_DTYPES, MergeConfig, Override
 from merge.errors import ConfigError, IncompatibleInputsError
 from merge.inputs import InputLayout, TensorGroup
-from merge.methods import BLOCK
+from merge.method_specs import BLOCK
 from merge.safetensors_io import ITEMSIZE, TensorInfo, build_header
 
 COPY = "copy"  # integer tensors: copied from one model
@@ -25,6 +25,9 @@ WORKER_OVERHEAD = 320 * 2**20
 OUT_BUFFERS = 3
 # Above this, bigger chunks only delay the first write; below the budget's limit, smaller is fine.
 MAX_CHUNK = 64 * BLOCK
+# Input bytes a worker may hold read ahead of its arithmetic, budget allowing: a process spends a second
+# or more importing torch before its arithmetic starts, in which a disk can read about this much.
+READ_AHEAD_BYTES = 2**30
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class ShardTask:
     out_dir: str
     tensors: tuple[OutputTensor, ...]  # in file order
     chunk_elems: int
+    read_slots: int = 2  # input chunks held at once: the one computed and those read ahead (merge.reader)
 
     @property
     def data_bytes(self) -> int:
@@ -151,13 +155,14 @@ def shard_filenames(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-def chunk_elements(tensors: list[OutputTensor], memory_budget: int, workers: int) -> int:
+def chunk_plan(tensors: list[OutputTensor], memory_budget: int, workers: int) -> tuple[int, int]:
     """The largest chunk (a multiple of BLOCK elements) that keeps each worker within its share of the
     budget: OUT_BUFFERS output chunks, plus the input buffers of the chunk being computed and of the
-    one read ahead."""
-    per_element = max(
-        OUT_BUFFERS * ITEMSIZE[t.dtype] + 2 * sum(ITEMSIZE[s.dtype] for s in t.sources) for t in tensors
-    )
+    one read ahead. And how many chunks' inputs may be held at once, with what the budget has left
+    (at least those 2, at most READ_AHEAD_BYTES)."""
+    out_bytes = max(ITEMSIZE[t.dtype] for t in tensors)
+    in_bytes = max(sum(ITEMSIZE[s.dtype] for s in t.sources) for t in tensors)
+    per_element = OUT_BUFFERS * out_bytes + 2 * in_bytes
     available = memory_budget // workers - WORKER_OVERHEAD
     blocks = available // (per_element * BLOCK) if available > 0 else 0
     if blocks < 1:
@@ -165,13 +170,17 @@ def chunk_elements(tensors: list[OutputTensor], memory_budget: int, workers: int
         raise ConfigError(
             f"memory_budget: {memory_budget} bytes is too small for {workers} worker(s); at least {needed} are needed"
         )
-    return min(blocks * BLOCK, MAX_CHUNK)
+    chunk = min(blocks * BLOCK, MAX_CHUNK)
+    # A chunk's buffer is filled no further than the largest tensor.
+    slot = max(1, min(chunk, max(t.numel for t in tensors)) * in_bytes)
+    spare_slots = (available - chunk * per_element) // slot
+    return chunk, 2 + max(0, min(spare_slots, READ_AHEAD_BYTES // slot - 2))
 
 
 def build_tasks(cfg: MergeConfig, tensors: list[OutputTensor]) -> list[ShardTask]:
     shards = group_shards(tensors, int(cfg.output.max_shard_size))
-    chunk = chunk_elements(tensors, int(cfg.memory_budget), cfg.workers)
+    chunk, read_slots = chunk_plan(tensors, int(cfg.memory_budget), cfg.workers)
     return [
-        ShardTask(name, str(cfg.output.path), tuple(shard), chunk)
+        ShardTask(name, str(cfg.output.path), tuple(shard), chunk, read_slots)
         for name, shard in zip(shard_filenames(len(shards)), shards, strict=True)
     ]

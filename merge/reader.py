@@ -1,11 +1,12 @@
-"""Reading the inputs chunk by chunk, one chunk ahead of the arithmetic, into two reused buffers.
+"""Reading the inputs chunk by chunk, in the order the arithmetic will take them, ahead of it, into a
+few reused buffers. Free of torch: `calm merge` starts reading before torch has loaded.
 
 Reads bypass the page cache (O_DIRECT) where the filesystem allows it: the disk writes straight into
 our buffers. Through the page cache every byte costs a kernel copy and fresh cache pages; on a 2-core
 VM, reading 6.6 GB took 10-11 s of CPU that way and 0.4-0.7 s direct, and a merge reads every input
-byte once, so the cache gains nothing. Exceptions: tensors that a method reads twice (a whole-tensor
-statistic first) are read through the cache, so the second pass finds them in memory; and where
-O_DIRECT is refused (tmpfs, some network filesystems) every read is buffered.
+byte once, so the cache gains nothing. Exceptions: tensors that a method reads more than once (a
+whole-tensor statistic first) are read through the cache, so later passes find them in memory; and
+where O_DIRECT is refused (tmpfs, some network filesystems) every read is buffered.
 """
 
 from __future__ import annotations
@@ -13,16 +14,17 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import NamedTuple
 
-import torch
-
 from merge.errors import CheckpointError
-from merge.safetensors_io import ALIGN, DIRECT, ITEMSIZE, TORCH_DTYPES, TensorInfo
+from merge.method_specs import SPECS
+from merge.plan import OutputTensor, ShardTask
+from merge.safetensors_io import ALIGN, DIRECT, ITEMSIZE, TensorInfo
 
-# Threads reading inputs (they wait on the disk, not the CPU): a chunk's inputs and the next chunk's first.
+# Threads reading inputs (they wait on the disk, not the CPU): a chunk's inputs and the next chunk's.
 READ_THREADS = 4
 
 
@@ -33,6 +35,30 @@ class Chunk(NamedTuple):
     start: int
     stop: int
     cached: bool = False
+
+
+def chunk_ranges(numel: int, chunk_elems: int) -> list[tuple[int, int]]:
+    return [(start, min(start + chunk_elems, numel)) for start in range(0, numel, chunk_elems)]
+
+
+def passes(tensor: OutputTensor) -> int:
+    """How many times the tensor's inputs are read in full (copied tensors: once)."""
+    spec = SPECS.get(tensor.method)
+    return spec.reads if spec is not None else 1
+
+
+def tensor_chunks(tensor: OutputTensor, chunk_elems: int) -> list[Chunk]:
+    """One pass over an output tensor's inputs. A tensor read more than once goes through the page
+    cache, so the later passes find it in memory."""
+    cached = passes(tensor) > 1
+    return [Chunk(tuple(tensor.sources), start, stop, cached) for start, stop in chunk_ranges(tensor.numel, chunk_elems)]
+
+
+def reading_order(tasks: Sequence[ShardTask]) -> Iterator[Chunk]:
+    """Every chunk the shards will read, in order: each tensor once per pass of its method."""
+    for task in tasks:
+        for tensor in task.tensors:
+            yield from tensor_chunks(tensor, task.chunk_elems) * passes(tensor)
 
 
 def slot_bytes(sources: Sequence[TensorInfo], elements: int) -> int:
@@ -86,40 +112,45 @@ class _Ticket:
 
 
 class InputFiles:
-    """The input files of one task (each opened on first use), and the chunk being computed and the
-    one read ahead, each in one of two reused slots of `slot_size` bytes (see slot_bytes).
+    """The inputs of a sequence of chunks, read in that order into `slots` reused buffers of `slot_size`
+    bytes each (see slot_bytes): one holds the chunk being computed, the others the chunks read ahead.
+    Each input file is opened on first use.
 
-    Reads are queued to a few threads as soon as a chunk is prefetched, each input's range on its own:
-    more requests in flight keep the disk busier (three 2.2 GB files took 4.4 s read in parallel, 5.9 s
-    one after another), and the next chunk's reads start while this one's last input is still coming.
+    Reading starts at construction, before the arithmetic can (a process spends a second or more
+    importing torch), and stays several chunks ahead: a chunk's compute and hand-off to the writer
+    vary, and the disk should never wait for them. Reads are queued to a few threads, each input's
+    range on its own: more requests in flight keep the disk busier (three 2.2 GB files took 4.4 s read
+    in parallel, 5.9 s one after another).
     """
 
-    def __init__(self, slot_size: int) -> None:
-        self._slot_size = slot_size
+    def __init__(self, chunks: Iterable[Chunk], slot_size: int, slots: int = 2) -> None:
+        if slots < 2:
+            raise ValueError("InputFiles needs at least 2 slots: one computed, one read ahead")
+        self._upcoming = iter(chunks)
+        self._slot_size, self._slot_count = slot_size, slots
         self._files: dict[str, InputFile] = {}
         self._free: list[mmap.mmap] = []
         self._slots: list[mmap.mmap] = []
-        self._tickets: dict[Chunk, _Ticket] = {}
+        self._queue: deque[_Ticket] = deque()
         self._current: dict[TensorInfo, tuple[mmap.mmap, int]] = {}
         self._current_start = 0
         self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="merge-read")
+        self._fill()
 
-    def view(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
-        """Elements [start, stop) of an input of the chunk being read (inside reading()), without a copy."""
+    def locate(self, info: TensorInfo, start: int) -> tuple[mmap.mmap, int]:
+        """The slot holding input `info` of the chunk being computed (inside reading()), and the byte
+        offset of its element `start` there."""
         slot, base = self._current[info]
-        offset = base + (start - self._current_start) * ITEMSIZE[info.dtype]
-        return torch.frombuffer(slot, dtype=TORCH_DTYPES[info.dtype], count=stop - start, offset=offset)
-
-    def prefetch(self, chunk: Chunk) -> None:
-        """Start reading a chunk (once; a chunk already started is left alone)."""
-        if chunk not in self._tickets:
-            self._tickets[chunk] = self._start(chunk)
+        return slot, base + (start - self._current_start) * ITEMSIZE[info.dtype]
 
     @contextlib.contextmanager
     def reading(self, chunk: Chunk) -> Iterator[None]:
-        """Around the computation of one chunk: waits for its reads (starting them if not prefetched),
-        makes it view()able, and afterwards frees its slot for the chunk after next."""
-        ticket = self._tickets.pop(chunk, None) or self._start(chunk)
+        """Around the computation of the next chunk in order: waits for its reads, makes it locate()able,
+        and afterwards frees its slot for a chunk further on."""
+        if not self._queue or self._queue[0].chunk != chunk:
+            raise RuntimeError(f"merge reader: chunk {chunk.start}:{chunk.stop} of {chunk.sources[0].name!r} "
+                               "asked for out of the planned order")
+        ticket = self._queue.popleft()
         try:
             for read in ticket.reads:
                 read.result()  # a read's error (CheckpointError) is raised here
@@ -130,6 +161,12 @@ class InputFiles:
             self._current = {}
             wait(ticket.reads)  # after an error, other reads may still be writing into the slot
             self._free.append(ticket.slot)
+        self._fill()
+
+    def _fill(self) -> None:
+        """Start reading the next chunks in order into every free slot."""
+        while len(self._queue) < self._slot_count and (chunk := next(self._upcoming, None)) is not None:
+            self._queue.append(self._start(chunk))
 
     def _start(self, chunk: Chunk) -> _Ticket:
         slot = self._free.pop() if self._free else self._new_slot()
@@ -151,7 +188,8 @@ class InputFiles:
         return self._slots[-1]
 
     def close(self) -> None:
-        self._readers.shutdown(wait=True)
+        """Stop reading (queued reads are dropped) and free everything; idempotent."""
+        self._readers.shutdown(wait=True, cancel_futures=True)
         for file in self._files.values():
             file.close()
         self._files.clear()
@@ -159,3 +197,13 @@ class InputFiles:
             # BufferError: a view is still referenced (an error is unwinding); the GC unmaps it later.
             with contextlib.suppress(BufferError):
                 slot.close()
+        self._slots.clear()
+        self._free.clear()
+        self._queue.clear()
+
+
+def read_ahead(tasks: Sequence[ShardTask]) -> InputFiles:
+    """Start reading these shards' inputs, in the order the shards will be merged, as far ahead as
+    their plan allows (ShardTask.read_slots)."""
+    slot = max(slot_bytes(t.sources, min(task.chunk_elems, t.numel)) for task in tasks for t in task.tensors)
+    return InputFiles(reading_order(tasks), slot, min(task.read_slots for task in tasks))

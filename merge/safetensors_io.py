@@ -21,27 +21,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from merge.errors import CheckpointError
 
 # The reference implementation's bound: a longer header means a corrupt length field, not a real file.
 MAX_HEADER_BYTES = 100_000_000
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+# safetensors dtype codes -> bytes per element.
+ITEMSIZE: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
-ITEMSIZE: dict[str, int] = {code: torch.empty((), dtype=dt).element_size() for code, dt in TORCH_DTYPES.items()}
 # Direct I/O (no page cache: see merge/reader.py) needs transfers that start and end on the device's
 # logical block (512 or 4096 bytes), in memory and in the file.
 ALIGN = 4096
@@ -117,8 +104,8 @@ def _parse_entry(path: str, name: str, entry: object, data_start: int, size: int
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: corrupt header entry (an object with dtype, shape, data_offsets expected)")
     dtype = entry.get("dtype")
-    if dtype not in TORCH_DTYPES:
-        raise CheckpointError(f"{where}: unsupported dtype {dtype!r} (supported: {', '.join(TORCH_DTYPES)})")
+    if dtype not in ITEMSIZE:
+        raise CheckpointError(f"{where}: unsupported dtype {dtype!r} (supported: {', '.join(ITEMSIZE)})")
     shape = entry.get("shape")
     if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
         raise CheckpointError(f"{where}: corrupt shape {shape!r}")
@@ -265,11 +252,6 @@ class ShardWriter:
 def _write_all(fd: int, view: memoryview) -> None:
     while view:
         view = view[os.write(fd, view) :]
-
-
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw bytes of a contiguous CPU tensor, without a copy (numpy has no bfloat16, so go via uint8)."""
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
 def file_sha256(path: Path, block: int = 16 << 20) -> str:

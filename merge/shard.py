@@ -1,6 +1,6 @@
 """Running one shard task: the unit of work a local process or a Ray task executes.
 
-Three things overlap: reader threads read the next chunk's inputs (merge.reader), this thread and the
+Three things overlap: reader threads read the coming chunks' inputs (merge.reader), this thread and the
 compute threads do the arithmetic (torch and the compiled pass release the GIL), and a writer thread
 writes and hashes finished chunks (both release the GIL too). The file appears under its final name
 only when complete and synced.
@@ -13,17 +13,17 @@ import ctypes
 import gc
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from merge.errors import OutputError
+from merge.output import writing
 from merge.plan import OUT_BUFFERS, ShardTask
-from merge.reader import Chunk, InputFiles, slot_bytes
-from merge.safetensors_io import ITEMSIZE, ShardWriter, tensor_bytes
-from merge.stream import BufferPool, first_chunk, merge_tensor
+from merge.reader import InputFiles, read_ahead
+from merge.safetensors_io import ITEMSIZE, ShardWriter
+from merge.stream import BufferPool, merge_tensor
 
 # glibc's mallopt parameters.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -80,15 +80,6 @@ class _WriteBehind:
             raise self._error
 
 
-@contextlib.contextmanager
-def writing(path: Path) -> Iterator[None]:
-    """Disk errors while writing the output (a full disk, a read-only folder) are the user's to fix."""
-    try:
-        yield
-    except OSError as err:
-        raise OutputError(f"{err.filename or path}: cannot write: {err.strerror or err}") from err
-
-
 def _keep_freed_memory() -> None:
     """Stop glibc from handing freed block temporaries (a few MB per block) back to the kernel after
     every block: fresh pages must be faulted in and zeroed again, which costs more than the arithmetic
@@ -106,12 +97,15 @@ def run_shard(task: ShardTask, progress: Progress | None = None) -> ShardResult:
     return results[0]
 
 
-def run_shards(tasks: Sequence[ShardTask], on_done: Callable[[ShardResult], None], progress: Progress | None = None) -> None:
+def run_shards(tasks: Sequence[ShardTask], on_done: Callable[[ShardResult], None], progress: Progress | None = None,
+               files: InputFiles | None = None) -> None:
     """Shards one after another in this process, each reported to on_done once committed. They share
-    the input and output buffers (faulted in once), and the next shard's first chunk is read while
-    this one's last chunk is computed, written and synced: the disk never waits between shards."""
+    the input and output buffers (faulted in once), and the inputs are read in one stream across
+    shard boundaries: the disk never waits between shards. `files`: that stream already started
+    (merge.reader.read_ahead(tasks)); it is closed here."""
     if not tasks:
         return
+    files = files or read_ahead(tasks)
     # One arithmetic thread: block ops are small, and intra-op threads would spin on the cores the
     # reading and writing threads need (measured: 4x slower on 2 cores). Scale out with workers.
     threads = torch.get_num_threads()
@@ -121,29 +115,25 @@ def run_shards(tasks: Sequence[ShardTask], on_done: Callable[[ShardResult], None
     # (they held the GIL for ~2% of a merge's CPU time).
     gc.freeze()
     _keep_freed_memory()
-    pool = BufferPool(OUT_BUFFERS, max(task.chunk_elems * max(ITEMSIZE[t.dtype] for t in task.tensors) for task in tasks))
-    files = InputFiles(max(slot_bytes(t.sources, min(task.chunk_elems, t.numel)) for task in tasks for t in task.tensors))
     try:
-        for task, following in zip(tasks, [*tasks[1:], None], strict=True):
-            then = first_chunk(following.tensors[0], following.chunk_elems) if following is not None else None
-            on_done(_run_shard(task, progress, files, pool, then))
+        pool = BufferPool(OUT_BUFFERS, max(task.chunk_elems * max(ITEMSIZE[t.dtype] for t in task.tensors) for task in tasks))
+        for task in tasks:
+            on_done(_run_shard(task, progress, files, pool))
     finally:
         files.close()
         gc.unfreeze()
         torch.set_num_threads(threads)
 
 
-def _run_shard(task: ShardTask, progress: Progress | None, files: InputFiles, pool: BufferPool,
-               then: Chunk | None) -> ShardResult:
-    """One shard through the shared buffers; `then` (the next shard's first chunk) is read ahead at its end."""
+def _run_shard(task: ShardTask, progress: Progress | None, files: InputFiles, pool: BufferPool) -> ShardResult:
+    """One shard through the shared buffers."""
     path = Path(task.out_dir) / task.filename
     with writing(path):
         writer = ShardWriter(path, [(t.name, t.dtype, t.shape) for t in task.tensors])
     behind = _WriteBehind(writer, pool, progress)
     try:
-        for i, tensor in enumerate(task.tensors):
-            following = first_chunk(task.tensors[i + 1], task.chunk_elems) if i + 1 < len(task.tensors) else then
-            for buffer, data in merge_tensor(tensor, files, task.chunk_elems, pool, following):
+        for tensor in task.tensors:
+            for buffer, data in merge_tensor(tensor, files, task.chunk_elems, pool):
                 behind.put(buffer, data)
         with writing(path):
             behind.finish()
@@ -154,3 +144,8 @@ def _run_shard(task: ShardTask, progress: Progress | None, files: InputFiles, po
         writer.abort()
         raise
     return ShardResult(task.filename, sha256, nbytes)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, without a copy (numpy has no bfloat16, so go via uint8)."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())

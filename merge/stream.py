@@ -1,9 +1,9 @@
-"""One output tensor as a stream of chunks: inputs read a chunk ahead (merge.reader), combined block by
-block, rounded once to the output dtype into a buffer taken from a fixed pool.
+"""One output tensor as a stream of chunks: inputs read ahead in the planned order (merge.reader),
+combined block by block, rounded once to the output dtype into a buffer taken from a fixed pool.
 
 Chunks are ranges of the flattened tensor (row chunks are the case of a row-aligned range), always a
 multiple of BLOCK elements, so the blocks a method sees are the same whatever the chunk size. Memory
-per chunk is bounded twice: output buffers come from a fixed pool, inputs from two reused buffers.
+per chunk is bounded twice: output buffers come from a fixed pool, inputs from a few reused buffers.
 """
 
 from __future__ import annotations
@@ -15,10 +15,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from merge.methods import BLOCK, METHODS, Block
+from merge.method_specs import BLOCK
+from merge.methods import METHODS, Block
 from merge.plan import COPY, OutputTensor
-from merge.reader import Chunk, InputFiles
-from merge.safetensors_io import ITEMSIZE, TORCH_DTYPES, TensorInfo
+from merge.reader import Chunk, InputFiles, tensor_chunks
+from merge.safetensors_io import ITEMSIZE, TensorInfo
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
 
 
 class BufferPool:
@@ -37,76 +43,65 @@ class BufferPool:
         self._free.put(buffer)
 
 
-def chunk_ranges(numel: int, chunk_elems: int) -> list[tuple[int, int]]:
-    return [(start, min(start + chunk_elems, numel)) for start in range(0, numel, chunk_elems)]
+def _view(files: InputFiles, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    """Elements [start, stop) of an input of the chunk being read, in its buffer (no copy)."""
+    slot, offset = files.locate(info, start)
+    return torch.frombuffer(slot, dtype=TORCH_DTYPES[info.dtype], count=stop - start, offset=offset)
 
 
 def _blocks(files: InputFiles, sources: Sequence[TensorInfo], start: int, stop: int) -> Iterator[tuple[int, list[torch.Tensor]]]:
     for begin in range(start, stop, BLOCK):
         end = min(begin + BLOCK, stop)
-        yield begin, [files.view(s, begin, end).float() for s in sources]
+        yield begin, [_view(files, s, begin, end).float() for s in sources]
 
 
-def _walk(files: InputFiles, chunks: list[Chunk], then: Chunk | None) -> Iterator[Chunk]:
-    """The chunks in order, each read ahead while the one before it is computed; `then`, the chunk
-    read after these, is read ahead during the last one."""
-    for i, chunk in enumerate(chunks):
-        following = chunks[i + 1] if i + 1 < len(chunks) else then
-        if following is not None:
-            files.prefetch(following)
+def _walk(files: InputFiles, chunks: list[Chunk]) -> Iterator[Chunk]:
+    """One pass over the chunks, each readable while it is computed."""
+    for chunk in chunks:
         with files.reading(chunk):
             yield chunk
 
 
 def _whole(files: InputFiles, chunks: list[Chunk]) -> Iterator[list[torch.Tensor]]:
     """Every block of the tensor in order, for a method's whole-tensor statistic."""
-    for chunk in _walk(files, chunks, then=chunks[0]):
+    for chunk in _walk(files, chunks):
         for _, xs in _blocks(files, chunk.sources, chunk.start, chunk.stop):
             yield xs
 
 
-def _chunks(tensor: OutputTensor, chunk_elems: int) -> list[Chunk]:
-    # A tensor read twice (a whole-tensor statistic, then the merge) goes through the page cache, so
-    # the second read finds it in memory.
-    method = METHODS.get(tensor.method)
-    cached = method is not None and method.prepare is not None
-    return [Chunk(tuple(tensor.sources), start, stop, cached) for start, stop in chunk_ranges(tensor.numel, chunk_elems)]
-
-
-def first_chunk(tensor: OutputTensor, chunk_elems: int) -> Chunk | None:
-    return _chunks(tensor, chunk_elems)[0] if tensor.numel else None
-
-
 def merge_tensor(
-    tensor: OutputTensor, files: InputFiles, chunk_elems: int, pool: BufferPool, then: Chunk | None = None
+    tensor: OutputTensor, files: InputFiles, chunk_elems: int, pool: BufferPool
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The output tensor's data in order, as (pool buffer, output-dtype view of it) per chunk; the
-    consumer gives each buffer back to the pool once written. `then` is read ahead at the end."""
+    consumer gives each buffer back to the pool once written."""
     numel, sources = tensor.numel, tensor.sources
     dtype = TORCH_DTYPES[tensor.dtype]
     method = METHODS.get(tensor.method)
-    params = method.params.model_validate(tensor.params) if method else None
-    chunks = _chunks(tensor, chunk_elems)
+    params = method.spec.params.model_validate(tensor.params) if method else None
+    # A method that takes any range gets one piece per thread, as stored; others get fp32 blocks.
+    any_range = method is not None and method.spec.any_range
+    chunks = tensor_chunks(tensor, chunk_elems)
     stats = None
     if method is not None and method.prepare is not None and numel > 0:
         stats = method.prepare(lambda: _whole(files, chunks), numel, params)
-    for _, start, stop, _ in _walk(files, chunks, then):
+    for _, start, stop, _ in _walk(files, chunks):
         buffer = pool.take()
         out = buffer[: (stop - start) * ITEMSIZE[tensor.dtype]].view(dtype)
         if tensor.method == COPY:
-            out.copy_(files.view(sources[0], start, stop))
+            out.copy_(_view(files, sources[0], start, stop))
         else:
-            # A method that takes any range gets one piece per thread, as stored; others get fp32 blocks.
-            step = _piece(stop - start) if method.any_range else BLOCK
+            step = _piece(stop - start) if any_range else BLOCK
 
             def compute(begin: int, start: int = start, stop: int = stop, out: torch.Tensor = out, step: int = step) -> None:
                 end = min(begin + step, stop)
-                xs = [files.view(s, begin, end) for s in sources]
-                xs = xs if method.any_range else [x.float() for x in xs]
+                xs = [_view(files, s, begin, end) for s in sources]
+                xs = xs if any_range else [x.float() for x in xs]
                 block = Block(tensor.name, begin // BLOCK, end - begin, tensor.seed, dtype)
-                # copy_ rounds an fp32 result to the output dtype: the one rounding of the merge (exact
-                # methods return the output dtype already).
-                out[begin - start : end - start].copy_(method.combine(xs, tensor.weights, params, stats, block))
+                piece = out[begin - start : end - start]
+                if any_range:  # exact: rounded once, straight into the output buffer
+                    method.combine(xs, tensor.weights, params, stats, block, out=piece)
+                else:  # copy_ rounds the fp32 result to the output dtype: the one rounding of the merge
+                    piece.copy_(method.combine(xs, tensor.weights, params, stats, block))
 
             # Pieces are independent (each writes its own slice; randomness is per block), so they are
             # computed on COMPUTE_THREADS threads: torch releases the GIL inside every op.

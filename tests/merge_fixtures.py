@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from merge.methods import BLOCK
+from merge.method_specs import BLOCK
 from merge.plan import WORKER_OVERHEAD
 
 

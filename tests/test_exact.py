@@ -133,6 +133,20 @@ def test_one_input_rounds_like_a_conversion(out_dtype):
     assert bool(got[~finite].isnan().all())
 
 
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_combine_writes_into_out_what_it_would_return(out_dtype):
+    """The merge hands each piece's slice of the output buffer as out=: same bits, no other tensor."""
+    generator = torch.Generator().manual_seed(2)
+    ys = [torch.randn(70_001, generator=generator).to(torch.bfloat16) for _ in range(3)]
+    coefficients, divisor = [Fraction(1), Fraction(2), Fraction(4)], Fraction(7)
+    buffer = torch.full((70_101,), 99.0, dtype=out_dtype)
+    out = buffer[50:70_051]
+    returned = exact.combine(ys, coefficients, divisor, out_dtype, out=out)
+    assert returned.data_ptr() == out.data_ptr()
+    assert torch.equal(out, exact.combine(ys, coefficients, divisor, out_dtype))
+    assert bool((buffer[:50] == 99).all()) and bool((buffer[70_051:] == 99).all())
+
+
 @pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float16])
 def test_every_16_bit_input_is_read_exactly(in_dtype):
     y = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(in_dtype)

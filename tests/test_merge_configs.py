@@ -85,5 +85,31 @@ def test_70b_config_plans_within_its_memory_budget(tmp_path):
     assert all(t.data_bytes <= 5e9 for t in tasks[:-1])
     chunk = tasks[0].chunk_elems
     assert chunk == 64 * 2**18
-    per_worker = WORKER_OVERHEAD + chunk * (3 * 2 + 2 * 3 * 2)
+    # 3 bf16 output chunks, and the input chunks held at once (3 bf16 inputs each): more than the 2 of
+    # computing and reading, since the budget has room to read further ahead.
+    assert tasks[0].read_slots > 2
+    per_worker = WORKER_OVERHEAD + chunk * (3 * 2 + tasks[0].read_slots * 3 * 2)
     assert per_worker * cfg.workers <= cfg.memory_budget
+
+
+def test_read_ahead_stays_within_the_budget():
+    """chunk_plan's input chunks held at once: the computed one and one read ahead when the budget is
+    tight; with room to spare (chunks already at their largest), up to READ_AHEAD_BYTES of them; always
+    within the budget."""
+    from merge.method_specs import BLOCK
+    from merge.plan import MAX_CHUNK, OUT_BUFFERS, READ_AHEAD_BYTES, OutputTensor, chunk_plan
+    from merge.safetensors_io import TensorInfo
+
+    source = TensorInfo("x", "w", "BF16", (2**30,), 0, 2**31)
+    tensors = [OutputTensor("w", "BF16", (2**30,), (source,) * 3, "linear", (1.0, 1.0, 1.0), {}, 0)]
+    per_element = OUT_BUFFERS * 2 + 2 * 3 * 2
+    budgets = [WORKER_OVERHEAD + per_element * BLOCK * b for b in (1, 7, 64)] + [2 * 2**30, 64 * 2**30]
+    budgets.append(WORKER_OVERHEAD + per_element * MAX_CHUNK + 3 * MAX_CHUNK * 3 * 2)  # room for 3 more
+    for budget in budgets:
+        chunk, slots = chunk_plan(tensors, budget, workers=1)
+        assert WORKER_OVERHEAD + chunk * OUT_BUFFERS * 2 + slots * chunk * 3 * 2 <= budget
+        assert 2 <= slots <= max(2, READ_AHEAD_BYTES // (chunk * 3 * 2))
+        if chunk < MAX_CHUNK:
+            assert slots == 2  # the budget goes to larger chunks first
+    assert chunk_plan(tensors, budgets[-1], workers=1) == (MAX_CHUNK, 5)
+    assert chunk_plan(tensors, 64 * 2**30, workers=1) == (MAX_CHUNK, READ_AHEAD_BYTES // (MAX_CHUNK * 3 * 2))

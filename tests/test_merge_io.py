@@ -10,6 +10,9 @@ import hashlib
 import itertools
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +23,7 @@ from merge.config import validate_config
 from merge.errors import CheckpointError
 from merge.job import run_merge
 from merge.reader import ALIGN, Chunk, InputFile, InputFiles, slot_bytes
-from merge.safetensors_io import ShardWriter, TensorInfo
+from merge.safetensors_io import ITEMSIZE, ShardWriter, TensorInfo
 
 
 def direct_io_here(folder) -> bool:
@@ -43,25 +46,62 @@ def io_mode(request, monkeypatch, tmp_path):
     return request.param
 
 
+def view(files: InputFiles, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    slot, offset = files.locate(info, start)
+    return torch.frombuffer(slot, dtype=torch.uint8, count=(stop - start) * ITEMSIZE[info.dtype], offset=offset)
+
+
 def test_chunks_read_the_file_bytes_at_any_offset(tmp_path, io_mode):
     data = torch.randint(0, 256, (3 * ALIGN * 5 + 1000,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     path = tmp_path / "input.bin"
     path.write_bytes(data.numpy().tobytes())
     # Tensors at offsets that are not block-aligned; the last ends at the end of the file.
     infos = [TensorInfo(str(path), "a", "BF16", (5000,), 1000, 10000), TensorInfo(str(path), "b", "F32", (4000,), len(data) - 16000, 16000)]
-    files = InputFiles(max(slot_bytes(infos, 5000), slot_bytes(infos[1:], 4000)))
+    chunks = [
+        Chunk((info,), start, stop, cached)
+        for cached in (False, True)
+        for info, start, stop in [(infos[0], 0, 5000), (infos[0], 17, 2049), (infos[1], 3001, 4000), (infos[1], 0, 1)]
+    ]
+    files = InputFiles(chunks, max(slot_bytes(infos, 5000), slot_bytes(infos[1:], 4000)), slots=3)
     try:
-        for cached in (False, True):
-            for info, start, stop in [(infos[0], 0, 5000), (infos[0], 17, 2049), (infos[1], 3001, 4000), (infos[1], 0, 1)]:
-                chunk = Chunk((info,), start, stop, cached)
-                files.prefetch(chunk)
-                with files.reading(chunk):
-                    got = files.view(info, start, stop)
-                    inner = files.view(info, start + (stop - start) // 2, stop)
-                itemsize = 2 if info.dtype == "BF16" else 4
+        for chunk in chunks:
+            (info,), start, stop, _ = chunk
+            with files.reading(chunk):
+                got = view(files, info, start, stop)
+                inner = view(files, info, start + (stop - start) // 2, stop)
+                itemsize = ITEMSIZE[info.dtype]
                 expected = data[info.offset + start * itemsize : info.offset + stop * itemsize]
-                assert torch.equal(got.view(torch.uint8), expected)
-                assert torch.equal(inner.view(torch.uint8), expected[len(expected) - inner.numel() * itemsize :])
+                assert torch.equal(got, expected)
+                assert torch.equal(inner, expected[len(expected) - len(inner) :])
+    finally:
+        files.close()
+
+
+def test_reading_runs_ahead_by_the_slots_and_only_in_the_planned_order(tmp_path):
+    path = tmp_path / "input.bin"
+    path.write_bytes(bytes(range(256)) * 64)
+    info = TensorInfo(str(path), "a", "U8", (16384,), 0, 16384)
+    chunks = [Chunk((info,), start, start + 1024) for start in range(0, 16384, 1024)]
+    started: list[int] = []
+    files = InputFiles(chunks, slot_bytes([info], 1024), slots=5)
+    real_start = files._start
+
+    def start(chunk):
+        started.append(chunk.start)
+        return real_start(chunk)
+
+    files._start = start
+    try:
+        # Constructed: the first 5 chunks are being read (by the real _start, before the wrapper).
+        assert len(files._queue) == 5 and len(files._slots) == 5
+        with pytest.raises(RuntimeError, match="out of the planned order"), files.reading(chunks[1]):
+            pass
+        for i, chunk in enumerate(chunks):
+            with files.reading(chunk):
+                assert bytes(view(files, info, chunk.start, chunk.stop)) == (bytes(range(256)) * 4)
+            # Each finished chunk frees its slot for the chunk 5 further on, and no more slots are made.
+            assert started == [c.start for c in chunks[5 : min(i + 6, len(chunks))]]
+            assert len(files._slots) == 5
     finally:
         files.close()
 
@@ -71,9 +111,10 @@ def test_a_file_truncated_while_merging_is_named(tmp_path, io_mode):
     path.write_bytes(bytes(20000))
     info = TensorInfo(str(path), "a", "F32", (4000,), 4000, 16000)
     os.truncate(path, 12000)
-    files = InputFiles(slot_bytes([info], 4000))
+    chunk = Chunk((info,), 0, 4000)
+    files = InputFiles([chunk], slot_bytes([info], 4000))
     try:
-        with pytest.raises(CheckpointError, match=f"{path}: truncated while merging"), files.reading(Chunk((info,), 0, 4000)):
+        with pytest.raises(CheckpointError, match=f"{path}: truncated while merging"), files.reading(chunk):
             pass
     finally:
         files.close()
@@ -154,18 +195,18 @@ def test_shards_in_one_process_read_the_next_shard_before_committing_this_one(tm
     run_merge(pooled, show_progress=False, log=lambda _: None)
 
     events: list[tuple[str, str]] = []
-    prefetch, commit = InputFiles.prefetch, ShardWriter.commit
+    start, commit = InputFiles._start, ShardWriter.commit
 
-    def record_prefetch(self, chunk):
+    def record_start(self, chunk):
         if chunk.start == 0:
             events.append(("read", chunk.sources[0].name))
-        return prefetch(self, chunk)
+        return start(self, chunk)
 
     def record_commit(self):
         events.append(("commit", self.path.name))
         return commit(self)
 
-    monkeypatch.setattr(InputFiles, "prefetch", record_prefetch)
+    monkeypatch.setattr(InputFiles, "_start", record_start)
     monkeypatch.setattr(ShardWriter, "commit", record_commit)
     run_merge(config("sequential", 1), show_progress=False, log=lambda _: None)
 
@@ -178,3 +219,34 @@ def test_shards_in_one_process_read_the_next_shard_before_committing_this_one(tm
         first = min((name for name, shard in index.items() if shard == after),
                     key=lambda name: events.index(("read", name)))
         assert events.index(("read", first)) < commits[shards.index(before)], (before, after, events)
+
+
+def test_calm_merge_reads_its_inputs_while_torch_loads(tmp_path):
+    """Checking and planning a merge need no torch, so the inputs are being read before torch begins
+    to load (a second or more of every run): reader threads exist at torch's first import."""
+    root = tmp_path / "in"
+    for seed in range(2):
+        raw_checkpoint(root / f"m{seed}", random_tensors(seed, BIG_SHAPES))
+    config = tmp_path / "merge.yaml"
+    config.write_text(json.dumps({"method": "linear", "models": [{"path": str(root / f"m{k}")} for k in range(2)],
+                                  "output": {"path": str(tmp_path / "out")}}))
+    watch = f"""
+import importlib.abc, sys, threading
+readers = []
+class FirstTorchImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and not readers:
+            readers.append(sum(t.name.startswith("merge-read") for t in threading.enumerate()))
+sys.meta_path.insert(0, FirstTorchImport())
+from launcher.cli import main
+try:
+    main(["merge", {str(config)!r}, "--no-progress"])
+finally:
+    print("reader threads at torch's import:", readers)
+"""
+    done = subprocess.run([sys.executable, "-c", watch], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    readers = json.loads(done.stdout.strip().splitlines()[-1].split(":", 1)[1])
+    assert readers and readers[0] > 0, done.stdout
+    assert (tmp_path / "out" / "model.safetensors").exists()

@@ -21,7 +21,8 @@ from merge_fixtures import (
 
 from merge.config import validate_config
 from merge.job import run_merge
-from merge.methods import BLOCK, Block, dare_keep, kth_largest_abs
+from merge.method_specs import BLOCK, SPECS
+from merge.methods import METHODS, Block, dare_keep, kth_largest_abs
 
 NAMES = ["m0", "m1", "m2"]
 # The costliest tensor per element is the int64 buffer: 3 output copies and 2 of its one input, 8 bytes each.
@@ -149,6 +150,22 @@ def test_ties_keeps_the_top_density_of_each_task_vector(inputs, tmp_path):
 def whole_mask(name: str, model: int, numel: int, density: float, seed: int) -> torch.Tensor:
     blocks = [Block(name, k, min(BLOCK, numel - k * BLOCK), seed) for k in range(math.ceil(numel / BLOCK))]
     return torch.cat([dare_keep(b, model, density) for b in blocks])
+
+
+def test_ties_keeping_nothing_of_a_small_tensor_gives_its_base(inputs, tmp_path):
+    """density * numel rounds to 0 for the 1000-element norm: nothing of its task vectors is kept, and its
+    statistic still makes the passes the reader planned (else the next tensor's read is out of order)."""
+    root, models = inputs
+    out = merge(root, tmp_path, method="ties", base_model="m0", weights=[0.6, 0.9], parameters={"density": 0.0004})
+    assert torch.equal(out["norm.weight"], models[0]["norm.weight"])
+    assert not torch.equal(out["layer.weight"], models[0]["layer.weight"])
+
+
+def test_every_method_declares_the_passes_its_statistic_makes():
+    for name, method in METHODS.items():
+        assert method.spec is SPECS[name]
+        assert (method.prepare is None) == (method.spec.reads == 1), name
+    assert METHODS.keys() == SPECS.keys()
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
