@@ -26,18 +26,22 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; given the subcommand the command line names, only that one's arguments (the
+    others' modules stay unimported: `calm merge` starts reading sooner without the training config)."""
     parser = argparse.ArgumentParser(prog="calm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         sub_parser.set_defaults(_module=module_name)
-        importlib.import_module(module_name).add_arguments(sub_parser)
+        if command in (None, name):
+            importlib.import_module(module_name).add_arguments(sub_parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv and argv[0] in SUBCOMMANDS else None).parse_args(argv)
     # merge never imports DeepSpeed, and loads torch only once its reads are under way (merge.job).
     if "DS_ACCELERATOR" not in os.environ and args.command != "merge":
         import torch
