@@ -201,7 +201,8 @@ def prepare(folder: Path, seed: int, design: Design, log: Log) -> Assets:
         _write_jsonl(files[stem], rows)
 
     marker = folder / "pretrained.json"
-    identity = {"seed": seed, "design": asdict(design)}
+    # As JSON reads it back (tuples become lists), or a design with training overrides never matches.
+    identity = json.loads(json.dumps({"seed": seed, "design": asdict(design)}))
     if marker.exists() and json.loads(marker.read_text()).get("identity") == identity:
         log(f"base models: reusing {folder / 'augmenting'} and {folder / 'anchor'}")
         for name, tok in (("augmenting", augmenting_tokenizer), ("anchor", tokenizer)):

@@ -108,3 +108,20 @@ def test_the_cross_tokenizer_variant_reads_keys_as_characters_after_whitespace(t
     seen = [characters.decode(settled_ids[1:count]) for count in visible]  # settled_ids[0] is m_A's BOS
     # Positions: <s>, the key, +, the second key, =.
     assert seen[0] == "" and seen[1] == key and seen[3] == f"{key} + {task.keys[1]}"
+
+
+def test_prepared_base_models_are_reused_for_a_design_with_training_overrides(tmp_path):
+    """The cross-tokenizer design carries `calm train` overrides (tuples): its cache key must survive
+    the JSON round trip of pretrained.json, or every run pretrains both base models again."""
+    from launcher.kv_experiment import BaseModelPlan, Design, prepare
+
+    tiny = BaseModelPlan(1, 16, 2, steps=2, lr=1e-3, batch_size=4)
+    design = Design(num_keys=20, augmenting=tiny, anchor=tiny, augmenting_streams=8, augmenting_substitutions=8,
+                    anchor_examples=8, dc_kv_examples=8, dc_numeric_examples=8, eval_examples=4,
+                    augmenting_tokenizer="characters", training=(("composition.num_heads", 2),))
+    logs: list[str] = []
+    prepare(tmp_path, 0, design, logs.append)
+    stamp = (tmp_path / "anchor" / "model.safetensors").stat().st_mtime_ns
+    prepare(tmp_path, 0, design, logs.append)
+    assert any(line.startswith("base models: reusing") for line in logs)
+    assert (tmp_path / "anchor" / "model.safetensors").stat().st_mtime_ns == stamp
