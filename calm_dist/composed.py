@@ -75,12 +75,14 @@ class ComposedModel(nn.Module):
         aligner: Aligner | None = None,
         recency_bias: bool = False,
         null_attention: bool = False,
+        dropout: float = 0.0,
     ):
         """augmenting: the models, or only their dimensions when their states are computed elsewhere
         (then forward needs augmenting_states=). aligner: the tokenizers, when some augmenting model
         reads the text through a tokenizer of its own (calm_dist.alignment). recency_bias, null_attention:
         the cross-attention's options beyond the paper (calm_dist.cross_attention.CrossAttention); off,
-        as in the paper, unless asked for."""
+        as in the paper, unless asked for. dropout: of the augmenting states the cross-attention reads,
+        in training mode only (a regulariser; not part of a checkpoint)."""
         super().__init__()
         external = [isinstance(m, ModelDims) for m in augmenting]
         if any(external) and not all(external):
@@ -122,7 +124,8 @@ class ComposedModel(nn.Module):
             self.composition = nn.ModuleDict(
                 {
                     c.name: CrossAttention(self.augmenting_dims[c.augmenting].hidden_size, width, self.num_heads,
-                                           recency_bias=recency_bias, null_attention=null_attention)
+                                           recency_bias=recency_bias, null_attention=null_attention,
+                                           dropout=dropout)
                     for c in self.connections
                 }
             ).to(device=device, dtype=dtype)
@@ -418,6 +421,7 @@ def compose(
     tokenizers: Sequence[PreTrainedTokenizerBase | None] | None = None,
     recency_bias: bool = False,
     null_attention: bool = False,
+    dropout: float = 0.0,
 ) -> ComposedModel:
     """Compose models, connecting every `every_n`-th augmenting layer unless connections are given.
 
@@ -442,4 +446,4 @@ def compose(
             for c in conn.every_n(len(decoder_layers(model)), anchor_layers, every_n, augmenting=k)
         ]
     return ComposedModel(anchor, augmenting, connections, num_heads=num_heads, dtype=dtype, aligner=aligner,
-                         recency_bias=recency_bias, null_attention=null_attention)
+                         recency_bias=recency_bias, null_attention=null_attention, dropout=dropout)

@@ -86,7 +86,7 @@ class CrossAttention(nn.Module):
     has nothing to say (the anchor's own skill), whatever it reads there is added to the anchor."""
 
     def __init__(self, aug_dim: int, anchor_dim: int, num_heads: int, eps: float = 1e-6,
-                 recency_bias: bool = False, null_attention: bool = False):
+                 recency_bias: bool = False, null_attention: bool = False, dropout: float = 0.0):
         super().__init__()
         if anchor_dim % num_heads:
             raise ValueError(f"anchor width {anchor_dim} is not divisible by {num_heads} heads")
@@ -99,6 +99,7 @@ class CrossAttention(nn.Module):
         nn.init.zeros_(self.out.weight)
         self.recency = RecencyBias(num_heads) if recency_bias else None
         self.null_attention = null_attention
+        self.dropout = dropout  # on the augmenting states, in training mode only
 
     @staticmethod
     def parameter_count(aug_dim: int, anchor_dim: int, num_heads: int = 0, recency_bias: bool = False) -> int:
@@ -112,7 +113,8 @@ class CrossAttention(nn.Module):
 
     def keys_values(self, aug_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head keys and values [batch, heads, aug_len, head_dim] of augmenting hidden states."""
-        states = _rms(aug_states.to(self.q.weight.dtype), self.eps)
+        states = F.dropout(aug_states.to(self.q.weight.dtype), self.dropout, self.training)
+        states = _rms(states, self.eps)
         keys, values = self.key_value(states)
         return self._split_heads(keys), self._split_heads(values)
 

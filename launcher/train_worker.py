@@ -86,7 +86,8 @@ def train_worker(loop_config: dict) -> None:
     composed = ComposedModel(anchor, [dims_from_config(c) for c in aug_configs], connections,
                              num_heads=config.composition.num_heads, dtype=getattr(torch, config.composition.dtype),
                              aligner=aligner, recency_bias=config.composition.recency_bias,
-                             null_attention=config.composition.null_attention)
+                             null_attention=config.composition.null_attention,
+                             dropout=config.composition.dropout)
     schedule = lr_lambda(train.schedule.kind, train.schedule.warmup_steps, train.steps, train.schedule.min_lr_ratio)
     opt = train.optimizer
     engine, _, _ = build_engine(composed, ds_config, lr=opt.lr, weight_decay=opt.weight_decay, betas=opt.betas,

@@ -7,6 +7,7 @@ import torch
 
 from calm_dist.composed import compose
 from calm_dist.connections import INPUT, Connection, every_n
+from calm_dist.cross_attention import CrossAttention
 from calm_dist.errors import CompositionError
 from calm_dist.tiny import FAMILIES, tiny_model
 from tests.conftest import train_steps
@@ -313,3 +314,21 @@ def test_connection_into_the_input_embeddings(family):
     train_steps(model)
     assert not torch.allclose(model(ids).logits, anchor(ids).logits)
     assert torch.equal(anchor(ids).logits, tiny_model(family, layers=3, width=64, heads=4, seed=0)(ids).logits)
+
+
+def test_dropout_acts_in_training_mode_only():
+    """composition.dropout drops augmenting states the cross-attention reads while training; in eval
+    mode (decoding, calm eval) the block is exactly the one without dropout."""
+    torch.manual_seed(0)
+    plain = CrossAttention(24, 32, 4, null_attention=True).double()
+    dropped = CrossAttention(24, 32, 4, null_attention=True, dropout=0.5).double()
+    dropped.load_state_dict(plain.state_dict())
+    states = torch.randn(2, 7, 24, dtype=torch.float64)
+    plain.eval()
+    dropped.eval()
+    for a, b in zip(plain.keys_values(states), dropped.keys_values(states), strict=True):
+        assert torch.equal(a, b)
+    dropped.train()
+    keys, _ = dropped.keys_values(states)
+    again, _ = dropped.keys_values(states)
+    assert not torch.equal(keys, plain.keys_values(states)[0]) and not torch.equal(keys, again)
