@@ -102,10 +102,11 @@ def run_shards(tasks: Sequence[ShardTask], on_done: Callable[[ShardResult], None
     """Shards one after another in this process, each reported to on_done once committed. They share
     the input and output buffers (faulted in once), and the inputs are read in one stream across
     shard boundaries: the disk never waits between shards. `files`: that stream already started
-    (merge.reader.read_ahead(tasks)); it is closed here."""
+    (merge.reader.read_ahead(tasks)); its caller closes it."""
     if not tasks:
         return
-    files = files or read_ahead(tasks)
+    owned = files is None
+    files = read_ahead(tasks) if owned else files
     # One arithmetic thread: block ops are small, and intra-op threads would spin on the cores the
     # reading and writing threads need (measured: 4x slower on 2 cores). Scale out with workers.
     threads = torch.get_num_threads()
@@ -120,7 +121,8 @@ def run_shards(tasks: Sequence[ShardTask], on_done: Callable[[ShardResult], None
         for task in tasks:
             on_done(_run_shard(task, progress, files, pool))
     finally:
-        files.close()
+        if owned:
+            files.close()
         gc.unfreeze()
         torch.set_num_threads(threads)
 
