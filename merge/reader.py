@@ -25,7 +25,7 @@ from merge.plan import OutputTensor, ShardTask
 from merge.safetensors_io import ALIGN, DIRECT, ITEMSIZE, TensorInfo
 
 # Threads reading inputs (they wait on the disk, not the CPU): a chunk's inputs and the next chunk's.
-READ_THREADS = 4
+READ_THREADS = 16
 
 
 class Chunk(NamedTuple):
@@ -102,10 +102,22 @@ class InputFile:
                 os.close(fd)
 
 
+class _Slot:
+    """A reused input buffer. Chunks share one while it has room: a norm's chunk is a few KB, an MLP
+    projection's most of a slot, and with a slot per chunk 10 slots of 96 MB held 400 MB of a Llama's
+    first chunks (the disk sat idle while torch loaded). Its room comes back once every chunk in it
+    has been computed."""
+
+    def __init__(self, size: int) -> None:
+        self.buffer = mmap.mmap(-1, size)  # anonymous maps are page-aligned
+        self.used = 0  # bytes given to chunks since it was last empty
+        self.chunks = 0  # chunks in it not yet computed
+
+
 class _Ticket:
     """One chunk being read into a slot: each input's range by a reader thread."""
 
-    def __init__(self, chunk: Chunk, slot: mmap.mmap, starts: list[int], reads: list[Future]) -> None:
+    def __init__(self, chunk: Chunk, slot: _Slot, starts: list[int], reads: list[Future]) -> None:
         self.chunk, self.slot = chunk, slot
         self.starts = starts  # where each source's first element lies in the slot
         self.reads = reads
@@ -113,24 +125,24 @@ class _Ticket:
 
 class InputFiles:
     """The inputs of a sequence of chunks, read in that order into `slots` reused buffers of `slot_size`
-    bytes each (see slot_bytes): one holds the chunk being computed, the others the chunks read ahead.
-    Each input file is opened on first use.
+    bytes each (see slot_bytes; a chunk never needs more): one holds the chunk being computed, the
+    others the chunks read ahead. Each input file is opened on first use.
 
     Reading starts at construction, before the arithmetic can (a process spends a second or more
-    importing torch), and stays several chunks ahead: a chunk's compute and hand-off to the writer
-    vary, and the disk should never wait for them. Reads are queued to a few threads, each input's
-    range on its own: more requests in flight keep the disk busier (three 2.2 GB files took 4.4 s read
-    in parallel, 5.9 s one after another).
+    importing torch), and stays as far ahead as the slots allow: a chunk's compute and hand-off to
+    the writer vary, and the disk should never wait for them. Reads are queued to a few threads, each
+    input's range on its own: more requests in flight keep the disk busier (three 2.2 GB files took
+    4.4 s read in parallel, 5.9 s one after another).
     """
 
     def __init__(self, chunks: Iterable[Chunk], slot_size: int, slots: int = 2) -> None:
         if slots < 2:
             raise ValueError("InputFiles needs at least 2 slots: one computed, one read ahead")
         self._upcoming = iter(chunks)
+        self._next: Chunk | None = None
         self._slot_size, self._slot_count = slot_size, slots
         self._files: dict[str, InputFile] = {}
-        self._free: list[mmap.mmap] = []
-        self._slots: list[mmap.mmap] = []
+        self._slots: list[_Slot] = []
         self._queue: deque[_Ticket] = deque()
         self._current: dict[TensorInfo, tuple[mmap.mmap, int]] = {}
         self._current_start = 0
@@ -138,39 +150,58 @@ class InputFiles:
         self._fill()
 
     def locate(self, info: TensorInfo, start: int) -> tuple[mmap.mmap, int]:
-        """The slot holding input `info` of the chunk being computed (inside reading()), and the byte
+        """The buffer holding input `info` of the chunk being computed (inside reading()), and the byte
         offset of its element `start` there."""
-        slot, base = self._current[info]
-        return slot, base + (start - self._current_start) * ITEMSIZE[info.dtype]
+        buffer, base = self._current[info]
+        return buffer, base + (start - self._current_start) * ITEMSIZE[info.dtype]
 
     @contextlib.contextmanager
     def reading(self, chunk: Chunk) -> Iterator[None]:
         """Around the computation of the next chunk in order: waits for its reads, makes it locate()able,
-        and afterwards frees its slot for a chunk further on."""
+        and afterwards gives its room back for chunks further on."""
         if not self._queue or self._queue[0].chunk != chunk:
             raise RuntimeError(f"merge reader: chunk {chunk.start}:{chunk.stop} of {chunk.sources[0].name!r} "
                                "asked for out of the planned order")
         ticket = self._queue.popleft()
+        slot = ticket.slot
         try:
             for read in ticket.reads:
                 read.result()  # a read's error (CheckpointError) is raised here
-            self._current = {s: (ticket.slot, start) for s, start in zip(chunk.sources, ticket.starts, strict=True)}
+            self._current = {s: (slot.buffer, start) for s, start in zip(chunk.sources, ticket.starts, strict=True)}
             self._current_start = chunk.start
             yield
         finally:
             self._current = {}
             wait(ticket.reads)  # after an error, other reads may still be writing into the slot
-            self._free.append(ticket.slot)
+            slot.chunks -= 1
+            if slot.chunks == 0:
+                slot.used = 0
         self._fill()
 
     def _fill(self) -> None:
-        """Start reading the next chunks in order into every free slot."""
-        while len(self._queue) < self._slot_count and (chunk := next(self._upcoming, None)) is not None:
-            self._queue.append(self._start(chunk))
+        """Start reading the next chunks in order, as far as the slots have room."""
+        while (chunk := self._peek()) is not None and (slot := self._room_for(chunk)) is not None:
+            self._next = None
+            self._queue.append(self._start(chunk, slot))
 
-    def _start(self, chunk: Chunk) -> _Ticket:
-        slot = self._free.pop() if self._free else self._new_slot()
-        position, starts, reads = 0, [], []
+    def _peek(self) -> Chunk | None:
+        if self._next is None:
+            self._next = next(self._upcoming, None)
+        return self._next
+
+    def _room_for(self, chunk: Chunk) -> _Slot | None:
+        """The first slot with room for this chunk (a new one while there may be more), else None."""
+        need = slot_bytes(chunk.sources, chunk.stop - chunk.start)
+        for slot in self._slots:
+            if slot.used + need <= self._slot_size:
+                return slot
+        if len(self._slots) < self._slot_count:
+            self._slots.append(_Slot(self._slot_size))
+            return self._slots[-1]
+        return None
+
+    def _start(self, chunk: Chunk, slot: _Slot) -> _Ticket:
+        position, starts, reads = slot.used, [], []
         for source in chunk.sources:
             if source.path not in self._files:
                 self._files[source.path] = InputFile(source.path)
@@ -178,14 +209,12 @@ class InputFiles:
             itemsize = ITEMSIZE[source.dtype]
             offset, length = source.offset + chunk.start * itemsize, (chunk.stop - chunk.start) * itemsize
             fd, begin, end = file.span(offset, length, chunk.cached)
-            reads.append(self._readers.submit(file.read, fd, slot, position, begin, end, offset + length))
+            reads.append(self._readers.submit(file.read, fd, slot.buffer, position, begin, end, offset + length))
             starts.append(position + offset - begin)
             position += -(-(end - begin) // ALIGN) * ALIGN
+        slot.used += slot_bytes(chunk.sources, chunk.stop - chunk.start)
+        slot.chunks += 1
         return _Ticket(chunk, slot, starts, reads)
-
-    def _new_slot(self) -> mmap.mmap:
-        self._slots.append(mmap.mmap(-1, self._slot_size))  # anonymous maps are page-aligned
-        return self._slots[-1]
 
     def close(self) -> None:
         """Stop reading (queued reads are dropped) and free everything; idempotent."""
@@ -196,9 +225,8 @@ class InputFiles:
         for slot in self._slots:
             # BufferError: a view is still referenced (an error is unwinding); the GC unmaps it later.
             with contextlib.suppress(BufferError):
-                slot.close()
+                slot.buffer.close()
         self._slots.clear()
-        self._free.clear()
         self._queue.clear()
 
 

@@ -86,9 +86,9 @@ def test_reading_runs_ahead_by_the_slots_and_only_in_the_planned_order(tmp_path)
     files = InputFiles(chunks, slot_bytes([info], 1024), slots=5)
     real_start = files._start
 
-    def start(chunk):
+    def start(chunk, slot):
         started.append(chunk.start)
-        return real_start(chunk)
+        return real_start(chunk, slot)
 
     files._start = start
     try:
@@ -102,6 +102,30 @@ def test_reading_runs_ahead_by_the_slots_and_only_in_the_planned_order(tmp_path)
             # Each finished chunk frees its slot for the chunk 5 further on, and no more slots are made.
             assert started == [c.start for c in chunks[5 : min(i + 6, len(chunks))]]
             assert len(files._slots) == 5
+    finally:
+        files.close()
+
+
+def test_small_chunks_share_a_slot_so_reading_runs_ahead_by_bytes(tmp_path, io_mode):
+    """A norm's chunk is a few KB: with one slot per chunk, 10 slots of 96 MB held 400 MB of a Llama's
+    first chunks and the disk sat idle while torch loaded."""
+    data = torch.randint(0, 256, (64 * 1024,), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    path = tmp_path / "input.bin"
+    path.write_bytes(data.numpy().tobytes())
+    info = TensorInfo(str(path), "a", "U8", (len(data),), 0, len(data))
+    chunks = [Chunk((info,), start, start + 100) for start in range(0, 64 * 1024 - 100, 1000)]
+    room = slot_bytes([info], 100)
+    files = InputFiles(chunks, 8 * room, slots=2)
+    try:
+        # 16 chunks fit the two slots: all are being read before the first is computed.
+        assert len(files._queue) == 16 and len(files._slots) == 2
+        for chunk in chunks:
+            with files.reading(chunk):
+                assert torch.equal(view(files, info, chunk.start, chunk.stop), data[chunk.start : chunk.stop])
+                assert len(files._slots) == 2
+                assert sum(t.chunk == chunk for t in files._queue) == 0
+            # A slot is reused only once every chunk in it is computed: the queue stays in 2 slots.
+            assert sum(slot.used for slot in files._slots) <= 2 * 8 * room
     finally:
         files.close()
 
@@ -197,10 +221,10 @@ def test_shards_in_one_process_read_the_next_shard_before_committing_this_one(tm
     events: list[tuple[str, str]] = []
     start, commit = InputFiles._start, ShardWriter.commit
 
-    def record_start(self, chunk):
+    def record_start(self, chunk, slot):
         if chunk.start == 0:
             events.append(("read", chunk.sources[0].name))
-        return start(self, chunk)
+        return start(self, chunk, slot)
 
     def record_commit(self):
         events.append(("commit", self.path.name))
