@@ -17,7 +17,9 @@ import math
 import mmap
 import os
 import struct
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +35,9 @@ FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
 # logical block (512 or 4096 bytes), in memory and in the file.
 ALIGN = 4096
 DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the OS has none
-# The writer's staging buffer for direct writes.
+# The writer's staging buffers for direct writes: one filled while the others are written.
 STAGE_BYTES = 16 * 2**20
+WRITE_STAGES = 3
 
 
 @dataclass(frozen=True)
@@ -157,8 +160,10 @@ class ShardWriter:
 
     The layout is fixed up front from the tensors' shapes, so data is plain sequential writes in header
     order. commit() checks the byte count, fsyncs and renames: a file with the final name is complete.
-    Writes bypass the page cache where the filesystem allows (see merge/reader.py for why), through an
-    aligned staging buffer; the last block is padded, then the file truncated to its size.
+    Writes bypass the page cache where the filesystem allows (see merge/reader.py for why), through
+    aligned staging buffers that a thread of their own writes out while the next fills: hashing and
+    copying then overlap the disk's writes (one after the other, the writer was the merge's slowest
+    stage). The last block is padded, then the file truncated to its size.
     """
 
     def __init__(self, path: Path, tensors: Sequence[tuple[str, str, tuple[int, ...]]]) -> None:
@@ -167,13 +172,20 @@ class ShardWriter:
         header = build_header(tensors)
         self.expected = len(header) + sum(math.prod(shape) * ITEMSIZE[dtype] for _, dtype, shape in tensors)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        self._disk: ThreadPoolExecutor | None = None
+        self._stage: mmap.mmap | None = None
         try:
             self._fd = os.open(self.tmp_path, flags | DIRECT) if DIRECT else os.open(self.tmp_path, flags)
-            self._stage: mmap.mmap | None = mmap.mmap(-1, STAGE_BYTES) if DIRECT else None
         except OSError as err:
             if err.errno != errno.EINVAL:  # EINVAL: no direct I/O on this filesystem
                 raise
-            self._fd, self._stage = os.open(self.tmp_path, flags), None
+            self._fd = os.open(self.tmp_path, flags)
+        else:
+            if DIRECT:
+                self._stage = mmap.mmap(-1, STAGE_BYTES)
+                self._disk = ThreadPoolExecutor(1, thread_name_prefix="merge-disk-write")
+        self._spare: list[mmap.mmap] = []
+        self._writing: deque[tuple[Future, mmap.mmap]] = deque()  # stages handed to the disk thread, in order
         self._staged = 0
         self._sha = hashlib.sha256()
         self._written = 0
@@ -185,19 +197,33 @@ class ShardWriter:
             raise RuntimeError(f"{self.path.name}: more data than its header announces")
         self._sha.update(view)
         self._written += len(view)
-        while view and self._stage is not None:
+        if self._stage is None:
+            _write_all(self._fd, view)
+            return
+        while view:
             n = min(len(view), STAGE_BYTES - self._staged)
             self._stage[self._staged : self._staged + n] = view[:n]
             self._staged += n
             view = view[n:]
             if self._staged == STAGE_BYTES:
-                self._flush(STAGE_BYTES)
-        _write_all(self._fd, view)
+                self._hand_over(STAGE_BYTES)
 
-    def _flush(self, nbytes: int) -> None:
-        """Writes the staging buffer's first nbytes (a multiple of ALIGN) and empties it."""
-        assert self._stage is not None
-        with memoryview(self._stage) as staged:
+    def _hand_over(self, nbytes: int) -> None:
+        """Queue the stage's first nbytes (a multiple of ALIGN) for the disk thread; fill another."""
+        assert self._stage is not None and self._disk is not None
+        self._writing.append((self._disk.submit(self._write_stage, self._stage, nbytes), self._stage))
+        self._staged = 0
+        if self._spare:
+            self._stage = self._spare.pop()
+        elif len(self._writing) < WRITE_STAGES:
+            self._stage = mmap.mmap(-1, STAGE_BYTES)
+        else:
+            done, self._stage = self._writing.popleft()
+            done.result()  # its error (a full disk) surfaces here
+
+    def _write_stage(self, stage: mmap.mmap, nbytes: int) -> None:
+        """On the disk thread: write a stage at the file's end."""
+        with memoryview(stage) as staged:
             done = 0
             while done < nbytes:
                 try:
@@ -210,12 +236,13 @@ class ShardWriter:
                     os.close(self._fd)
                     self._fd = os.open(self.tmp_path, os.O_WRONLY)
                     os.lseek(self._fd, position, os.SEEK_SET)
-                    _write_all(self._fd, staged[done : self._staged])
-                    break
-        if done < nbytes:
-            self._stage.close()
-            self._stage = None
-        self._staged = 0
+
+    def _drain(self) -> None:
+        """Wait for every stage handed to the disk thread; raises the first error."""
+        while self._writing:
+            done, stage = self._writing.popleft()
+            self._spare.append(stage)
+            done.result()
 
     def sync(self) -> None:
         """Flush what was written so far to disk; called periodically so the final fsync is short."""
@@ -228,8 +255,9 @@ class ShardWriter:
         if self._stage is not None and self._staged:
             padded = -(-self._staged // ALIGN) * ALIGN
             self._stage[self._staged : padded] = bytes(padded - self._staged)
-            self._flush(padded)
-            os.ftruncate(self._fd, self._written)
+            self._hand_over(padded)
+        self._drain()
+        os.ftruncate(self._fd, self._written)
         os.fsync(self._fd)
         self._close()
         os.replace(self.tmp_path, self.path)
@@ -241,12 +269,17 @@ class ShardWriter:
         self.tmp_path.unlink(missing_ok=True)
 
     def _close(self) -> None:
+        if self._disk is not None:
+            self._disk.shutdown(wait=True, cancel_futures=True)  # no write may land after the close
+            self._disk = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        if self._stage is not None:
-            self._stage.close()
-            self._stage = None
+        for stage in (self._stage, *self._spare, *(stage for _, stage in self._writing)):
+            if stage is not None:
+                stage.close()
+        self._stage, self._spare = None, []
+        self._writing.clear()
 
 
 def _write_all(fd: int, view: memoryview) -> None:
