@@ -8,8 +8,9 @@ every millisecond by a thread of the worker) minus its baseline, VmRSS after imp
 group and DeepSpeed are set up and before any model tensor exists. That is the memory the run's
 tensors take on top of the runtime; it includes file-backed pages, because transformers maps an
 augmenting model's weights straight from its safetensors file (pages never read, such as its unused
-LM head, are not resident). For merges, the peak of RssAnon (anonymous memory) above the baseline:
-a merge maps its inputs and releases each chunk's pages, which the plan lists apart. Workers run with
+LM head, are not resident). For merges, the peak of RssAnon + RssShmem above the baseline: the
+merge's own memory, private or shared (its input read buffers are shared anonymous maps, which
+RssAnon does not count), not the file pages the kernel can drop. Workers run with
 MALLOC_MMAP_THRESHOLD_=1MiB, so glibc returns freed tensors of 1 MiB or more to the system at once and
 RSS follows the live tensors (as a GPU's max_memory_allocated does) rather than what the heap kept.
 What is predicted: the plan's total minus its stated runtime allowance. The baseline is printed
@@ -127,13 +128,14 @@ def training_case(work: Path, size: str, mode: str, workers: int, checkpointing:
 # Merges
 
 
-def _rss_anon(pid: int) -> int:
+def _anonymous_memory(pid: int) -> int:
+    """RssAnon + RssShmem: what the process holds that is not a file's pages."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return 0
-    line = next((x for x in status.splitlines() if x.startswith("RssAnon:")), "RssAnon: 0 kB")
-    return int(line.split()[1]) * 1024
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return sum(int(fields.get(key, "0 kB").split()[0]) * 1024 for key in ("RssAnon", "RssShmem"))
 
 
 def sampled_peak(command: list[str]) -> int:
@@ -141,7 +143,7 @@ def sampled_peak(command: list[str]) -> int:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     peak = 0
     while proc.poll() is None:
-        peak = max(peak, _rss_anon(proc.pid))
+        peak = max(peak, _anonymous_memory(proc.pid))
         time.sleep(0.001)
     output = proc.stdout.read().decode() if proc.stdout else ""
     if proc.returncode:
@@ -225,7 +227,7 @@ def main() -> None:
         results += merge_cases(args.workdir)
     errors = [w["error"] for r in results for w in r["workers"]]
     print(json.dumps({
-        "measured": "peak VmRSS (training) or RssAnon (merges) minus the runtime's baseline, per worker process "
+        "measured": "peak VmRSS (training) or RssAnon + RssShmem (merges) minus the runtime's baseline, per worker process "
                     "(MALLOC_MMAP_THRESHOLD_=1MiB)",
         "predicted": "calm plan's total minus its runtime allowance",
         "load_average": os.getloadavg()[0],

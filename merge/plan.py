@@ -19,7 +19,8 @@ from merge.method_specs import BLOCK
 from merge.safetensors_io import ITEMSIZE, TensorInfo, build_header
 
 COPY = "copy"  # integer tensors: copied from one model
-# Resident memory of a worker before any chunk: the interpreter, torch and its thread pools.
+# Resident memory of a worker before any chunk: the interpreter, torch and its thread pools, the
+# writer's staging buffers (merge.safetensors_io.WRITE_STAGES).
 WORKER_OVERHEAD = 320 * 2**20
 # Output chunks in flight per worker: one being computed, one queued, one being written.
 OUT_BUFFERS = 3
