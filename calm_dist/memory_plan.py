@@ -390,6 +390,7 @@ class MergeSetup:
     output_itemsize: int
     chunk_elements: int  # from merge.plan.chunk_plan
     read_slots: int  # input chunks held at once, also from merge.plan.chunk_plan
+    read_bytes: int  # buffer room all the merge's reads take together (merge.reader.slot_bytes of each chunk)
     largest_tensor: int  # elements of the largest output tensor
     block: int  # merge.methods.BLOCK
     out_buffers: int  # merge.plan.OUT_BUFFERS
@@ -406,9 +407,12 @@ def merge_terms(setup: MergeSetup) -> WorkerPlan:
     """Peak anonymous memory of one merge worker."""
     # A buffer's pages are touched only as far as a chunk fills it: no further than the largest tensor.
     chunk = min(setup.chunk_elements, setup.largest_tensor)
+    # Chunks share the buffers, so inputs smaller than them never touch all of their pages.
+    read_buffers = setup.read_slots * chunk * setup.inputs * setup.largest_input_itemsize
     terms = [
-        Term("input read buffers", setup.read_slots * chunk * setup.inputs * setup.largest_input_itemsize,
-             f"{setup.read_slots} chunks of every input: the one computed and those read ahead"),
+        Term("input read buffers", min(read_buffers, setup.read_bytes),
+             f"{setup.read_slots} chunks of every input: the one computed and those read ahead"
+             if read_buffers <= setup.read_bytes else "every input: they fit the read-ahead"),
         Term("output chunk buffers", setup.out_buffers * chunk * setup.output_itemsize,
              f"{setup.out_buffers} chunks of {chunk:,} elements: computed, queued, being written"),
         Term("fp32 block arithmetic", (setup.inputs + 2) * setup.block * 4,

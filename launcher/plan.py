@@ -199,6 +199,7 @@ def merge_setup(cfg) -> tuple[MergeSetup, list]:
     from merge.inputs import match_tensors
     from merge.method_specs import BLOCK
     from merge.plan import OUT_BUFFERS, WORKER_OVERHEAD, build_tasks, default_weights, plan_tensors
+    from merge.reader import reading_order, slot_bytes
     from merge.safetensors_io import ITEMSIZE
 
     checkpoints = [Checkpoint.open(m.name or "", m.path) for m in cfg.models]
@@ -216,6 +217,7 @@ def merge_setup(cfg) -> tuple[MergeSetup, list]:
         largest_input_itemsize=max(ITEMSIZE[s.dtype] for t in tensors for s in t.sources),
         output_itemsize=max(ITEMSIZE[t.dtype] for t in tensors), chunk_elements=tasks[0].chunk_elems,
         read_slots=tasks[0].read_slots,
+        read_bytes=sum(slot_bytes(c.sources, c.stop - c.start) for c in reading_order(tasks)),
         largest_tensor=max(t.numel for t in tensors),
         block=BLOCK, out_buffers=OUT_BUFFERS, worker_runtime=WORKER_OVERHEAD, workers=cfg.workers,
         max_shard_bytes=int(cfg.output.max_shard_size),

@@ -234,3 +234,15 @@ def test_set_reaches_into_lists_by_index(tmp_path):
     assert str(info.value) == f"{path}: cannot set models.augmenting.1.path: models.augmenting has no item 1 (indices 0..0)"
     with pytest.raises(ConfigError, match="models.augmenting is a list; give an index"):
         load_config(path, {"models.augmenting.path": "x"})
+
+
+def test_a_merge_plan_counts_no_more_read_buffer_than_its_reads_take():
+    """Chunks share the read buffers, so inputs smaller than the read-ahead never touch all of it."""
+    from calm_dist.memory_plan import MergeSetup, merge_terms
+
+    setup = dict(inputs=3, input_bytes=2**30, output_bytes=2**30, largest_input_itemsize=2, output_itemsize=2,
+                 chunk_elements=2**20, read_slots=10, largest_tensor=2**24, block=2**18, out_buffers=3,
+                 worker_runtime=0, workers=1, max_shard_bytes=2**30)
+    large = merge_terms(MergeSetup(**setup, read_bytes=10 * 2**30)).term("input read buffers")
+    small = merge_terms(MergeSetup(**setup, read_bytes=5 * 2**20)).term("input read buffers")
+    assert (large, small) == (10 * 2**20 * 3 * 2, 5 * 2**20)
