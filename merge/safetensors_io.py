@@ -9,6 +9,7 @@ whose tensors arrive chunk by chunk, which the safetensors library's whole-dict 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import itertools
@@ -276,8 +277,10 @@ class ShardWriter:
             os.close(self._fd)
             self._fd = -1
         for stage in (self._stage, *self._spare, *(stage for _, stage in self._writing)):
-            if stage is not None:
-                stage.close()
+            # BufferError: a failed write's traceback still holds a view of it; the GC unmaps it later.
+            with contextlib.suppress(BufferError):
+                if stage is not None:
+                    stage.close()
         self._stage, self._spare = None, []
         self._writing.clear()
 

@@ -134,10 +134,11 @@ def _run_shard(task: ShardTask, progress: Progress | None, files: InputFiles, po
         writer = ShardWriter(path, [(t.name, t.dtype, t.shape) for t in task.tensors])
     behind = _WriteBehind(writer, pool, progress)
     try:
-        for tensor in task.tensors:
-            for buffer, data in merge_tensor(tensor, files, task.chunk_elems, pool):
-                behind.put(buffer, data)
+        # A write's error (a full disk) surfaces at the next put() or at finish(); reads raise their own.
         with writing(path):
+            for tensor in task.tensors:
+                for buffer, data in merge_tensor(tensor, files, task.chunk_elems, pool):
+                    behind.put(buffer, data)
             behind.finish()
             sha256, nbytes = writer.commit()
     except BaseException:

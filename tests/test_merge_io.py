@@ -20,7 +20,7 @@ from merge_fixtures import BIG_SHAPES, folder_bytes, random_tensors, raw_checkpo
 
 from merge import reader, safetensors_io
 from merge.config import validate_config
-from merge.errors import CheckpointError
+from merge.errors import CheckpointError, OutputError
 from merge.job import run_merge
 from merge.reader import ALIGN, Chunk, InputFile, InputFiles, slot_bytes
 from merge.safetensors_io import ITEMSIZE, ShardWriter, TensorInfo
@@ -180,6 +180,33 @@ def test_a_filesystem_that_refuses_direct_writes_gets_buffered_ones(tmp_path, mo
     writer.commit()
     assert refused
     assert (tmp_path / "out.safetensors").read_bytes() == safetensors_io.build_header([("x", "U8", (len(blob),))]) + blob
+
+
+def test_a_disk_that_fills_mid_merge_is_one_clear_error_and_leaves_no_shard(tmp_path, io_mode, monkeypatch):
+    """A write fails on the writer's disk thread (direct) or in the writer itself (buffered): either way
+    the merge stops with the output's name and the reason, and no shard under its final name."""
+    root = tmp_path / "in"
+    for seed in range(2):
+        raw_checkpoint(root / f"m{seed}", random_tensors(seed, BIG_SHAPES), shards=2)
+    out = tmp_path / "out"
+    cfg = validate_config({"method": "linear", "models": [{"path": str(root / f"m{k}")} for k in range(2)],
+                           "output": {"path": str(out)}})
+    monkeypatch.setattr(safetensors_io, "STAGE_BYTES", 2 * ALIGN)  # several stages, several writes
+    real_write, shard_writes = os.write, []
+
+    def write(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".partial"):
+            shard_writes.append(fd)
+            if len(shard_writes) > 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(OutputError, match=r"\.safetensors: cannot write: No space left on device"):
+        run_merge(cfg, show_progress=False, log=lambda _: None)
+    # It stops there: at most the stages already handed to the disk thread are tried after the failure.
+    assert 4 <= len(shard_writes) <= 4 + safetensors_io.WRITE_STAGES
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".safetensors")]
 
 
 def test_merge_output_is_the_same_either_way(tmp_path, monkeypatch):
