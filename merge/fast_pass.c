@@ -163,6 +163,19 @@ static inline uint32_t next_up(uint32_t bits, uint32_t sign_bit) {
 }
 
 
+/* The positions of the nonzero flags among the first count (flagged has room for 8 more), eight
+ * flags at a time: a block has a few, and a branch per element mispredicted at nearly every one. */
+static inline int gather(uint8_t *flagged, int count, int *gathered) {
+    int m = 0;
+    memset(flagged + count, 0, 8);
+    for (int i0 = 0; i0 < count; i0 += 8) {
+        uint64_t word;
+        memcpy(&word, flagged + i0, 8);
+        for (; word; word &= word - 1) gathered[m++] = i0 + __builtin_ctzll(word) / 8;
+    }
+    return m;
+}
+
 /* Inlined so that each MULTIVERSION clone of its caller gets its own vectorised copy. */
 static inline __attribute__((always_inline)) void load_float(const void *y, int code, int64_t start, int count, float *to) {
     if (code == BF16) {
@@ -216,20 +229,13 @@ int64_t fast_pass_float(int k, const void *const *ys, const int *codes, const do
         }
         memcpy(out + start, high, (size_t)count * sizeof(uint16_t));
         /* Which elements need a closer look (a few percent: mostly exact ties), flagged in one
-         * vectorised pass and gathered eight flags at a time; then settled one after another. Testing
-         * each element in a scalar loop mispredicted a branch at nearly every flagged one and cost
-         * more than all the arithmetic (2.6 against 1.7 ns per element of a 3-model bf16 mean). */
+         * vectorised pass, gathered, then settled. A test per element in one scalar loop cost more than
+         * all the arithmetic (2.6 against 1.7 ns per element of a 3-model bf16 mean). */
         const uint16_t infinity = out_code == BF16 ? 0x7f80 : 0x7c00;
         uint8_t flagged[BLOCK + 8];
         for (int i = 0; i < count; i++)
             flagged[i] = (high[i] != under[i]) | (((high[i] & 0x7fff) >= infinity) & (err[i] >= risk));
-        memset(flagged + count, 0, 8);
-        int gathered[BLOCK], m = 0;
-        for (int i0 = 0; i0 < count; i0 += 8) {
-            uint64_t word;
-            memcpy(&word, flagged + i0, 8);
-            for (; word; word &= word - 1) gathered[m++] = i0 + __builtin_ctzll(word) / 8;
-        }
+        int gathered[BLOCK], m = gather(flagged, count, gathered);
         for (int g = 0; g < m; g++) {
             int i = gathered[g], high_wins;
             int adjacent = (high[i] & 0x7fff) < infinity && next_up(under[i], 0x8000) == high[i];
@@ -254,6 +260,7 @@ int64_t fast_pass_double(int k, const void *const *ys, const int *codes, const d
     const Exact exact = {k, ys, codes, parts, counts, positive};
     double b[k];
     for (int j = 0; j < k; j++) b[j] = fabs(scaled[j]) * factor;
+    const int simple = simple_case(k, codes, counts);
     int64_t unsure = 0;
     for (int64_t start = 0; start < n; start += BLOCK) {
         int count = n - start < BLOCK ? (int)(n - start) : BLOCK;
@@ -266,17 +273,23 @@ int64_t fast_pass_double(int k, const void *const *ys, const int *codes, const d
                 err[i] += b[j] * fabs(y[i]);
             }
         }
+        float high[BLOCK], under[BLOCK];
+        uint8_t flagged[BLOCK + 8]; /* as in fast_pass_float */
         for (int i = 0; i < count; i++) {
-            float high = (float)(sum[i] + err[i]), under = (float)(sum[i] - err[i]);
-            uint32_t high_bits = bits_of(high), under_bits = bits_of(under);
-            int high_wins;
-            out[start + i] = high;
-            if (high_bits == under_bits && (isfinite(high) || err[i] < overflow_risk)) continue;
-            if (isfinite(high) && next_up(under_bits, 0x80000000u) == high_bits &&
-                decide(&exact, start + i, under, high, under_bits & 1, &high_wins)) {
-                out[start + i] = high_wins ? high : under;
+            high[i] = (float)(sum[i] + err[i]), under[i] = (float)(sum[i] - err[i]);
+            flagged[i] = (bits_of(high[i]) != bits_of(under[i])) | (!isfinite(high[i]) & (err[i] >= overflow_risk));
+        }
+        memcpy(out + start, high, (size_t)count * sizeof(float));
+        int gathered[BLOCK], m = gather(flagged, count, gathered);
+        for (int g = 0; g < m; g++) {
+            int i = gathered[g], high_wins;
+            uint32_t high_bits = bits_of(high[i]), under_bits = bits_of(under[i]);
+            int adjacent = isfinite(high[i]) && next_up(under_bits, 0x80000000u) == high_bits;
+            if (adjacent && ((simple >= 0 && decide_simple(&exact, simple, start + i, under[i], high[i], under_bits & 1, &high_wins)) ||
+                             decide(&exact, start + i, under[i], high[i], under_bits & 1, &high_wins))) {
+                out[start + i] = high_wins ? high[i] : under[i];
             } else {
-                where[unsure] = start + i, low[unsure] = under, estimate[unsure] = sum[i];
+                where[unsure] = start + i, low[unsure] = under[i], estimate[unsure] = sum[i];
                 unsure++;
             }
         }
