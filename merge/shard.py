@@ -2,8 +2,8 @@
 
 Three things overlap: reader threads read the coming chunks' inputs (merge.reader), this thread and the
 compute threads do the arithmetic (torch and the compiled pass release the GIL), and a writer thread
-writes and hashes finished chunks (both release the GIL too). The file appears under its final name
-only when complete and synced.
+hashes finished chunks into staging buffers that the writer's disk thread writes out (ShardWriter; all
+of it releases the GIL too). The file appears under its final name only when complete and synced.
 """
 
 from __future__ import annotations
