@@ -232,10 +232,12 @@ class ShardWriter:
                 except OSError as err:
                     if err.errno != errno.EINVAL:
                         raise
-                    # The filesystem took O_DIRECT at open but refuses the write: on through the cache.
+                    # The filesystem took O_DIRECT at open but refuses the write: on through the cache,
+                    # under the same descriptor number (sync() may be using it on the writer's thread).
                     position = os.lseek(self._fd, 0, os.SEEK_CUR)
-                    os.close(self._fd)
-                    self._fd = os.open(self.tmp_path, os.O_WRONLY)
+                    buffered = os.open(self.tmp_path, os.O_WRONLY)
+                    os.dup2(buffered, self._fd)
+                    os.close(buffered)
                     os.lseek(self._fd, position, os.SEEK_SET)
 
     def _drain(self) -> None:
