@@ -117,10 +117,8 @@ def kth_largest_abs(series: Callable[[], Iterable[list[Tensor]]], k: int) -> lis
     high 16 bits finds the bin holding the k-th largest, and a second histogram of the low 16 bits of
     the elements in that bin finds the value itself. Memory: two histograms per series.
     """
-    if k <= 0:
-        # Nothing is kept. The two passes are still made: the reader has queued them (MethodSpec.reads).
-        counts = [len(blocks) for _ in range(2) for blocks in series()]
-        return [math.inf] * counts[0]
+    if k <= 0:  # nothing is kept: one block tells how many series there are
+        return [math.inf] * len(next(iter(series())))
     highs: list[Tensor] = []
     for blocks in series():
         bits = [b.abs().view(torch.int32) for b in blocks]

@@ -8,15 +8,17 @@ per chunk is bounded twice: output buffers come from a fixed pool, inputs from a
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 
 from merge.method_specs import BLOCK
-from merge.methods import METHODS, Block
+from merge.methods import METHODS, Block, Method
 from merge.plan import COPY, OutputTensor
 from merge.reader import Chunk, InputFiles, tensor_chunks
 from merge.safetensors_io import ITEMSIZE, TensorInfo
@@ -62,11 +64,31 @@ def _walk(files: InputFiles, chunks: list[Chunk]) -> Iterator[Chunk]:
             yield chunk
 
 
-def _whole(files: InputFiles, chunks: list[Chunk]) -> Iterator[list[torch.Tensor]]:
-    """Every block of the tensor in order, for a method's whole-tensor statistic."""
-    for chunk in _walk(files, chunks):
-        for _, xs in _blocks(files, chunk.sources, chunk.start, chunk.stop):
-            yield xs
+def _statistic(method: Method, files: InputFiles, chunks: list[Chunk], numel: int, params: Any) -> Any:
+    """The method's whole-tensor statistic, from up to `spec.reads - 1` passes over the tensor's blocks.
+    The reader has those passes queued; whatever the statistic leaves unread (TIES keeping nothing
+    needs no pass at all) is stepped through uncomputed, so the merge pass finds its chunks next."""
+    planned = (method.spec.reads - 1) * len(chunks)
+    walked = 0
+    passes: list[Iterator[list[torch.Tensor]]] = []
+
+    def blocks() -> Iterator[list[torch.Tensor]]:
+        nonlocal walked
+        for chunk in _walk(files, chunks):
+            walked += 1
+            for _, xs in _blocks(files, chunk.sources, chunk.start, chunk.stop):
+                yield xs
+
+    def new_pass() -> Iterator[list[torch.Tensor]]:
+        passes.append(blocks())
+        return passes[-1]
+
+    stats = method.prepare(new_pass, numel, params)
+    for started in passes:
+        started.close()  # one left midway gives its chunk back
+    for _ in _walk(files, list(itertools.islice(itertools.cycle(chunks), walked, planned))):
+        pass
+    return stats
 
 
 def merge_tensor(
@@ -83,7 +105,7 @@ def merge_tensor(
     chunks = tensor_chunks(tensor, chunk_elems)
     stats = None
     if method is not None and method.prepare is not None and numel > 0:
-        stats = method.prepare(lambda: _whole(files, chunks), numel, params)
+        stats = _statistic(method, files, chunks, numel, params)
     for _, start, stop, _ in _walk(files, chunks):
         buffer = pool.take()
         out = buffer[: (stop - start) * ITEMSIZE[tensor.dtype]].view(dtype)

@@ -153,8 +153,9 @@ def whole_mask(name: str, model: int, numel: int, density: float, seed: int) -> 
 
 
 def test_ties_keeping_nothing_of_a_small_tensor_gives_its_base(inputs, tmp_path):
-    """density * numel rounds to 0 for the 1000-element norm: nothing of its task vectors is kept, and its
-    statistic still makes the passes the reader planned (else the next tensor's read is out of order)."""
+    """density * numel rounds to 0 for the 1000-element norm: nothing of its task vectors is kept, its
+    statistic reads one block of its two planned passes, and the merge steps through the rest (else
+    the next chunk it asks the reader for is out of the planned order)."""
     root, models = inputs
     out = merge(root, tmp_path, method="ties", base_model="m0", weights=[0.6, 0.9], parameters={"density": 0.0004})
     assert torch.equal(out["norm.weight"], models[0]["norm.weight"])
