@@ -3,7 +3,7 @@ through its own tokenizer, against the same step with a shared tokenizer, same a
 
 Shared: the augmenting model (vocabulary = the anchor's) reads the anchor's token ids; causal mask.
 Cross: the same-size augmenting model reads its own Unigram tokens of the text, and each anchor position
-sees only its settled tokens (calm_dist.alignment). As in `calm train`, the data pipeline aligns each
+sees only its settled tokens (calm_dist.model.alignment). As in `calm train`, the data pipeline aligns each
 record once (tokenize_records); the step gets the tokens and visibility precomputed. Both tokenizers
 are trained here on generated text (byte-level BPE for the anchor, Unigram for the augmenting model).
 
@@ -23,11 +23,11 @@ import time
 import torch
 from compose_overhead import timed_interleaved  # bench/ is on sys.path when a bench script runs
 
-from calm_dist.alignment import collate_views, views_from_batch
-from calm_dist.composed import compose
-from calm_dist.data import collate
-from calm_dist.tiny import tiny_model
-from calm_dist.tokenizer import sample_texts, trained_tokenizer
+from calm_dist.data.batches import collate
+from calm_dist.model.alignment import collate_views, views_from_batch
+from calm_dist.model.composed import compose
+from calm_dist.testing.tiny_models import tiny_model
+from calm_dist.testing.tokenizers import sample_texts, trained_tokenizer
 
 
 def main() -> None:

@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from calm_dist.architectures import decoder_layers
-from calm_dist.composed import compose, next_token_loss
-from calm_dist.tiny import tiny_model
+from calm_dist.model.architectures import decoder_layers
+from calm_dist.model.composed import compose, next_token_loss
+from calm_dist.testing.tiny_models import tiny_model
 
 
 def timed_interleaved(fns: dict, repeats: int) -> dict[str, float]:

@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from launcher.kv_experiment import CHARACTERS, Design, run_experiment
+    from launcher.kv_arithmetic.experiment import CHARACTERS, Design, run_experiment
 
     design = CHARACTERS if args.augmenting_tokenizer == "characters" else Design()
 

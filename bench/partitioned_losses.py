@@ -29,10 +29,10 @@ def main() -> None:
     import torch
     from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
-    from merge.config import ExamplesWeights
-    from merge.partitioned_losses import partitioned_losses
-    from merge.tiny import char_tokenizer
-    from merge.weights import model_loss, read_examples
+    from calm_dist.testing.tiny_checkpoints import char_tokenizer
+    from merge.cocktail.weights import model_loss, read_examples
+    from merge.execution.partitioned_losses import partitioned_losses
+    from merge.merge_config import ExamplesWeights
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

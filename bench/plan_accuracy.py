@@ -1,6 +1,6 @@
 """How close `calm plan` comes to the memory workers really use, on CPU. Prints JSON.
 
-For each case it computes the plan (launcher.plan, from the model configs alone) and measures the
+For each case it computes the plan (launcher.plan.command, from the model configs alone) and measures the
 same run, then compares the two per worker; target: every case within 20 %.
 
 What is measured, per training worker process: the peak of its resident memory (VmRSS, sampled
@@ -17,7 +17,7 @@ What is predicted: the plan's total minus its stated runtime allowance. The base
 beside the allowance (the runtime allowance the plan states for a CPU worker).
 
 Training cases run the calls a `calm train` worker makes (bench/plan_worker.py under torchrun: the
-partitioned anchor, the composed model, the DeepSpeed engine, calm_dist.train_loop, and in pipelined
+partitioned anchor, the composed model, the DeepSpeed engine, calm_dist.distributed.train_loop, and in pipelined
 mode an augmenting rank serving states), for 3 steps. Merge cases run `calm merge` in a subprocess
 sampled the same way from outside; its baseline is a process that imports the same modules. The
 plan's measured constants (engine and exchange workspaces) were set from these runs.
@@ -57,7 +57,7 @@ CASES = [
 
 
 def make_models(work: Path, size: str) -> Path:
-    from calm_dist.tiny import tiny_model
+    from calm_dist.testing.tiny_models import tiny_model
 
     folder = work / size
     if not (folder / "augmenting" / "config.json").exists():
@@ -70,7 +70,7 @@ def make_models(work: Path, size: str) -> Path:
 
 
 def train_config(folder: Path, case: dict):
-    from launcher.config import TrainConfig
+    from launcher.train_config import TrainConfig
 
     return TrainConfig.model_validate({
         "name": "plan-bench",
@@ -87,8 +87,8 @@ def train_config(folder: Path, case: dict):
 
 
 def training_case(work: Path, size: str, mode: str, workers: int, checkpointing: bool, port: int) -> dict:
-    from calm_dist.memory_plan import train_plan
-    from launcher.plan import train_setup
+    from calm_dist.distributed.memory_plan import train_plan
+    from launcher.plan.command import train_setup
 
     folder = make_models(work, size)
     batch, length = SIZES[size][3]
@@ -152,9 +152,9 @@ def sampled_peak(command: list[str]) -> int:
 
 
 def merge_case(work: Path, name: str, config: dict) -> dict:
-    from calm_dist.memory_plan import loss_terms, merge_terms
-    from launcher.plan import merge_setup
-    from merge.config import validate_config
+    from calm_dist.distributed.memory_plan import loss_terms, merge_terms
+    from launcher.plan.command import merge_setup
+    from merge.merge_config import validate_config
 
     folder = work / name
     if folder.exists():
@@ -169,7 +169,7 @@ def merge_case(work: Path, name: str, config: dict) -> dict:
         plan = max(plan, merge_terms(setup), key=lambda p: p.total)
     predicted = plan.total - plan.term("runtime allowance")
     # Baseline: a process importing what the merge imports (and transformers when it scores examples).
-    imports = "import torch, merge.job, merge.shard" + (", transformers, merge.weights" if cfg.weights_from_examples else "")
+    imports = "import torch, merge.job, merge.execution.shard" + (", transformers, merge.cocktail.weights" if cfg.weights_from_examples else "")
     baseline = sampled_peak([sys.executable, "-c", f"{imports}; import time; time.sleep(0.5)"])
     peak = sampled_peak([sys.executable, "-m", "launcher.cli", "merge", str(folder / "merge.yaml"), "--no-progress"])
     measured = peak - baseline
@@ -184,8 +184,8 @@ def merge_cases(work: Path) -> list[dict]:
     import torch
     from safetensors.torch import save_file
 
-    from calm_dist.tiny import tiny_model
-    from calm_dist.tokenizer import tiny_tokenizer
+    from calm_dist.testing.tiny_models import tiny_model
+    from calm_dist.testing.tokenizers import tiny_tokenizer
 
     inputs = work / "merge-inputs"
     names = ["base", "one", "two"]

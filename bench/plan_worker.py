@@ -3,7 +3,7 @@
     plan_worker.py CASE.json
 
 Runs what a `calm train` worker runs (partitioned anchor, composed model, DeepSpeed engine, the
-training loop of calm_dist.train_loop; in pipelined mode an augmenting rank serving states) and
+training loop of calm_dist.distributed.train_loop; in pipelined mode an augmenting rank serving states) and
 writes this process's resident memory: the baseline before any model tensor exists, and the peak
 sampled every millisecond while the models load and train.
 """
@@ -19,13 +19,13 @@ import torch
 import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from calm_dist.architectures import dims_from_config
-from calm_dist.composed import ComposedModel, augmenting_states
-from calm_dist.connections import every_n
-from calm_dist.engine import build_engine, deepspeed_config
-from calm_dist.partitioned_loading import load_partitioned
-from calm_dist.placement import AugmentingClient, AugmentingServer, Layout, split_world
-from calm_dist.train_loop import LoopSettings, run
+from calm_dist.distributed.engine import build_engine, deepspeed_config
+from calm_dist.distributed.partitioned_loading import load_partitioned
+from calm_dist.distributed.placement import AugmentingClient, AugmentingServer, Layout, split_world
+from calm_dist.distributed.train_loop import LoopSettings, run
+from calm_dist.model.architectures import dims_from_config
+from calm_dist.model.composed import ComposedModel, augmenting_states
+from calm_dist.model.connections import every_n
 
 
 def resident() -> tuple[int, int]:

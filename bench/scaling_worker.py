@@ -14,12 +14,12 @@ import torch
 import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from calm_dist.architectures import dims_from_config
-from calm_dist.composed import ComposedModel, augmenting_states
-from calm_dist.connections import every_n
-from calm_dist.engine import build_engine, deepspeed_config
-from calm_dist.partitioned_loading import load_partitioned, local_parameter_bytes
-from calm_dist.placement import AugmentingClient, AugmentingServer, Layout, split_world
+from calm_dist.distributed.engine import build_engine, deepspeed_config
+from calm_dist.distributed.partitioned_loading import load_partitioned, local_parameter_bytes
+from calm_dist.distributed.placement import AugmentingClient, AugmentingServer, Layout, split_world
+from calm_dist.model.architectures import dims_from_config
+from calm_dist.model.composed import ComposedModel, augmenting_states
+from calm_dist.model.connections import every_n
 
 mode, folder, steps = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(1)  # one core per process: the augmenting rank gets a core of its own

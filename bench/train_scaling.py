@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="timed steps; the first 2 are warm-up")
     args = parser.parse_args()
 
-    from calm_dist.tiny import tiny_model
+    from calm_dist.testing.tiny_models import tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

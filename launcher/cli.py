@@ -16,13 +16,13 @@ import sys
 # USER_ERRORS, the exception types that mean bad input: those print one clear line and exit 2.
 # Modules import their heavy dependencies inside run(), keeping `calm --help` fast.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("launcher.demo", "train a composition of two tiny seeded models on an embedded local Ray"),
-    "train": ("launcher.train", "train a composition: Ray Train workers running DeepSpeed ZeRO-3"),
-    "submit": ("launcher.submit", "submit a training config as a job to a Ray cluster"),
-    "eval": ("launcher.eval", "score a composition, or one base model alone, on prompt/completion data"),
-    "generate": ("launcher.generate", "complete prompts with a saved composition and its base models"),
-    "merge": ("merge.cli", "build an LM-Cocktail blend by streaming safetensors checkpoints"),
-    "plan": ("launcher.plan", "will it fit? memory per worker of a training or merge config, from model configs only"),
+    "demo": ("launcher.demo.command", "train a composition of two tiny seeded models on an embedded local Ray"),
+    "train": ("launcher.train.command", "train a composition: Ray Train workers running DeepSpeed ZeRO-3"),
+    "submit": ("launcher.submit.command", "submit a training config as a job to a Ray cluster"),
+    "eval": ("launcher.eval.command", "score a composition, or one base model alone, on prompt/completion data"),
+    "generate": ("launcher.generate.command", "complete prompts with a saved composition and its base models"),
+    "merge": ("launcher.merge.command", "build an LM-Cocktail blend by streaming safetensors checkpoints"),
+    "plan": ("launcher.plan.command", "will it fit? memory per worker of a training or merge config, from model configs only"),
 }
 
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"calm {args.command}: interrupted", file=sys.stderr)
         code = 130
     except Exception as err:
-        from launcher.quiet import last_log, one_line
+        from launcher.runtime.quiet import last_log, one_line
 
         if last_log() is None:  # not a quiet command: the traceback is the report
             raise
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _name_log() -> None:
     """After an error of a quiet command, say where the whole story is."""
-    quiet = sys.modules.get("launcher.quiet")
+    quiet = sys.modules.get("launcher.runtime.quiet")
     if quiet is not None and quiet.last_log() is not None:
         print(f"log: {quiet.last_log()}", file=sys.stderr)
 

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from calm_dist.architectures import DECODER_LAYERS, ModelDims, dims_from_config
-from calm_dist.connections import Connection
-from calm_dist.cross_attention import CrossAttention
 from calm_dist.errors import CompositionError
-from launcher.config import ConfigError, ModelSpec, TrainConfig
-from launcher.connections import connections_for
+from calm_dist.model.architectures import DECODER_LAYERS, ModelDims, dims_from_config
+from calm_dist.model.connections import Connection
+from calm_dist.model.cross_attention import CrossAttention
+from launcher.composition_layout import connections_for
+from launcher.train_config import ConfigError, ModelSpec, TrainConfig
 from launcher.weight_files import check_weights
 
 ADDRESS_TIMEOUT_S = 3.0
@@ -84,7 +84,7 @@ def preflight(config: TrainConfig, *, address_timeout: float = ADDRESS_TIMEOUT_S
         # "auto" finds a cluster on this machine through Ray's own files and "local" starts one: no
         # host and port to try.
         check_reachable(config.ray.address, timeout=address_timeout)
-    from launcher.plan import check_fits
+    from launcher.plan.command import check_fits
 
     check_fits(config)  # a config that cannot fit the known device memory, named by its largest term
     width = anchor.hidden_size
@@ -129,7 +129,7 @@ def _read_model(spec: ModelSpec, key: str) -> ModelDims:
         raise ConfigError(
             f"{key}: {path} is a {config.model_type!r} model, not a supported architecture "
             f"(supported: {', '.join(sorted(DECODER_LAYERS))}; a new decoder family is usually one line in "
-            "calm_dist.architectures.DECODER_LAYERS)"
+            "calm_dist.model.architectures.DECODER_LAYERS)"
         )
     if not _weight_files(path):
         raise ConfigError(
@@ -179,8 +179,8 @@ STABILITY_SAMPLES, STABILITY_CHARS = 16, 400
 
 def _check_own_tokenizers(config: TrainConfig, augmenting: list[ModelDims], anchor_tokenizer, records) -> list[int | None]:
     """Tokenizers of augmenting models that read the text: loadable, fast (offsets), the model's size,
-    and never re-tokenizing settled words of the training data (calm_dist.alignment)."""
-    from calm_dist.alignment import AlignmentError, check_whitespace_stable, require_offsets
+    and never re-tokenizing settled words of the training data (calm_dist.model.alignment)."""
+    from calm_dist.model.alignment import AlignmentError, check_whitespace_stable, require_offsets
 
     sizes: list[int | None] = []
     data = config.data
@@ -238,7 +238,7 @@ def _check_heads(config: TrainConfig, anchor: ModelDims) -> int:
 
 
 def _records(config: TrainConfig, which: str, tokenizer):
-    from calm_dist.data import DataError, check_fields, load_records
+    from calm_dist.data.records import DataError, check_fields, load_records
 
     path = getattr(config.data, which)
     data = config.data
@@ -258,7 +258,7 @@ def _check_something_to_predict(config: TrainConfig, records, tokenizer, path: s
     """ConfigError unless at least one record keeps a token to predict after truncation to
     data.max_length, decided by the workers' own tokenization. It stops at the first chunk that has
     one, so a usable data set costs one chunk however large it is."""
-    from calm_dist.data import NothingToPredict, tokenize_records
+    from calm_dist.data.tokenization import NothingToPredict, tokenize_records
 
     data = config.data
     for start in range(0, len(records), chunk):

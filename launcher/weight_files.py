@@ -4,7 +4,7 @@ config, checked from the headers alone (no weight is read).
 A download cut short keeps a valid header over missing data, and a checkpoint of another size or
 family has tensors of other names or shapes: either would otherwise fail on every worker after the
 cluster started. The names are matched to the model's parameters exactly as loading matches them
-(calm_dist.weight_names), on a model built on the meta device.
+(calm_dist.distributed.weight_names), on a model built on the meta device.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import struct
 from pathlib import Path
 
 from calm_dist.errors import CompositionError
-from launcher.config import ConfigError
+from launcher.train_config import ConfigError
 
 # Bytes per element of each safetensors dtype.
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -94,7 +94,7 @@ def check_weights(path: str | Path, key: str, trust_remote_code: bool = False, s
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from calm_dist.weight_names import plan_weights
+    from calm_dist.distributed.weight_names import plan_weights
 
     path = Path(path)
     files = weight_files(path, key)

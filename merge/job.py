@@ -14,18 +14,18 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from merge.checkpoint import INDEX_FILE, Checkpoint
-from merge.config import MergeConfig
-from merge.errors import ExamplesError, IncompatibleInputsError, OutputError
-from merge.inputs import InputLayout, match_tensors
-from merge.manifest import MANIFEST, Manifest, fingerprint, index_bytes, pending_shards, write_atomic
-from merge.output import auxiliary_files, check_output_folder, writing
-from merge.plan import build_tasks, default_weights, plan_tensors
-from merge.reader import read_ahead
-from merge.report import REPORT, build_report, format_weights
+from merge.io.checkpoint_folder import INDEX_FILE, Checkpoint
+from merge.io.manifest import MANIFEST, Manifest, fingerprint, index_bytes, pending_shards, write_atomic
+from merge.io.output_folder import auxiliary_files, check_output_folder, writing
+from merge.io.reader import read_ahead
+from merge.io.report import REPORT, build_report, format_weights
+from merge.merge_config import MergeConfig
+from merge.merge_errors import ExamplesError, IncompatibleInputsError, OutputError
+from merge.planning.inputs import InputLayout, match_tensors
+from merge.planning.plan import build_tasks, default_weights, plan_tensors
 
 if TYPE_CHECKING:
-    from merge.shard import ShardResult
+    from merge.execution.shard import ShardResult
 
 
 def run_merge(
@@ -59,7 +59,7 @@ def run_merge(
             )
         weights, losses = manifest.weights, manifest.losses
     elif cfg.weights_from_examples:
-        from merge.weights import cocktail_weights
+        from merge.cocktail.weights import cocktail_weights
 
         weights, losses = cocktail_weights(cfg, checkpoints, log, address)
     else:
@@ -93,7 +93,7 @@ def run_merge(
 
     run = [t for t in tasks if t.filename in todo]
     done_bytes = sum(t.data_bytes for t in tasks if t.filename not in todo)
-    # Shards run in this process: their reads start now, while torch loads (merge.execute imports it).
+    # Shards run in this process: their reads start now, while torch loads (merge.execution.local imports it).
     files = read_ahead(run) if run and not address and (cfg.workers == 1 or len(run) == 1) else None
     try:
         with tqdm(
@@ -101,11 +101,11 @@ def run_merge(
             desc="merge", disable=not show_progress,
         ) as bar:
             if address:
-                from merge.ray_runner import run_on_ray
+                from merge.execution.ray_runner import run_on_ray
 
                 run_on_ray(run, address, int(cfg.memory_budget) // cfg.workers, on_done, bar.update)
             else:
-                from merge.execute import run_local
+                from merge.execution.local import run_local
 
                 run_local(run, cfg.workers, on_done, bar.update, files)
     finally:

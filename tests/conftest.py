@@ -29,9 +29,9 @@ def trained_pair(request):
     """A composed Llama pair (anchor 4x64, augmenting 4x32) with a trained, non-zero composition:
     the paper's every-n layout, one that also connects into the anchor's input embeddings, or that
     one with the cross-attention's recency bias and null key."""
-    from calm_dist.composed import compose
-    from calm_dist.connections import INPUT, Connection
-    from calm_dist.tiny import tiny_model
+    from calm_dist.model.composed import compose
+    from calm_dist.model.connections import INPUT, Connection
+    from calm_dist.testing.tiny_models import tiny_model
 
     anchor = tiny_model("llama", layers=4, width=64, heads=4, seed=0)
     aug = tiny_model("llama", layers=4, width=32, heads=2, seed=1)

@@ -1,5 +1,5 @@
 """Builders for the merge tests: raw safetensors checkpoints, configs, readers of a merged folder, and
-the exact linear formula. Tiny Hugging Face models come from merge.tiny (the demo's builders)."""
+the exact linear formula. Tiny Hugging Face models come from calm_dist.testing.tiny_checkpoints (the demo's builders)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from merge.method_specs import BLOCK
-from merge.plan import WORKER_OVERHEAD
+from merge.methods.specs import BLOCK
+from merge.planning.plan import WORKER_OVERHEAD
 
 
 def raw_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], config: dict | None = None, shards: int = 1) -> Path:

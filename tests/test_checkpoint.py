@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from calm_dist.checkpoint import MANIFEST, WEIGHTS, load_composition, save_composition
-from calm_dist.composed import compose
 from calm_dist.errors import CompositionError
-from calm_dist.tiny import tiny_model
+from calm_dist.model.composed import compose
+from calm_dist.model.composition_checkpoint import MANIFEST, WEIGHTS, load_composition, save_composition
+from calm_dist.testing.tiny_models import tiny_model
 
 
 def test_roundtrip_is_bitwise_and_holds_only_composition(trained_pair, tmp_path):
@@ -85,7 +85,7 @@ def test_saving_never_replaces_what_is_not_a_composition(trained_pair, tmp_path)
 
 
 def test_an_existing_composition_is_replaced_in_one_step(trained_pair, tmp_path, monkeypatch):
-    import calm_dist.checkpoint as checkpoint
+    import calm_dist.model.composition_checkpoint as checkpoint
 
     path = save_composition(trained_pair, tmp_path / "ckpt", extra={"trained_steps": 1})
     # A crash while the new one is written leaves the old one whole.

@@ -5,11 +5,11 @@ import copy
 import pytest
 import torch
 
-from calm_dist.composed import compose
-from calm_dist.connections import INPUT, Connection, every_n
-from calm_dist.cross_attention import CrossAttention
 from calm_dist.errors import CompositionError
-from calm_dist.tiny import FAMILIES, tiny_model
+from calm_dist.model.composed import compose
+from calm_dist.model.connections import INPUT, Connection, every_n
+from calm_dist.model.cross_attention import CrossAttention
+from calm_dist.testing.tiny_models import FAMILIES, tiny_model
 from tests.conftest import train_steps
 
 
@@ -99,7 +99,7 @@ def test_several_augmenting_models_and_shared_anchor_layer():
 
 @pytest.mark.parametrize("tokens", [1, 7, 400])
 def test_folded_and_plain_key_value_maps_agree(tokens):
-    from calm_dist.cross_attention import KeyValueProjection
+    from calm_dist.model.cross_attention import KeyValueProjection
 
     torch.manual_seed(0)
     kv = KeyValueProjection(32, 64)
@@ -132,7 +132,7 @@ def test_recency_bias_adds_one_slope_per_head_and_trains_them():
 
 
 def test_keys_after_counts_visible_keys_only():
-    from calm_dist.cross_attention import keys_after
+    from calm_dist.model.cross_attention import keys_after
 
     # Query 3 of a row whose first two keys are left padding, and a cross-tokenizer row that sees 0, 1, 3.
     allowed = torch.tensor([[False, False, True, True], [True, True, False, True]])
@@ -144,7 +144,7 @@ def test_keys_after_counts_visible_keys_only():
 def test_cross_attention_options_are_the_formula(recency_bias, null_attention):
     """softmax over [null: 0] + [q.k/sqrt(d) - slope * (visible keys after it)], values [0] + v, in float64,
     on left-padded rows, one of them with a query that sees no key at all."""
-    from calm_dist.cross_attention import CrossAttention
+    from calm_dist.model.cross_attention import CrossAttention
 
     torch.manual_seed(0)
     block = CrossAttention(24, 32, 4, recency_bias=recency_bias, null_attention=null_attention).double()
@@ -288,7 +288,7 @@ def test_activation_checkpointing_gives_the_same_gradients(trained_pair):
 
 
 def test_states_computed_elsewhere_give_the_same_model(trained_pair):
-    from calm_dist.composed import ComposedModel, augmenting_states
+    from calm_dist.model.composed import ComposedModel, augmenting_states
 
     remote = ComposedModel(trained_pair.anchor, trained_pair.augmenting_dims, trained_pair.connections,
                            recency_bias=trained_pair.recency_bias, null_attention=trained_pair.null_attention)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.config import ConfigError, TrainConfig, load_config
+from launcher.train_config import ConfigError, TrainConfig, load_config
 
 BASE = {
     "name": "tiny",
@@ -182,7 +182,7 @@ def test_a_bad_override_is_blamed_on_the_command_line_not_the_file(tmp_path):
 
 
 def test_preflight_problems_with_an_overridden_key_name_the_override(tmp_path):
-    from launcher.config import blamed_on_command_line
+    from launcher.train_config import blamed_on_command_line
 
     with pytest.raises(ConfigError) as info, blamed_on_command_line({"data.train": "/nope.jsonl"}):
         raise ConfigError("data.train: /nope.jsonl: no such file or folder")
@@ -206,12 +206,12 @@ def test_the_cli_parser_imports_no_heavy_library():
 
 
 def test_a_subcommands_parser_imports_only_its_own_module():
-    """`calm merge ...` builds only merge's arguments: the training side's modules (launcher.config and
+    """`calm merge ...` builds only merge's arguments: the training side's modules (launcher.train_config and
     its pydantic models, 0.3 s) stay unimported, so the merge starts reading its inputs sooner."""
     code = (
         "import sys; from launcher.cli import build_parser; "
         "args = build_parser('merge').parse_args(['merge', 'x.yaml', '--workers', '2']); "
-        "print(args.workers, [m for m in ('launcher.config', 'launcher.train', 'pydantic') if m in sys.modules])"
+        "print(args.workers, [m for m in ('launcher.train_config', 'launcher.train.command', 'pydantic') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
     assert out.stdout.strip() == "2 []"

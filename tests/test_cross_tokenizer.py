@@ -5,7 +5,9 @@ tokenizer."""
 import pytest
 import torch
 
-from calm_dist.alignment import (
+from calm_dist.data.batches import collate
+from calm_dist.errors import CompositionError
+from calm_dist.model.alignment import (
     Aligner,
     AlignmentError,
     anchor_text,
@@ -13,12 +15,10 @@ from calm_dist.alignment import (
     settled,
     whitespace_boundaries,
 )
-from calm_dist.checkpoint import load_composition, read_manifest, save_composition
-from calm_dist.composed import compose
-from calm_dist.data import collate
-from calm_dist.errors import CompositionError
-from calm_dist.tiny import tiny_model
-from calm_dist.tokenizer import sample_texts, trained_tokenizer
+from calm_dist.model.composed import compose
+from calm_dist.model.composition_checkpoint import load_composition, read_manifest, save_composition
+from calm_dist.testing.tiny_models import tiny_model
+from calm_dist.testing.tokenizers import sample_texts, trained_tokenizer
 
 BOS = 1
 
@@ -184,7 +184,7 @@ def test_cached_decoding_equals_recomputation_over_32_steps(tokenizers, trained)
 
 @torch.no_grad()
 def test_generate_runs_across_tokenizers(tokenizers, trained):
-    from calm_dist.generation import generate
+    from calm_dist.model.decoding import generate
 
     ids, mask = batch(tokenizers["bpe"], ["kazu 12 + mori", "vor"], side="right")
     out = generate(trained, ids, mask, max_new_tokens=6)
@@ -210,7 +210,7 @@ def test_padding_never_changes_logits(tokenizers, trained, side):
 
 @torch.no_grad()
 def test_precomputed_views_equal_views_from_the_anchor_ids(tokenizers, trained):
-    from calm_dist.alignment import collate_views, views_from_batch
+    from calm_dist.model.alignment import collate_views, views_from_batch
 
     bpe = tokenizers["bpe"]
     records = [{"input_ids": encode(bpe, t)} for t in sample_texts(3, seed=51)]
@@ -282,7 +282,7 @@ def folders(tokenizers, tmp_path_factory):
 
 
 def cross_config(folders, model="aug", **aug):
-    from launcher.config import TrainConfig
+    from launcher.train_config import TrainConfig
 
     return TrainConfig.model_validate({
         "name": "cross",
@@ -295,8 +295,8 @@ def cross_config(folders, model="aug", **aug):
 
 
 def test_preflight_accepts_an_augmenting_model_with_its_own_tokenizer(folders):
-    from launcher.config import ConfigError
     from launcher.preflight import describe, preflight
+    from launcher.train_config import ConfigError
 
     with pytest.raises(ConfigError, match="vocabulary of 300 tokens but the anchor .* has 500"):
         preflight(cross_config(folders))
@@ -311,8 +311,8 @@ def test_preflight_accepts_an_augmenting_model_with_its_own_tokenizer(folders):
     ("missing", "aug", r"^models\.augmenting\.0\.tokenizer: .*missing: no such folder"),
 ])
 def test_preflight_refuses_an_unusable_own_tokenizer(folders, folder, model, message):
-    from launcher.config import ConfigError
     from launcher.preflight import preflight
+    from launcher.train_config import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         preflight(cross_config(folders, model, tokenizer=str(folders / folder)))
@@ -321,7 +321,7 @@ def test_preflight_refuses_an_unusable_own_tokenizer(folders, folder, model, mes
 def test_config_resolves_the_tokenizer_path_and_keeps_the_anchors_in_one_place(tmp_path):
     import yaml
 
-    from launcher.config import ConfigError, load_config
+    from launcher.train_config import ConfigError, load_config
 
     raw = {"name": "x", "models": {"anchor": {"path": "a"}, "augmenting": [{"path": "b", "tokenizer": "b/tok"}]},
            "data": {"train": "t.jsonl", "text_field": "text"},

@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from calm_dist.tiny import tiny_model
-from calm_dist.tokenizer import sample_texts, trained_tokenizer
+from calm_dist.testing.tiny_models import tiny_model
+from calm_dist.testing.tokenizers import sample_texts, trained_tokenizer
 from tests.distributed.runs import ENV, ROOT, assert_same_composition, train
 
 pytestmark = pytest.mark.distributed
@@ -66,10 +66,12 @@ def check_eval_and_generate(folder: Path, composition: Path) -> None:
     greedy ones, the loss is its loss, and the anchor's tokenizer in place of the augmenting one is refused."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from calm_dist.checkpoint import load_composition
-    from calm_dist.data import collate, load_records, tokenize_records
-    from calm_dist.evaluation import cut_at_eos
-    from calm_dist.generation import generate
+    from calm_dist.data.batches import collate
+    from calm_dist.data.records import load_records
+    from calm_dist.data.tokenization import tokenize_records
+    from calm_dist.distributed.lockstep_eval import cut_at_eos
+    from calm_dist.model.composition_checkpoint import load_composition
+    from calm_dist.model.decoding import generate
 
     anchor_tokenizer = AutoTokenizer.from_pretrained(folder / "anchor")
     load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # noqa: E731

@@ -9,18 +9,10 @@ import datasets
 import pytest
 import torch
 
-from calm_dist.data import (
-    IGNORE_INDEX,
-    DataError,
-    ShardedBatches,
-    check_fields,
-    collate,
-    load_records,
-    record_lines,
-    tokenize_records,
-    where_is,
-)
-from calm_dist.tokenizer import tiny_tokenizer
+from calm_dist.data.batches import ShardedBatches, collate
+from calm_dist.data.records import DataError, check_fields, load_records, record_lines, where_is
+from calm_dist.data.tokenization import IGNORE_INDEX, tokenize_records
+from calm_dist.testing.tokenizers import tiny_tokenizer
 
 # Values a careless reader would mangle: a leading zero, an empty string, "NA", a comma, quotes, a newline.
 RECORDS = [
@@ -163,7 +155,7 @@ def test_text_mode_supervises_every_token_and_eos_and_bos_are_optional():
 def test_truncation_keeps_the_start_and_drops_records_with_nothing_left_to_predict(caplog):
     tok = tiny_tokenizer()
     records = datasets.Dataset.from_list(RECORDS)  # prompts of 5, 12 and 2 tokens, after a bos
-    with caplog.at_level(logging.WARNING, logger="calm_dist.data"):
+    with caplog.at_level(logging.WARNING, logger="calm_dist.data.tokenization"):
         tokenized = tokenize_records(records, tok, max_length=7, **PROMPTED)
     assert "dropped 1 of 3 records" in caplog.text and "max_length=7" in caplog.text
     assert tokenized["input_ids"] == [[1, *ids(tok, "12+7=1")], [1, *ids(tok, "NA"), *ids(tok, "a, \"")]]

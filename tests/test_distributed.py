@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from calm_dist.tiny import tiny_model
-from launcher.run_folder import complete_checkpoints, newest_checkpoint
+from calm_dist.testing.tiny_models import tiny_model
+from launcher.runtime.run_folder import complete_checkpoints, newest_checkpoint
 from tests.distributed.runs import ENV, ROOT, assert_same_composition, hub_style, tiny_config, train
 
 pytestmark = pytest.mark.distributed

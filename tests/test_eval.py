@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from calm_dist.architectures import model_dims
-from calm_dist.checkpoint import save_composition
-from calm_dist.composed import ComposedModel, augmenting_states, compose
-from calm_dist.data import collate, load_records, tokenize_records
-from calm_dist.evaluation import (
+from calm_dist.data.batches import collate
+from calm_dist.data.records import load_records
+from calm_dist.data.tokenization import tokenize_records
+from calm_dist.distributed.lockstep_eval import (
     SingleModel,
     colocated_decode_states,
     eval_share,
@@ -24,6 +23,9 @@ from calm_dist.evaluation import (
     rank_chunks,
     recomputed_decode_states,
 )
+from calm_dist.model.architectures import model_dims
+from calm_dist.model.composed import ComposedModel, augmenting_states, compose
+from calm_dist.model.composition_checkpoint import save_composition
 from tests.conftest import train_steps
 from tests.distributed.runs import ENV, ROOT
 
@@ -36,7 +38,7 @@ def saved(tmp_path_factory):
     them, plus the composed model itself."""
     from transformers import AutoModelForCausalLM
 
-    from launcher.demo import make_assets
+    from launcher.demo.command import make_assets
 
     folder = tmp_path_factory.mktemp("eval")
     make_assets(folder / "assets")
@@ -204,7 +206,7 @@ def test_calm_generate_streams_the_greedy_completion_and_writes_prompt_files(sav
 def test_sampling_through_generate_is_seeded(saved):
     from transformers import AutoTokenizer
 
-    from launcher.generate import complete
+    from launcher.generate.command import complete
 
     folder, composed = saved
     tokenizer = AutoTokenizer.from_pretrained(folder / "assets/anchor")

@@ -1,4 +1,4 @@
-"""merge.exact against a reference built from Python Fractions: every element of sum_j c_j y_j / d
+"""merge.methods.exact against a reference built from Python Fractions: every element of sum_j c_j y_j / d
 rounded once, ties to even, on inputs chosen to be hard (ties, cancellation, subnormals, overflow)."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from fractions import Fraction
 import pytest
 import torch
 
-from merge import exact, fast_kernel
+from merge.methods import exact, fast_kernel
 
 
 @pytest.fixture(params=["compiled", "torch"], autouse=True)
 def fast_pass(request, monkeypatch):
-    """Every test runs twice: with merge/fast_pass.c and with the torch ops used where no C compiler is."""
+    """Every test runs twice: with merge/methods/fast_pass.c and with the torch ops used where no C compiler is."""
     if request.param == "torch":
         monkeypatch.setattr(fast_kernel, "library", lambda: None)
     elif fast_kernel.library() is None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from launcher.run_folder import newest_checkpoint
+from launcher.runtime.run_folder import newest_checkpoint
 from tests.distributed.runs import ENV, ROOT, assert_same_composition, tiny_config, train_command
 
 pytestmark = pytest.mark.distributed

@@ -2,7 +2,7 @@
 
 import torch
 
-from calm_dist.generation import filter_logits, generate
+from calm_dist.model.decoding import filter_logits, generate
 
 
 def padded_prompts(lengths, total, seed=0, side="left"):

@@ -5,11 +5,16 @@ import re
 
 import pytest
 
-from calm_dist import kv_task
-from calm_dist.composed import compose
-from calm_dist.connections import INPUT, Connection
-from calm_dist.lora_baseline import matched_rank, parameters_per_rank, trainable_parameters, with_lora
-from calm_dist.tiny import tiny_model
+from calm_dist.model.composed import compose
+from calm_dist.model.connections import INPUT, Connection
+from calm_dist.testing.tiny_models import tiny_model
+from launcher.kv_arithmetic import task as kv_task
+from launcher.kv_arithmetic.lora_baseline import (
+    matched_rank,
+    parameters_per_rank,
+    trainable_parameters,
+    with_lora,
+)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +93,7 @@ def test_the_cross_tokenizer_variant_reads_keys_as_characters_after_whitespace(t
     """The records of the cross-tokenizer variant: spaced, word level for the anchor (the same ids as the
     unspaced task), one token per character for m_A; the anchor's decoding puts a space after each
     token, so m_A's view of a key is visible from the key's own token on."""
-    from calm_dist.alignment import Aligner
+    from calm_dist.model.alignment import Aligner
 
     anchor, spaced_anchor, characters = kv_task.kv_tokenizer(task), kv_task.kv_tokenizer(task, spaced=True), kv_task.character_tokenizer()
     records = kv_task.kv_substitution(task, task.keys, 50, seed=0) + kv_task.numeric_arithmetic(task, 20, seed=1)
@@ -113,7 +118,7 @@ def test_the_cross_tokenizer_variant_reads_keys_as_characters_after_whitespace(t
 def test_prepared_base_models_are_reused_for_a_design_with_training_overrides(tmp_path):
     """The cross-tokenizer design carries `calm train` overrides (tuples): its cache key must survive
     the JSON round trip of pretrained.json, or every run pretrains both base models again."""
-    from launcher.kv_experiment import BaseModelPlan, Design, prepare
+    from launcher.kv_arithmetic.experiment import BaseModelPlan, Design, prepare
 
     tiny = BaseModelPlan(1, 16, 2, steps=2, lr=1e-3, batch_size=4)
     design = Design(num_keys=20, augmenting=tiny, anchor=tiny, augmenting_streams=8, augmenting_substitutions=8,

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from calm_dist.testing.tiny_checkpoints import write_demo
 from launcher.cli import main as calm
-from merge.checkpoint import Checkpoint
-from merge.config import load_config, validate_config
-from merge.inputs import match_tensors
-from merge.plan import WORKER_OVERHEAD, build_tasks, plan_tensors
-from merge.safetensors_io import build_header
-from merge.tiny import write_demo
+from merge.io.checkpoint_folder import Checkpoint
+from merge.io.safetensors_file import build_header
+from merge.merge_config import load_config, validate_config
+from merge.planning.inputs import match_tensors
+from merge.planning.plan import WORKER_OVERHEAD, build_tasks, plan_tensors
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -96,9 +96,9 @@ def test_read_ahead_stays_within_the_budget():
     """chunk_plan's input chunks held at once: the computed one and one read ahead when the budget is
     tight; with room to spare (chunks already at their largest), up to READ_AHEAD_BYTES of them; always
     within the budget."""
-    from merge.method_specs import BLOCK
-    from merge.plan import MAX_CHUNK, OUT_BUFFERS, READ_AHEAD_BYTES, OutputTensor, chunk_plan
-    from merge.safetensors_io import TensorInfo
+    from merge.io.safetensors_file import TensorInfo
+    from merge.methods.specs import BLOCK
+    from merge.planning.plan import MAX_CHUNK, OUT_BUFFERS, READ_AHEAD_BYTES, OutputTensor, chunk_plan
 
     source = TensorInfo("x", "w", "BF16", (2**30,), 0, 2**31)
     tensors = [OutputTensor("w", "BF16", (2**30,), (source,) * 3, "linear", (1.0, 1.0, 1.0), {}, 0)]

@@ -11,11 +11,11 @@ import torch
 from merge_fixtures import exact_linear_bf16, folder_bytes, read_merged, write_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+from calm_dist.testing.tiny_checkpoints import VOCAB, tiny_llama
 from launcher.cli import main as calm
-from merge.config import load_config, validate_config
-from merge.errors import IncompatibleInputsError
 from merge.job import run_merge
-from merge.tiny import VOCAB, tiny_llama
+from merge.merge_config import load_config, validate_config
+from merge.merge_errors import IncompatibleInputsError
 
 IDS = torch.tensor([[1, 40, 41, 42, 3, 50, 60, 70]])
 WEIGHTS = [0.5, 0.3, 0.2]

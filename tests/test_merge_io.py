@@ -18,12 +18,13 @@ import pytest
 import torch
 from merge_fixtures import BIG_SHAPES, folder_bytes, random_tensors, raw_checkpoint
 
-from merge import reader, safetensors_io
-from merge.config import validate_config
-from merge.errors import CheckpointError, OutputError
+from merge.io import reader
+from merge.io import safetensors_file as safetensors_io
+from merge.io.reader import ALIGN, Chunk, InputFile, InputFiles, slot_bytes
+from merge.io.safetensors_file import ITEMSIZE, ShardWriter, TensorInfo
 from merge.job import run_merge
-from merge.reader import ALIGN, Chunk, InputFile, InputFiles, slot_bytes
-from merge.safetensors_io import ITEMSIZE, ShardWriter, TensorInfo
+from merge.merge_config import validate_config
+from merge.merge_errors import CheckpointError, OutputError
 
 
 def direct_io_here(folder) -> bool:

@@ -19,10 +19,10 @@ from merge_fixtures import (
     weighted_sum,
 )
 
-from merge.config import validate_config
 from merge.job import run_merge
-from merge.method_specs import BLOCK, SPECS
-from merge.methods import METHODS, Block, dare_keep, kth_largest_abs
+from merge.merge_config import validate_config
+from merge.methods.registry import METHODS, Block, dare_keep, kth_largest_abs
+from merge.methods.specs import BLOCK, SPECS
 
 NAMES = ["m0", "m1", "m2"]
 # The costliest tensor per element is the int64 buffer: 3 output copies and 2 of its one input, 8 bytes each.

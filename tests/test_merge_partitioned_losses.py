@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from merge.config import ExamplesWeights, validate_config
-from merge.errors import ConfigError
+from calm_dist.testing.tiny_checkpoints import char_tokenizer, tiny_llama
+from merge.cocktail.weights import model_loss, read_examples
 from merge.job import run_merge
-from merge.tiny import char_tokenizer, tiny_llama
-from merge.weights import model_loss, read_examples
+from merge.merge_config import ExamplesWeights, validate_config
+from merge.merge_errors import ConfigError
 
 EXAMPLES = [("2+2=", "4"), ("The capital of France is", " Paris"), ("abc", "def"), ("Hello", " world!"), ("x", "yz")]
 
@@ -30,7 +30,7 @@ def ray_cluster():
 
 
 def test_partitioned_losses_equal_single_process_losses(ray_cluster, tmp_path):
-    from merge.partitioned_losses import partitioned_losses
+    from merge.execution.partitioned_losses import partitioned_losses
 
     examples_file = tmp_path / "examples.jsonl"
     examples_file.write_text("".join(json.dumps({"input": i, "output": o}) + "\n" for i, o in EXAMPLES))

@@ -15,8 +15,8 @@ import pytest
 from merge_fixtures import budget_for_blocks, folder_bytes, random_tensors, raw_checkpoint, write_config
 
 from launcher.cli import main as calm
-from merge.config import load_config
 from merge.job import run_merge
+from merge.merge_config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {f"layers.{i}.weight": (300, 1000) for i in range(6)} | {"norm.weight": (1000,)}
@@ -24,8 +24,8 @@ SHAPES = {f"layers.{i}.weight": (300, 1000) for i in range(6)} | {"norm.weight":
 # Runs a merge that kills itself (SIGKILL: no cleanup of any kind) at a chosen point.
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    import merge.job, merge.manifest, merge.safetensors_io as io
-    from merge.config import load_config
+    import merge.job, merge.io.manifest, merge.io.safetensors_file as io
+    from merge.merge_config import load_config
     config, point, when = sys.argv[1], sys.argv[2], int(sys.argv[3])
     calls = 0
 
@@ -62,7 +62,7 @@ KILLER = textwrap.dedent("""
                 if calls == when:
                     os.kill(os.getpid(), signal.SIGKILL)
             original_replace(src, dst)
-        merge.manifest.os.replace = replace
+        merge.io.manifest.os.replace = replace
     elif point == "aux":  # the first of the config and tokenizer files written
         merge.job.write_atomic = hook(merge.job.write_atomic, before=False)
     elif point == "before-index":  # everything but the index

@@ -12,8 +12,9 @@ from merge_fixtures import raw_checkpoint, write_config
 from safetensors.torch import save_file
 
 from launcher.cli import main as calm
-from merge.config import load_config, validate_config
-from merge.errors import (
+from merge.job import run_merge
+from merge.merge_config import load_config, validate_config
+from merge.merge_errors import (
     CheckpointError,
     ConfigError,
     ExamplesError,
@@ -21,7 +22,6 @@ from merge.errors import (
     MergeError,
     OutputError,
 )
-from merge.job import run_merge
 
 SHAPES = {"a.weight": (4, 4), "b.weight": (4,)}
 
@@ -312,11 +312,11 @@ def test_unwritable_output_is_one_line_and_exit_2(two, tmp_path, capsys, where):
 
 def test_a_write_that_fails_anyway_is_one_line(two, tmp_path, monkeypatch):
     """What access() cannot see (root on a read-only mount, a full disk): the write itself is guarded."""
-    import merge.manifest
+    import merge.io.manifest
 
     def refuse(path, data):
         raise PermissionError(13, "Read-only file system", str(path))
 
-    monkeypatch.setattr(merge.manifest, "write_atomic", refuse)
+    monkeypatch.setattr(merge.io.manifest, "write_atomic", refuse)
     with pytest.raises(OutputError, match=r"merge_manifest.json: cannot write: Read-only file system"):
         run_merge(validate_config(two), show_progress=False, log=lambda _: None)

@@ -14,11 +14,11 @@ from fixtures.lm_cocktail_reference import build
 from merge_fixtures import exact_linear_bf16, read_merged
 from transformers import AutoTokenizer
 
-from merge.checkpoint import Checkpoint
-from merge.config import validate_config
+from calm_dist.testing.tiny_checkpoints import tiny_llama
+from merge.cocktail.weights import cocktail_weights, model_loss, softmax_weights
+from merge.io.checkpoint_folder import Checkpoint
 from merge.job import run_merge
-from merge.tiny import tiny_llama
-from merge.weights import cocktail_weights, model_loss, softmax_weights
+from merge.merge_config import validate_config
 
 REFERENCE = Path(__file__).parent / "fixtures" / "lm_cocktail_reference.json"
 EXAMPLES = [("2+2=", "4"), ("The capital of France is", " Paris"), ("abc", "def"), ("Hello", " world!"), ("x", "yz")]

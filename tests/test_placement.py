@@ -2,7 +2,7 @@
 
 import pytest
 
-from calm_dist.placement import Layout
+from calm_dist.distributed.placement import Layout
 
 
 def test_every_anchor_rank_has_exactly_one_server():
@@ -18,7 +18,7 @@ def test_more_servers_than_anchors_is_refused():
 
 
 def test_config_refuses_idle_augmenting_workers(tmp_path):
-    from launcher.config import ConfigError, load_config
+    from launcher.train_config import ConfigError, load_config
 
     config = tmp_path / "c.yaml"
     config.write_text(

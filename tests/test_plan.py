@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from calm_dist.composed import compose
-from calm_dist.memory_plan import GIB, fit_suggestions, peak, train_plan
-from calm_dist.tiny import tiny_model
-from calm_dist.tokenizer import tiny_tokenizer
-from launcher.config import ConfigError, TrainConfig, load_config
-from launcher.plan import check_fits, model_shape, parse_size, train_setup
+from calm_dist.distributed.memory_plan import GIB, fit_suggestions, peak, train_plan
+from calm_dist.model.composed import compose
+from calm_dist.testing.tiny_models import tiny_model
+from calm_dist.testing.tokenizers import tiny_tokenizer
+from launcher.plan.command import check_fits, model_shape, parse_size, train_setup
+from launcher.train_config import ConfigError, TrainConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "configs" / "models"
@@ -212,8 +212,8 @@ def test_sizes_parse_in_decimal_and_binary_units():
 
 
 def test_calm_plan_on_a_merge_config_gives_worker_memory_disk_and_time(tmp_path, plan_command):
-    from merge.plan import OUT_BUFFERS
-    from merge.tiny import write_demo
+    from calm_dist.testing.tiny_checkpoints import write_demo
+    from merge.planning.plan import OUT_BUFFERS
 
     write_demo(tmp_path / "demo")
     cfg = tmp_path / "merge.yaml"
@@ -238,7 +238,7 @@ def test_set_reaches_into_lists_by_index(tmp_path):
 
 def test_a_merge_plan_counts_no_more_read_buffer_than_its_reads_take():
     """Chunks share the read buffers, so inputs smaller than the read-ahead never touch all of it."""
-    from calm_dist.memory_plan import MergeSetup, merge_terms
+    from calm_dist.distributed.memory_plan import MergeSetup, merge_terms
 
     setup = dict(inputs=3, input_bytes=2**30, output_bytes=2**30, largest_input_itemsize=2, output_itemsize=2,
                  chunk_elements=2**20, read_slots=10, largest_tensor=2**24, block=2**18, out_buffers=3,

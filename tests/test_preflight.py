@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig
 
-from calm_dist.composed import compose
-from calm_dist.connections import Connection
-from calm_dist.tiny import tiny_model
-from calm_dist.tokenizer import tiny_tokenizer
-from launcher.config import ConfigError, TrainConfig
+from calm_dist.model.composed import compose
+from calm_dist.model.connections import Connection
+from calm_dist.testing.tiny_models import tiny_model
+from calm_dist.testing.tokenizers import tiny_tokenizer
 from launcher.preflight import describe, preflight
+from launcher.train_config import ConfigError, TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_an_unsupported_architecture(folders):
     message = failure(make(folders, {"models.augmenting": [{"path": str(folders["bert"])}]}))
     assert message.startswith(
         f"models.augmenting.0.path: {folders['bert']} is a 'bert' model, not a supported architecture (supported: ")
-    assert "llama" in message and "calm_dist.architectures.DECODER_LAYERS" in message
+    assert "llama" in message and "calm_dist.model.architectures.DECODER_LAYERS" in message
 
 
 def test_a_model_folder_without_weights(folders, tmp_path):

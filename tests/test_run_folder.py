@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from calm_dist.checkpoint_layout import RANKS, STATE, complete_step, write_rank_manifest
-from calm_dist.data import DataError
+from calm_dist.data.records import DataError
+from calm_dist.distributed.checkpoint_layout import RANKS, STATE, complete_step, write_rank_manifest
 from calm_dist.errors import CompositionError
-from launcher import run_folder
-from launcher.config import ConfigError
-from launcher.worker_errors import input_error_in
+from launcher.runtime import run_folder
+from launcher.runtime.worker_errors import input_error_in
+from launcher.train_config import ConfigError
 
 
 def fake_checkpoint(run_storage: Path, name: str, step: int, world_size: int = 2, ranks_done: int | None = None,
@@ -86,7 +86,7 @@ def test_unregistered_checkpoints_are_removed_and_registered_ones_kept(tmp_path)
 
 @pytest.fixture
 def tiny_train_config(tmp_path):
-    from launcher.config import TrainConfig
+    from launcher.train_config import TrainConfig
 
     return TrainConfig.model_validate({
         "name": "exp", "models": {"anchor": {"path": "a"}, "augmenting": [{"path": "b"}]},
@@ -103,7 +103,7 @@ class RayStarted(Exception):
 def start_train(config, monkeypatch, resume=False, calls=None):
     import ray
 
-    from launcher.train import train
+    from launcher.train.command import train
 
     def refuse(*args, **kwargs):
         if calls is not None:

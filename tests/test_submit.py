@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from calm_dist.connections import every_n
+from calm_dist.model.connections import every_n
 from launcher import cli
-from launcher.config import ConfigError, load_config
 from launcher.preflight import parse_address
-from launcher.submit import build_job_request
+from launcher.submit.command import build_job_request
+from launcher.train_config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def calm(monkeypatch):
     """launcher.cli.main with the submit subcommand registered, whether or not cli.py lists it yet."""
-    monkeypatch.setitem(cli.SUBCOMMANDS, "submit", ("launcher.submit", "submit a training config as a Ray job"))
+    monkeypatch.setitem(cli.SUBCOMMANDS, "submit", ("launcher.submit.command", "submit a training config as a Ray job"))
 
     def main(*argv: str) -> int:
         with pytest.raises(SystemExit) as info:
@@ -133,8 +133,8 @@ def test_a_missing_working_dir_is_refused(tmp_path):
 
 
 def test_an_unreachable_address_exits_2_naming_ray_address(tmp_path, calm, capsys):
-    from calm_dist.tiny import tiny_model
-    from calm_dist.tokenizer import tiny_tokenizer
+    from calm_dist.testing.tiny_models import tiny_model
+    from calm_dist.testing.tokenizers import tiny_tokenizer
 
     tiny_model("llama", layers=2, width=32, heads=2).save_pretrained(tmp_path / "models" / "anchor")
     tiny_tokenizer().save_pretrained(tmp_path / "models" / "anchor")
@@ -262,7 +262,7 @@ def test_resume_and_overrides_reach_the_job(tmp_path):
 
 
 def test_the_token_is_found_where_the_ray_cli_finds_it(tmp_path):
-    from launcher.ray_auth import find_token
+    from launcher.runtime.ray_auth import find_token
 
     home = tmp_path / "home"
     (home / ".ray").mkdir(parents=True)

@@ -3,8 +3,8 @@
 import pytest
 from transformers import AutoTokenizer
 
-from calm_dist.tiny import tiny_config
-from calm_dist.tokenizer import CHARSET, REQUIRED_CHARS, tiny_tokenizer
+from calm_dist.testing.tiny_models import tiny_config
+from calm_dist.testing.tokenizers import CHARSET, REQUIRED_CHARS, tiny_tokenizer
 
 TEXT = "what is 12+7*3? it is 33.\nOK: (a-b)=c, \"quoted\" [x]\t~end"
 

@@ -13,8 +13,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from calm_dist.partitioned_loading import load_partitioned, local_parameter_bytes
-from calm_dist.weight_names import checkpoint_files, plan_weights
+from calm_dist.distributed.partitioned_loading import load_partitioned, local_parameter_bytes
+from calm_dist.distributed.weight_names import checkpoint_files, plan_weights
 
 out, paths = sys.argv[1], sys.argv[2:]
 deepspeed.init_distributed(dist_backend="gloo")

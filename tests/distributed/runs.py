@@ -18,8 +18,8 @@ ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "TOKENIZE
 def tiny_config(folder: Path, steps: int, checkpoint_every: int, max_failures: int = 0, hub_gpt2_anchor: bool = False) -> Path:
     """configs/tiny.yaml on freshly made tiny assets: constant schedule, no eval, a log line per step.
     hub_gpt2_anchor: the anchor is a tied GPT-2 as hubs publish it (no `transformer.` prefix, no head)."""
-    from calm_dist.tokenizer import tiny_tokenizer
-    from launcher.demo import make_assets
+    from calm_dist.testing.tokenizers import tiny_tokenizer
+    from launcher.demo.command import make_assets
 
     assets = folder / "assets"
     make_assets(assets)
@@ -45,7 +45,7 @@ def hub_style(family: str, folder: Path, seed: int, width: int = 64, layers: int
     """A tied checkpoint as model hubs publish many: saved from the base model, so no base-model prefix
     (GPT-2: `wte.weight`, `h.0.attn.c_attn.weight`; Gemma: `embed_tokens.weight`), no head, and GPT-2's
     causal-mask buffers stored beside the weights."""
-    from calm_dist.tiny import tiny_model
+    from calm_dist.testing.tiny_models import tiny_model
 
     model = tiny_model(family, layers=layers, width=width, heads=4, seed=seed, tied=True)
     prefix = model.base_model_prefix + "."

@@ -1,0 +1,80 @@
+"""The DeepSpeed engine around a composed model: ZeRO config, optimizer over the composition only,
+learning-rate schedule. The composed model itself never learns it is wrapped."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import deepspeed
+import torch
+
+from calm_dist.model.composed import ComposedModel
+
+
+def deepspeed_config(
+    *,
+    micro_batch_size: int,
+    gradient_accumulation_steps: int,
+    data_parallel_size: int,
+    zero_stage: int = 3,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+    grad_clip: float | None = None,
+    extra: dict | None = None,
+) -> dict:
+    zero: dict = {"stage": zero_stage}
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if offload_params and zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "train_batch_size": micro_batch_size * gradient_accumulation_steps * data_parallel_size,
+        "zero_optimization": zero,
+        # Our own torch optimizer over the composition only: no JIT-built DeepSpeed op, and frozen
+        # parameters get no optimizer state.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if grad_clip:
+        config["gradient_clipping"] = grad_clip
+    return {**config, **(extra or {})}
+
+
+def lr_lambda(kind: str, warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        shape = 1 - progress if kind == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        return min_ratio + (1 - min_ratio) * shape
+
+    return factor
+
+
+def build_engine(
+    model: ComposedModel,
+    ds_config: dict,
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    schedule: Callable[[int], float],
+):
+    """(engine, optimizer, scheduler); the optimizer sees only the composition parameters."""
+    optimizer = torch.optim.AdamW(
+        model.composition_parameters(), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine, optimizer, scheduler

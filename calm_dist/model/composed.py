@@ -1,0 +1,449 @@
+"""The CALM composed model: a frozen anchor, frozen augmenting models, and trainable connections.
+
+Plain single-process PyTorch. Nothing here knows about DeepSpeed or Ray; they wrap this module from
+outside. The base models are used unmodified: forward hooks add the cross-attention output to the
+anchor's residual stream, and they exist only while a composed forward runs (or while a caller holds
+`attached()` open, which activation checkpointing needs since it re-runs layers during backward).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, PreTrainedTokenizerBase
+
+from calm_dist.errors import CompositionError
+from calm_dist.model import connections as conn
+from calm_dist.model.alignment import Aligner, AugmentingView, RowState, settled_mask
+from calm_dist.model.architectures import ModelDims, backbone, decoder_layers, model_dims
+from calm_dist.model.cache import ComposedCache
+from calm_dist.model.connections import Connection
+from calm_dist.model.cross_attention import CrossAttention
+
+# (augmenting model index, augmenting layer) -> hidden states [batch, len, aug_dim]
+AugmentingStates = Mapping[tuple[int, int], torch.Tensor]
+
+
+@dataclass
+class ComposedOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count only real tokens, so left- and right-padded rows get the positions
+    an unpadded row would."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def cross_attention_mask(attention_mask: torch.Tensor, past: int, length: int) -> torch.Tensor | None:
+    """Which augmenting positions each new anchor position may attend to: bool [batch, 1, length,
+    past + length], or None when plain causal attention is already exact.
+
+    Query at sequence index t may see augmenting index s <= t that is not padding. Without a cache and
+    with padding only on the right, causality alone hides every pad key from every real query, so the
+    fast causal kernel gives the same real-position outputs.
+    """
+    if past == 0 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+        return None
+    query_index = torch.arange(past, past + length, device=attention_mask.device)
+    key_index = torch.arange(past + length, device=attention_mask.device)
+    causal = key_index[None, :] <= query_index[:, None]
+    return causal[None, None] & attention_mask.bool()[:, None, None, :]
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting labels[t+1] from position t; label -100 is ignored."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+    )
+
+
+class ComposedModel(nn.Module):
+    def __init__(
+        self,
+        anchor: nn.Module,
+        augmenting: Sequence[nn.Module] | Sequence[ModelDims],
+        connections: Sequence[Connection],
+        num_heads: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        aligner: Aligner | None = None,
+        recency_bias: bool = False,
+        null_attention: bool = False,
+        dropout: float = 0.0,
+    ):
+        """augmenting: the models, or only their dimensions when their states are computed elsewhere
+        (then forward needs augmenting_states=). aligner: the tokenizers, when some augmenting model
+        reads the text through a tokenizer of its own (calm_dist.model.alignment). recency_bias, null_attention:
+        the cross-attention's options beyond the paper (calm_dist.model.cross_attention.CrossAttention); off,
+        as in the paper, unless asked for. dropout: of the augmenting states the cross-attention reads,
+        in training mode only (a regulariser; not part of a checkpoint)."""
+        super().__init__()
+        external = [isinstance(m, ModelDims) for m in augmenting]
+        if any(external) and not all(external):
+            raise CompositionError("give all augmenting models as modules, or all as ModelDims")
+        self.anchor_dims: ModelDims = model_dims(anchor)
+        self.augmenting_dims: list[ModelDims] = [m if isinstance(m, ModelDims) else model_dims(m) for m in augmenting]
+        self.aligner = aligner if aligner is not None and aligner.cross else None
+        cross = self.aligner.cross if self.aligner is not None else []
+        if aligner is not None and len(aligner.augmenting) != len(augmenting):
+            raise CompositionError(f"{len(aligner.augmenting)} augmenting tokenizers for {len(augmenting)} augmenting models")
+        for k, dims in enumerate(self.augmenting_dims):
+            if k in cross:
+                if len(self.aligner.augmenting[k]) > dims.vocab_size:
+                    raise CompositionError(
+                        f"augmenting model {k}'s tokenizer has {len(self.aligner.augmenting[k])} tokens but the "
+                        f"model's vocabulary only {dims.vocab_size}: it is not this model's tokenizer"
+                    )
+                continue
+            if dims.vocab_size != self.anchor_dims.vocab_size:
+                raise CompositionError(
+                    f"augmenting model {k} ({dims.model_type}) has a vocabulary of {dims.vocab_size} tokens "
+                    f"but the anchor ({self.anchor_dims.model_type}) has {self.anchor_dims.vocab_size}: "
+                    "give each model's tokenizer (compose(..., tokenizers=[anchor's, augmenting's])) to compose "
+                    "across tokenizers"
+                )
+        conn.validate(connections, [d.num_layers for d in self.augmenting_dims], self.anchor_dims.num_layers)
+        self.connections: list[Connection] = sorted(connections)
+        self.num_heads = num_heads or self.anchor_dims.num_heads
+        self.composition_dtype = dtype
+        self.recency_bias = recency_bias
+        self.null_attention = null_attention
+
+        self.anchor = anchor.requires_grad_(False).eval()
+        modules = [] if any(external) else augmenting
+        self.augmenting = nn.ModuleList(m.requires_grad_(False).eval() for m in modules)
+        device = next(anchor.parameters()).device
+        width = self.anchor_dims.hidden_size
+        try:
+            self.composition = nn.ModuleDict(
+                {
+                    c.name: CrossAttention(self.augmenting_dims[c.augmenting].hidden_size, width, self.num_heads,
+                                           recency_bias=recency_bias, null_attention=null_attention,
+                                           dropout=dropout)
+                    for c in self.connections
+                }
+            ).to(device=device, dtype=dtype)
+        except ValueError as err:
+            raise CompositionError(f"num_heads={self.num_heads}: {err}") from err
+        self._attach_depth = 0
+        self._step: dict | None = None  # what the hooks need during one forward; None outside it
+
+    # ----------------------------------------------------------------------------------------------
+    # Parameters and modes
+
+    def composition_parameters(self) -> Iterator[nn.Parameter]:
+        return self.composition.parameters()
+
+    def composition_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.composition.state_dict().items()}
+
+    def expected_composition_parameters(self) -> int:
+        width = self.anchor_dims.hidden_size
+        return sum(
+            CrossAttention.parameter_count(self.augmenting_dims[c.augmenting].hidden_size, width, self.num_heads,
+                                           self.recency_bias)
+            for c in self.connections
+        )
+
+    def train(self, mode: bool = True) -> ComposedModel:
+        # Base models stay in eval mode: they are frozen, and dropout in them would only add noise
+        # and make cached decoding differ from recomputation.
+        self.training = mode
+        self.composition.train(mode)
+        self.anchor.eval()
+        self.augmenting.eval()
+        # Transformers re-runs a layer in backward (activation checkpointing) only if that layer is in
+        # training mode. Flag the layers themselves, not their submodules, so dropout stays off.
+        for layer in decoder_layers(self.anchor):
+            if getattr(layer, "gradient_checkpointing", False):
+                layer.training = mode
+        return self
+
+    # ----------------------------------------------------------------------------------------------
+    # Forward
+
+    def new_cache(self) -> ComposedCache:
+        if not self.augmenting:
+            raise CompositionError("cached decoding needs the augmenting models, not only their dimensions")
+        return ComposedCache(
+            anchor=DynamicCache(config=self.anchor.config),
+            augmenting=[DynamicCache(config=m.config) for m in self.augmenting],
+        )
+
+    def augmenting_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: ComposedCache | None = None,
+        views: Sequence[AugmentingView | None] | None = None,
+    ) -> dict[tuple[int, int], torch.Tensor]:
+        """Hidden states of every connected augmenting layer, computed without autograd."""
+        if not self.augmenting:
+            raise CompositionError(
+                "this composed model was built from augmenting-model dimensions only: pass "
+                "augmenting_states= to forward (they are computed where the augmenting models live)"
+            )
+        return augmenting_states(
+            list(self.augmenting), self.connections, input_ids, attention_mask, position_ids,
+            cache.augmenting if cache is not None else None, views,
+            cache.augmenting_masks if cache is not None else None,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        augmenting_states: AugmentingStates | None = None,
+        cache: ComposedCache | None = None,
+        augmenting_views: Sequence[AugmentingView | None] | None = None,
+    ) -> ComposedOutput:
+        """Composed logits (and next-token loss if labels are given).
+
+        With a cache, input_ids are only the new tokens and attention_mask covers past and new tokens,
+        as in Hugging Face models; the cache is updated in place. augmenting_views: for augmenting
+        models with a tokenizer of their own, their tokens and visibility (computed from input_ids by
+        the aligner when not given; the data pipeline gives them precomputed).
+        """
+        past = cache.seq_length() if cache is not None else 0
+        length = input_ids.shape[1]
+        if attention_mask is None:
+            attention_mask = torch.ones(
+                input_ids.shape[0], past + length, dtype=torch.long, device=input_ids.device
+            )
+        position_ids = positions_from_mask(attention_mask)[:, -length:]
+        if self.aligner is not None and augmenting_views is None:
+            augmenting_views = self._align(input_ids, attention_mask, cache)
+        if augmenting_states is None:
+            augmenting_states = self.augmenting_states(input_ids, attention_mask, position_ids, cache, augmenting_views)
+        views = list(augmenting_views or [])
+        views += [None] * (len(self.augmenting_dims) - len(views))
+        visible_masks = {}
+        for k, view in enumerate(views):
+            if view is not None:
+                past_mask = cache.augmenting_masks.get(k) if cache is not None else None
+                full = view.attention_mask if past_mask is None else torch.cat([past_mask, view.attention_mask], 1)
+                if cache is not None:
+                    cache.augmenting_masks[k] = full
+                visible_masks[k] = settled_mask(full, view.visible)
+
+        keys_values = {}
+        for c in self.connections:
+            crossing = self.composition[c.name]
+            states = augmenting_states[(c.augmenting, c.aug_layer)]
+            keys, values = crossing.keys_values(states)
+            if cache is not None:
+                keys, values = cache.extend(c.name, keys, values)
+            keys_values[c.name] = (keys, values)
+
+        shared = cross_attention_mask(attention_mask, past, length) if len(visible_masks) < len(views) else None
+        allowed = {k: visible_masks.get(k, shared) for k in range(len(views))}
+
+        with self.attached():
+            self._step = {"keys_values": keys_values, "allowed": allowed}
+            try:
+                logits = self.anchor(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    past_key_values=cache.anchor if cache is not None else None,
+                    use_cache=cache is not None,
+                ).logits
+            finally:
+                if self._attach_depth == 1:
+                    self._step = None
+        loss = next_token_loss(logits, labels) if labels is not None else None
+        return ComposedOutput(logits=logits, loss=loss)
+
+    def _align(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: ComposedCache | None
+    ) -> list[AugmentingView | None]:
+        """Views of the cross-tokenizer augmenting models, from the anchor ids (and a cache's state)."""
+        if cache is None:
+            return self.aligner.step(input_ids, attention_mask, input_ids.shape[1], None)
+        all_ids = input_ids if cache.anchor_ids is None else torch.cat([cache.anchor_ids, input_ids], 1)
+        cache.anchor_ids = all_ids
+        if cache.rows is None:
+            cache.rows = [RowState(tokens=[[] for _ in self.augmenting_dims]) for _ in range(input_ids.shape[0])]
+        return self.aligner.step(all_ids, attention_mask, input_ids.shape[1], cache.rows)
+
+    # ----------------------------------------------------------------------------------------------
+    # Hooks
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[None]:
+        """Keep the composition hooks on the anchor while the block runs.
+
+        forward() enters this by itself. Hold it open around forward *and* backward when the anchor
+        uses activation checkpointing: transformers versions that checkpoint a layer's __call__ re-run
+        its hooks in backward, which must then add the same cross-attention output.
+        """
+        if self._attach_depth:
+            self._attach_depth += 1
+            try:
+                yield
+            finally:
+                self._attach_depth -= 1
+            return
+        layers = decoder_layers(self.anchor)
+        by_layer: dict[int, list[Connection]] = {}
+        for c in self.connections:
+            by_layer.setdefault(c.anchor_layer, []).append(c)
+        handles = []
+        for j, at_layer in sorted(by_layer.items()):
+            if j == conn.INPUT:  # the first layer's input is the embedding output
+                handles.append(layers[0].register_forward_pre_hook(self._make_input_hook(at_layer), with_kwargs=True))
+            else:
+                handles.append(layers[j].register_forward_hook(self._make_hook(at_layer)))
+        self._attach_depth = 1
+        try:
+            yield
+        finally:
+            self._attach_depth = 0
+            self._step = None
+            for handle in handles:
+                handle.remove()
+
+    def _cross_attended(self, hidden: torch.Tensor, at_layer: list[Connection]) -> torch.Tensor:
+        """hidden plus the cross-attention outputs of the connections into this point of the anchor."""
+        delta = None
+        for c in at_layer:
+            keys, values = self._step["keys_values"][c.name]
+            term = self.composition[c.name](hidden, keys, values, self._step["allowed"][c.augmenting])
+            delta = term if delta is None else delta + term
+        return hidden + delta.to(hidden.dtype)
+
+    def _make_hook(self, at_layer: list[Connection]):
+        def add_cross_attention(module, args, output):
+            if self._step is None:  # anchor called on its own while attached: stay the plain anchor
+                return output
+            if isinstance(output, tuple):
+                return (self._cross_attended(output[0], at_layer), *output[1:])
+            return self._cross_attended(output, at_layer)
+
+        return add_cross_attention
+
+    def _make_input_hook(self, at_layer: list[Connection]):
+        def add_cross_attention(module, args, kwargs):
+            if self._step is None:
+                return None
+            if args:  # decoder layers take hidden_states first, positionally or by name
+                return (self._cross_attended(args[0], at_layer), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": self._cross_attended(kwargs["hidden_states"], at_layer)}
+
+        return add_cross_attention
+
+
+@torch.no_grad()
+def augmenting_states(
+    models: Sequence[nn.Module],
+    connections: Sequence[Connection],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    caches: Sequence[DynamicCache] | None = None,
+    views: Sequence[AugmentingView | None] | None = None,
+    past_masks: Mapping[int, torch.Tensor] | None = None,
+) -> dict[tuple[int, int], torch.Tensor]:
+    """Hidden states of the connected layers of each augmenting model, without autograd.
+
+    A free function so that augmenting models can run outside the composed model: on each worker
+    beside a ZeRO-sharded anchor (colocated), or on ranks of their own (pipelined). views[k], when
+    given, holds model k's own tokens (a tokenizer of its own) in place of input_ids; past_masks[k]
+    then says which of its cached positions are real.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if position_ids is None:
+        position_ids = positions_from_mask(attention_mask)[:, -input_ids.shape[1]:]
+    states: dict[tuple[int, int], torch.Tensor] = {}
+    for k, model in enumerate(models):
+        wanted = sorted({c.aug_layer for c in connections if c.augmenting == k})
+        if not wanted:
+            continue
+        view = views[k] if views is not None else None
+        if view is not None:
+            _own_states(states, model, wanted, k, view, past_masks.get(k) if past_masks else None,
+                        caches[k] if caches is not None else None)
+            continue
+        _run_capturing(states, model, wanted, k, input_ids, attention_mask, position_ids,
+                       caches[k] if caches is not None else None)
+    return states
+
+
+def _run_capturing(states: dict, model: nn.Module, wanted: list[int], k: int, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache | None) -> None:
+    """Run augmenting model k's backbone, keeping the outputs of its `wanted` layers in states[(k, layer)]."""
+    layers = decoder_layers(model)
+    handles = [layers[i].register_forward_hook(_capture(states, (k, i))) for i in wanted]
+    try:
+        backbone(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        past_key_values=cache, use_cache=cache is not None)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _own_states(states: dict, model: nn.Module, wanted: list[int], k: int, view: AugmentingView,
+                past_mask: torch.Tensor | None, cache: DynamicCache | None) -> None:
+    """Connected states of augmenting model k over its own new tokens (possibly none this step)."""
+    ids = view.input_ids
+    if ids.shape[1] == 0:
+        dims = model_dims(model)
+        empty = torch.zeros(ids.shape[0], 0, dims.hidden_size, dtype=next(model.parameters()).dtype, device=ids.device)
+        states.update({(k, i): empty for i in wanted})
+        return
+    mask = view.attention_mask if past_mask is None else torch.cat([past_mask, view.attention_mask], 1)
+    _run_capturing(states, model, wanted, k, ids, mask, positions_from_mask(mask)[:, -ids.shape[1]:], cache)
+
+
+def _capture(store: dict, key: tuple[int, int]):
+    def hook(module, args, output):
+        store[key] = output[0] if isinstance(output, tuple) else output
+
+    return hook
+
+
+def compose(
+    anchor: nn.Module,
+    augmenting: nn.Module | Sequence[nn.Module],
+    connections: Sequence[Connection] | None = None,
+    every_n: int = 4,
+    num_heads: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    tokenizers: Sequence[PreTrainedTokenizerBase | None] | None = None,
+    recency_bias: bool = False,
+    null_attention: bool = False,
+    dropout: float = 0.0,
+) -> ComposedModel:
+    """Compose models, connecting every `every_n`-th augmenting layer unless connections are given.
+
+    tokenizers: [the anchor's, augmenting model 0's, ...] when some augmenting model has a tokenizer
+    of its own (None, or the anchor's tokenizer, for one that reads the anchor's token ids).
+    """
+    if isinstance(augmenting, nn.Module):
+        augmenting = [augmenting]
+    aligner = None
+    if tokenizers is not None:
+        if len(tokenizers) != len(augmenting) + 1 or tokenizers[0] is None:
+            raise CompositionError(
+                f"tokenizers: give the anchor's tokenizer and one per augmenting model ({len(augmenting) + 1} "
+                f"in all, None for a model that shares the anchor's), got {len(tokenizers)}"
+            )
+        aligner = Aligner(tokenizers[0], tokenizers[1:])
+    if connections is None:
+        anchor_layers = len(decoder_layers(anchor))
+        connections = [
+            c
+            for k, model in enumerate(augmenting)
+            for c in conn.every_n(len(decoder_layers(model)), anchor_layers, every_n, augmenting=k)
+        ]
+    return ComposedModel(anchor, augmenting, connections, num_heads=num_heads, dtype=dtype, aligner=aligner,
+                         recency_bias=recency_bias, null_attention=null_attention, dropout=dropout)

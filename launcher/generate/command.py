@@ -1,0 +1,195 @@
+"""`calm generate COMPOSITION --prompt TEXT | --prompts FILE`: completions from a saved composition on its
+base models, in this process (no Ray): greedy by default, or sampled; a single prompt streams its
+tokens to the terminal as they are decoded."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from calm_dist.errors import CompositionError
+from launcher.train_config import ConfigError
+
+USER_ERRORS = (ConfigError, CompositionError)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("composition", help="a composition folder (composition.json + composition.safetensors)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt; its completion streams to the terminal")
+    source.add_argument("--prompts", help="a file of prompts: .txt (one per line), or JSONL/CSV/Parquet records")
+    parser.add_argument("--prompt-field", default="prompt", help="the records' prompt field (default: prompt)")
+    parser.add_argument("--anchor", help="anchor model folder (default: named in composition.json)")
+    parser.add_argument("--augmenting", action="append", metavar="PATH",
+                        help="augmenting model folder, once per augmenting model (default: named in composition.json)")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: the anchor's)")
+    parser.add_argument("--augmenting-tokenizer", action="append", metavar="PATH",
+                        help="own tokenizer of an augmenting model, once per augmenting model, for a composition "
+                        "trained across tokenizers (default: the model's folder)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="base models' dtype")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0, help="with --sample")
+    parser.add_argument("--top-k", type=int, default=0, help="with --sample: keep the k likeliest tokens (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="with --sample: nucleus probability mass")
+    parser.add_argument("--seed", type=int, default=0, help="with --sample: the sampling seed")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (--prompts)")
+    parser.add_argument("--output", help="also write {prompt, completion} records here as JSON Lines")
+    parser.add_argument("--verbose", action="store_true", help="show transformers' loading messages and progress bars")
+
+
+def base_paths(composition: Path, anchor: str | None, augmenting: list[str] | None) -> tuple[str, list[str]]:
+    """The base models' folders: the overrides given, else the paths composition.json names."""
+    from calm_dist.model.composition_checkpoint import MANIFEST, read_manifest
+
+    manifest = read_manifest(composition)
+    count = len(manifest["augmenting"])
+    if augmenting and len(augmenting) != count:
+        raise ConfigError(f"--augmenting: {composition / MANIFEST} composes {count} augmenting model(s), "
+                          f"{len(augmenting)} paths given")
+    paths = [anchor or manifest["anchor"].get("source", ""),
+             *(augmenting or [a.get("source", "") for a in manifest["augmenting"]])]
+    for k, path in enumerate(paths):
+        role, flag = ("anchor", "--anchor") if k == 0 else (f"augmenting model {k - 1}", "--augmenting")
+        if not path:
+            raise ConfigError(f"{composition / MANIFEST}: names no path for the {role}; pass {flag} PATH")
+        if not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"{flag if (anchor if k == 0 else augmenting) else composition / MANIFEST}: "
+                              f"the {role} {path} is not a Hugging Face model folder (no config.json)")
+    return paths[0], paths[1:]
+
+
+def read_prompts(path: Path, field: str) -> list[str]:
+    if not path.is_file():
+        raise ConfigError(f"--prompts: {path}: no such file")
+    if path.suffix == ".txt":
+        prompts = [line for line in path.read_text().splitlines() if line.strip()]
+    else:
+        from calm_dist.data.records import DataError, load_records
+
+        try:
+            records = load_records(path)
+        except DataError as err:
+            raise ConfigError(f"--prompts: {err}") from None
+        if field not in records.column_names:
+            raise ConfigError(f"--prompts: {path}: no field {field!r} (its fields are {records.column_names}); "
+                              "pass --prompt-field")
+        prompts = [str(p) for p in records[field]]
+    if not prompts:
+        raise ConfigError(f"--prompts: {path}: no prompts")
+    return prompts
+
+
+def load(composition: Path, anchor: str | None = None, augmenting: list[str] | None = None,
+         tokenizer: str | None = None, dtype: str = "float32", device: str = "cpu",
+         augmenting_tokenizers: list[str] | None = None):
+    """(composed model, anchor tokenizer) from a composition folder and its base models. A composition
+    trained across tokenizers gets its augmenting models' own tokenizers: augmenting_tokenizers, else
+    each model's folder (checked against the identities composition.json recorded)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from calm_dist.model.composition_checkpoint import load_composition, read_manifest
+
+    anchor_path, augmenting_paths = base_paths(composition, anchor, augmenting)
+    if augmenting_tokenizers and len(augmenting_tokenizers) != len(augmenting_paths):
+        raise ConfigError(f"--augmenting-tokenizer: {len(augmenting_paths)} augmenting model(s), "
+                          f"{len(augmenting_tokenizers)} tokenizers given")
+
+    def model(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+
+    anchor_tokenizer = AutoTokenizer.from_pretrained(tokenizer or anchor_path)
+    recorded = (read_manifest(composition).get("tokenizers") or {}).get("augmenting") or []
+    tokenizers = None
+    if augmenting_tokenizers or any(r is not None for r in recorded):
+        own = augmenting_tokenizers or [path if r is not None else None for path, r in zip(augmenting_paths, recorded, strict=True)]
+        tokenizers = [anchor_tokenizer, *(AutoTokenizer.from_pretrained(p) if p else None for p in own)]
+    composed = load_composition(composition, model(anchor_path), [model(p) for p in augmenting_paths], tokenizers)
+    return composed.to(device).eval(), anchor_tokenizer
+
+
+def complete(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             batch_size: int = 8, stream=None) -> list[str]:
+    """Completions of `prompts` (text after the prompt, up to EOS). With `stream` (a text file) and one
+    prompt, the completion is written there piece by piece as it is decoded."""
+    import torch
+
+    from calm_dist.model.decoding import generate, left_padded
+
+    device = next(model.parameters()).device
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    generator = torch.Generator(device=device).manual_seed(seed) if sample else None
+    completions = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [bos + tokenizer.encode(p, add_special_tokens=False) for p in prompts[start:start + batch_size]]
+        ids, mask = left_padded(encoded, pad)
+        width = ids.shape[1]
+        on_token = _streamer(tokenizer, stream) if stream is not None and len(prompts) == 1 else None
+        out = generate(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, do_sample=sample,
+                       temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=pad, generator=generator,
+                       on_token=on_token)
+        for row in out[:, width:].tolist():
+            if tokenizer.eos_token_id in row:
+                row = row[: row.index(tokenizer.eos_token_id)]
+            completions.append(tokenizer.decode(row))
+    return completions
+
+
+def _streamer(tokenizer, stream):
+    """on_token for generate(): writes the text of each new token of row 0 as it comes, until EOS."""
+    tokens: list[int] = []
+    shown = ""
+    ended = False
+
+    def on_token(token) -> None:
+        nonlocal shown, ended
+        ended = ended or token[0].item() == tokenizer.eos_token_id
+        if ended:
+            return
+        tokens.append(int(token[0]))
+        text = tokenizer.decode(tokens)  # the whole text so far: tokens may join into one character
+        stream.write(text[len(shown):])
+        stream.flush()
+        shown = text
+
+    return on_token
+
+
+def run(args: argparse.Namespace) -> int:
+    composition = Path(args.composition)
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    if args.sample and args.temperature <= 0:
+        raise ConfigError(f"--temperature {args.temperature}: must be > 0 when sampling (drop --sample for greedy)")
+    if not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise ConfigError("--top-p must be in (0, 1] and --top-k >= 0")
+    if not args.verbose:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(Path(args.prompts), args.prompt_field)
+    model, tokenizer = load(composition, args.anchor, args.augmenting, args.tokenizer, args.dtype, args.device,
+                            args.augmenting_tokenizer)
+    settings = dict(max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
+    if args.prompt is not None:
+        print(args.prompt, end="", flush=True)
+        completions = complete(model, tokenizer, prompts, stream=sys.stdout, **settings)
+        print()
+    else:
+        completions = complete(model, tokenizer, prompts, **settings)
+        for prompt, completion in zip(prompts, completions, strict=True):
+            print(f"{prompt!r} -> {completion!r}")
+    if args.output:
+        lines = "".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in zip(prompts, completions, strict=True))
+        Path(args.output).write_text(lines)
+        print(f"completions: {args.output}")
+    return 0

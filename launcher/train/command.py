@@ -1,0 +1,160 @@
+"""`calm train CONFIG`: validate, connect to Ray (embedded local cluster by default), run the Ray Train
+job of DeepSpeed ZeRO-3 workers, show progress, print a summary."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from calm_dist.errors import InputError
+from launcher.train_config import ConfigError, TrainConfig, blamed_on_command_line, load_config
+
+USER_ERRORS = (InputError,)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="training config (YAML)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set training.steps=50 (value parsed as YAML)",
+    )
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray, DeepSpeed and library output here instead of in the run's log file")
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = parse_overrides(args.set)
+    config = load_config(args.config, overrides)
+    from launcher.preflight import describe, preflight
+    from launcher.runtime.quiet import log_path, quiet_output
+
+    with quiet_output(log_path(config.run_dir, "train"), verbose=args.verbose):
+        with blamed_on_command_line(overrides):
+            report = preflight(config)
+        print(describe(report))
+        return train(config, resume=args.resume)
+
+
+def train(config: TrainConfig, resume: bool = False) -> int:
+    import ray
+
+    from launcher.runtime import run_folder
+    from launcher.runtime.progress import ProgressBoard, follow, summary
+    from launcher.runtime.quiet import is_quiet, one_line
+    from launcher.runtime.worker_errors import first_line, input_error_in
+
+    storage = Path(config.ray.storage_path).resolve()
+    run_storage = storage / config.name
+    newest = run_folder.newest_checkpoint(run_storage)
+    if newest is not None and not resume:
+        raise ConfigError(
+            f"name: run {config.name!r} already has a checkpoint at step {newest.step} ({newest.path}); pass "
+            "--resume to continue it, or choose another name"
+        )
+    if newest is None:
+        if resume:
+            print(f"--resume: run {config.name!r} has no complete checkpoint under {storage}; starting from step 0")
+        run_folder.clear_failed_attempts(run_storage)
+
+    workers = config.ray.num_workers
+    if config.placement.mode == "pipelined":
+        workers += config.placement.augmenting_workers
+    if config.ray.address:
+        # Inside a Ray job (`calm submit`, `ray job submit`) the job already runs in its runtime env, which
+        # `calm submit` built from ray.runtime_env; giving it again makes Ray refuse to merge the two.
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+        ray.init(address=config.ray.address, runtime_env=None if in_job else config.ray.runtime_env or None,
+                 log_to_driver=not is_quiet())
+    else:  # an embedded cluster of its own, reachable only from this machine: never one found by `ray start`
+        ray.init(address="local", num_cpus=max(2, int(workers * config.ray.cpus_per_worker) + 1),
+                 include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=config.ray.runtime_env or None,
+                 log_to_driver=not is_quiet())
+
+    # Retries are decided here rather than by Ray Train's FailureConfig, which retries every worker error:
+    # an input error fails the same way each time, so it ends the run at once, in one line.
+    for attempt in range(config.ray.max_failures + 1):
+        resume_from = run_folder.newest_checkpoint(run_storage)
+        # A board per attempt: each shows its own steps, the steps redone after a restart included.
+        board_name = f"calm-progress-{config.name}-{time.time_ns()}"
+        board = ProgressBoard.options(name=board_name, num_cpus=0).remote()
+        outcome = _attempt(config, workers, storage, board, board_name, resume_from.path if resume_from else None,
+                           follow)
+        if "error" not in outcome:
+            break
+        error = outcome["error"]
+        if (input_error := input_error_in(error)) is not None:
+            ray.shutdown()  # before the one line: the cluster's own farewells come first, not after it
+            raise input_error
+        if attempt == config.ray.max_failures:
+            ray.shutdown()
+            print(f"calm train: training failed: {one_line(error)}")
+            print(error, file=sys.stderr)  # the whole story, for the log
+            return 1
+        print(f"calm train: attempt {attempt + 1} failed ({first_line(error)}); restarting from the newest "
+              f"checkpoint ({attempt + 1} of ray.max_failures={config.ray.max_failures} retries)")
+    # Ray Train keeps checkpoint_config.num_to_keep of the checkpoints it registered; uploads it never
+    # registered (cut short by a failure, or superseded) are left to us.
+    run_folder.remove_unregistered(run_storage)
+    run_dir = Path(config.output_dir) / config.name
+    print(summary(outcome["last"]))
+    print(f"composition: {run_dir / 'composition'}")
+    print(f"metrics:     {run_dir / 'metrics.jsonl'}")
+    print(f"tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}")
+    return 0
+
+
+def _attempt(config: TrainConfig, workers: int, storage: Path, board, board_name: str, resume_from: Path | None,
+             follow) -> dict:
+    """One Ray Train run of the worker group, with its progress shown: {"last": metrics} or {"error": ...}."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from launcher.train.worker import train_worker
+
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": config.model_dump(mode="json"), "board": board_name,
+                           "resume_from": str(resume_from) if resume_from else None},
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=config.ray.use_gpu,
+            resources_per_worker={"CPU": config.ray.cpus_per_worker, **config.ray.resources_per_worker},
+        ),
+        torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=config.name, storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=0),
+            # By step, so a checkpoint resumed from (registered before the restart) ranks as it should.
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="step",
+                                               checkpoint_score_order="max"),
+        ),
+    )
+    outcome: dict = {}
+
+    def fit():
+        try:
+            trainer.fit()
+        except Exception as err:  # reported by the caller, after the progress display closes
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    outcome["last"] = follow(board, config.training.steps, thread)
+    thread.join()
+    return outcome

@@ -1,0 +1,261 @@
+"""The merge config: one validated pydantic model is the single source of every option.
+
+Unknown keys and wrong types fail with their key path (`output.max_shard_size: ...`). Rules across
+fields (a base model that exists, one finite weight per model, each method's own parameters, override
+patterns) are checked here too, so the rest of the job can trust the config. Relative paths in a config
+file are taken from the file's folder (as in the project's other configs).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, PositiveInt, ValidationError
+
+from merge.merge_errors import ConfigError
+from merge.methods.specs import SPECS, MethodSpec
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+# Output dtype names (as in torch and config.json) -> safetensors codes.
+OUTPUT_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelEntry(_Strict):
+    path: Path
+    name: str | None = Field(None, min_length=1, description="how other keys refer to it; default: folder name")
+
+
+class ExamplesWeights(_Strict):
+    """LM-Cocktail's weights from a few examples: w = softmax(-loss / temperature)."""
+
+    examples: Path = Field(
+        description="JSONL; decoder: {'input': ..., 'output': ...} per line; embedding: {'query': ..., 'pos': [...], 'neg': [...]}"
+    )
+    temperature: float = Field(5.0, gt=0, allow_inf_nan=False)
+    kind: Literal["decoder", "embedding"] = "decoder"
+    # Defaults are LM_Cocktail's (mix_models_with_data): they shape the losses, so the weights.
+    max_length: PositiveInt = 2048
+    batch_size: PositiveInt = 2
+    pooling: Literal["cls", "mean"] = Field("cls", description="embedding models: how a text becomes a vector")
+    negatives: PositiveInt = Field(7, description="embedding models: seeded negatives per example, from its 'neg'")
+    contrastive_temperature: float = Field(0.05, gt=0, allow_inf_nan=False)
+    seed: int = 0
+    device_map: str | None = Field(None, description="'auto' spreads each model over GPUs, CPU and disk")
+    max_memory: dict[str | int, str] | None = None
+    offload_folder: Path | None = None
+    fixed: dict[str, FiniteFloat] = Field(
+        {}, description="LM-Cocktail's second step: these models get this weight; the rest share what is left"
+    )
+    workers: PositiveInt = Field(
+        1, description="load each candidate partitioned with ZeRO-3 over this many Ray workers (each holds 1/N)"
+    )
+
+
+class Override(_Strict):
+    pattern: str = Field(min_length=1, description="shell-style glob over tensor names; the first match wins")
+    weights: list[FiniteFloat] | None = None
+    parameters: dict[str, Any] = {}
+
+
+class OutputSpec(_Strict):
+    path: Path
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="default: the inputs'")
+    max_shard_size: ByteSize = ByteSize(5 * 10**9)
+    copy_files_from: str | None = Field(None, description="model whose config and tokenizer files are copied")
+
+
+class MergeConfig(_Strict):
+    method: str
+    models: list[ModelEntry] = Field(min_length=1)
+    base_model: str | None = None
+    weights: list[FiniteFloat] | None = None
+    weights_from_examples: ExamplesWeights | None = None
+    parameters: dict[str, Any] = {}
+    overrides: list[Override] = []
+    integer_tensors_from: str | None = None
+    vocab_policy: Literal["error", "truncate"] = "error"
+    seed: int = Field(0, description="DARE's masks")
+    memory_budget: ByteSize = ByteSize(2 * 2**30)
+    workers: PositiveInt = 1
+    output: OutputSpec
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name or "" for m in self.models]
+
+    @property
+    def merge_method(self) -> MethodSpec:
+        return SPECS[self.method]
+
+    def index(self, name: str) -> int:
+        return self.names.index(name)
+
+    @property
+    def base_index(self) -> int | None:
+        """The base model's position; SLERP's default base (t = 0) is the first model."""
+        if self.base_model is not None:
+            return self.index(self.base_model)
+        return 0 if self.merge_method.uses_base else None
+
+    @property
+    def source_order(self) -> list[int]:
+        """Model positions in the order a method receives them: the base first, if it has one."""
+        base = self.base_index
+        if base is None:
+            return list(range(len(self.models)))
+        return [base] + [i for i in range(len(self.models)) if i != base]
+
+    def params_for(self, override: Override | None) -> BaseModel:
+        merged = {**self.parameters, **(override.parameters if override else {})}
+        return self.merge_method.params.model_validate(merged)
+
+
+def load_config(path: str | Path, updates: dict[str, Any] | None = None) -> MergeConfig:
+    """Read, validate and resolve a YAML config. `updates` are dotted keys from the command line."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys to values")
+    for dotted, value in (updates or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for key in parents:
+            node = node.setdefault(key, {}) if isinstance(node, dict) else node
+        if isinstance(node, dict):  # else leave the bad value for validation to report
+            node[leaf] = value
+    return validate_config(raw, source=str(path), base=Path(path).absolute().parent)
+
+
+def validate_config(raw: dict[str, Any], source: str = "config", base: Path | None = None) -> MergeConfig:
+    """Validate a config mapping; relative paths are taken from `base` (default: the current folder)."""
+    try:
+        cfg = MergeConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_describe(err)}") from err
+    try:
+        _check(cfg)
+    except ValueError as err:
+        raise ConfigError(f"{source}: {err}") from err
+    base = base or Path.cwd()
+
+    def resolve(path: Path) -> Path:
+        return Path(os.path.normpath(base / path))
+
+    for entry in cfg.models:
+        entry.path = resolve(entry.path)
+    cfg.output.path = resolve(cfg.output.path)
+    if cfg.weights_from_examples:
+        spec = cfg.weights_from_examples
+        spec.examples = resolve(spec.examples)
+        spec.offload_folder = resolve(spec.offload_folder) if spec.offload_folder else None
+    return cfg
+
+
+def _key_path(loc: tuple[str | int, ...]) -> str:
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+
+
+def _describe(err: ValidationError, prefix: tuple[str | int, ...] = ()) -> str:
+    return "; ".join(f"{_key_path(prefix + tuple(e['loc'])) or '(top level)'}: {e['msg']}" for e in err.errors())
+
+
+def _check(cfg: MergeConfig) -> None:
+    """Rules that span fields; each ValueError starts with the key at fault."""
+    if cfg.method not in SPECS:
+        raise ValueError(f"method: unknown method {cfg.method!r} (known: {', '.join(SPECS)})")
+    method = cfg.merge_method
+    for i, entry in enumerate(cfg.models):
+        entry.name = entry.name or entry.path.name
+        if cfg.names.index(entry.name) != i:
+            raise ValueError(f"models[{i}].name: {entry.name!r} is used twice; give each model a distinct name")
+
+    def known(key: str, name: str | None) -> None:
+        if name is not None and name not in cfg.names:
+            raise ValueError(f"{key}: no model named {name!r} (models: {', '.join(cfg.names)})")
+
+    known("base_model", cfg.base_model)
+    known("output.copy_files_from", cfg.output.copy_files_from)
+    known("integer_tensors_from", cfg.integer_tensors_from)
+    low, high = method.model_count
+    if len(cfg.models) < low or (high is not None and len(cfg.models) > high):
+        wanted = f"exactly {low}" if low == high else f"at least {low}"
+        raise ValueError(f"models: {cfg.method} merges {wanted} models, {len(cfg.models)} given")
+    if method.uses_base and cfg.base_model is None and cfg.method != "slerp":
+        raise ValueError(f"base_model: {cfg.method} needs a base model (one of: {', '.join(cfg.names)})")
+    if not method.uses_base and cfg.base_model is not None:
+        raise ValueError(f"base_model: {cfg.method} does not use a base model")
+    _check_weights(cfg, method)
+    places: list[tuple[tuple[str | int, ...], Override | None]] = [(("parameters",), None)]
+    places += [(("overrides", i, "parameters"), o) for i, o in enumerate(cfg.overrides)]
+    for loc, override in places:
+        try:
+            cfg.params_for(override)
+        except ValidationError as err:
+            raise ValueError(_describe(err, loc)) from None
+
+
+def _check_weights(cfg: MergeConfig, method: MethodSpec) -> None:
+    given = [("weights", cfg.weights)] + [(f"overrides[{i}].weights", o.weights) for i, o in enumerate(cfg.overrides)]
+    if not method.takes_weights:
+        for key, weights in given + [("weights_from_examples", cfg.weights_from_examples)]:
+            if weights is not None:
+                raise ValueError(f"{key}: {cfg.method} takes no weights (its parameters say how to mix)")
+        return
+    count = len(cfg.models) - (1 if method.uses_base else 0)
+    for key, weights in given:
+        if weights is None:
+            continue
+        if len(weights) != count:
+            per = "one per model other than the base" if method.uses_base else "one per model"
+            raise ValueError(f"{key}: {len(weights)} given, {cfg.method} needs {count} ({per})")
+        if cfg.method == "linear" and cfg.params_for(None).normalize and math.fsum(weights) == 0:
+            raise ValueError(f"{key}: the weights sum to 0, so they cannot be normalized")
+    _check_negative(cfg, given)
+    examples = cfg.weights_from_examples
+    if examples is None:
+        return
+    if cfg.weights is not None:
+        raise ValueError("weights_from_examples: give either weights or weights_from_examples, not both")
+    if cfg.method != "linear":
+        raise ValueError("weights_from_examples: only the linear method (LM-Cocktail) takes weights from examples")
+    for name, weight in examples.fixed.items():
+        if name not in cfg.names:
+            raise ValueError(f"weights_from_examples.fixed: no model named {name!r} (models: {', '.join(cfg.names)})")
+        if not 0 <= weight <= 1:
+            raise ValueError(f"weights_from_examples.fixed.{name}: {weight} is not within [0, 1]")
+    if len(examples.fixed) >= len(cfg.models):
+        raise ValueError("weights_from_examples.fixed: at least one model must get its weight from the examples")
+    if examples.workers > 1 and examples.device_map is not None:
+        raise ValueError("weights_from_examples.workers: partitioned workers and device_map are two ways to spread a "
+                         "candidate; give one")
+    if math.fsum(examples.fixed.values()) > 1:
+        raise ValueError("weights_from_examples.fixed: the fixed weights sum to more than 1")
+
+
+def _check_negative(cfg: MergeConfig, given: list[tuple[str, list[float] | None]]) -> None:
+    """A negative linear weight extrapolates away from that model: refused unless asked for by name.
+    (Task vectors may be negative by design: subtracting a skill.)"""
+    if cfg.method != "linear":
+        return
+    overrides = [None] + list(cfg.overrides)
+    for (key, weights), override in zip(given, overrides, strict=True):
+        negative = [(name, w) for name, w in zip(cfg.names, weights or [], strict=False) if w < 0]
+        if negative and not cfg.params_for(override).allow_negative_weights:
+            name, w = negative[0]
+            where = "parameters" if override is None else key.replace(".weights", ".parameters")
+            raise ValueError(
+                f"{key}: model '{name}' has a negative weight ({w}), which extrapolates away from it; "
+                f"set {where}.allow_negative_weights: true if that is intended"
+            )
