@@ -1,5 +1,6 @@
-"""Cocktail losses computed with each candidate partitioned over N Ray workers (weights_from_examples.
-workers), against one process. Prints JSON.
+"""Cocktail losses with each candidate partitioned over N Ray workers, against one process. Prints JSON.
+
+N is weights_from_examples.workers.
 
 Per candidate (a decoder and an embedding model, fp32): the loss from N ZeRO-3 workers and from one
 process (target: within 1e-5), and the parameter bytes each worker held, as a share of the model
@@ -30,7 +31,9 @@ def main() -> None:
     from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
     from calm_dist.testing.tiny_checkpoints import char_tokenizer
-    from merge.cocktail.weights import model_loss, read_examples
+    from launcher.runtime.ray_start import start_ray
+    from merge.cocktail.examples import read_examples
+    from merge.cocktail.losses import model_loss
     from merge.execution.partitioned_losses import partitioned_losses
     from merge.merge_config import ExamplesWeights
 
@@ -51,13 +54,13 @@ def main() -> None:
             char_tokenizer(root / name)
         examples = read_examples(examples_file)
 
-        ray.init(num_cpus=args.workers, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        started = start_ray(None, num_cpus=args.workers)
         results = []
         try:
             for kind in ("decoder", "embedding"):
                 spec = ExamplesWeights(examples=examples_file, kind=kind, workers=args.workers, negatives=3)
                 held: list[dict] = []
-                (loss,) = partitioned_losses([(root / kind, root / kind)], examples, spec, None, lambda _: None, held)
+                (loss,) = partitioned_losses([(root / kind, root / kind)], examples, spec, lambda _: None, held)
                 single = model_loss(root / kind, root / kind, examples, spec)
                 shares = [b / held[0]["total_bytes"] for b in held[0]["held_bytes"]]
                 results.append({
@@ -68,7 +71,8 @@ def main() -> None:
                     "loss_target_met": abs(loss - single) <= 1e-5,
                 })
         finally:
-            ray.shutdown()
+            if started:
+                ray.shutdown()
     print(json.dumps({"load_average": os.getloadavg()[0], "candidates": results}, indent=1))
 
 

@@ -1,8 +1,12 @@
-"""The merge job from config to finished folder.
+"""The merge job from config to finished folder, and the weights-from-examples step it runs first.
 
 Order matters: every check (config, headers, tensor names and shapes, dtypes, vocabularies, output
 folder, examples) runs before the first byte is written; then the manifest, shards (skipping those a
 crashed run completed), report, the manifest marked complete, and the index last.
+
+This module sits above merge.cocktail (the LM-Cocktail recipe) and merge.execution (processes, Ray):
+cocktail_weights() picks where the losses are computed. Ray, where a step needs it, is started through
+the caller's start_ray (merge.execution.ray_session).
 """
 
 from __future__ import annotations
@@ -25,13 +29,18 @@ from merge.planning.inputs import InputLayout, match_tensors
 from merge.planning.plan import build_tasks, default_weights, plan_tensors
 
 if TYPE_CHECKING:
+    from merge.execution.ray_session import StartRay
     from merge.execution.shard import ShardResult
 
 
 def run_merge(
-    cfg: MergeConfig, *, address: str | None = None, show_progress: bool = True, log: Callable[[str], None] = print
+    cfg: MergeConfig, *, address: str | None = None, show_progress: bool = True, log: Callable[[str], None] = print,
+    start_ray: StartRay | None = None,
 ) -> Path:
-    """Merge as the config says; `address` runs the shards as Ray tasks there. Returns the output folder."""
+    """Merge as the config says; `address` runs the shards as Ray tasks there ('local': an embedded
+    cluster). Returns the output folder. Ray, where needed (an address, weights_from_examples.workers > 1),
+    is started with `start_ray` (launcher.runtime.ray_start.start_ray) and shut down after the step if
+    that started it; without start_ray, Ray must already run in this process."""
     out = cfg.output.path
     checkpoints = [Checkpoint.open(m.name or "", m.path) for m in cfg.models]
     resuming = check_output_folder(out, checkpoints)
@@ -59,9 +68,7 @@ def run_merge(
             )
         weights, losses = manifest.weights, manifest.losses
     elif cfg.weights_from_examples:
-        from merge.cocktail.weights import cocktail_weights
-
-        weights, losses = cocktail_weights(cfg, checkpoints, log, address)
+        weights, losses = cocktail_weights(cfg, checkpoints, log, address, start_ray)
     else:
         weights, losses = default_weights(cfg), None
     tasks = build_tasks(cfg, plan_tensors(cfg, layout, weights))
@@ -102,8 +109,10 @@ def run_merge(
         ) as bar:
             if address:
                 from merge.execution.ray_runner import run_on_ray
+                from merge.execution.ray_session import ray_session
 
-                run_on_ray(run, address, int(cfg.memory_budget) // cfg.workers, on_done, bar.update)
+                with ray_session(start_ray, address):
+                    run_on_ray(run, int(cfg.memory_budget) // cfg.workers, on_done, bar.update)
             else:
                 from merge.execution.local import run_local
 
@@ -122,6 +131,42 @@ def run_merge(
             write_atomic(out / INDEX_FILE, index_bytes(out, manifest.shards))
     log(f"merged {len(checkpoints)} models into {out} ({len(tasks)} shard(s), {sum(t.nbytes for t in tasks)} bytes)")
     return out
+
+
+def cocktail_weights(
+    cfg: MergeConfig, checkpoints: list[Checkpoint], log: Callable[[str], None], address: str | None = None,
+    start_ray: StartRay | None = None,
+) -> tuple[list[float], list[float | None]]:
+    """Weights for every model (config order) and the losses behind them (None for fixed models).
+    Each candidate is scored in this process, or with weights_from_examples.workers > 1 partitioned
+    over Ray workers: on the cluster at `address` if given, else on an embedded one that is shut
+    down after the losses (started with `start_ray`, as in run_merge)."""
+    from merge.cocktail.examples import read_examples
+    from merge.cocktail.weights import tokenizer_folder, weights_from_losses
+
+    spec = cfg.weights_from_examples
+    assert spec is not None
+    examples = read_examples(spec.examples, spec.kind, spec.negatives)
+    tokenizer_dir = tokenizer_folder(checkpoints)
+    if spec.workers > 1:  # each candidate partitioned over ZeRO-3 workers (merge/execution/partitioned_losses.py)
+        from merge.execution.partitioned_losses import check_dtypes, partitioned_losses
+        from merge.execution.ray_session import ray_session
+
+        scored = [(c.name, (c.path, tokenizer_dir(c))) for c in checkpoints if c.name not in spec.fixed]
+        check_dtypes([candidate for _, candidate in scored])  # before Ray starts
+        with ray_session(start_ray, address, num_cpus=spec.workers):
+            found = partitioned_losses([candidate for _, candidate in scored], examples, spec, log)
+        by_name = dict(zip([name for name, _ in scored], found, strict=True))
+
+        def loss_of(ckpt: Checkpoint) -> float:
+            return by_name[ckpt.name]
+    else:
+        from merge.cocktail.losses import model_loss
+
+        def loss_of(ckpt: Checkpoint) -> float:
+            return model_loss(ckpt.path, tokenizer_dir(ckpt), examples, spec)
+
+    return weights_from_losses(spec, checkpoints, loss_of, len(examples), log)
 
 
 def _config_changes(cfg: MergeConfig, layout: InputLayout, source: Checkpoint) -> dict[str, object]:

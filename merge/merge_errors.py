@@ -19,6 +19,18 @@ class CheckpointError(MergeError):
     """A checkpoint folder or safetensors file is missing, unreadable or malformed."""
 
 
+class HeaderError(CheckpointError):
+    """A safetensors file that is not whole and well formed: `path` names it, `problem` says what is wrong
+    (the message is both, so callers with their own wording, such as the training preflight, reuse them)."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = path, problem
+
+    def __reduce__(self):  # pickled with its two fields, not the joined message
+        return type(self), (self.path, self.problem)
+
+
 class IncompatibleInputsError(MergeError):
     """The inputs cannot be merged together: names, shapes, dtypes or vocabularies differ."""
 

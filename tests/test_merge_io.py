@@ -145,6 +145,17 @@ def test_a_file_truncated_while_merging_is_named(tmp_path, io_mode):
         files.close()
 
 
+def test_one_dtype_table_for_every_reader():
+    """ITEMSIZE sizes every safetensors dtype (the training preflight reads with it too); a merge computes
+    in those merge.execution.stream maps to torch, whose sizes agree."""
+    from merge.execution.stream import TORCH_DTYPES
+    from merge.io.safetensors_file import MERGE_CODES
+
+    assert set(TORCH_DTYPES) == set(MERGE_CODES) <= set(ITEMSIZE)
+    assert all(ITEMSIZE[code] == dtype.itemsize for code, dtype in TORCH_DTYPES.items())
+    assert {"F8_E4M3", "F8_E5M2", "U16", "U32", "U64"} <= set(ITEMSIZE) - set(MERGE_CODES)
+
+
 @pytest.mark.parametrize("pieces", [[10, 5000, 3, 70000, 1], [4096, 4096], [1]])
 def test_shard_writer_writes_exactly_its_bytes(tmp_path, io_mode, monkeypatch, pieces):
     monkeypatch.setattr(safetensors_io, "STAGE_BYTES", 2 * ALIGN)  # several stagings per write

@@ -12,7 +12,8 @@ import torch
 from transformers import BertConfig, BertModel
 
 from calm_dist.testing.tiny_checkpoints import char_tokenizer, tiny_llama
-from merge.cocktail.weights import model_loss, read_examples
+from merge.cocktail.examples import read_examples
+from merge.cocktail.losses import model_loss
 from merge.job import run_merge
 from merge.merge_config import ExamplesWeights, validate_config
 from merge.merge_errors import ConfigError
@@ -68,7 +69,7 @@ def test_partitioned_losses_equal_single_process_losses(ray_cluster, tmp_path):
     embedding = ExamplesWeights(examples=embedding_file, kind="embedding", negatives=3, batch_size=3, workers=2)
     queries = read_examples(embedding_file, "embedding", 3)
     held: list[dict] = []
-    (loss,) = partitioned_losses([(tmp_path / "e0", tmp_path / "e0")], queries, embedding, None, print, held)
+    (loss,) = partitioned_losses([(tmp_path / "e0", tmp_path / "e0")], queries, embedding, print, held)
     assert abs(loss - model_loss(tmp_path / "e0", tmp_path / "e0", queries, embedding)) <= 1e-5
     total = held[0]["total_bytes"]
     assert total == 4 * sum(p.numel() for p in BertModel(bert).parameters())

@@ -154,7 +154,35 @@ def test_corrupt_header(two, tmp_path):
 def test_truncated_file(two, tmp_path):
     path = tmp_path / "m0" / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-10])
-    refused(two, CheckpointError, str(path), "truncated: tensor 'a.weight' ends at byte 168 but the file has 166 bytes")
+    refused(two, CheckpointError, str(path),
+            "truncated, an unfinished download?: its tensors need 40 bytes of data after the header, the file holds 30")
+
+
+def test_gaps_and_trailing_bytes(two, tmp_path):
+    """As the safetensors library, the tensors must tile the data section exactly, up to the file's end."""
+    path = tmp_path / "m0" / "model.safetensors"
+    original = path.read_bytes()
+    path.write_bytes(original + b"\0" * 3)
+    refused(two, CheckpointError, str(path), "trailing bytes: its tensors need 40 bytes of data after the header, "
+                                             "the file holds 43")
+    header = json.dumps({
+        "a.weight": {"dtype": "BF16", "shape": [4, 4], "data_offsets": [0, 32]},
+        "b.weight": {"dtype": "BF16", "shape": [4], "data_offsets": [40, 48]},
+    }).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 48)
+    refused(two, CheckpointError, str(path), "a gap before tensor 'b.weight' ('b.weight' starts at data byte 40, expected 32)")
+
+
+def test_a_header_error_keeps_file_and_problem_apart():
+    """The training preflight words header errors its own way around the same two parts."""
+    import pickle
+
+    from merge.merge_errors import HeaderError
+
+    error = pickle.loads(pickle.dumps(HeaderError("/m/model.safetensors", "trailing bytes: ...")))
+    assert (error.path, error.problem, str(error)) == (
+        "/m/model.safetensors", "trailing bytes: ...", "/m/model.safetensors: trailing bytes: ...")
+    assert isinstance(error, CheckpointError)
 
 
 def test_header_length_beyond_the_file(two, tmp_path):
@@ -189,7 +217,8 @@ def test_unsupported_dtype(two, tmp_path):
 
 def test_index_lists_a_missing_shard(two, tmp_path):
     (tmp_path / "m1" / "model-00002-of-00002.safetensors").unlink()
-    refused(two, CheckpointError, "model.safetensors.index.json", "lists model-00002-of-00002.safetensors, which does not exist")
+    refused(two, CheckpointError,
+            "model.safetensors.index.json names model-00002-of-00002.safetensors, which is missing (an unfinished download?)")
 
 
 # --- inputs against each other --------------------------------------------------------------------

@@ -15,9 +15,10 @@ from merge_fixtures import exact_linear_bf16, read_merged
 from transformers import AutoTokenizer
 
 from calm_dist.testing.tiny_checkpoints import tiny_llama
-from merge.cocktail.weights import cocktail_weights, model_loss, softmax_weights
+from merge.cocktail.losses import model_loss
+from merge.cocktail.weights import softmax_weights
 from merge.io.checkpoint_folder import Checkpoint
-from merge.job import run_merge
+from merge.job import cocktail_weights, run_merge
 from merge.merge_config import validate_config
 
 REFERENCE = Path(__file__).parent / "fixtures" / "lm_cocktail_reference.json"

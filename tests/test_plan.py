@@ -238,7 +238,7 @@ def test_set_reaches_into_lists_by_index(tmp_path):
 
 def test_a_merge_plan_counts_no_more_read_buffer_than_its_reads_take():
     """Chunks share the read buffers, so inputs smaller than the read-ahead never touch all of it."""
-    from calm_dist.distributed.memory_plan import MergeSetup, merge_terms
+    from merge.planning.memory import MergeSetup, merge_terms
 
     setup = dict(inputs=3, input_bytes=2**30, output_bytes=2**30, largest_input_itemsize=2, output_itemsize=2,
                  chunk_elements=2**20, read_slots=10, largest_tensor=2**24, block=2**18, out_buffers=3,

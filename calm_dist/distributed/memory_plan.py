@@ -1,8 +1,9 @@
-"""Memory per worker of a composition run and of a merge, from the models' shapes alone.
+"""Memory per worker of a composition run, from the models' shapes alone.
 
 Pure arithmetic: no torch, no files. Callers describe the models (ModelShape, from a Hugging Face
 config built on the meta device) and the run (TrainSetup); train_plan() returns one Term per thing
-that occupies a worker's memory and fit_suggestions() the changes that would make a run fit.
+that occupies a worker's memory and fit_suggestions() the changes that would make a run fit. A merge's
+memory is merge/planning/memory.py, with the same Term and WorkerPlan.
 
 What is counted, per anchor worker at its peak (the end of the forward pass, when every saved
 activation, the logits and the loss are alive at once):
@@ -376,64 +377,3 @@ def _worker_counts(n: int, limit: int) -> list[int]:
 def _workers(setup: TrainSetup, count: int) -> TrainSetup:
     return replace(setup, anchor_workers=count, global_batch=max(setup.global_batch, setup.micro_batch * count))
 
-
-# --------------------------------------------------------------------------------------------------
-# Merging
-
-
-@dataclass(frozen=True)
-class MergeSetup:
-    inputs: int  # candidate models
-    input_bytes: int  # bytes of one input's tensors
-    output_bytes: int
-    largest_input_itemsize: int
-    output_itemsize: int
-    chunk_elements: int  # from merge.planning.plan.chunk_plan
-    read_slots: int  # input chunks held at once, also from merge.planning.plan.chunk_plan
-    read_bytes: int  # buffer room all the merge's reads take together (merge.io.reader.slot_bytes of each chunk)
-    largest_tensor: int  # elements of the largest output tensor
-    block: int  # merge.methods.registry.BLOCK
-    out_buffers: int  # merge.planning.plan.OUT_BUFFERS
-    worker_runtime: int  # merge.planning.plan.WORKER_OVERHEAD
-    workers: int
-    max_shard_bytes: int
-    loss_model_bytes: int = 0  # weights from examples: the largest candidate scored
-    loss_workers: int = 1  # weights_from_examples.workers: candidates partitioned over this many ranks
-    loss_tokens: int = 0  # batch_size x max_length
-    vocab: int = 0
-
-
-def merge_terms(setup: MergeSetup) -> WorkerPlan:
-    """Peak anonymous memory of one merge worker."""
-    # A buffer's pages are touched only as far as a chunk fills it: no further than the largest tensor.
-    chunk = min(setup.chunk_elements, setup.largest_tensor)
-    # Chunks share the buffers, so inputs smaller than them never touch all of their pages.
-    read_buffers = setup.read_slots * chunk * setup.inputs * setup.largest_input_itemsize
-    terms = [
-        Term("input read buffers", min(read_buffers, setup.read_bytes),
-             f"{setup.read_slots} chunks of every input: the one computed and those read ahead"
-             if read_buffers <= setup.read_bytes else "every input: they fit the read-ahead"),
-        Term("output chunk buffers", setup.out_buffers * chunk * setup.output_itemsize,
-             f"{setup.out_buffers} chunks of {chunk:,} elements: computed, queued, being written"),
-        Term("fp32 block arithmetic", (setup.inputs + 2) * setup.block * 4,
-             f"{setup.inputs} inputs and the result, {setup.block:,} elements at a time"),
-        Term("runtime allowance", setup.worker_runtime, "interpreter and torch (merge.planning.plan.WORKER_OVERHEAD)"),
-    ]
-    return WorkerPlan("merge worker", tuple(terms))
-
-
-def loss_terms(setup: MergeSetup) -> WorkerPlan:
-    """Peak memory of the weights-from-examples step: one candidate (or 1/N of it), logits, loss."""
-    terms = [
-        Term("candidate weights", math.ceil(setup.loss_model_bytes / setup.loss_workers),
-             "one candidate at a time" + (f", 1/{setup.loss_workers} per worker" if setup.loss_workers > 1 else "")),
-        Term("logits and loss", setup.loss_tokens * setup.vocab * (4 + 4 + 4),
-             f"{setup.loss_tokens:,} tokens x {setup.vocab:,}: logits, fp32 copy, per-token loss"),
-        Term("runtime allowance", setup.worker_runtime, "interpreter, torch, transformers"),
-    ]
-    return WorkerPlan("loss worker", tuple(terms))
-
-
-def merge_seconds(setup: MergeSetup, read_bytes_per_s: float, write_bytes_per_s: float) -> float:
-    """Reading every input and writing the output at the disk's speed (the merge overlaps its arithmetic)."""
-    return setup.inputs * setup.input_bytes / read_bytes_per_s + setup.output_bytes / write_bytes_per_s

@@ -1,5 +1,6 @@
-"""`calm merge`: build an LM-Cocktail blend (or a TIES/DARE/SLERP/task-arithmetic merge) by streaming
-safetensors checkpoints, or re-check a finished merge with --verify.
+"""`calm merge`: build an LM-Cocktail blend (or another merge) by streaming safetensors checkpoints.
+
+TIES, DARE, SLERP and task arithmetic too; --verify re-checks a finished merge.
 
 Only argparse is imported at the top: `calm --help` must stay instant; torch comes with run().
 """
@@ -41,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         return 1 if problems else 0
     if not args.config:
         raise ConfigError("give a config file to merge, or --verify OUT to check a merge")
+    from launcher.runtime.ray_start import start_ray
     from merge.job import run_merge
     from merge.merge_config import load_config
 
@@ -48,5 +50,7 @@ def run(args: argparse.Namespace) -> int:
     output = str(Path(args.output).absolute()) if args.output else None
     updates = {"output.path": output, "workers": args.workers, "memory_budget": args.memory_budget}
     cfg = load_config(args.config, {k: v for k, v in updates.items() if v is not None})
-    run_merge(cfg, address=args.address, show_progress=not args.no_progress)
+    # Ray only where a step needs it (--address, weights_from_examples.workers > 1), started then, and an
+    # embedded cluster shut down after its step.
+    run_merge(cfg, address=args.address, show_progress=not args.no_progress, start_ray=start_ray)
     return 0

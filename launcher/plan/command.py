@@ -1,9 +1,11 @@
-"""`calm plan CONFIG`: will it fit? Memory per worker of a training or merge config, from the model
-configs alone (no weights are read), against the device memory, and what would make it fit.
+"""`calm plan CONFIG`: will it fit? Memory per worker of a training or merge config.
 
-The arithmetic lives in calm_dist.distributed.memory_plan; this module reads the configs, builds each model on
-the meta device to count its tensors exactly, and prints the table. `calm train` calls check_fits()
-in its preflight and refuses a run that cannot fit.
+From the model configs alone (no weights are read), against the device memory, and what would make
+it fit.
+
+The arithmetic lives in calm_dist.distributed.memory_plan (training) and merge.planning.memory (merges);
+this module reads the configs, builds each model on the meta device to count its tensors exactly, and
+prints the table. `calm train` calls check_fits() in its preflight and refuses a run that cannot fit.
 """
 
 from __future__ import annotations
@@ -18,20 +20,19 @@ import yaml
 
 from calm_dist.distributed.memory_plan import (
     GIB,
-    MergeSetup,
     ModelShape,
     TrainSetup,
     WorkerPlan,
     fit_suggestions,
-    loss_terms,
-    merge_seconds,
-    merge_terms,
     train_plan,
 )
 from launcher.train_config import ConfigError, TrainConfig
+from merge.planning.memory import MergeSetup, loss_terms, merge_seconds, merge_terms
 
 USER_ERRORS = (ConfigError,)
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Bytes per element of the torch dtype names a training config gives (models.*.dtype, composition.dtype);
+# safetensors dtype codes are merge.io.safetensors_file.ITEMSIZE's.
+TORCH_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -89,18 +90,17 @@ def model_shape(path: str, dtype: str, trust_remote_code: bool = False) -> Model
         intermediate=getattr(config, "intermediate_size", None) or 4 * config.hidden_size, heads=heads,
         kv_width=kv_heads * head_dim, vocab=config.vocab_size,
         layer_parameters=sum(p.numel() for p in layer.parameters()),
-        lm_head=head.weight.numel() if head is not None else 0, dtype_bytes=DTYPE_BYTES[dtype],
+        lm_head=head.weight.numel() if head is not None else 0, dtype_bytes=TORCH_DTYPE_BYTES[dtype],
         tied=head is not None and head.weight is model.get_input_embeddings().weight,
     )
 
 
 def train_setup(config: TrainConfig, gpu: bool | None = None) -> TrainSetup:
     from calm_dist.model.cross_attention import CrossAttention
-    from launcher.composition_layout import connections_for
 
     anchor = model_shape(config.models.anchor.path, config.models.anchor.dtype, config.models.anchor.trust_remote_code)
     augmenting = tuple(model_shape(m.path, m.dtype, m.trust_remote_code) for m in config.models.augmenting)
-    connections = sorted(connections_for(config.composition, anchor.layers, [m.layers for m in augmenting]))
+    connections = sorted(config.composition.layout(anchor.layers, [m.layers for m in augmenting]))
     width = anchor.hidden
     heads = config.composition.num_heads or anchor.heads
     sizes: list[int] = []
@@ -117,7 +117,7 @@ def train_setup(config: TrainConfig, gpu: bool | None = None) -> TrainSetup:
         anchor=anchor, augmenting=augmenting,
         connections=tuple((c.augmenting, c.aug_layer, c.anchor_layer) for c in connections),
         connection_parameters=tuple(per_connection), composition_tensor_sizes=tuple(sizes),
-        composition_bytes=DTYPE_BYTES[config.composition.dtype],
+        composition_bytes=TORCH_DTYPE_BYTES[config.composition.dtype],
         anchor_workers=config.ray.num_workers, augmenting_workers=config.placement.augmenting_workers,
         pipelined=config.placement.mode == "pipelined", prefetch=config.placement.prefetch,
         micro_batch=config.training.micro_batch_size, sequence=config.data.max_length,
@@ -296,7 +296,7 @@ def is_merge_config(path: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.train.command import parse_overrides
+    from launcher.train_config import parse_overrides
 
     overrides = parse_overrides(args.set)
     if is_merge_config(args.config):

@@ -1,15 +1,18 @@
-"""Cocktail losses of candidates too large for one machine: each candidate loaded partitioned with
-ZeRO-3 over N Ray workers (`weights_from_examples.workers: N`), each worker holding 1/N of it.
+"""Cocktail losses of candidates too large for one machine, each partitioned over N Ray workers.
+
+Each candidate is loaded partitioned with ZeRO-3 over N Ray workers (`weights_from_examples.workers:
+N`), each worker holding 1/N of it.
 
 The workers form one torch.distributed group for the whole job and score the candidates one after
 another; each worker loads its slice of a candidate (calm_dist.distributed.partitioned_scoring), runs
-merge.cocktail.weights.score_model, the same recipe as a single process, and frees it before the next. Every
-worker computes the same loss (ZeRO-3 gathers each layer whole for its forward); rank 0's is used
-and the others are checked against it.
+merge.cocktail.losses.score_model, the same recipe as a single process, and frees it before the next.
+Every worker computes the same loss (ZeRO-3 gathers each layer whole for its forward); rank 0's is
+used and the others are checked against it.
 
-On a cluster (`calm merge --address ...`) the workers are Ray actors placed anywhere; the candidates
-and examples must be on storage every node sees at the same path. Without an address an embedded
-local Ray is started for the losses and stopped afterwards.
+Ray is already running here: merge.job.cocktail_weights starts it around this step
+(merge.execution.ray_session). On a cluster (`calm merge --address ...`) the workers are Ray actors
+placed anywhere; the candidates and examples must be on storage every node sees at the same path.
+Without an address the cluster is an embedded local one, stopped after the losses.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class LossWorker:
         from transformers import AutoTokenizer
 
         from calm_dist.distributed.partitioned_scoring import score_partitioned
-        from merge.cocktail.weights import score_model
+        from merge.cocktail.losses import score_model
 
         settings = ExamplesWeights.model_validate(spec)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
@@ -54,7 +57,8 @@ class LossWorker:
         return {"loss": scored.loss, "held_bytes": scored.held_bytes, "total_bytes": scored.total_bytes}
 
 
-def _check_dtypes(candidates: list[tuple[Path, Path]]) -> None:
+def check_dtypes(candidates: list[tuple[Path, Path]]) -> None:
+    """ExamplesError unless every candidate is stored in a dtype the partitioned workers load."""
     for path, _ in candidates:
         try:
             config = json.loads((path / "config.json").read_text())
@@ -70,20 +74,14 @@ def partitioned_losses(
     candidates: list[tuple[Path, Path]],
     examples: list,
     spec: ExamplesWeights,
-    address: str | None,
     log: Callable[[str], None],
     report: list[dict] | None = None,
 ) -> list[float]:
-    """The loss of each (model folder, tokenizer folder) candidate, in order. `report`, if given,
-    receives per candidate the bytes each worker held and the model's total."""
-    _check_dtypes(candidates)
-    started = not ray.is_initialized()
-    if started:
-        if address and address != "local":
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(address="local", num_cpus=spec.workers, include_dashboard=False, _node_ip_address="127.0.0.1",
-                     log_to_driver=False)
+    """The loss of each (model folder, tokenizer folder) candidate, in order, on the Ray this process
+    runs. `report`, if given, receives per candidate the bytes each worker held and the model's total."""
+    check_dtypes(candidates)
+    if not ray.is_initialized():
+        raise RuntimeError("partitioned_losses: Ray is not running (merge.execution.ray_session starts it)")
     workers = [LossWorker.options(num_cpus=1).remote() for _ in range(spec.workers)]
     try:
         master_addr, master_port = ray.get(workers[0].address.remote())
@@ -106,5 +104,3 @@ def partitioned_losses(
     finally:
         for worker in workers:
             ray.kill(worker)
-        if started:
-            ray.shutdown()

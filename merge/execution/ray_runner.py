@@ -3,6 +3,7 @@
 Inputs and the output folder must be on a filesystem every node sees at the same path (NFS, Lustre, a
 mounted bucket). Each task asks Ray for its share of the memory budget as the `memory` resource, so a
 node runs only as many shards at once as its memory allows. Progress is counted per finished shard.
+Ray is already running here: the caller started it (merge.execution.ray_session).
 """
 
 from __future__ import annotations
@@ -16,16 +17,11 @@ from merge.planning.plan import ShardTask
 
 
 def run_on_ray(
-    tasks: list[ShardTask],
-    address: str,
-    memory_per_task: int,
-    on_done: Callable[[ShardResult], None],
-    progress: Progress,
+    tasks: list[ShardTask], memory_per_task: int, on_done: Callable[[ShardResult], None], progress: Progress
 ) -> None:
-    """`address`: a Ray address ('auto', 'ray://head:10001', 'host:6379'), or 'local' for a Ray started
-    in this process (reused if this process already runs one)."""
+    """Run the tasks on the Ray this process runs, each asking for `memory_per_task` bytes."""
     if not ray.is_initialized():
-        ray.init(address=None if address == "local" else address, log_to_driver=False)
+        raise RuntimeError("run_on_ray: Ray is not running (merge.execution.ray_session starts it)")
     remote = ray.remote(run_shard)
     refs = {
         remote.options(num_cpus=1, memory=memory_per_task, max_retries=1).remote(task): task

@@ -1,5 +1,7 @@
-"""One output tensor as a stream of chunks: inputs read ahead in the planned order (merge.io.reader),
-combined block by block, rounded once to the output dtype into a buffer taken from a fixed pool.
+"""One output tensor as a stream of chunks, each computed into a buffer from a fixed pool.
+
+Inputs are read ahead in the planned order (merge.io.reader), combined block by block and rounded once
+to the output dtype into a buffer taken from a fixed pool.
 
 Chunks are ranges of the flattened tensor (row chunks are the case of a row-aligned range), always a
 multiple of BLOCK elements, so the blocks a method sees are the same whatever the chunk size. Memory

@@ -2,7 +2,8 @@
 
 Only headers are read here. A folder holds either `model.safetensors` or shards listed in
 `model.safetensors.index.json`; both are validated against each other so a missing shard, a tensor the
-index misplaces or a corrupt header is reported with the file at fault.
+index misplaces or a corrupt header is reported with the file at fault. checkpoint_tensors() is the one
+reader of a folder's weight files: the training preflight (launcher/weight_files.py) uses it too.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from merge.io.safetensors_file import TensorInfo, read_header
+from merge.io.safetensors_file import MERGE_CODES, TensorInfo, read_header
 from merge.merge_errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
@@ -36,14 +37,15 @@ class Checkpoint:
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"model '{name}': {path} is not a folder")
-        if (path / INDEX_FILE).exists():
-            tensors = _read_sharded(path / INDEX_FILE)
-        elif (path / SINGLE_FILE).exists():
-            tensors = {t.name: t for t in read_header(path / SINGLE_FILE)}
-        else:
+        tensors = checkpoint_tensors(path)
+        if tensors is None:
             others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".safetensors"))
             hint = f" (found {', '.join(others)}; convert to {SINGLE_FILE} or shards with {INDEX_FILE})" if others else ""
             raise CheckpointError(f"model '{name}': no {SINGLE_FILE} or {INDEX_FILE} in {path}{hint}")
+        for info in tensors.values():
+            if info.dtype not in MERGE_CODES:
+                raise CheckpointError(f"{info.path}: tensor '{info.name}': unsupported dtype {info.dtype!r} "
+                                      f"(supported: {', '.join(MERGE_CODES)})")
         config = _read_json(path / "config.json") if (path / "config.json").exists() else None
         return cls(name, path, tensors, config)
 
@@ -75,6 +77,18 @@ class Checkpoint:
         return tie is True or (tie is None and len(stored) < len(TIED_OUTPUT_EMBEDDINGS))
 
 
+def checkpoint_tensors(path: Path) -> dict[str, TensorInfo] | None:
+    """Every tensor of a folder's safetensors weights by name, in file order shard by shard: the shards
+    its index names, checked against it, else model.safetensors; None when it has neither file.
+    CheckpointError (HeaderError for a file's own problems) names the file at fault."""
+    path = Path(path)
+    if (path / INDEX_FILE).exists():
+        return _read_sharded(path / INDEX_FILE)
+    if (path / SINGLE_FILE).exists():
+        return {t.name: t for t in read_header(path / SINGLE_FILE)}
+    return None
+
+
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -91,13 +105,15 @@ def _read_sharded(index_path: Path) -> dict[str, TensorInfo]:
     weight_map = _read_json(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index_path}: no weight_map of tensor name -> file name")
-    tensors: dict[str, TensorInfo] = {}
-    for filename in sorted(set(weight_map.values())):
-        shard = index_path.parent / filename
+    filenames = sorted(set(weight_map.values()))
+    for filename in filenames:  # all present before any is read: a download cut short is the likely story
         if Path(filename).name != filename:
             raise CheckpointError(f"{index_path}: shard name {filename!r} is not a plain file name")
-        if not shard.exists():
-            raise CheckpointError(f"{index_path}: lists {filename}, which does not exist")
+        if not (index_path.parent / filename).exists():
+            raise CheckpointError(f"{index_path} names {filename}, which is missing (an unfinished download?)")
+    tensors: dict[str, TensorInfo] = {}
+    for filename in filenames:
+        shard = index_path.parent / filename
         for info in read_header(shard):
             if weight_map.get(info.name) != filename:
                 raise CheckpointError(

@@ -1,5 +1,7 @@
-"""The output folder: checks before anything is written, and the non-weight files a Hugging Face
-checkpoint needs (config, generation config, tokenizer), copied from one input."""
+"""The output folder: checks before anything is written, and the non-weight files copied into it.
+
+The non-weight files are those a Hugging Face checkpoint needs (config, generation config, tokenizer),
+copied from one input."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Reading the inputs chunk by chunk, in the order the arithmetic will take them, ahead of it, into a
-few reused buffers. Free of torch: `calm merge` starts reading before torch has loaded.
+"""Reading the inputs chunk by chunk, ahead of the arithmetic and in its order, into reused buffers.
+
+Free of torch: `calm merge` starts reading before torch has loaded.
 
 Reads bypass the page cache (O_DIRECT) where the filesystem allows it: the disk writes straight into
 our buffers. Through the page cache every byte costs a kernel copy and fresh cache pages; on a 2-core

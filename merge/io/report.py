@@ -1,6 +1,8 @@
-"""The merge report (merge_report.json in the output): method, parameters, inputs, weights and losses,
-and the calm-dist version, so a blend can be traced back to how it was made. It holds no timings, so
-a resumed merge writes the same bytes as an uninterrupted one."""
+"""The merge report, merge_report.json in the output: how a blend was made.
+
+Method, parameters, inputs, weights and losses, and the calm-dist version, so a blend can be traced
+back to how it was made. It holds no timings, so a resumed merge writes the same bytes as an
+uninterrupted one."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""Safetensors files read and written by hand: strict header validation, and a streaming writer whose
-header is fixed before the first data byte (reading element ranges is merge/io/reader.py's).
+"""Safetensors files read and written by hand: the one header reader, and a streaming writer.
+
+The reader validates a header strictly against its file; the writer fixes its header before the first
+data byte (reading element ranges is merge/io/reader.py's).
 
 The format is an 8-byte little-endian header length, a JSON header (dtype, shape and data_offsets of
 each tensor, relative to the end of the header) and raw little-endian bytes. Handling it directly lets a
@@ -12,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import itertools
 import json
 import math
 import mmap
@@ -24,13 +25,20 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from merge.merge_errors import CheckpointError
+from merge.merge_errors import HeaderError
 
 # The reference implementation's bound: a longer header means a corrupt length field, not a real file.
 MAX_HEADER_BYTES = 100_000_000
 
-# safetensors dtype codes -> bytes per element.
-ITEMSIZE: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+# Every safetensors dtype code -> bytes per element (the one table: the training preflight sizes
+# tensors with it too).
+ITEMSIZE: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}
+# The codes a merge reads and writes (merge.execution.stream.TORCH_DTYPES has their torch dtypes);
+# merge.io.checkpoint_folder refuses inputs with others.
+MERGE_CODES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
 # Direct I/O (no page cache: see merge/io/reader.py) needs transfers that start and end on the device's
 # logical block (512 or 4096 bytes), in memory and in the file.
@@ -58,10 +66,12 @@ class TensorInfo:
 
 
 def read_header(path: str | os.PathLike) -> list[TensorInfo]:
-    """Parse and validate a safetensors header; tensors come back in file order.
+    """Parse and validate a safetensors header against its file; tensors come back in file order.
 
-    Every check that a loader would trip over later is done here, so a corrupt or truncated file is
-    named before any output exists.
+    The checks are the reference loader's, so a corrupt or truncated file is named before any output
+    exists, not when a loader trips over it: every entry well formed, of a known dtype, its byte count
+    its shape's, and the tensors tiling the data section exactly (no overlap, no gap), which ends where
+    the file ends. Errors are HeaderError (the file, and the problem on its own).
     """
     path = str(path)
     try:
@@ -69,33 +79,36 @@ def read_header(path: str | os.PathLike) -> list[TensorInfo]:
             size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError(
-                    f"{path}: not a safetensors file ({size} bytes, shorter than the 8-byte header length)"
-                )
+                raise HeaderError(path, f"not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
             (length,) = struct.unpack("<Q", head)
             if length > min(MAX_HEADER_BYTES, size - 8):
-                raise CheckpointError(
-                    f"{path}: truncated or not a safetensors file: the header claims {length} bytes "
-                    f"but {size - 8} follow"
+                raise HeaderError(
+                    path, f"truncated or not a safetensors file: the header claims {length} bytes but {size - 8} follow"
                 )
             raw = f.read(length)
     except OSError as err:
-        raise CheckpointError(f"{path}: cannot read: {err.strerror}") from err
+        raise HeaderError(path, f"cannot read: {err.strerror}") from err
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: corrupt header: not valid JSON ({err})") from err
+        raise HeaderError(path, f"corrupt header: not valid JSON ({err})") from err
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt header: a JSON object was expected")
-    infos = [
-        _parse_entry(path, name, entry, 8 + length, size)
-        for name, entry in header.items()
-        if name != "__metadata__"
-    ]
-    infos.sort(key=lambda t: t.offset)
-    for prev, cur in itertools.pairwise(infos):
-        if cur.offset < prev.offset + prev.nbytes:
-            raise CheckpointError(f"{path}: corrupt header: tensors '{prev.name}' and '{cur.name}' overlap")
+        raise HeaderError(path, "corrupt header: a JSON object was expected")
+    data_start = 8 + length
+    infos = [_parse_entry(path, name, entry, data_start) for name, entry in header.items() if name != "__metadata__"]
+    infos.sort(key=lambda t: (t.offset, t.nbytes))  # empty tensors first where they share an offset
+    position, previous = data_start, None
+    for info in infos:
+        where = f"'{info.name}' starts at data byte {info.offset - data_start}, expected {position - data_start}"
+        if info.offset < position:
+            raise HeaderError(path, f"corrupt header: tensors '{previous.name}' and '{info.name}' overlap ({where})")
+        if info.offset > position:
+            raise HeaderError(path, f"corrupt header: a gap before tensor '{info.name}' ({where})")
+        position, previous = info.offset + info.nbytes, info
+    if position != size:
+        problem = "truncated, an unfinished download?" if position > size else "trailing bytes"
+        raise HeaderError(path, f"{problem}: its tensors need {position - data_start} bytes of data after the "
+                                f"header, the file holds {size - data_start}")
     return infos
 
 
@@ -103,28 +116,28 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _parse_entry(path: str, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
-    where = f"{path}: tensor '{name}'"
+def _parse_entry(path: str, name: str, entry: object, data_start: int) -> TensorInfo:
+    def bad(problem: str) -> HeaderError:
+        return HeaderError(path, f"tensor '{name}': {problem}")
+
     if not isinstance(entry, dict):
-        raise CheckpointError(f"{where}: corrupt header entry (an object with dtype, shape, data_offsets expected)")
+        raise bad("corrupt header entry (an object with dtype, shape, data_offsets expected)")
     dtype = entry.get("dtype")
     if dtype not in ITEMSIZE:
-        raise CheckpointError(f"{where}: unsupported dtype {dtype!r} (supported: {', '.join(ITEMSIZE)})")
+        raise bad(f"unknown dtype {dtype!r} (safetensors dtypes: {', '.join(ITEMSIZE)})")
     shape = entry.get("shape")
     if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
-        raise CheckpointError(f"{where}: corrupt shape {shape!r}")
+        raise bad(f"corrupt shape {shape!r}")
     offsets = entry.get("data_offsets")
     if not (
         isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
         and offsets[0] <= offsets[1]
     ):
-        raise CheckpointError(f"{where}: corrupt data_offsets {offsets!r}")
+        raise bad(f"corrupt data_offsets {offsets!r}")
     begin, end = offsets
     nbytes = math.prod(shape) * ITEMSIZE[dtype]
     if end - begin != nbytes:
-        raise CheckpointError(f"{where}: data_offsets span {end - begin} bytes but shape {shape} of {dtype} needs {nbytes}")
-    if data_start + end > size:
-        raise CheckpointError(f"{path}: truncated: tensor '{name}' ends at byte {data_start + end} but the file has {size} bytes")
+        raise bad(f"data_offsets span {end - begin} bytes but shape {shape} of {dtype} needs {nbytes}")
     return TensorInfo(path, name, dtype, tuple(shape), data_start + begin, nbytes)
 
 

@@ -1,6 +1,7 @@
-"""Correctly rounded linear combinations: round(sum_j c_j * y_j / d) with a single rounding to the
-output dtype, for exact real coefficients c_j and divisor d (Fractions of the float64 weights) and
-float inputs y_j.
+"""Correctly rounded linear combinations: round(sum_j c_j * y_j / d), rounded once.
+
+A single rounding to the output dtype, for exact real coefficients c_j and divisor d (Fractions of the
+float64 weights) and float inputs y_j.
 
 Why not just fp32 or fp64 arithmetic: the exact weighted mean of bf16 inputs often lies exactly halfway
 between two bf16 values (a uniform 3-model merge: ~0.6% of elements), and any rounding before the last

@@ -31,6 +31,19 @@ import torch
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("fast_pass.c")
 CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+
+# The functions fast_pass.c exports, as ctypes sees them: name -> (return type, argument types), in the
+# order of the C prototypes (tests/test_exact.py checks this table against the source). Pointers are
+# c_void_p: every array is a tensor's data_ptr() or a ctypes array.
+_P, _INT, _I64, _F64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_double
+# k, ys, codes, scaled, factor, absolute, overflow_risk, parts, counts, positive
+_CONSTANTS = (_INT, _P, _P, _P, _F64, _F64, _F64, _P, _P, _INT)
+SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
+    # ..., out_code, out, n, where, low, estimate
+    "fast_pass_float": (_I64, (*_CONSTANTS, _INT, _P, _I64, _P, _P, _P)),
+    # ..., out, n, where, low, estimate
+    "fast_pass_double": (_I64, (*_CONSTANTS, _P, _I64, _P, _P, _P)),
+}
 _LOCK = threading.Lock()
 _LOADED: list[ctypes.CDLL | None] = []  # empty until the first try
 
@@ -64,11 +77,9 @@ def _load() -> ctypes.CDLL | None:
         detail = (getattr(e, "stderr", None) or str(e)).strip()
         log.warning("merge: could not build the compiled fast pass (%s); using torch ops, slower", detail)
         return None
-    pointer, i64, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
-    lib.fast_pass_float.restype = lib.fast_pass_double.restype = i64
-    constants = [ctypes.c_int, pointer, pointer, pointer, f64, f64, f64, pointer, pointer, ctypes.c_int]
-    lib.fast_pass_float.argtypes = [*constants, ctypes.c_int, pointer, i64, pointer, pointer, pointer]
-    lib.fast_pass_double.argtypes = [*constants, pointer, i64, pointer, pointer, pointer]
+    for name, (restype, argtypes) in SIGNATURES.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = restype, list(argtypes)
     return lib
 
 

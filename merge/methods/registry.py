@@ -1,5 +1,7 @@
-"""Merge methods: small pure functions over fp32 tensors, registered by name. Their parameters and
-shape (base model, weights, passes over the inputs) are declared in merge.methods.specs.
+"""Merge methods: small pure functions over fp32 tensors, registered by name.
+
+Their parameters and shape (base model, weights, passes over the inputs) are declared in
+merge.methods.specs.
 
 Linear and task arithmetic are exact: their result is the real-number formula rounded once
 (`merge.methods.exact`), and they take any range of the inputs as stored (`any_range`). A method sees one block of every input at a time (`combine`), plus, when the formula needs a

@@ -1,6 +1,7 @@
-"""What the config, the plan and the reader know of each merge method: its parameters and its shape,
-not its arithmetic (merge/methods/registry.py). Kept free of torch, so a merge is checked, planned and already
-reading its inputs while torch loads (a second or more of every `calm merge`).
+"""What the config, the plan and the reader know of each merge method: its parameters and its shape.
+
+Not its arithmetic (merge/methods/registry.py). Kept free of torch, so a merge is checked, planned and
+already reading its inputs while torch loads (a second or more of every `calm merge`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Which input tensors make each output tensor: names, shapes, dtypes and vocabularies checked across
-every checkpoint before anything is written.
+"""Which input tensors make each output tensor, matched across every checkpoint.
+
+Names, shapes, dtypes and vocabularies are checked across every checkpoint before anything is written.
 
 Tied embeddings: a checkpoint that ties its output embedding stores only the input embedding. If every
 input ties, the output ties too (and stores no output embedding); otherwise the output stores one,

@@ -1,5 +1,7 @@
-"""The merge plan: what each output tensor is made of, how the outputs are grouped into shards, and how
-large a chunk each worker may hold.
+"""The merge plan: each output tensor's sources, the shards, and the chunk size.
+
+What each output tensor is made of, how the outputs are grouped into shards, and how large a chunk
+each worker may hold.
 
 A shard task is self-contained and picklable (file paths, byte offsets, weights, parameters), so a
 local process or a Ray task on another node can run it with nothing but the shared filesystem.
