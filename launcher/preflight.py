@@ -17,7 +17,6 @@ from calm_dist.errors import CompositionError
 from calm_dist.model.architectures import DECODER_LAYERS, ModelDims, dims_from_config
 from calm_dist.model.connections import Connection
 from calm_dist.model.cross_attention import CrossAttention
-from launcher.composition_layout import connections_for
 from launcher.train_config import ConfigError, ModelSpec, TrainConfig
 from launcher.weight_files import check_weights
 
@@ -216,7 +215,7 @@ def resolve_connections(config: TrainConfig, anchor: ModelDims, augmenting: list
     model's order, validated against the layer counts."""
     key = "composition.connections" if config.composition.connections is not None else "composition.every_n"
     try:
-        connections = connections_for(config.composition, anchor.num_layers, [d.num_layers for d in augmenting])
+        connections = config.composition.layout(anchor.num_layers, [d.num_layers for d in augmenting])
     except CompositionError as err:
         raise ConfigError(f"{key}: {err}") from None
     return sorted(connections)

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from calm_dist.errors import InputError
+from calm_dist.model import connections
+from calm_dist.model.connections import Connection
+
+if TYPE_CHECKING:  # torch, which the options hold dtypes of, loads only when a run needs it
+    from calm_dist.model.options import CompositionOptions
 
 
 class ConfigError(InputError):
@@ -93,6 +98,19 @@ class CompositionConfig(Strict):
         if self.connections is None and self.every_n is None:
             raise ValueError("give every_n or connections: with neither, nothing connects the models")
         return self
+
+    def options(self) -> CompositionOptions:
+        """The options every composition reads (compose, checkpoints, workers): all fields but the layout."""
+        import torch
+
+        from calm_dist.model.options import CompositionOptions
+
+        values = self.model_dump(exclude={"every_n", "connections"})
+        return CompositionOptions(**{**values, "dtype": getattr(torch, self.dtype)})
+
+    def layout(self, anchor_layers: int, augmenting_layers: Sequence[int]) -> list[Connection]:
+        """The connections, validated against the models' layer counts."""
+        return connections.layout(self.connections, self.every_n, anchor_layers, augmenting_layers)
 
 
 class DataConfig(Strict):
@@ -335,3 +353,15 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None,
         return TrainConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, str(path), given)) from None
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`--set KEY=VALUE` pairs -> {dotted key: value parsed as YAML}, for load_config(); ConfigError on a
+    pair without `=` or a key."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    return overrides

@@ -215,3 +215,15 @@ def test_a_subcommands_parser_imports_only_its_own_module():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
     assert out.stdout.strip() == "2 []"
+
+
+def test_the_config_offers_exactly_the_composition_options_and_hands_them_over():
+    import torch
+
+    from calm_dist.model.options import CompositionOptions
+    from launcher.train_config import CompositionConfig
+
+    layout = {"every_n", "connections"}
+    assert set(CompositionConfig.model_fields) - layout == set(CompositionOptions.names())
+    options = CompositionConfig(num_heads=8, recency_bias=True, dropout=0.25, dtype="bfloat16").options()
+    assert options == CompositionOptions(num_heads=8, dtype=torch.bfloat16, recency_bias=True, dropout=0.25)

@@ -1,0 +1,1 @@
+"""`calm demo`: the key-value arithmetic experiment on an embedded local Ray."""

@@ -1,5 +1,6 @@
-"""`calm eval CONFIG_OR_COMPOSITION --data FILE`: exact match and mean loss of a composition, or of one of
-its base models alone, on prompt/completion (or plain text) data.
+"""`calm eval CONFIG_OR_COMPOSITION --data FILE`: score a composition, or one of its base models alone.
+
+Exact match and mean loss on prompt/completion (or plain text) data.
 
 Runs on the same kind of workers as training: Ray Train starts them, each loads the anchor straight into
 its DeepSpeed ZeRO-3 partition (so a 70B anchor can be scored on the GPUs that trained it), and greedy
@@ -19,14 +20,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from pydantic import Field
+from calm_dist.errors import CompositionError, InputError
+from launcher.base_model_flags import add_base_model_arguments
+from launcher.eval.job import EvalJob
+from launcher.train_config import ConfigError, ModelSpec, load_config
 
-from calm_dist.errors import CompositionError
-from launcher.train_config import ConfigError, ModelSpec, Strict, load_config
-
-USER_ERRORS = (ConfigError, CompositionError)  # data errors arrive as ConfigError (see _check_data)
+USER_ERRORS = (InputError,)  # the driver's checks and what a worker met alike
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,13 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, help="greedy decoding length (default: training.eval_max_new_tokens, else 32)")
     parser.add_argument("--workers", type=int, help="Ray Train workers sharing the anchor (default: ray.num_workers, else 1)")
     parser.add_argument("--micro-batch-size", type=int, help="sequences per worker per forward (default: training's, else 8)")
-    parser.add_argument("--anchor", help="anchor model folder (default: from the config or composition.json)")
-    parser.add_argument("--augmenting", action="append", metavar="PATH",
-                        help="augmenting model folder, once per augmenting model (default: from composition.json)")
-    parser.add_argument("--tokenizer", help="tokenizer folder (default: the config's, else the anchor's)")
-    parser.add_argument("--augmenting-tokenizer", action="append", metavar="PATH",
-                        help="own tokenizer of an augmenting model, once per augmenting model, for a composition "
-                        "trained across tokenizers (default: the config's, else the model's folder)")
+    add_base_model_arguments(parser, from_config=True)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"],
                         help="base models' dtype for a composition folder (default float32; a config says its own)")
     parser.add_argument("--prompt-field", help="default: the config's data.prompt_field, else 'prompt'")
@@ -59,29 +53,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", help="where the JSON goes (default: the run folder's eval/)")
     parser.add_argument("--verbose", action="store_true",
                         help="show Ray, DeepSpeed and library output here instead of in the log file")
-
-
-class EvalJob(Strict):
-    """Everything a worker needs, resolved and checked on the driver."""
-
-    model: Literal["composition", "anchor", "augmenting"]
-    augmenting_index: int = 0
-    composition: str | None = None  # the composition folder (composition.json + .safetensors)
-    anchor: ModelSpec
-    augmenting: list[ModelSpec]
-    tokenizer: str
-    data: list[str]  # scored one after the other by the same workers
-    split: str | None = None
-    text_field: str | None = None
-    prompt_field: str | None = None
-    completion_field: str | None = None
-    max_length: int = Field(ge=2)
-    samples: int | None = Field(None, ge=1)
-    max_new_tokens: int = Field(ge=1)
-    micro_batch_size: int = Field(ge=1)
-    zero_stage: Literal[0, 1, 2, 3] = 3
-    use_gpu: bool = False
-    examples: int = Field(5, ge=0)
 
 
 @dataclass
@@ -118,13 +89,14 @@ def plan(target: str | Path, data: str | Path | list[str | Path], *, anchor_only
     target = Path(target)
     if not target.exists():
         raise ConfigError(f"{target}: no such config file or composition folder")
-    use_gpu, cpus, runtime_env, zero_stage, trust = gpu, 1.0, {}, 3, False
+    use_gpu, cpus, runtime_env, zero_stage, trust, split = gpu, 1.0, {}, 3, False, None
     if target.is_file():
         config = load_config(target)
         composition = config.run_dir / "composition"
         specs = [config.models.anchor, *config.models.augmenting]
         tokenizer = tokenizer or config.models.tokenizer or config.models.anchor.path
         fields = (config.data.prompt_field, config.data.completion_field, config.data.text_field)
+        split = config.data.split  # of a saved DatasetDict: the one the run trained and evaluated on
         max_length = max_length or config.data.max_length
         micro_batch_size = micro_batch_size or config.training.micro_batch_size
         max_new_tokens = max_new_tokens or config.training.eval_max_new_tokens
@@ -200,12 +172,12 @@ def plan(target: str | Path, data: str | Path | list[str | Path], *, anchor_only
             raise ConfigError(f"{name} {value}: must be at least 1")
     files = [Path(d) for d in (data if isinstance(data, list | tuple) else [data])]
     for file in files:
-        _check_data(file, fields)
+        _check_data(file, fields, split)
     if len({f.stem for f in files}) < len(files):  # each result is written to STEM.MODEL.json
         raise ConfigError(f"--data: {', '.join(map(str, files))}: two files with the same name would write one result")
     job = EvalJob(model=model, augmenting_index=augmenting_only or 0, composition=str(composition.resolve()),
                   anchor=specs[0], augmenting=specs[1:], tokenizer=str(tokenizer),
-                  data=[str(f.resolve()) for f in files],
+                  data=[str(f.resolve()) for f in files], split=split,
                   prompt_field=fields[0], completion_field=fields[1], text_field=fields[2], max_length=max_length,
                   samples=samples, max_new_tokens=max_new_tokens, micro_batch_size=micro_batch_size,
                   zero_stage=zero_stage, use_gpu=use_gpu)
@@ -249,7 +221,7 @@ def _check_tokenizers(manifest: dict, tokenizer: str, specs: list[ModelSpec], fi
     check_tokenizers(manifest, given if any(t is not None for t in given[1:]) else None, len(specs) - 1, file)
 
 
-def _check_data(path: Path, fields: tuple) -> None:
+def _check_data(path: Path, fields: tuple, split: str | None = None) -> None:
     import datasets
 
     from calm_dist.data.records import DataError, check_fields, load_records
@@ -257,7 +229,7 @@ def _check_data(path: Path, fields: tuple) -> None:
     # Before the log exists (its folder comes from the plan): a peek at the file, without a progress bar.
     datasets.disable_progress_bars()
     try:
-        records = load_records(path)
+        records = load_records(path, split)
         check_fields(records, path, prompt_field=fields[0], completion_field=fields[1], text_field=fields[2])
     except DataError as err:
         raise ConfigError(f"--data: {err}") from None
@@ -286,17 +258,15 @@ def run_plan(p: Plan, progress: bool = True) -> list[dict]:
     from launcher.eval.worker import eval_worker
     from launcher.runtime.progress import ProgressBoard, follow
     from launcher.runtime.quiet import is_quiet
+    from launcher.runtime.ray_start import start_ray
 
     started = time.perf_counter()
-    own_cluster = not ray.is_initialized()
-    if own_cluster:
-        if p.address:
-            ray.init(address=p.address, runtime_env=p.runtime_env or None, log_to_driver=not is_quiet())
-        else:
-            # address="local": a cluster of its own, never one that `ray start` left on this machine
-            ray.init(address="local", num_cpus=max(2, math.ceil(p.workers * p.cpus_per_worker) + 1),
-                     include_dashboard=False,
-                     _node_ip_address="127.0.0.1", runtime_env=p.runtime_env or None, log_to_driver=not is_quiet())
+    # Ray this call starts or connects to is shut down (or disconnected) at the end; Ray already running
+    # in this process is left as it was.
+    own_ray = not ray.is_initialized()
+    # No address: a cluster of its own, never one that `ray start` left on this machine.
+    cpus = None if p.address else max(2, math.ceil(p.workers * p.cpus_per_worker) + 1)
+    start_ray(p.address or None, num_cpus=cpus, runtime_env=p.runtime_env or None, log_to_driver=not is_quiet())
     job = p.job
     board_name = f"calm-eval-progress-{time.time_ns()}"
     board = ProgressBoard.options(name=board_name, num_cpus=0).remote()
@@ -327,10 +297,14 @@ def run_plan(p: Plan, progress: bool = True) -> list[dict]:
     thread.join()
     per_file = ray.get(board.get_result.remote()) if "error" not in outcome else None
     ray.kill(board)
-    if own_cluster:
+    if own_ray:
         ray.shutdown()
     if "error" in outcome:
-        raise EvalFailed(outcome["error"])
+        from launcher.runtime.worker_errors import input_error_in
+
+        # Bad input a worker met (a corrupt composition file, data it cannot use) is the user's to fix:
+        # one line, as on the driver.
+        raise input_error_in(outcome["error"]) or EvalFailed(outcome["error"])
     shutil.rmtree(storage / run_name, ignore_errors=True)
     with contextlib.suppress(OSError):
         storage.rmdir()  # only if no other evaluation is using it

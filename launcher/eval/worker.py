@@ -4,43 +4,33 @@ reported back to the driver."""
 
 from __future__ import annotations
 
-from launcher.eval.command import EvalJob
-from launcher.runtime.worker_setup import (
-    load_partitioned_model,
-    load_tokenizer,
-    load_whole,
-    own_tokenizers,
-    start_worker,
-)
+from launcher.eval.job import EvalJob
+from launcher.runtime.worker_setup import start_worker
 
 
 def eval_worker(loop_config: dict) -> None:
     job = EvalJob.model_validate(loop_config["job"])
     device = start_worker(job.use_gpu)
-    import deepspeed
     import ray.train
-    import torch
-    from safetensors.torch import load_file
 
     from calm_dist.data.records import load_records
     from calm_dist.data.tokenization import tokenize_records
-    from calm_dist.distributed.engine import deepspeed_config
-    from calm_dist.distributed.lockstep_eval import (
-        SingleModel,
-        colocated_decode_states,
-        eval_share,
-        evaluate,
-        new_cache_for,
+    from calm_dist.distributed.base_models import (
+        load_partitioned_model,
+        load_tokenizer,
+        load_whole,
+        own_tokenizers,
     )
-    from calm_dist.model.alignment import views_from_batch
-    from calm_dist.model.architectures import dims_from_config
-    from calm_dist.model.composed import ComposedModel, augmenting_states
-    from calm_dist.model.composition_checkpoint import WEIGHTS, read_manifest
-    from calm_dist.model.connections import Connection
+    from calm_dist.distributed.engine import deepspeed_config, inference_engine, init_process_group
+    from calm_dist.distributed.lockstep_eval import eval_share, evaluate, new_cache_for
+    from calm_dist.distributed.placement import Colocated
+    from calm_dist.model.architectures import model_dims
+    from calm_dist.model.composition_checkpoint import load_composition
+    from calm_dist.model.decoding import SingleModel
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    deepspeed.init_distributed(dist_backend="nccl" if job.use_gpu else "gloo")
+    init_process_group(job.use_gpu)
     ds_config = deepspeed_config(micro_batch_size=job.micro_batch_size, gradient_accumulation_steps=1,
                                  data_parallel_size=world, zero_stage=job.zero_stage)
     tokenizer, pad = load_tokenizer(job.tokenizer)
@@ -49,28 +39,19 @@ def eval_worker(loop_config: dict) -> None:
     if job.model == "composition":
         # Augmenting models with a tokenizer of their own read the text (checked on the driver).
         aligner, aug_pads = own_tokenizers(tokenizer, [m.tokenizer for m in job.augmenting])
-        manifest = read_manifest(job.composition)
-        connections = [Connection(**c) for c in manifest["connections"]]
         augmenting = load_whole(job.augmenting, device)
-        model = ComposedModel(load_partitioned_model(job.anchor, ds_config),
-                              [dims_from_config(m.config) for m in augmenting], connections,
-                              num_heads=manifest["num_heads"], dtype=getattr(torch, manifest["dtype"]),
-                              recency_bias=manifest.get("recency_bias", False),
-                              null_attention=manifest.get("null_attention", False), aligner=aligner)
-        # θ_C goes in while the composition is still whole; DeepSpeed partitions it below.
-        model.composition.load_state_dict(load_file(f"{job.composition}/{WEIGHTS}"))
+        tokenizers = [tokenizer, *aligner.augmenting] if aligner is not None else None
+        # The augmenting models run beside the composed model (ZeRO-3 would partition them inside it);
+        # θ_C goes in while the composition is still whole, and DeepSpeed partitions it below.
+        model = load_composition(job.composition, load_partitioned_model(job.anchor, ds_config),
+                                 [model_dims(m) for m in augmenting], tokenizers)
         model.composition.requires_grad_(False)
-
-        def states_for(batch):
-            return augmenting_states(augmenting, connections, batch["input_ids"], batch["attention_mask"],
-                                     views=views_from_batch(batch))
-
-        decode_states = colocated_decode_states(augmenting, connections)
+        beside = Colocated(augmenting, model.connections)
+        states_for, decode_states = beside.states_for, beside.decode_states
     else:
         spec = job.anchor if job.model == "anchor" else job.augmenting[job.augmenting_index]
         model, augmenting, states_for, decode_states = SingleModel(load_partitioned_model(spec, ds_config)), [], None, None
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
-    engine.eval()
+    engine = inference_engine(model, ds_config)
 
     board = ray.get_actor(loop_config["board"]) if rank == 0 and loop_config.get("board") else None
     done_before = 0  # micro-batches of the files already scored, so progress runs on across files

@@ -1,5 +1,6 @@
-"""The CALM paper's key-value arithmetic experiment (Table 1), end to end: the main job of `calm demo`
-and what bench/kv_arithmetic.py measures.
+"""The CALM paper's key-value arithmetic experiment (Table 1), end to end.
+
+The main job of `calm demo` and what bench/kv_arithmetic.py measures:
 
 1. data: a seeded key->value map (launcher.kv_arithmetic.task) and the record sets of every model and eval;
 2. the "given" models, pretrained here by a plain single-process loop and cached: m_A memorises the
@@ -67,7 +68,7 @@ class Design:
     dc_kv_examples: int = 4000  # D_C: KV-arithmetic over the training keys...
     dc_numeric_examples: int = 2000  # ...with numeric examples mixed in, so m_B's skill is kept (1000 kept less of it)
     eval_examples: int = 500
-    max_new_tokens: int = 6
+    max_new_tokens: int = 6  # greedy decoding length of every evaluation in the anchor's tokens
     # "same": m_A reads the anchor's word-level tokens (a key is one token). "characters": m_A has a
     # tokenizer of its own, one token per character (a key is 2-4 tokens), and every record is written
     # with spaces between symbols: across tokenizers a word is seen once whitespace follows it.
@@ -267,22 +268,22 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
-def evaluate_locally(complete, assets: Assets, tokenizer=None) -> dict[str, float]:
-    """Exact match of one model (reading `tokenizer`'s tokens; default the anchor's) on every eval set,
-    by metric suffix."""
+def evaluate_locally(model, assets: Assets, max_new_tokens: int, tokenizer=None) -> dict[str, float]:
+    """Exact match of one plain model (reading `tokenizer`'s tokens; default the anchor's) on every eval
+    set, by metric suffix."""
     from launcher.kv_arithmetic.local_eval import exact_match
 
-    return {suffix: exact_match(complete, tokenizer or assets.tokenizer, _read_jsonl(assets.files[stem]))
+    return {suffix: exact_match(model, tokenizer or assets.tokenizer, _read_jsonl(assets.files[stem]), max_new_tokens)
             for suffix, stem in EVAL_SETS.items()}
 
 
-def lora_baseline(assets: Assets, config: TrainConfig, parameters: int, seed: int, log: Log) -> tuple[dict, int, int]:
+def lora_baseline(assets: Assets, config: TrainConfig, parameters: int, seed: int, log: Log, *,
+                  max_new_tokens: int = Design.max_new_tokens) -> tuple[dict, int, int]:
     """LoRA on m_B, its rank matched to `parameters`, trained on D_C like the composition (same steps,
     global batch, learning rate and schedule shape) in one process; its exact match per eval set."""
     from tqdm import tqdm
 
     from launcher.kv_arithmetic import pretraining as local_training
-    from launcher.kv_arithmetic.local_eval import causal_lm_completer
     from launcher.kv_arithmetic.lora_baseline import matched_rank, trainable_parameters, with_lora
 
     anchor = _load_base(assets.folder / "anchor")
@@ -303,35 +304,32 @@ def lora_baseline(assets: Assets, config: TrainConfig, parameters: int, seed: in
                              weight_decay=train.optimizer.weight_decay,
                              on_step=lambda step, loss: bar.update(1))
     model.eval()
-    tok = assets.tokenizer
-    scores = evaluate_locally(causal_lm_completer(model, 6, tok.pad_token_id, tok.eos_token_id), assets)
+    scores = evaluate_locally(model, assets, max_new_tokens)
     log(f"LoRA baseline: rank {rank}, {count:,} trainable parameters, {train.steps} steps "
         f"in {time.perf_counter() - start:.0f} s")
     return scores, rank, count
 
 
-def evaluate_composition(composition: Path, assets: Assets, workers: int, log: Log) -> dict[str, float]:
+def evaluate_composition(composition: Path, assets: Assets, workers: int, log: Log, *,
+                         max_new_tokens: int = Design.max_new_tokens) -> dict[str, float]:
     """Exact match of the composition on every eval set, by `calm eval` (Ray Train workers, the anchor
     under DeepSpeed ZeRO-3, KV-cached greedy decoding)."""
     from launcher.eval.command import evaluate_files
 
     results = evaluate_files(composition, [assets.files[stem] for stem in EVAL_SETS.values()], workers=workers,
-                             max_new_tokens=6, micro_batch_size=64, progress=False)
+                             max_new_tokens=max_new_tokens, micro_batch_size=64, progress=False)
     for stem, result in zip(EVAL_SETS.values(), results, strict=True):
         log(f"calm eval {stem}: exact match {result['exact_match']:.3f}, loss {result['loss']:.3f}")
     log(f"calm eval: {len(results)} sets in {results[0]['wall_s']:.0f} s")
     return {suffix: result["exact_match"] for suffix, result in zip(EVAL_SETS, results, strict=True)}
 
 
-def evaluate_bases(assets: Assets) -> dict[str, dict[str, float]]:
-    from launcher.kv_arithmetic.local_eval import causal_lm_completer
-
+def evaluate_bases(assets: Assets, *, max_new_tokens: int = Design.max_new_tokens) -> dict[str, dict[str, float]]:
     scores = {}
     for role, tok in (("augmenting", assets.augmenting_tokenizer), ("anchor", assets.tokenizer)):
         # m_A writes its substitutions in its own tokens: up to three times as many with characters.
-        new_tokens = 6 if tok is assets.tokenizer else 16
-        complete = causal_lm_completer(_load_base(assets.folder / role), new_tokens, tok.pad_token_id, tok.eos_token_id)
-        scores[role] = evaluate_locally(complete, assets, tok)
+        new_tokens = max_new_tokens if tok is assets.tokenizer else 16
+        scores[role] = evaluate_locally(_load_base(assets.folder / role), assets, new_tokens, tok)
     return scores
 
 
@@ -358,13 +356,15 @@ def run_experiment(root: Path, seed: int, log: Log, config_path: Path = CONFIG, 
     else:
         log(f"composition: reusing {composition} (pass --retrain to train it again)")
     results: dict = {"seed": seed}
-    for suffix, value in evaluate_composition(composition, assets, config.ray.num_workers, log).items():
+    for suffix, value in evaluate_composition(composition, assets, config.ray.num_workers, log,
+                                                max_new_tokens=design.max_new_tokens).items():
         results[f"composed_{suffix}"] = value
-    for role, scores in evaluate_bases(assets).items():
+    for role, scores in evaluate_bases(assets, max_new_tokens=design.max_new_tokens).items():
         for suffix, value in scores.items():
             results[f"{role}_{suffix}"] = value
     parameters = json.loads(done.read_text()).get("parameters") or _count(composition)
-    lora, rank, lora_parameters = lora_baseline(assets, config, parameters, seed, log)
+    lora, rank, lora_parameters = lora_baseline(assets, config, parameters, seed, log,
+                                                 max_new_tokens=design.max_new_tokens)
     results.update({f"lora_{suffix}": value for suffix, value in lora.items()})
     results.update(composition_parameters=parameters, lora_parameters=lora_parameters, lora_rank=rank,
                    num_keys=design.num_keys, train_keys=len(assets.task.train_keys),

@@ -1,5 +1,7 @@
-"""The key-value arithmetic results in the layout of the CALM paper's Table 1: terminal table,
-Markdown, JSON and a bar chart, with the paper's figures beside ours."""
+"""The key-value arithmetic results laid out as the CALM paper's Table 1, beside the paper's figures.
+
+As a terminal table, Markdown, JSON and a bar chart.
+"""
 
 from __future__ import annotations
 

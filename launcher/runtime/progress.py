@@ -1,6 +1,9 @@
-"""Progress of a run on the driver: rank 0 posts metrics (or, in evaluation, a count of micro-batches
-done) to a tiny Ray actor, the driver polls it and draws a progress bar on stdout (the terminal, also
-when quiet output sends everything else to the log), one line per logged step."""
+"""Progress of a run on the driver, drawn from what rank 0 posts to a tiny Ray actor.
+
+Rank 0 posts metrics (or, in evaluation, a count of micro-batches done) to the actor; the driver polls
+it and draws a progress bar on stdout (the terminal, also when quiet output sends everything else to
+the log), one line per logged step.
+"""
 
 from __future__ import annotations
 

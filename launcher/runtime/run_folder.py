@@ -1,5 +1,4 @@
-"""A run's checkpoints on disk: which are complete, which is newest, and tidying what a failed or
-restarted attempt left behind.
+"""A run's checkpoints on disk: which are complete and newest, and what failed or restarted attempts left.
 
 Decisions go by checkpoints, not by folders: a run folder left by an attempt that failed before its
 first checkpoint is no run to resume (and no obstacle to a fresh start), and the newest checkpoint is

@@ -18,7 +18,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from launcher.train_config import ConfigError, TrainConfig, blamed_on_command_line, load_config
+from launcher.train_config import (
+    ConfigError,
+    TrainConfig,
+    blamed_on_command_line,
+    load_config,
+    parse_overrides,
+)
 
 USER_ERRORS = (ConfigError,)
 
@@ -87,8 +93,6 @@ def run(args: argparse.Namespace) -> int:
     from launcher.preflight import check_reachable, describe, preflight
 
     # Checked against the address the job goes to; the file itself is uploaded unchanged.
-    from launcher.train.command import parse_overrides
-
     overrides = {**parse_overrides(args.set), "ray.address": args.address}
     given = {"ray.address": f"--address {args.address}"}
     config = load_config(args.config, overrides=overrides, given=given)

@@ -1,5 +1,8 @@
-"""`calm train CONFIG`: validate, connect to Ray (embedded local cluster by default), run the Ray Train
-job of DeepSpeed ZeRO-3 workers, show progress, print a summary."""
+"""`calm train CONFIG`: train a composition with Ray Train workers running DeepSpeed ZeRO-3.
+
+Validate the config, connect to Ray (an embedded local cluster by default), run the Ray Train job of
+DeepSpeed ZeRO-3 workers, show progress, print a summary.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +13,14 @@ import threading
 import time
 from pathlib import Path
 
-import yaml
-
 from calm_dist.errors import InputError
-from launcher.train_config import ConfigError, TrainConfig, blamed_on_command_line, load_config
+from launcher.train_config import (
+    ConfigError,
+    TrainConfig,
+    blamed_on_command_line,
+    load_config,
+    parse_overrides,
+)
 
 USER_ERRORS = (InputError,)
 
@@ -27,16 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--verbose", action="store_true",
                         help="show Ray, DeepSpeed and library output here instead of in the run's log file")
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE")
-        overrides[key] = yaml.safe_load(value)
-    return overrides
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,6 +55,7 @@ def train(config: TrainConfig, resume: bool = False) -> int:
     from launcher.runtime import run_folder
     from launcher.runtime.progress import ProgressBoard, follow, summary
     from launcher.runtime.quiet import is_quiet, one_line
+    from launcher.runtime.ray_start import start_ray
     from launcher.runtime.worker_errors import first_line, input_error_in
 
     storage = Path(config.ray.storage_path).resolve()
@@ -76,16 +74,14 @@ def train(config: TrainConfig, resume: bool = False) -> int:
     workers = config.ray.num_workers
     if config.placement.mode == "pipelined":
         workers += config.placement.augmenting_workers
-    if config.ray.address:
-        # Inside a Ray job (`calm submit`, `ray job submit`) the job already runs in its runtime env, which
-        # `calm submit` built from ray.runtime_env; giving it again makes Ray refuse to merge the two.
-        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-        ray.init(address=config.ray.address, runtime_env=None if in_job else config.ray.runtime_env or None,
-                 log_to_driver=not is_quiet())
-    else:  # an embedded cluster of its own, reachable only from this machine: never one found by `ray start`
-        ray.init(address="local", num_cpus=max(2, int(workers * config.ray.cpus_per_worker) + 1),
-                 include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=config.ray.runtime_env or None,
-                 log_to_driver=not is_quiet())
+    # Inside a Ray job (`calm submit`, `ray job submit`) the job already runs in its runtime env, which
+    # `calm submit` built from ray.runtime_env; giving it again makes Ray refuse to merge the two.
+    address = config.ray.address or None
+    in_job = address is not None and "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    # No address: an embedded cluster of its own, reachable only from this machine, sized to the workers.
+    cpus = None if address else max(2, int(workers * config.ray.cpus_per_worker) + 1)
+    start_ray(address, num_cpus=cpus, runtime_env=None if in_job else config.ray.runtime_env or None,
+              log_to_driver=not is_quiet())
 
     # Retries are decided here rather than by Ray Train's FailureConfig, which retries every worker error:
     # an input error fails the same way each time, so it ends the run at once, in one line.
