@@ -288,10 +288,11 @@ def test_activation_checkpointing_gives_the_same_gradients(trained_pair):
 
 
 def test_states_computed_elsewhere_give_the_same_model(trained_pair):
-    from calm_dist.model.composed import ComposedModel, augmenting_states
+    from calm_dist.model.augmenting import augmenting_states
+    from calm_dist.model.composed import ComposedModel
 
     remote = ComposedModel(trained_pair.anchor, trained_pair.augmenting_dims, trained_pair.connections,
-                           recency_bias=trained_pair.recency_bias, null_attention=trained_pair.null_attention)
+                           trained_pair.options)
     remote.composition.load_state_dict(trained_pair.composition.state_dict())
     assert len(remote.augmenting) == 0
     ids = torch.randint(3, 128, (2, 8))

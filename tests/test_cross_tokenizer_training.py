@@ -69,9 +69,8 @@ def check_eval_and_generate(folder: Path, composition: Path) -> None:
     from calm_dist.data.batches import collate
     from calm_dist.data.records import load_records
     from calm_dist.data.tokenization import tokenize_records
-    from calm_dist.distributed.lockstep_eval import cut_at_eos
     from calm_dist.model.composition_checkpoint import load_composition
-    from calm_dist.model.decoding import generate
+    from calm_dist.model.decoding import cut_at_eos, generate
 
     anchor_tokenizer = AutoTokenizer.from_pretrained(folder / "anchor")
     load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # noqa: E731

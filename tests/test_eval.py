@@ -3,6 +3,7 @@ equals recomputation, exact match can be 1.0 and 0.0, `calm generate` and `calm 
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,6 @@ from calm_dist.data.batches import collate
 from calm_dist.data.records import load_records
 from calm_dist.data.tokenization import tokenize_records
 from calm_dist.distributed.lockstep_eval import (
-    SingleModel,
     colocated_decode_states,
     eval_share,
     evaluate,
@@ -24,8 +24,10 @@ from calm_dist.distributed.lockstep_eval import (
     recomputed_decode_states,
 )
 from calm_dist.model.architectures import model_dims
-from calm_dist.model.composed import ComposedModel, augmenting_states, compose
+from calm_dist.model.augmenting import augmenting_states
+from calm_dist.model.composed import ComposedModel, compose
 from calm_dist.model.composition_checkpoint import save_composition
+from calm_dist.model.decoding import SingleModel
 from tests.conftest import train_steps
 from tests.distributed.runs import ENV, ROOT
 
@@ -52,8 +54,7 @@ def saved(tmp_path_factory):
 def external(composed):
     """The composed model as the workers build it: augmenting models outside, only their dimensions in."""
     model = ComposedModel(composed.anchor, [model_dims(m) for m in composed.augmenting], composed.connections,
-                          num_heads=composed.num_heads, recency_bias=composed.recency_bias,
-                          null_attention=composed.null_attention)
+                          composed.options)
     model.composition.load_state_dict(composed.composition.state_dict())
     return model.eval()
 
@@ -206,15 +207,16 @@ def test_calm_generate_streams_the_greedy_completion_and_writes_prompt_files(sav
 def test_sampling_through_generate_is_seeded(saved):
     from transformers import AutoTokenizer
 
-    from launcher.generate.command import complete
+    from calm_dist.model.decoding import complete
 
     folder, composed = saved
     tokenizer = AutoTokenizer.from_pretrained(folder / "assets/anchor")
-    runs = [complete(composed, tokenizer, ["1+1=", "22+3="], max_new_tokens=8, sample=True, temperature=2.0,
+    runs = [complete(composed, tokenizer, ["1+1=", "22+3="], max_new_tokens=8, do_sample=True, temperature=2.0,
                      top_k=20, seed=3) for _ in range(2)]
     assert runs[0] == runs[1]
     greedy = complete(composed, tokenizer, ["1+1=", "22+3="], max_new_tokens=8)
-    assert greedy == complete(composed, tokenizer, ["1+1=", "22+3="], max_new_tokens=8, sample=True, top_k=1, seed=5)
+    assert greedy == complete(composed, tokenizer, ["1+1=", "22+3="], max_new_tokens=8, do_sample=True, top_k=1,
+                              seed=5)
 
 
 def test_calm_generate_names_a_missing_base_model(saved, tmp_path, capsys):
@@ -280,6 +282,15 @@ def test_calm_eval_on_two_zero3_workers_scores_the_composition(saved):
     assert any(line.split()[:3] == ["composition", "1.000", f"{report['loss']:.4f}"] for line in lines)
     assert any(line.split()[:2] == ["composition", "0.000"] and line.endswith("wrong.jsonl") for line in lines)
     assert lines[-1].startswith("log: ") and Path(lines[-1][5:]).is_file()
+
+    # A weights file the workers cannot read is the user's input error: one line naming it, exit 2.
+    broken = folder / "broken"
+    shutil.copytree(folder / "run/composition", broken)
+    (broken / "composition.safetensors").write_bytes(b"not safetensors")
+    result = subprocess.run([sys.executable, "-m", "launcher.cli", "eval", str(broken), "--data", str(data),
+                             "--workers", "1"], env=ENV, cwd=ROOT, timeout=900, capture_output=True, text=True)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"calm eval: error: {broken / 'composition.safetensors'}: unreadable" in result.stderr
 
 
 @pytest.mark.distributed

@@ -78,3 +78,16 @@ def build_engine(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     return engine, optimizer, scheduler
+
+
+def init_process_group(use_gpu: bool) -> None:
+    """DeepSpeed's view of the process group the launcher set up (Ray Train or torchrun): NCCL for GPU
+    workers, gloo for CPU ones."""
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+
+
+def inference_engine(model: torch.nn.Module, ds_config: dict):
+    """A ZeRO engine around a frozen model (or a composition being scored), in eval mode."""
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+    return engine

@@ -15,33 +15,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from transformers import DynamicCache
 
 from calm_dist.data.batches import collate
 from calm_dist.data.tokenization import IGNORE_INDEX
+from calm_dist.distributed.collectives import all_sum, everyone
 from calm_dist.model.alignment import views_from_batch
+from calm_dist.model.augmenting import augmenting_states
 from calm_dist.model.cache import ComposedCache
-from calm_dist.model.composed import ComposedOutput, augmenting_states, next_token_loss, positions_from_mask
 from calm_dist.model.connections import Connection
-from calm_dist.model.decoding import left_padded
+from calm_dist.model.decoding import NextLogits, cut_at_eos, decode, left_padded, prompt_ids
+from calm_dist.model.masks import positions_from_mask
 
 # (all token ids so far, attention mask, how many of them are new, the decoding cache or None)
 # -> augmenting states of the new tokens. None when the model has no augmenting models.
 DecodeStates = Callable[[torch.Tensor, torch.Tensor, int, "ComposedCache | None"], dict]
-
-
-def _all_sum(values: Sequence[float]) -> list[float]:
-    total = torch.tensor(list(values), dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
-    return total.tolist()
-
-
-def _everyone(flag: bool) -> bool:
-    """True when the flag holds on every rank."""
-    return _all_sum([0.0 if flag else 1.0])[0] == 0
 
 
 def rank_chunks(count: int, micro_batch_size: int, rank: int, world_size: int) -> list[tuple[list[int], bool]]:
@@ -58,29 +47,6 @@ def rank_chunks(count: int, micro_batch_size: int, rank: int, world_size: int) -
         j = i * world_size + rank
         mine.append((chunks[j], True) if j < len(chunks) else (chunks[0], False))
     return mine
-
-
-class SingleModel(nn.Module):
-    """One base model behind the composed model's calling convention, for the baseline rows of an
-    evaluation (the anchor alone, or an augmenting model alone). It has no parameters of its own."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.anchor = model.requires_grad_(False).eval()
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, augmenting_states: dict | None = None,
-                cache: ComposedCache | None = None) -> ComposedOutput:
-        past = cache.seq_length() if cache is not None else 0
-        if attention_mask is None:
-            attention_mask = torch.ones(input_ids.shape[0], past + input_ids.shape[1], dtype=torch.long,
-                                        device=input_ids.device)
-        logits = self.anchor(
-            input_ids=input_ids, attention_mask=attention_mask,
-            position_ids=positions_from_mask(attention_mask)[:, -input_ids.shape[1]:],
-            past_key_values=cache.anchor if cache is not None else None, use_cache=cache is not None,
-        ).logits
-        return ComposedOutput(logits=logits, loss=next_token_loss(logits, labels) if labels is not None else None)
 
 
 def new_cache_for(model: nn.Module, augmenting: Sequence[nn.Module] = ()) -> ComposedCache:
@@ -117,12 +83,11 @@ def greedy_completions(
     new_cache: Callable[[], ComposedCache], max_new_tokens: int, pad_token_id: int, eos_token_id: int | None,
     device: torch.device | str = "cpu", use_cache: bool = True,
 ) -> list[list[int]]:
-    """Greedy continuation of each prompt, cut before EOS.
+    """Greedy continuation of each prompt, cut before EOS, in lockstep with the other ranks.
 
     With use_cache, the prompts go through the model once and then each new token alone (the anchor's,
     the augmenting models' and the connections' caches advance); without, the whole prefix is
-    recomputed at every step (the reference the cached path must equal). Decoding stops when every row
-    on every rank has produced EOS, or after max_new_tokens.
+    recomputed at every step (the reference the cached path must equal).
     """
     cache = new_cache() if use_cache else None
 
@@ -131,7 +96,7 @@ def greedy_completions(
         states = decode_states(ids, mask, new, cache) if decode_states is not None else None
         return model(ids[:, -new:], mask, augmenting_states=states, cache=cache).logits[:, -1]
 
-    return _decode_greedily(prompts, next_logits, max_new_tokens, pad_token_id, eos_token_id, device)
+    return _lockstep_greedy(next_logits, prompts, max_new_tokens, pad_token_id, eos_token_id, device)
 
 
 @torch.no_grad()
@@ -140,47 +105,29 @@ def aligned_greedy_completions(
     pad_token_id: int, eos_token_id: int | None, device: torch.device | str = "cpu",
 ) -> list[list[int]]:
     """Greedy continuation, cut before EOS, of a composition whose aligner gives augmenting models their
-    own tokens: every step re-aligns the text so far (Aligner.extend_batch) and recomputes the prefix.
-    Stops, like the cached path, when every row on every rank has produced EOS."""
+    own tokens: every step re-aligns the text so far (Aligner.extend_batch) and recomputes the prefix."""
     aligner = _aligner(model)
 
     def next_logits(ids: torch.Tensor, mask: torch.Tensor, step: int) -> torch.Tensor:
         batch = {k: v.to(device) for k, v in aligner.extend_batch({"input_ids": ids, "attention_mask": mask}).items()}
         return model(ids, mask, augmenting_states=states_for(batch), augmenting_views=views_from_batch(batch)).logits[:, -1]
 
-    return _decode_greedily(prompts, next_logits, max_new_tokens, pad_token_id, eos_token_id, device)
+    return _lockstep_greedy(next_logits, prompts, max_new_tokens, pad_token_id, eos_token_id, device)
 
 
-def _decode_greedily(
-    prompts: Sequence[Sequence[int]], next_logits: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
-    max_new_tokens: int, pad_token_id: int, eos_token_id: int | None, device: torch.device | str,
-) -> list[list[int]]:
-    """The greedy loop both decoders share: next_logits(all ids, mask, step) -> last-position logits."""
+def _lockstep_greedy(next_logits: NextLogits, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                     pad_token_id: int, eos_token_id: int | None, device: torch.device | str) -> list[list[int]]:
+    """The one decoding loop, stopping only when every row of every rank has finished."""
     ids, mask = left_padded(prompts, pad_token_id)
-    width = ids.shape[1]
-    ids, mask = ids.to(device), mask.to(device)
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        token = next_logits(ids, mask, step).argmax(-1)
-        ids = torch.cat([ids, token[:, None]], 1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        if eos_token_id is not None:
-            finished |= token == eos_token_id
-            if _everyone(bool(finished.all())):
-                break
-    return cut_at_eos(ids[:, width:].tolist(), eos_token_id)
+    out = decode(next_logits, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
+                 eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                 all_finished=lambda finished: everyone(bool(finished.all())))
+    return cut_at_eos(out[:, ids.shape[1]:].tolist(), eos_token_id)
 
 
 def _aligner(model):
     """The composition's aligner when some augmenting model has a tokenizer of its own, else None."""
     return getattr(getattr(model, "module", model), "aligner", None)
-
-
-def cut_at_eos(rows: list[list[int]], eos_token_id: int | None) -> list[list[int]]:
-    """Each generated row up to (not including) its first EOS."""
-    if eos_token_id is None:
-        return rows
-    return [row[: row.index(eos_token_id)] if eos_token_id in row else row for row in rows]
 
 
 @dataclass
@@ -206,10 +153,9 @@ def eval_share(records, tokenized, tokenizer, *, micro_batch_size: int, rank: in
         loss_batches.append(batch)
     share = EvalShare(loss_batches)
     if prompt_field is not None:
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         for indices, counts in rank_chunks(len(records), micro_batch_size, rank, world_size):
             texts = [records[i][prompt_field] for i in indices]
-            prompts = [bos + tokenizer.encode(t, add_special_tokens=False) for t in texts]
+            prompts = prompt_ids(tokenizer, texts)
             share.prompt_batches.append((prompts, [records[i][completion_field] for i in indices], counts))
             share.prompt_texts.append(texts)
     return share
@@ -259,7 +205,7 @@ def evaluate(
         done += 1
         if on_progress is not None:
             on_progress(done)
-    loss_sum, tokens, hits, samples = _all_sum([loss_sum, tokens, hits, samples])
+    loss_sum, tokens, hits, samples = all_sum([loss_sum, tokens, hits, samples])
     metrics = {"eval_loss": loss_sum / max(1.0, tokens)}
     if share.prompt_batches:
         metrics.update(eval_exact_match=hits / max(1.0, samples), eval_samples=int(samples))

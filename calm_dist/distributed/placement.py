@@ -31,8 +31,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from calm_dist.data.batches import ShardedBatches
+from calm_dist.distributed.lockstep_eval import colocated_decode_states, recomputed_decode_states
 from calm_dist.model.alignment import AugmentingView, views_from_batch
-from calm_dist.model.composed import augmenting_states
+from calm_dist.model.augmenting import augmenting_states
 from calm_dist.model.connections import Connection
 
 STATES, BARRIER, STOP = 1, 2, 0
@@ -242,3 +244,55 @@ class AugmentingClient:
 
     def stop(self) -> None:
         self._send_header(STOP)
+
+
+# --------------------------------------------------------------------------------------------------
+# The two placements as an anchor rank sees them: where its augmenting states come from
+
+
+class Colocated:
+    """The augmenting models on this rank, run on its own micro-batches."""
+
+    def __init__(self, models: list[torch.nn.Module], connections: list[Connection]):
+        self.models = models
+        self.decode_states = colocated_decode_states(models, connections)
+        self._connections = connections
+
+    def states_for(self, batch: dict) -> dict:
+        return augmenting_states(self.models, self._connections, batch["input_ids"], batch["attention_mask"],
+                                 views=views_from_batch(batch))
+
+    def feed(self, stream: Iterator[dict], batches: ShardedBatches) -> Iterator[dict]:
+        return stream
+
+    def data_state(self, batches: ShardedBatches) -> dict:
+        return batches.state_dict()
+
+    def before_checkpoint(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+class Pipelined:
+    """The augmenting models on ranks of their own (calm_dist.distributed.placement), asked for the states
+    of upcoming micro-batches ahead of time."""
+
+    def __init__(self, client: AugmentingClient):
+        self.client = client
+        self.models: list[torch.nn.Module] = []  # nothing runs here, so decoding keeps no cache for them
+        self.states_for = client.states_for
+        self.decode_states = recomputed_decode_states(client.states_for)
+
+    def feed(self, stream: Iterator[dict], batches: ShardedBatches) -> Iterator[dict]:
+        return self.client.prefetched(stream, batches.state_dict)
+
+    def data_state(self, batches: ShardedBatches) -> dict:
+        return self.client.consumed_data_state  # drawn ahead: the position of the last batch trained on
+
+    def before_checkpoint(self) -> None:
+        self.client.barrier()  # the augmenting ranks report to Ray Train alongside
+
+    def stop(self) -> None:
+        self.client.stop()

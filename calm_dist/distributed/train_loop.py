@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
+from calm_dist.distributed.collectives import all_sum, global_mean
 from calm_dist.model.alignment import views_from_batch
 
 StatesFor = Callable[[dict[str, torch.Tensor]], dict]
@@ -25,19 +25,6 @@ class LoopSettings:
     log_every: int
     eval_every: int | None
     checkpoint_every: int | None
-
-
-def global_mean(values: list[float]) -> float:
-    """Mean over this rank's values and every other rank's, weighted equally per rank."""
-    total = torch.tensor([sum(values), len(values)], dtype=torch.float64)
-    dist.all_reduce(total)
-    return (total[0] / total[1]).item()
-
-
-def global_sum(value: float) -> float:
-    total = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(total)
-    return total.item()
 
 
 def run(
@@ -79,7 +66,7 @@ def run(
                 "step": step,
                 "loss": global_mean(window_losses),
                 "lr": engine.get_lr()[0],
-                "tokens_per_s": global_sum(window_tokens) / elapsed,
+                "tokens_per_s": all_sum([window_tokens])[0] / elapsed,
                 "step_time_s": step_time,
             }
             window_losses, window_tokens, window_start = [], 0, time.perf_counter()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +20,13 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 from calm_dist.errors import CompositionError
 from calm_dist.model import connections as conn
 from calm_dist.model.alignment import Aligner, AugmentingView, RowState, settled_mask
-from calm_dist.model.architectures import ModelDims, backbone, decoder_layers, model_dims
+from calm_dist.model.architectures import ModelDims, decoder_layers, model_dims
+from calm_dist.model.augmenting import augmenting_states
 from calm_dist.model.cache import ComposedCache
 from calm_dist.model.connections import Connection
 from calm_dist.model.cross_attention import CrossAttention
+from calm_dist.model.masks import cross_attention_mask, positions_from_mask
+from calm_dist.model.options import CompositionOptions
 
 # (augmenting model index, augmenting layer) -> hidden states [batch, len, aug_dim]
 AugmentingStates = Mapping[tuple[int, int], torch.Tensor]
@@ -33,28 +36,6 @@ AugmentingStates = Mapping[tuple[int, int], torch.Tensor]
 class ComposedOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
-
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that count only real tokens, so left- and right-padded rows get the positions
-    an unpadded row would."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def cross_attention_mask(attention_mask: torch.Tensor, past: int, length: int) -> torch.Tensor | None:
-    """Which augmenting positions each new anchor position may attend to: bool [batch, 1, length,
-    past + length], or None when plain causal attention is already exact.
-
-    Query at sequence index t may see augmenting index s <= t that is not padding. Without a cache and
-    with padding only on the right, causality alone hides every pad key from every real query, so the
-    fast causal kernel gives the same real-position outputs.
-    """
-    if past == 0 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
-        return None
-    query_index = torch.arange(past, past + length, device=attention_mask.device)
-    key_index = torch.arange(past + length, device=attention_mask.device)
-    causal = key_index[None, :] <= query_index[:, None]
-    return causal[None, None] & attention_mask.bool()[:, None, None, :]
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -70,19 +51,13 @@ class ComposedModel(nn.Module):
         anchor: nn.Module,
         augmenting: Sequence[nn.Module] | Sequence[ModelDims],
         connections: Sequence[Connection],
-        num_heads: int | None = None,
-        dtype: torch.dtype = torch.float32,
+        options: CompositionOptions | None = None,
         aligner: Aligner | None = None,
-        recency_bias: bool = False,
-        null_attention: bool = False,
-        dropout: float = 0.0,
     ):
         """augmenting: the models, or only their dimensions when their states are computed elsewhere
-        (then forward needs augmenting_states=). aligner: the tokenizers, when some augmenting model
-        reads the text through a tokenizer of its own (calm_dist.model.alignment). recency_bias, null_attention:
-        the cross-attention's options beyond the paper (calm_dist.model.cross_attention.CrossAttention); off,
-        as in the paper, unless asked for. dropout: of the augmenting states the cross-attention reads,
-        in training mode only (a regulariser; not part of a checkpoint)."""
+        (then forward needs augmenting_states=). options: the cross-attention's (calm_dist.model.options);
+        `self.options` holds them with num_heads resolved. aligner: the tokenizers, when some augmenting
+        model reads the text through a tokenizer of its own (calm_dist.model.alignment)."""
         super().__init__()
         external = [isinstance(m, ModelDims) for m in augmenting]
         if any(external) and not all(external):
@@ -110,10 +85,7 @@ class ComposedModel(nn.Module):
                 )
         conn.validate(connections, [d.num_layers for d in self.augmenting_dims], self.anchor_dims.num_layers)
         self.connections: list[Connection] = sorted(connections)
-        self.num_heads = num_heads or self.anchor_dims.num_heads
-        self.composition_dtype = dtype
-        self.recency_bias = recency_bias
-        self.null_attention = null_attention
+        self.options = (options or CompositionOptions()).resolved(self.anchor_dims.num_heads)
 
         self.anchor = anchor.requires_grad_(False).eval()
         modules = [] if any(external) else augmenting
@@ -123,14 +95,14 @@ class ComposedModel(nn.Module):
         try:
             self.composition = nn.ModuleDict(
                 {
-                    c.name: CrossAttention(self.augmenting_dims[c.augmenting].hidden_size, width, self.num_heads,
-                                           recency_bias=recency_bias, null_attention=null_attention,
-                                           dropout=dropout)
+                    c.name: CrossAttention(self.augmenting_dims[c.augmenting].hidden_size, width,
+                                           self.options.num_heads, recency_bias=self.options.recency_bias,
+                                           null_attention=self.options.null_attention, dropout=self.options.dropout)
                     for c in self.connections
                 }
-            ).to(device=device, dtype=dtype)
+            ).to(device=device, dtype=self.options.dtype)
         except ValueError as err:
-            raise CompositionError(f"num_heads={self.num_heads}: {err}") from err
+            raise CompositionError(f"num_heads={self.options.num_heads}: {err}") from err
         self._attach_depth = 0
         self._step: dict | None = None  # what the hooks need during one forward; None outside it
 
@@ -146,8 +118,8 @@ class ComposedModel(nn.Module):
     def expected_composition_parameters(self) -> int:
         width = self.anchor_dims.hidden_size
         return sum(
-            CrossAttention.parameter_count(self.augmenting_dims[c.augmenting].hidden_size, width, self.num_heads,
-                                           self.recency_bias)
+            CrossAttention.parameter_count(self.augmenting_dims[c.augmenting].hidden_size, width,
+                                           self.options.num_heads, self.options.recency_bias)
             for c in self.connections
         )
 
@@ -176,14 +148,9 @@ class ComposedModel(nn.Module):
             augmenting=[DynamicCache(config=m.config) for m in self.augmenting],
         )
 
-    def augmenting_states(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cache: ComposedCache | None = None,
-        views: Sequence[AugmentingView | None] | None = None,
-    ) -> dict[tuple[int, int], torch.Tensor]:
+    def augmenting_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          position_ids: torch.Tensor | None = None, cache: ComposedCache | None = None,
+                          views: Sequence[AugmentingView | None] | None = None) -> dict[tuple[int, int], torch.Tensor]:
         """Hidden states of every connected augmenting layer, computed without autograd."""
         if not self.augmenting:
             raise CompositionError(
@@ -341,95 +308,28 @@ class ComposedModel(nn.Module):
         return add_cross_attention
 
 
-@torch.no_grad()
-def augmenting_states(
-    models: Sequence[nn.Module],
-    connections: Sequence[Connection],
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None,
-    caches: Sequence[DynamicCache] | None = None,
-    views: Sequence[AugmentingView | None] | None = None,
-    past_masks: Mapping[int, torch.Tensor] | None = None,
-) -> dict[tuple[int, int], torch.Tensor]:
-    """Hidden states of the connected layers of each augmenting model, without autograd.
-
-    A free function so that augmenting models can run outside the composed model: on each worker
-    beside a ZeRO-sharded anchor (colocated), or on ranks of their own (pipelined). views[k], when
-    given, holds model k's own tokens (a tokenizer of its own) in place of input_ids; past_masks[k]
-    then says which of its cached positions are real.
-    """
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if position_ids is None:
-        position_ids = positions_from_mask(attention_mask)[:, -input_ids.shape[1]:]
-    states: dict[tuple[int, int], torch.Tensor] = {}
-    for k, model in enumerate(models):
-        wanted = sorted({c.aug_layer for c in connections if c.augmenting == k})
-        if not wanted:
-            continue
-        view = views[k] if views is not None else None
-        if view is not None:
-            _own_states(states, model, wanted, k, view, past_masks.get(k) if past_masks else None,
-                        caches[k] if caches is not None else None)
-            continue
-        _run_capturing(states, model, wanted, k, input_ids, attention_mask, position_ids,
-                       caches[k] if caches is not None else None)
-    return states
-
-
-def _run_capturing(states: dict, model: nn.Module, wanted: list[int], k: int, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache | None) -> None:
-    """Run augmenting model k's backbone, keeping the outputs of its `wanted` layers in states[(k, layer)]."""
-    layers = decoder_layers(model)
-    handles = [layers[i].register_forward_hook(_capture(states, (k, i))) for i in wanted]
-    try:
-        backbone(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        past_key_values=cache, use_cache=cache is not None)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _own_states(states: dict, model: nn.Module, wanted: list[int], k: int, view: AugmentingView,
-                past_mask: torch.Tensor | None, cache: DynamicCache | None) -> None:
-    """Connected states of augmenting model k over its own new tokens (possibly none this step)."""
-    ids = view.input_ids
-    if ids.shape[1] == 0:
-        dims = model_dims(model)
-        empty = torch.zeros(ids.shape[0], 0, dims.hidden_size, dtype=next(model.parameters()).dtype, device=ids.device)
-        states.update({(k, i): empty for i in wanted})
-        return
-    mask = view.attention_mask if past_mask is None else torch.cat([past_mask, view.attention_mask], 1)
-    _run_capturing(states, model, wanted, k, ids, mask, positions_from_mask(mask)[:, -ids.shape[1]:], cache)
-
-
-def _capture(store: dict, key: tuple[int, int]):
-    def hook(module, args, output):
-        store[key] = output[0] if isinstance(output, tuple) else output
-
-    return hook
-
-
 def compose(
     anchor: nn.Module,
     augmenting: nn.Module | Sequence[nn.Module],
     connections: Sequence[Connection] | None = None,
     every_n: int = 4,
-    num_heads: int | None = None,
-    dtype: torch.dtype = torch.float32,
     tokenizers: Sequence[PreTrainedTokenizerBase | None] | None = None,
-    recency_bias: bool = False,
-    null_attention: bool = False,
-    dropout: float = 0.0,
+    options: CompositionOptions | None = None,
+    **option_values,
 ) -> ComposedModel:
     """Compose models, connecting every `every_n`-th augmenting layer unless connections are given.
 
     tokenizers: [the anchor's, augmenting model 0's, ...] when some augmenting model has a tokenizer
     of its own (None, or the anchor's tokenizer, for one that reads the anchor's token ids).
+    options, or their fields by name (num_heads=8, dtype=torch.bfloat16, recency_bias=True, ...): see
+    calm_dist.model.options.CompositionOptions.
     """
     if isinstance(augmenting, nn.Module):
         augmenting = [augmenting]
+    unknown = sorted(set(option_values) - set(CompositionOptions.names()))
+    if unknown:
+        raise TypeError(f"compose() got unknown options {unknown}; the options are {CompositionOptions.names()}")
+    options = replace(options or CompositionOptions(), **option_values)
     aligner = None
     if tokenizers is not None:
         if len(tokenizers) != len(augmenting) + 1 or tokenizers[0] is None:
@@ -439,11 +339,6 @@ def compose(
             )
         aligner = Aligner(tokenizers[0], tokenizers[1:])
     if connections is None:
-        anchor_layers = len(decoder_layers(anchor))
-        connections = [
-            c
-            for k, model in enumerate(augmenting)
-            for c in conn.every_n(len(decoder_layers(model)), anchor_layers, every_n, augmenting=k)
-        ]
-    return ComposedModel(anchor, augmenting, connections, num_heads=num_heads, dtype=dtype, aligner=aligner,
-                         recency_bias=recency_bias, null_attention=null_attention, dropout=dropout)
+        connections = conn.every_n_all(len(decoder_layers(anchor)), [len(decoder_layers(m)) for m in augmenting],
+                                       every_n)
+    return ComposedModel(anchor, augmenting, connections, options, aligner=aligner)

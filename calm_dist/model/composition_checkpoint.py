@@ -22,9 +22,10 @@ from torch import nn
 
 from calm_dist.errors import CompositionError
 from calm_dist.model.alignment import Aligner, tokenizer_identity
-from calm_dist.model.architectures import model_dims
+from calm_dist.model.architectures import ModelDims, model_dims
 from calm_dist.model.composed import ComposedModel
 from calm_dist.model.connections import Connection
+from calm_dist.model.options import CompositionOptions
 
 WEIGHTS = "composition.safetensors"
 MANIFEST = "composition.json"
@@ -62,10 +63,7 @@ def save_composition(
             {"augmenting": c.augmenting, "aug_layer": c.aug_layer, "anchor_layer": c.anchor_layer}
             for c in model.connections
         ],
-        "num_heads": model.num_heads,
-        "recency_bias": model.recency_bias,
-        "null_attention": model.null_attention,
-        "dtype": str(model.composition_dtype).removeprefix("torch."),
+        **model.options.to_manifest(),
         **({"tokenizers": model.aligner.identities()} if model.aligner is not None else {}),
         **(extra or {}),
     }
@@ -158,8 +156,8 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
-def _check_dims(expected: dict, model: nn.Module, role: str, file: Path) -> None:
-    actual = model_dims(model).to_json()
+def _check_dims(expected: dict, model: nn.Module | ModelDims, role: str, file: Path) -> None:
+    actual = (model if isinstance(model, ModelDims) else model_dims(model)).to_json()
     for key, value in actual.items():
         if expected.get(key) != value:
             raise CompositionError(
@@ -218,11 +216,13 @@ def _describe(recorded: dict) -> str:
 def load_composition(
     path: str | os.PathLike,
     anchor: nn.Module,
-    augmenting: nn.Module | list[nn.Module],
+    augmenting: nn.Module | list[nn.Module] | list[ModelDims],
     tokenizers: list | None = None,
 ) -> ComposedModel:
     """Rebuild the composed model from a checkpoint and the (same) base models.
 
+    augmenting: the models, or only their dimensions when their states are computed elsewhere (as on
+    ZeRO-3 workers, where the augmenting models run beside the partitioned anchor).
     tokenizers: [the anchor's, each augmenting model's (None: shares the anchor's)], required for a
     composition trained across tokenizers and checked against the identities it recorded.
     """
@@ -243,12 +243,8 @@ def load_composition(
         anchor,
         augmenting,
         [Connection(**c) for c in manifest["connections"]],
-        num_heads=manifest["num_heads"],
-        dtype=getattr(torch, manifest["dtype"]),
+        CompositionOptions.from_manifest(manifest),
         aligner=aligner,
-        # Compositions saved before these options existed have neither.
-        recency_bias=manifest.get("recency_bias", False),
-        null_attention=manifest.get("null_attention", False),
     )
     try:
         state = load_file(path / WEIGHTS)

@@ -56,6 +56,24 @@ def every_n(aug_num_layers: int, anchor_num_layers: int, n: int = 4, augmenting:
     ]
 
 
+
+def every_n_all(anchor_num_layers: int, aug_num_layers: Sequence[int], n: int = 4) -> list[Connection]:
+    """every_n() for each augmenting model in turn."""
+    return [c for k, layers in enumerate(aug_num_layers) for c in every_n(layers, anchor_num_layers, n, augmenting=k)]
+
+
+def layout(explicit: Sequence[Sequence[int]] | None, every: int | None, anchor_num_layers: int,
+           aug_num_layers: Sequence[int]) -> list[Connection]:
+    """The connections a config asks for (explicit (augmenting, aug_layer, anchor_layer) triples, else
+    every `every`-th layer), validated: computed the same way on the driver and on every worker."""
+    if explicit is not None:
+        result = [Connection(*triple) for triple in explicit]
+    else:
+        result = every_n_all(anchor_num_layers, aug_num_layers, every)
+    validate(result, aug_num_layers, anchor_num_layers)
+    return result
+
+
 def validate(connections: Sequence[Connection], aug_num_layers: Sequence[int], anchor_num_layers: int) -> None:
     """Raise CompositionError naming the first connection that is out of range or repeated."""
     if not connections:

@@ -76,7 +76,12 @@ def write_demo(folder: Path) -> None:
     (folder / "examples.jsonl").write_text("".join(json.dumps({"input": i, "output": o}) + "\n" for i, o in EXAMPLES))
 
 
-if __name__ == "__main__":
-    target = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/cocktail-demo")
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    target = Path(argv[0] if argv else "runs/cocktail-demo")
     write_demo(target)
     print(f"wrote base, math, code and examples.jsonl to {target}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""`calm generate`: completions from a saved composition, in one process."""

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from calm_dist.errors import CompositionError
+from launcher.base_model_flags import add_base_model_arguments
 from launcher.train_config import ConfigError
 
 USER_ERRORS = (ConfigError, CompositionError)
@@ -21,13 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--prompt", help="one prompt; its completion streams to the terminal")
     source.add_argument("--prompts", help="a file of prompts: .txt (one per line), or JSONL/CSV/Parquet records")
     parser.add_argument("--prompt-field", default="prompt", help="the records' prompt field (default: prompt)")
-    parser.add_argument("--anchor", help="anchor model folder (default: named in composition.json)")
-    parser.add_argument("--augmenting", action="append", metavar="PATH",
-                        help="augmenting model folder, once per augmenting model (default: named in composition.json)")
-    parser.add_argument("--tokenizer", help="tokenizer folder (default: the anchor's)")
-    parser.add_argument("--augmenting-tokenizer", action="append", metavar="PATH",
-                        help="own tokenizer of an augmenting model, once per augmenting model, for a composition "
-                        "trained across tokenizers (default: the model's folder)")
+    add_base_model_arguments(parser, from_config=False)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="base models' dtype")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -112,38 +107,8 @@ def load(composition: Path, anchor: str | None = None, augmenting: list[str] | N
     return composed.to(device).eval(), anchor_tokenizer
 
 
-def complete(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, sample: bool = False,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             batch_size: int = 8, stream=None) -> list[str]:
-    """Completions of `prompts` (text after the prompt, up to EOS). With `stream` (a text file) and one
-    prompt, the completion is written there piece by piece as it is decoded."""
-    import torch
-
-    from calm_dist.model.decoding import generate, left_padded
-
-    device = next(model.parameters()).device
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    generator = torch.Generator(device=device).manual_seed(seed) if sample else None
-    completions = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = [bos + tokenizer.encode(p, add_special_tokens=False) for p in prompts[start:start + batch_size]]
-        ids, mask = left_padded(encoded, pad)
-        width = ids.shape[1]
-        on_token = _streamer(tokenizer, stream) if stream is not None and len(prompts) == 1 else None
-        out = generate(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, do_sample=sample,
-                       temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=pad, generator=generator,
-                       on_token=on_token)
-        for row in out[:, width:].tolist():
-            if tokenizer.eos_token_id in row:
-                row = row[: row.index(tokenizer.eos_token_id)]
-            completions.append(tokenizer.decode(row))
-    return completions
-
-
 def _streamer(tokenizer, stream):
-    """on_token for generate(): writes the text of each new token of row 0 as it comes, until EOS."""
+    """on_token for decoding one prompt: writes the text of each new token as it comes, until EOS."""
     tokens: list[int] = []
     shown = ""
     ended = False
@@ -178,11 +143,13 @@ def run(args: argparse.Namespace) -> int:
     prompts = [args.prompt] if args.prompt is not None else read_prompts(Path(args.prompts), args.prompt_field)
     model, tokenizer = load(composition, args.anchor, args.augmenting, args.tokenizer, args.dtype, args.device,
                             args.augmenting_tokenizer)
-    settings = dict(max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
+    from calm_dist.model.decoding import complete
+
+    settings = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
     if args.prompt is not None:
         print(args.prompt, end="", flush=True)
-        completions = complete(model, tokenizer, prompts, stream=sys.stdout, **settings)
+        completions = complete(model, tokenizer, prompts, on_token=_streamer(tokenizer, sys.stdout), **settings)
         print()
     else:
         completions = complete(model, tokenizer, prompts, **settings)

@@ -1,52 +1,32 @@
 """Exact match of greedy completions in one process, for plain models small enough to need no workers:
-the demo's base models alone and the LoRA baseline. (Compositions are evaluated by `calm eval` on ZeRO-3
-workers; both compare completions the same way: decoded and stripped.)"""
+the experiment's base models alone and its LoRA baseline. They decode through the same loop as
+compositions (calm_dist.model.decoding) and are compared the same way as `calm eval` compares them:
+decoded, cut at EOS and stripped."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from calm_dist.model.decoding import left_padded
-
-# (left-padded prompt ids, their mask) -> the full sequences, prompts included
-Complete = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def causal_lm_completer(model: nn.Module, max_new_tokens: int, pad_token_id: int, eos_token_id: int) -> Complete:
-    """Greedy, KV-cached decoding of a plain Hugging Face causal LM (a PEFT-wrapped one included)."""
-
-    def complete(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                              pad_token_id=pad_token_id, eos_token_id=eos_token_id)
-
-    return complete
+from calm_dist.model.decoding import SingleModel, complete
 
 
 @torch.no_grad()
 def exact_match(
-    complete: Complete,
+    model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     records: Sequence[dict],
+    max_new_tokens: int,
     prompt_field: str = "prompt",
     completion_field: str = "completion",
     batch_size: int = 64,
 ) -> float:
-    """Share of records whose greedy completion (cut at eos, decoded, stripped) equals the completion.
-
-    Prompts start with bos, as in training (calm_dist.data.tokenization.tokenize_records)."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    hits = 0
-    for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
-        prompts = [bos + tokenizer.encode(r[prompt_field], add_special_tokens=False) for r in chunk]
-        ids, mask = left_padded(prompts, pad)
-        for row, record in zip(complete(ids, mask)[:, ids.shape[1]:].tolist(), chunk, strict=True):
-            if tokenizer.eos_token_id in row:
-                row = row[:row.index(tokenizer.eos_token_id)]
-            hits += tokenizer.decode(row, skip_special_tokens=True).strip() == str(record[completion_field]).strip()
+    """Share of records whose greedy completion by `model` (a plain causal LM, a PEFT-wrapped one
+    included) equals the record's completion."""
+    completions = complete(SingleModel(model), tokenizer, [r[prompt_field] for r in records],
+                           max_new_tokens=max_new_tokens, batch_size=batch_size)
+    hits = sum(c.strip() == str(r[completion_field]).strip() for c, r in zip(completions, records, strict=True))
     return hits / len(records)

@@ -1,0 +1,50 @@
+"""The composition's options: one dataclass read by `compose`, the training config, composition
+checkpoints and the workers alike, so a new option is added here (and described in the config) only.
+
+The connections themselves are not options: they are data (calm_dist.model.connections).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+
+# Options a composition checkpoint records: what the trained weights mean. dropout is training-only.
+SAVED = ("num_heads", "recency_bias", "null_attention", "dtype")
+
+
+@dataclass(frozen=True)
+class CompositionOptions:
+    num_heads: int | None = None
+    """Cross-attention heads; None: the anchor's attention head count."""
+    dtype: torch.dtype = torch.float32
+    """dtype of the composition parameters (the base models keep their own)."""
+    recency_bias: bool = False
+    """Learned per-head penalties on how far back an augmenting token is (ALiBi-like); not in the paper."""
+    null_attention: bool = False
+    """A zero key and value every query may attend to, so the cross-attention can add nothing; not in the
+    paper."""
+    dropout: float = 0.0
+    """Training only: drop this share of the augmenting states the cross-attention reads; not in the paper."""
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    def resolved(self, anchor_heads: int) -> CompositionOptions:
+        """These options with num_heads filled in from the anchor when not given."""
+        return replace(self, num_heads=self.num_heads or anchor_heads)
+
+    def to_manifest(self) -> dict:
+        """What composition.json records (num_heads should be resolved first)."""
+        saved = {k: v for k, v in asdict(self).items() if k in SAVED}
+        saved["dtype"] = str(self.dtype).removeprefix("torch.")
+        return saved
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> CompositionOptions:
+        # Compositions saved before recency_bias and null_attention existed have neither: off.
+        return cls(num_heads=manifest["num_heads"], dtype=getattr(torch, manifest["dtype"]),
+                   recency_bias=manifest.get("recency_bias", False),
+                   null_attention=manifest.get("null_attention", False))
