@@ -1,0 +1,1 @@
+"""`calm plan`: memory per worker of a training or merge config, before anything starts."""
