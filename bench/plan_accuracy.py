@@ -16,9 +16,10 @@ RSS follows the live tensors (as a GPU's max_memory_allocated does) rather than 
 What is predicted: the plan's total minus its stated runtime allowance. The baseline is printed
 beside the allowance (the runtime allowance the plan states for a CPU worker).
 
-Training cases run the calls a `calm train` worker makes (bench/plan_worker.py under torchrun: the
-partitioned anchor, the composed model, the DeepSpeed engine, calm_dist.distributed.train_loop, and in pipelined
-mode an augmenting rank serving states), for 3 steps. Merge cases run `calm merge` in a subprocess
+Training cases run what a `calm train` worker runs (bench/plan_worker.py under torchrun: the Trainer of
+calm_dist.distributed.trainer on a training config written here, with a tokenizer beside the models and
+records of random words that fill every micro-batch; in pipelined mode an augmenting rank serving states), for
+3 steps and the final checkpoint. Merge cases run `calm merge` in a subprocess
 sampled the same way from outside; its baseline is a process that imports the same modules. The
 plan's measured constants (engine and exchange workspaces) were set from these runs.
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -57,16 +59,43 @@ CASES = [
 
 
 def make_models(work: Path, size: str) -> Path:
+    """The size's two models, each with a tokenizer over its whole vocabulary saved beside it, and
+    train.jsonl: records of random words long enough that every sequence fills the micro-batch length."""
     from calm_dist.testing.tiny_models import tiny_model
 
     folder = work / size
+    (anchor_layers, anchor_width), (aug_layers, aug_width), vocab, (_, length) = SIZES[size]
     if not (folder / "augmenting" / "config.json").exists():
-        (anchor_layers, anchor_width), (aug_layers, aug_width), vocab, _ = SIZES[size]
         tiny_model("llama", layers=anchor_layers, width=anchor_width, heads=anchor_width // 64, vocab=vocab,
                    seed=0).save_pretrained(folder / "anchor")
         tiny_model("llama", layers=aug_layers, width=aug_width, heads=aug_width // 64, vocab=vocab,
                    seed=1).save_pretrained(folder / "augmenting")
+    if not (folder / "train.jsonl").exists():
+        for name in ("anchor", "augmenting"):
+            vocabulary_tokenizer(vocab).save_pretrained(folder / name)
+        rng = random.Random(0)
+        (folder / "train.jsonl").write_text("".join(
+            json.dumps({"text": " ".join(f"t{rng.randrange(4, vocab)}" for _ in range(length))}) + "\n"
+            for _ in range(32)))
     return folder
+
+
+def vocabulary_tokenizer(vocab_size: int):
+    """A word-level tokenizer with one word per id: the special tokens of
+    calm_dist.testing.tokenizers.tiny_tokenizer, then `t4` ... `t{vocab_size - 1}`. Random words reach
+    every row of the models' embeddings, as real text does. The augmenting models' weights are mapped
+    from their files, so rows never looked up would never be resident (tiny_tokenizer reaches ~100 ids)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from calm_dist.testing.tokenizers import SPECIAL_TOKENS
+
+    specials = list(SPECIAL_TOKENS.values())
+    words = [*specials, *(f"t{i}" for i in range(len(specials), vocab_size))]
+    backend = Tokenizer(models.WordLevel(vocab={word: i for i, word in enumerate(words)},
+                                         unk_token=SPECIAL_TOKENS["unk_token"]))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=4096, **SPECIAL_TOKENS)
 
 
 def train_config(folder: Path, case: dict):
@@ -77,12 +106,14 @@ def train_config(folder: Path, case: dict):
         "models": {"anchor": {"path": str(folder / "anchor"), "dtype": "float32"},
                    "augmenting": [{"path": str(folder / "augmenting"), "dtype": "float32"}]},
         "composition": {"every_n": case["every_n"]},
-        "data": {"train": "unused.jsonl", "text_field": "text", "max_length": case["length"]},
+        "data": {"train": str(folder / "train.jsonl"), "text_field": "text", "max_length": case["length"]},
         "training": {"steps": case["steps"], "micro_batch_size": case["micro_batch"],
-                     "global_batch_size": case["micro_batch"] * case["anchor_workers"]},
+                     "global_batch_size": case["micro_batch"] * case["anchor_workers"], "log_every": 1,
+                     "schedule": {"kind": "constant"}, "optimizer": {"grad_clip": None}},
         "deepspeed": {"activation_checkpointing": case["activation_checkpointing"]},
         "placement": {"mode": case["mode"], "prefetch": case["prefetch"]},
         "ray": {"num_workers": case["anchor_workers"]},
+        "output_dir": str(folder / "runs"),
     })
 
 
@@ -93,14 +124,16 @@ def training_case(work: Path, size: str, mode: str, workers: int, checkpointing:
     folder = make_models(work, size)
     batch, length = SIZES[size][3]
     name = f"{size}-{mode}-{workers}" + ("-ckpt" if checkpointing else "")
-    case = {"folder": str(folder), "every_n": 4, "mode": mode, "anchor_workers": workers, "micro_batch": batch,
-            "length": length, "steps": 3, "activation_checkpointing": checkpointing, "prefetch": 2,
-            "out": str(work / f"{name}.result")}
+    spec = {"every_n": 4, "mode": mode, "anchor_workers": workers, "micro_batch": batch, "length": length,
+            "steps": 3, "activation_checkpointing": checkpointing, "prefetch": 2}
+    config = train_config(folder, spec)
+    out = work / f"{name}.result"
     case_file = work / f"{name}.json"
-    case_file.write_text(json.dumps(case))
-    plans = {p.role.split()[0]: p for p in train_plan(train_setup(train_config(folder, case), gpu=False))}
-    processes = workers + (1 if mode == "pipelined" else 0)
-    env = {**os.environ, **MALLOC, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    case_file.write_text(json.dumps({"config": config.model_dump(mode="json"), "out": str(out)}))
+    plans = {p.role.split()[0]: p for p in train_plan(train_setup(config, gpu=False))}
+    processes = workers + (config.placement.augmenting_workers if mode == "pipelined" else 0)
+    env = {**os.environ, **MALLOC, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port),
          str(ROOT / "bench/plan_worker.py"), str(case_file)],
@@ -110,7 +143,7 @@ def training_case(work: Path, size: str, mode: str, workers: int, checkpointing:
         sys.exit(f"{name} failed:\n{done.stderr[-4000:]}")
     per_worker = []
     for rank in range(processes):
-        measured = json.loads(Path(f"{case['out']}.{rank}").read_text())
+        measured = json.loads(Path(f"{out}.{rank}").read_text())
         plan = plans[measured["role"]]
         predicted = plan.total - plan.term("runtime allowance")
         per_worker.append({
@@ -152,9 +185,9 @@ def sampled_peak(command: list[str]) -> int:
 
 
 def merge_case(work: Path, name: str, config: dict) -> dict:
-    from calm_dist.distributed.memory_plan import loss_terms, merge_terms
     from launcher.plan.command import merge_setup
     from merge.merge_config import validate_config
+    from merge.planning.memory import loss_terms, merge_terms
 
     folder = work / name
     if folder.exists():
@@ -169,7 +202,7 @@ def merge_case(work: Path, name: str, config: dict) -> dict:
         plan = max(plan, merge_terms(setup), key=lambda p: p.total)
     predicted = plan.total - plan.term("runtime allowance")
     # Baseline: a process importing what the merge imports (and transformers when it scores examples).
-    imports = "import torch, merge.job, merge.execution.shard" + (", transformers, merge.cocktail.weights" if cfg.weights_from_examples else "")
+    imports = "import torch, merge.job, merge.execution.shard" + (", transformers, merge.cocktail.losses" if cfg.weights_from_examples else "")
     baseline = sampled_peak([sys.executable, "-c", f"{imports}; import time; time.sleep(0.5)"])
     peak = sampled_peak([sys.executable, "-m", "launcher.cli", "merge", str(folder / "merge.yaml"), "--no-progress"])
     measured = peak - baseline

@@ -1,31 +1,31 @@
 """One process of bench/plan_accuracy.py, started by torchrun. Not meant to be run by hand.
 
-    plan_worker.py CASE.json
+    plan_worker.py CASE.json   (CASE: {"config": a training config, "out": where to write})
 
-Runs what a `calm train` worker runs (partitioned anchor, composed model, DeepSpeed engine, the
-training loop of calm_dist.distributed.train_loop; in pipelined mode an augmenting rank serving states) and
-writes this process's resident memory: the baseline before any model tensor exists, and the peak
-sampled every millisecond while the models load and train.
+Runs what a `calm train` worker runs (launcher/train/worker.py without Ray): an anchor rank trains
+with calm_dist.distributed.trainer's Trainer (partitioned anchor, composed model, DeepSpeed engine, the
+training loop and its final checkpoint), and in pipelined mode an augmenting rank serves states
+(serve_augmenting). Writes this process's resident memory to OUT.RANK: the baseline before any model
+tensor exists, the peak sampled every millisecond while the models load and train, and marks after
+each step and after the checkpoint.
 """
 
+import atexit
 import json
 import sys
 import threading
 import time
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
-from transformers import AutoConfig, AutoModelForCausalLM
 
-from calm_dist.distributed.engine import build_engine, deepspeed_config
-from calm_dist.distributed.partitioned_loading import load_partitioned
-from calm_dist.distributed.placement import AugmentingClient, AugmentingServer, Layout, split_world
-from calm_dist.distributed.train_loop import LoopSettings, run
-from calm_dist.model.architectures import dims_from_config
-from calm_dist.model.composed import ComposedModel, augmenting_states
-from calm_dist.model.connections import every_n
+from calm_dist.data.records import load_records
+from calm_dist.distributed.base_models import load_tokenizer
+from calm_dist.distributed.engine import init_process_group
+from calm_dist.distributed.placement import Layout, split_world
+from calm_dist.distributed.trainer import Trainer, connections_of, serve_augmenting
+from launcher.train_config import TrainConfig
 
 
 def resident() -> tuple[int, int]:
@@ -62,70 +62,52 @@ class PeakSampler(threading.Thread):
 
 
 case = json.loads(Path(sys.argv[1]).read_text())
+config = TrainConfig.model_validate(case["config"])
 torch.set_num_threads(1)
-torch.manual_seed(0)
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-folder = Path(case["folder"])
-anchor_config, aug_config = (AutoConfig.from_pretrained(folder / n) for n in ("anchor", "augmenting"))
-connections = every_n(aug_config.num_hidden_layers, anchor_config.num_hidden_layers, case["every_n"])
-pipelined = case["mode"] == "pipelined"
-layout = Layout(case["anchor_workers"], 1) if pipelined else None
-world = split_world(layout, "gloo") if pipelined else None
-batch, length = case["micro_batch"], case["length"]
-generator = torch.Generator().manual_seed(rank)
+device = torch.device("cpu")
+world = None
 
 
-def batches():
-    while True:
-        ids = torch.randint(3, anchor_config.vocab_size, (batch, length), generator=generator)
-        yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+@atexit.register
+def _shut_down_groups() -> None:
+    # Before interpreter teardown: gloo groups left to it can abort the process at exit.
+    if world is not None:
+        world.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
-def load_aug():
-    return [AutoModelForCausalLM.from_pretrained(folder / "augmenting", dtype=torch.float32).requires_grad_(False).eval()]
-
-
-if not (pipelined and not layout.is_anchor(rank)):
-    deepspeed.init_distributed("gloo")
+layout = None
+if config.placement.mode == "pipelined":
+    layout = Layout(config.ray.num_workers, config.placement.augmenting_workers)
+    world = split_world(layout, "gloo")  # the anchors get a default group of their own
+is_anchor = layout is None or layout.is_anchor(rank)
+# The runtime goes into the baseline: what transformers imports to read the models' configs, and on an
+# anchor rank DeepSpeed's setup and the data pipeline's imports (the tokenizer and records read once and
+# dropped; the Trainer reads them again). No model tensor exists yet.
+connections_of(config)
+if is_anchor:
+    init_process_group(config.ray.use_gpu)
+    load_tokenizer(config.models.tokenizer or config.models.anchor.path)
+    load_records(config.data.train, config.data.split)
 baseline_anon, baseline = resident()
-marks = {}
+marks: dict[str, int] = {}
+
+
 sampler = PeakSampler()
 sampler.start()
-if pipelined and not layout.is_anchor(rank):
-    AugmentingServer(load_aug(), connections, layout, world.exchange, torch.device("cpu"), lambda: None).serve()
+if is_anchor:
+    trainer = Trainer(config, device, rank, layout=layout, exchange=world.exchange if world else None)
+    # training.log_every is 1 (plan_accuracy.py), so on_log runs after every step.
+    trainer.fit(report=lambda step, directory: marks.__setitem__("checkpoint_saved", rss() - baseline),
+                on_log=lambda step, metrics: marks.__setitem__(f"after_step_{step}", rss() - baseline))
 else:
-    workers = case["anchor_workers"]
-    ds_config = deepspeed_config(micro_batch_size=batch, gradient_accumulation_steps=1, data_parallel_size=workers)
-    anchor = load_partitioned(folder / "anchor", ds_config, torch.float32)
-    marks["anchor_loaded"] = rss() - baseline
-    if case["activation_checkpointing"]:
-        anchor.activation_checkpointing_enable({"use_reentrant": False})
-    composed = ComposedModel(anchor, [dims_from_config(aug_config)], connections)
-    engine, _, _ = build_engine(composed, ds_config, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
-                                schedule=lambda step: 1.0)
-    marks["engine_built"] = rss() - baseline
-    stream = batches()
-    if pipelined:
-        client = AugmentingClient(layout, world.exchange, connections, [aug_config.hidden_size], [torch.float32],
-                                  torch.device("cpu"), prefetch=case["prefetch"])
-        stream = client.prefetched(stream, lambda: {})
-        states_for = client.states_for
-    else:
-        augmenting = load_aug()
-
-        def states_for(b):
-            return augmenting_states(augmenting, connections, b["input_ids"], b["attention_mask"])
-
-    settings = LoopSettings(1, 1, 10**6, None, None)
-    for step in range(case["steps"]):
-        run(engine, stream, states_for, settings, 0, lambda step, metrics: None, lambda step: None)
-        marks[f"after_step_{step + 1}"] = rss() - baseline
-    if pipelined:
-        client.stop()
+    serve_augmenting(config, layout, world.exchange, device, on_barrier=lambda: None)
 peak_anon, peak = sampler.stop()
 Path(f"{case['out']}.{rank}").write_text(json.dumps({
-    "role": "anchor" if not pipelined or layout.is_anchor(rank) else "augmenting",
+    "role": "anchor" if is_anchor else "augmenting",
     "baseline_bytes": baseline, "peak_bytes": peak, "measured_bytes": peak - baseline, "marks": marks,
     "anonymous_bytes": peak_anon - baseline_anon,
 }))

@@ -1,6 +1,13 @@
 """One process of bench/train_scaling.py, started by torchrun. Not meant to be run by hand.
 
-    scaling_worker.py MODE FOLDER STEPS   (MODE: bytes, anchor_only, colocated, pipelined)
+    scaling_worker.py MODE CONFIG OUT   (MODE: bytes, anchor_only, colocated, pipelined)
+
+Builds what a `calm train` worker builds, from the training config CONFIG (YAML), through
+calm_dist.distributed.trainer: an anchor rank's Trainer, or in pipelined mode an augmenting rank's
+serve_augmenting. Writes OUT.RANK.json:
+- bytes: the anchor's bytes this rank holds with ZeRO-3 partitioned loading, and the anchor's total;
+- anchor_only: the time of each training step with augmenting states computed once beforehand;
+- colocated, pipelined: the time of each step of Trainer.fit, as the training loop logs it.
 """
 
 import atexit
@@ -9,84 +16,68 @@ import sys
 import time
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
-from transformers import AutoConfig, AutoModelForCausalLM
 
-from calm_dist.distributed.engine import build_engine, deepspeed_config
-from calm_dist.distributed.partitioned_loading import load_partitioned, local_parameter_bytes
-from calm_dist.distributed.placement import AugmentingClient, AugmentingServer, Layout, split_world
-from calm_dist.model.architectures import dims_from_config
-from calm_dist.model.composed import ComposedModel, augmenting_states
-from calm_dist.model.connections import every_n
+from calm_dist.distributed.partitioned_loading import local_parameter_bytes
+from calm_dist.distributed.placement import Layout, split_world
+from calm_dist.distributed.trainer import Trainer, serve_augmenting
+from launcher.train_config import load_config
 
-mode, folder, steps = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+mode, config, out = sys.argv[1], load_config(sys.argv[2]), sys.argv[3]
 torch.set_num_threads(1)  # one core per process: the augmenting rank gets a core of its own
 dist.init_process_group("gloo")
 rank = dist.get_rank()
+device = torch.device("cpu")
+world = None
 
 
 @atexit.register
 def _shut_down_groups() -> None:
     # Before interpreter teardown: gloo groups left to it can abort the process at exit.
-    if globals().get("world") is not None:
+    if world is not None:
         world.close()
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
-anchor_config, aug_config = (AutoConfig.from_pretrained(folder / n) for n in ("anchor", "augmenting"))
-connections = every_n(aug_config.num_hidden_layers, anchor_config.num_hidden_layers, 4)
-batch = json.loads((folder / "batch.json").read_text())
-ids = torch.randint(3, anchor_config.vocab_size, (batch["size"], batch["length"]),
-                    generator=torch.Generator().manual_seed(0))
-mask = torch.ones_like(ids)
+def anchor_only_times(trainer: Trainer, steps: int) -> list[float]:
+    """Steps as calm_dist.distributed.train_loop takes them, with the states of the first batch for every
+    batch: the anchor's share of a step, without any augmenting forward."""
+    engine, batches = trainer.engine, iter(trainer.batches)
+    fixed = trainer.augmenting.states_for(next(batches))
+    engine.train()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        batch = next(batches)
+        with engine.module.attached():
+            loss = engine(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
+                          augmenting_states=fixed).loss
+            engine.backward(loss)
+        engine.step()
+        loss.item()
+        times.append(time.perf_counter() - start)
+    return times
 
 
-def load_aug():
-    return [AutoModelForCausalLM.from_pretrained(folder / "augmenting", dtype=torch.float32).eval()]
+layout = None
+if config.placement.mode == "pipelined":
+    layout = Layout(config.ray.num_workers, config.placement.augmenting_workers)
+    world = split_world(layout, "gloo")  # the anchors get a default group of their own
+    if not layout.is_anchor(rank):
+        serve_augmenting(config, layout, world.exchange, device, on_barrier=lambda: None)
+        sys.exit(0)
 
-
-layout = Layout(1, 1) if mode == "pipelined" else None
-world = split_world(layout, "gloo") if layout else None
-if layout and not layout.is_anchor(rank):
-    AugmentingServer(load_aug(), connections, layout, world.exchange, torch.device("cpu"), lambda: None).serve()
-    sys.exit(0)
-
-deepspeed.init_distributed("gloo")
-size = dist.get_world_size()
-ds_config = deepspeed_config(micro_batch_size=batch["size"], gradient_accumulation_steps=1, data_parallel_size=size)
-anchor = load_partitioned(folder / "anchor", ds_config, torch.float32)
+trainer = Trainer(config, device, rank, layout=layout, exchange=world.exchange if world else None)
 if mode == "bytes":
+    anchor = trainer.model.anchor
     total = sum(p.ds_numel * p.ds_tensor.element_size() for p in anchor.parameters())
-    (folder / f"bytes-{size}-{rank}.json").write_text(json.dumps({"local": local_parameter_bytes(anchor), "total": total}))
-    sys.exit(0)
-
-composed = ComposedModel(anchor, [dims_from_config(aug_config)], connections)
-engine, _, _ = build_engine(composed, ds_config, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
-                            schedule=lambda step: 1.0)
-if mode == "pipelined":
-    client = AugmentingClient(layout, world.exchange, connections, [aug_config.hidden_size], [torch.float32],
-                              torch.device("cpu"), prefetch=2)
-    stream = client.prefetched(iter(lambda: {"input_ids": ids, "attention_mask": mask}, None), lambda: {})
-    states_for = client.states_for
+    result = {"local": local_parameter_bytes(anchor), "total": total}
+elif mode == "anchor_only":
+    result = anchor_only_times(trainer, config.training.steps)
 else:
-    stream = iter(lambda: {"input_ids": ids, "attention_mask": mask}, None)
-    aug = load_aug()
-    fixed = augmenting_states(aug, connections, ids, mask)
-
-    def states_for(b):
-        return fixed if mode == "anchor_only" else augmenting_states(aug, connections, b["input_ids"], b["attention_mask"])
-
-times = []
-for _ in range(steps):
-    start = time.perf_counter()
-    b = next(stream)
-    loss = engine(b["input_ids"], b["attention_mask"], labels=b["input_ids"], augmenting_states=states_for(b)).loss
-    engine.backward(loss)
-    engine.step()
-    times.append(time.perf_counter() - start)
-if mode == "pipelined":
-    client.stop()
-(folder / f"times-{mode}.json").write_text(json.dumps(times))
+    # training.log_every is 1 (train_scaling.py), so every step is logged with its time.
+    result = []
+    trainer.fit(report=lambda step, directory: None, on_log=lambda step, metrics: result.append(metrics["step_time_s"]))
+Path(f"{out}.{rank}.json").write_text(json.dumps(result))
