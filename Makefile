@@ -23,6 +23,8 @@ demo: $(STAMP)
 	$(VENV)/bin/calm demo
 
 test: $(STAMP)
+	# The real pretrained checkpoint the tests use: fetched and converted once per machine (calm_dist/testing/real_checkpoint.py).
+	$(PY) -m calm_dist.testing.real_checkpoint
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

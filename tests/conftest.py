@@ -40,3 +40,12 @@ def trained_pair(request):
     return train_steps(compose(anchor, aug, connections=[Connection(0, 3, INPUT), Connection(0, 1, 2)],
                                recency_bias=request.param == "recency_and_null",
                                null_attention=request.param == "recency_and_null"))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real pretrained SmolLM2-135M-Instruct as a Hugging Face folder (calm_dist.testing.real_checkpoint;
+    `make test` prepares it before the tests, so here it is only found)."""
+    from calm_dist.testing.real_checkpoint import smollm2
+
+    return smollm2()

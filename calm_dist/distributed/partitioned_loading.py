@@ -60,6 +60,7 @@ def load_partitioned(
     with deepspeed.zero.Init(data_parallel_group=group, config_dict_or_path=init_config), no_init_weights():
         model = auto_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.requires_grad_(False).eval()
+    _restore_buffers(model, auto_class, config, dtype, trust_remote_code)
 
     files = checkpoint_files(path)
     plan = plan_weights(model, files, path)
@@ -96,6 +97,22 @@ def load_partitioned(
         for handle in handles.values():
             handle.__exit__(None, None, None)
     return model
+
+
+def _restore_buffers(model: nn.Module, auto_class: type, config, dtype: torch.dtype, trust_remote_code: bool) -> None:
+    """Give the model the buffers from_pretrained(dtype=) would: zero.Init casts every floating tensor made
+    in __init__ to the training dtype, buffers included, so in bf16 the rotary inv_freq (computed in fp32
+    by transformers) came out rounded, and the logits of a real model moved by up to 1.0. The buffers are
+    rebuilt here outside zero.Init, with the parameters on the meta device (no weights are made)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False), no_init_weights():
+        reference = auto_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    for name, buffer in reference.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if module._buffers.get(leaf) is not None:  # replaced in place: it stays (non-)persistent
+            module._buffers[leaf] = buffer.to(module._buffers[leaf].device)
 
 
 def local_parameter_bytes(model: nn.Module) -> int:
