@@ -145,3 +145,19 @@ def test_activation_checkpointing_trains_the_same_composition(tiny_run):
     train(config, "--set", "name=checkpointed", "--set", "deepspeed.activation_checkpointing=true")
     # Re-run layers must see the composition too; then recomputation changes nothing.
     assert_same_composition(tmp_path / "out", "straight", "checkpointed", trained_steps=4)
+
+
+def test_offload_and_every_zero_stage_train_as_zero3_does(tmp_path):
+    """deepspeed.offload_optimizer (suggested by `calm plan`) once made DeepSpeed refuse our torch AdamW,
+    and zero_stage 0-2 broke on the workers: now 2 steps with the optimizer (and the parameters)
+    offloaded, and under stages 2 and 0, log the losses of plain ZeRO-3."""
+    config = tiny_config(tmp_path, steps=2, checkpoint_every=2)
+    out = tmp_path / "losses"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+                    str(ROOT / "tests/distributed/zero_settings_check.py"), str(config), str(out)],
+                   check=True, env=ENV, cwd=ROOT, timeout=600, capture_output=True)
+    losses = json.loads(Path(f"{out}.0").read_text())
+    assert len(losses["none"]) == 2 and losses["none"][1] < losses["none"][0]
+    for run in ("optimizer", "parameters", "stage 2", "stage 0"):
+        assert losses[run] == pytest.approx(losses["none"], rel=1e-6), run
+

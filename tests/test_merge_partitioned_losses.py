@@ -31,7 +31,9 @@ def ray_cluster():
 
 
 def test_partitioned_losses_equal_single_process_losses(ray_cluster, tmp_path):
-    from merge.execution.partitioned_losses import partitioned_losses
+    from merge.execution.partitioned_losses import gpus_for, partitioned_losses
+
+    assert not gpus_for(2)  # a CPU cluster: gloo workers, every GPU hidden from them
 
     examples_file = tmp_path / "examples.jsonl"
     examples_file.write_text("".join(json.dumps({"input": i, "output": o}) + "\n" for i, o in EXAMPLES))

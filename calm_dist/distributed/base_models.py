@@ -43,9 +43,12 @@ def load_whole(specs: Sequence[ModelSource], device: torch.device) -> list[torch
     ]
 
 
-def load_partitioned_model(spec: ModelSource, ds_config: dict) -> torch.nn.Module:
-    """A frozen model loaded straight into this rank's ZeRO-3 partition: no rank holds it whole."""
-    return load_partitioned(spec.path, ds_config, getattr(torch, spec.dtype), trust_remote_code=spec.trust_remote_code)
+def load_anchor(spec: ModelSource, ds_config: dict, device: torch.device) -> torch.nn.Module:
+    """The frozen anchor as the DeepSpeed config's ZeRO stage wants it: under stage 3 loaded straight
+    into this rank's partition (no rank holds it whole); under stages 0-2 whole on this rank's device."""
+    if ds_config["zero_optimization"]["stage"] == 3:
+        return load_partitioned(spec.path, ds_config, getattr(torch, spec.dtype), trust_remote_code=spec.trust_remote_code)
+    return load_whole([spec], device)[0]
 
 
 def load_tokenizer(path: str) -> tuple[PreTrainedTokenizerBase, int]:

@@ -234,6 +234,12 @@ def anchor_terms(setup: TrainSetup) -> list[Term]:
         terms.append(Term("gradient reduction bucket", bucket * 4,
                           "DeepSpeed's reduce_bucket_size in fp32" + ("" if setup.gpu else ", the pages used")))
 
+    # The export at the end gathers the composition one tensor at a time into rank 0's host memory: on a
+    # GPU one gathered tensor, on a CPU worker the whole copy (counted on every worker: they are planned
+    # alike, and beside the training state the export outlives).
+    export = max(c_sizes) * c if setup.gpu else p_c * c
+    terms.append(Term("composition export", export, "rank 0, at the end: " + (
+        "one composition tensor gathered at a time" if setup.gpu else "a whole copy of the composition")))
     terms.append(Term("activations", anchor_activations(setup),
                       "activation checkpointing: layer inputs + one layer recomputed" if setup.activation_checkpointing
                       else "every anchor layer above the lowest connection, and the cross-attentions"))

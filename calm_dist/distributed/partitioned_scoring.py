@@ -26,16 +26,20 @@ class Scored:
     total_bytes: int  # the whole model's parameter bytes
 
 
-def join_group(master_addr: str, master_port: int, rank: int, world_size: int) -> None:
-    """Join the gloo (CPU) or NCCL (GPU) process group of the scoring workers."""
-    if not torch.cuda.is_available():
+def join_group(master_addr: str, master_port: int, rank: int, world_size: int, use_gpu: bool) -> None:
+    """Join the scoring workers' process group: NCCL on the one GPU this worker was given (its launcher,
+    Ray, makes it the only visible one, so it is cuda:0 here), or gloo on the CPU with every GPU hidden
+    (a worker that asked for no GPU still sees them all, and would pile onto cuda:0)."""
+    if use_gpu:
+        torch.cuda.set_device(0)
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK="0")
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               timeout=timedelta(minutes=30))
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", timeout=timedelta(minutes=30))
 
 
 def zero3_inference_config() -> dict:

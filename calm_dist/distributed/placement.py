@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from calm_dist.data.batches import ShardedBatches
+from calm_dist.distributed.collectives import group_device
 from calm_dist.distributed.lockstep_eval import colocated_decode_states, recomputed_decode_states
 from calm_dist.model.alignment import AugmentingView, views_from_batch
 from calm_dist.model.augmenting import augmenting_states
@@ -92,10 +93,11 @@ def split_world(layout: Layout, backend: str, timeout: timedelta = timedelta(min
     if size != layout.anchor_ranks + layout.augmenting_ranks:
         raise ValueError(f"world of {size} ranks, expected {layout.anchor_ranks} anchor + "
                          f"{layout.augmenting_ranks} augmenting ranks")
-    port = torch.tensor([_free_port() if rank == 0 else 0])
+    # On the launcher's group's device: an NCCL group takes CUDA tensors only.
+    port = torch.tensor([_free_port() if rank == 0 else 0], device=group_device())
     dist.broadcast(port, src=0)
     dist.destroy_process_group()
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(port), size, is_master=rank == 0, timeout=timeout)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(port.item()), size, is_master=rank == 0, timeout=timeout)
     exchange = dist.ProcessGroupGloo(dist.PrefixStore("exchange", store), rank, size, timeout)
     if layout.is_anchor(rank):
         os.environ["WORLD_SIZE"] = str(layout.anchor_ranks)  # what DeepSpeed checks its world against

@@ -21,7 +21,7 @@ from calm_dist.data.records import DataError, load_records
 from calm_dist.data.tokenization import tokenize_records
 from calm_dist.distributed.base_models import (
     base_config,
-    load_partitioned_model,
+    load_anchor,
     load_tokenizer,
     load_whole,
     own_tokenizers,
@@ -81,7 +81,7 @@ class Trainer:
             grad_clip=train.optimizer.grad_clip,
             extra=config.deepspeed.extra,
         )
-        anchor = load_partitioned_model(config.models.anchor, ds_config)
+        anchor = load_anchor(config.models.anchor, ds_config, device)
         if config.deepspeed.activation_checkpointing:
             anchor.activation_checkpointing_enable({"use_reentrant": False})
         self.tokenizer, self.pad = load_tokenizer(config.models.tokenizer or config.models.anchor.path)

@@ -46,18 +46,21 @@ def load_training_state(engine, directory: str | Path) -> tuple[int, dict]:
     return state["step"], state["data"]
 
 
-def gathered_composition(model: ComposedModel) -> dict[str, torch.Tensor]:
-    """Full composition tensors on every rank (they are small; the anchor is never gathered)."""
-    params = list(model.composition_parameters())
-    with deepspeed.zero.GatheredParameters(params):
-        return {k: v.detach().clone() for k, v in model.composition.state_dict().items()}
-
-
 def export_composition(model: ComposedModel, path: str | Path, extra: dict | None = None,
                        augmenting_sources: list[str] | None = None) -> Path | None:
-    """Write the composition checkpoint (calm_dist.model.composition_checkpoint format) from rank 0. augmenting_sources:
-    the augmenting models' folders, which a model holding only their dimensions cannot name."""
-    state = gathered_composition(model)
-    if dist.get_rank() != 0:
+    """Write the composition checkpoint (calm_dist.model.composition_checkpoint format) from rank 0.
+    Under ZeRO-3 each composition tensor is gathered one at a time, every rank taking part, and only rank
+    0 keeps a copy, in host memory: a device never holds more than one gathered tensor for the export.
+    augmenting_sources: the augmenting models' folders, which a model holding only their dimensions
+    cannot name."""
+    writer = dist.get_rank() == 0
+    state = {}
+    for name, param in model.composition.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):
+            if writer:
+                state[name] = param.detach().to("cpu", copy=True)
+    if not writer:
         return None
+    for name, buffer in model.composition.named_buffers():
+        state[name] = buffer.detach().clone()
     return save_composition(model, path, extra=extra, state=state, augmenting_sources=augmenting_sources)

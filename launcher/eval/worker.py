@@ -16,7 +16,7 @@ def eval_worker(loop_config: dict) -> None:
     from calm_dist.data.records import load_records
     from calm_dist.data.tokenization import tokenize_records
     from calm_dist.distributed.base_models import (
-        load_partitioned_model,
+        load_anchor,
         load_tokenizer,
         load_whole,
         own_tokenizers,
@@ -43,14 +43,14 @@ def eval_worker(loop_config: dict) -> None:
         tokenizers = [tokenizer, *aligner.augmenting] if aligner is not None else None
         # The augmenting models run beside the composed model (ZeRO-3 would partition them inside it);
         # θ_C goes in while the composition is still whole, and DeepSpeed partitions it below.
-        model = load_composition(job.composition, load_partitioned_model(job.anchor, ds_config),
+        model = load_composition(job.composition, load_anchor(job.anchor, ds_config, device),
                                  [model_dims(m) for m in augmenting], tokenizers)
         model.composition.requires_grad_(False)
         beside = Colocated(augmenting, model.connections)
         states_for, decode_states = beside.states_for, beside.decode_states
     else:
         spec = job.anchor if job.model == "anchor" else job.augmenting[job.augmenting_index]
-        model, augmenting, states_for, decode_states = SingleModel(load_partitioned_model(spec, ds_config)), [], None, None
+        model, augmenting, states_for, decode_states = SingleModel(load_anchor(spec, ds_config, device)), [], None, None
     engine = inference_engine(model, ds_config)
 
     board = ray.get_actor(loop_config["board"]) if rank == 0 and loop_config.get("board") else None

@@ -40,10 +40,10 @@ class LossWorker:
             sock.bind(("", 0))
             return ray.util.get_node_ip_address(), sock.getsockname()[1]
 
-    def join(self, master_addr: str, master_port: int, rank: int, world_size: int) -> None:
+    def join(self, master_addr: str, master_port: int, rank: int, world_size: int, use_gpu: bool) -> None:
         from calm_dist.distributed.partitioned_scoring import join_group
 
-        join_group(master_addr, master_port, rank, world_size)
+        join_group(master_addr, master_port, rank, world_size, use_gpu)
 
     def score(self, path: str, tokenizer_path: str, examples: list, spec: dict) -> dict:
         from transformers import AutoTokenizer
@@ -55,6 +55,12 @@ class LossWorker:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         scored = score_partitioned(path, settings.kind, lambda model: score_model(model, tokenizer, examples, settings))
         return {"loss": scored.loss, "held_bytes": scored.held_bytes, "total_bytes": scored.total_bytes}
+
+
+def gpus_for(workers: int) -> bool:
+    """Whether each scoring worker gets a GPU of its own: when the cluster has one for every worker (a
+    70B candidate on CPUs would take hours). Ray then hides every other GPU from the worker."""
+    return ray.cluster_resources().get("GPU", 0) >= workers
 
 
 def check_dtypes(candidates: list[tuple[Path, Path]]) -> None:
@@ -82,10 +88,12 @@ def partitioned_losses(
     check_dtypes(candidates)
     if not ray.is_initialized():
         raise RuntimeError("partitioned_losses: Ray is not running (merge.execution.ray_session starts it)")
-    workers = [LossWorker.options(num_cpus=1).remote() for _ in range(spec.workers)]
+    use_gpu = gpus_for(spec.workers)
+    workers = [LossWorker.options(num_cpus=1, num_gpus=int(use_gpu)).remote() for _ in range(spec.workers)]
     try:
         master_addr, master_port = ray.get(workers[0].address.remote())
-        ray.get([w.join.remote(master_addr, master_port, rank, spec.workers) for rank, w in enumerate(workers)])
+        ray.get([w.join.remote(master_addr, master_port, rank, spec.workers, use_gpu)
+                 for rank, w in enumerate(workers)])
         losses = []
         for path, tokenizer_path in candidates:
             results = ray.get([w.score.remote(str(path), str(tokenizer_path), examples, spec.model_dump(mode="json"))
