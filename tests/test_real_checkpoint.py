@@ -82,3 +82,18 @@ def test_its_bpe_tokenizer_composes_across_tokenizers_on_either_side(smollm2, to
         torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
         step = torch.tensor([[token], [token]])
         ids, mask = torch.cat([ids, step], 1), torch.cat([mask, torch.ones_like(step)], 1)
+
+
+def test_calm_generate_serves_a_composition_on_it_in_bf16(smollm2, tmp_path, capsys):
+    """An untrained composition is the anchor, so `calm generate` (models spread as device_map="auto"
+    spreads them, here all on the CPU) answers as SmolLM2 does, in bf16 too."""
+    from calm_dist.model.composition_checkpoint import save_composition
+    from launcher.cli import main
+
+    save_composition(compose(load(smollm2), load(smollm2), every_n=10), tmp_path / "composition")
+    for dtype in ("auto", "bfloat16"):
+        with pytest.raises(SystemExit) as exit_code:
+            main(["generate", str(tmp_path / "composition"), "--prompt", "The capital of France is",
+                  "--max-new-tokens", "3", "--dtype", dtype])
+        assert exit_code.value.code == 0
+        assert capsys.readouterr().out.strip() == "The capital of France is Paris."

@@ -103,8 +103,20 @@ class ComposedModel(nn.Module):
             ).to(device=device, dtype=self.options.dtype)
         except ValueError as err:
             raise CompositionError(f"num_heads={self.options.num_heads}: {err}") from err
+        if getattr(anchor, "hf_device_map", None):
+            self._place_by_layer()
         self._attach_depth = 0
         self._step: dict | None = None  # what the hooks need during one forward; None outside it
+
+    def _place_by_layer(self) -> None:
+        """With the anchor spread over devices (from_pretrained(device_map="auto")), each connection's
+        cross-attention lives where its anchor layer runs, so the residual stream never moves for it."""
+        layers = decoder_layers(self.anchor)
+        for c in self.connections:
+            layer = layers[max(c.anchor_layer, 0)]  # INPUT: where the first layer runs
+            hook = getattr(layer, "_hf_hook", None)  # accelerate's: weights offloaded, run elsewhere
+            device = getattr(hook, "execution_device", None) or next(layer.parameters()).device
+            self.composition[c.name].to(device)
 
     # ----------------------------------------------------------------------------------------------
     # Parameters and modes
@@ -204,7 +216,8 @@ class ComposedModel(nn.Module):
         keys_values = {}
         for c in self.connections:
             crossing = self.composition[c.name]
-            states = augmenting_states[(c.augmenting, c.aug_layer)]
+            # Where the block lives (it may differ from the augmenting layer's device when models are spread).
+            states = augmenting_states[(c.augmenting, c.aug_layer)].to(next(crossing.parameters()).device)
             keys, values = crossing.keys_values(states)
             if cache is not None:
                 keys, values = cache.extend(c.name, keys, values)
@@ -283,7 +296,8 @@ class ComposedModel(nn.Module):
         delta = None
         for c in at_layer:
             keys, values = self._step["keys_values"][c.name]
-            term = self.composition[c.name](hidden, keys, values, self._step["allowed"][c.augmenting])
+            allowed = self._step["allowed"][c.augmenting]
+            term = self.composition[c.name](hidden, keys, values, allowed.to(hidden.device) if allowed is not None else None)
             delta = term if delta is None else delta + term
         return hidden + delta.to(hidden.dtype)
 

@@ -23,8 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--prompts", help="a file of prompts: .txt (one per line), or JSONL/CSV/Parquet records")
     parser.add_argument("--prompt-field", default="prompt", help="the records' prompt field (default: prompt)")
     add_base_model_arguments(parser, from_config=False)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="base models' dtype")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="base models' dtype (default: as each checkpoint is stored)")
+    parser.add_argument("--device", default="auto",
+                        help="'auto' (default): the models spread over every GPU, then CPU memory, the way "
+                        "transformers' device_map='auto' does; or one torch device (cpu, cuda, cuda:1)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0, help="with --sample")
@@ -79,11 +82,13 @@ def read_prompts(path: Path, field: str) -> list[str]:
 
 
 def load(composition: Path, anchor: str | None = None, augmenting: list[str] | None = None,
-         tokenizer: str | None = None, dtype: str = "float32", device: str = "cpu",
+         tokenizer: str | None = None, dtype: str = "auto", device: str = "auto",
          augmenting_tokenizers: list[str] | None = None):
     """(composed model, anchor tokenizer) from a composition folder and its base models. A composition
     trained across tokenizers gets its augmenting models' own tokenizers: augmenting_tokenizers, else
-    each model's folder (checked against the identities composition.json recorded)."""
+    each model's folder (checked against the identities composition.json recorded). device "auto": the
+    models are spread over the GPUs and CPU memory (accelerate), each connection placed with its anchor
+    layer; else everything on that one device."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,7 +100,10 @@ def load(composition: Path, anchor: str | None = None, augmenting: list[str] | N
                           f"{len(augmenting_tokenizers)} tokenizers given")
 
     def model(path):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+        torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+        if device == "auto":
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map="auto").eval()
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
 
     anchor_tokenizer = AutoTokenizer.from_pretrained(tokenizer or anchor_path)
     recorded = (read_manifest(composition).get("tokenizers") or {}).get("augmenting") or []
@@ -104,7 +112,7 @@ def load(composition: Path, anchor: str | None = None, augmenting: list[str] | N
         own = augmenting_tokenizers or [path if r is not None else None for path, r in zip(augmenting_paths, recorded, strict=True)]
         tokenizers = [anchor_tokenizer, *(AutoTokenizer.from_pretrained(p) if p else None for p in own)]
     composed = load_composition(composition, model(anchor_path), [model(p) for p in augmenting_paths], tokenizers)
-    return composed.to(device).eval(), anchor_tokenizer
+    return composed.eval(), anchor_tokenizer
 
 
 def _streamer(tokenizer, stream):
