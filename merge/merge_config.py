@@ -31,6 +31,12 @@ class _Strict(BaseModel):
 class ModelEntry(_Strict):
     path: Path
     name: str | None = Field(None, min_length=1, description="how other keys refer to it; default: folder name")
+    # Plan-only: not part of the merge's identity (excluded from the fingerprint's dump).
+    config: Path | None = Field(
+        None, exclude=True,
+        description="a folder with the model's config.json (and model.safetensors.index.json if at hand): "
+                    "`calm plan` reads it while `path` has no weights and no config.json yet; the merge ignores it",
+    )
 
 
 class ExamplesWeights(_Strict):
@@ -155,6 +161,7 @@ def validate_config(raw: dict[str, Any], source: str = "config", base: Path | No
 
     for entry in cfg.models:
         entry.path = resolve(entry.path)
+        entry.config = resolve(entry.config) if entry.config else None
     cfg.output.path = resolve(cfg.output.path)
     if cfg.weights_from_examples:
         spec = cfg.weights_from_examples

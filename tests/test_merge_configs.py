@@ -92,6 +92,27 @@ def test_70b_config_plans_within_its_memory_budget(tmp_path):
     assert per_worker * cfg.workers <= cfg.memory_budget
 
 
+def test_70b_config_plans_before_the_download_as_it_will_from_the_weights(tmp_path):
+    """As shipped, its models' weights live on a cluster's storage: `calm plan` reads each model's
+    `config:` (configs/models/llama-3.1-70b) instead, and gets every figure the weights' headers give."""
+    from launcher.plan.command import merge_setup
+    from merge.planning.config_only import plan_inputs
+
+    shipped = load_config(CONFIGS / "cocktail-70b.yaml")
+    before = plan_inputs(shipped)
+    assert all(i.from_config and i.from_config.endswith("llama-3.1-70b/config.json, bfloat16") for i in before)
+    raw = yaml.safe_load((CONFIGS / "cocktail-70b.yaml").read_text())
+    for model in raw["models"]:
+        llama_70b_headers(tmp_path / model["name"])
+        model["path"] = str(tmp_path / model["name"])
+    downloaded = validate_config(raw, base=CONFIGS)
+    after = plan_inputs(downloaded)
+    assert not any(i.from_config for i in after)
+    planned, tasks = merge_setup(shipped, before)
+    assert planned == merge_setup(downloaded, after)[0]
+    assert planned.input_bytes == 141_107_412_992 and sum(len(t.tensors) for t in tasks) == 723
+
+
 def test_read_ahead_stays_within_the_budget():
     """chunk_plan's input chunks held at once: the computed one and one read ahead when the budget is
     tight; with room to spare (chunks already at their largest), up to READ_AHEAD_BYTES of them; always

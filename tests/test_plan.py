@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from calm_dist.distributed.memory_plan import GIB, fit_suggestions, peak, train_plan
 from calm_dist.model.composed import compose
@@ -246,3 +248,112 @@ def test_a_merge_plan_counts_no_more_read_buffer_than_its_reads_take():
     large = merge_terms(MergeSetup(**setup, read_bytes=10 * 2**30)).term("input read buffers")
     small = merge_terms(MergeSetup(**setup, read_bytes=5 * 2**20)).term("input read buffers")
     assert (large, small) == (10 * 2**20 * 3 * 2, 5 * 2**20)
+
+
+# --------------------------------------------------------------------------------------------------
+# Merge configs planned before the download: from the models' configs
+
+
+def _config_only_copy(real: Path, folder: Path) -> Path:
+    """What a user fetches before the weights: config.json, and the index when the model has one."""
+    folder.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors.index.json"):
+        if (real / name).exists():
+            shutil.copy(real / name, folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["llama in shards", "llama, tied, one file", "gpt2, tied"])
+def test_tensors_planned_from_a_config_are_those_its_weights_hold_byte_for_byte(tmp_path, kind):
+    from calm_dist.testing.tiny_checkpoints import tiny_llama
+    from merge.merge_config import validate_config
+    from merge.planning.config_only import plan_inputs
+
+    real = tmp_path / "real"
+    if kind.startswith("gpt2"):
+        tiny_model("gpt2", layers=2, width=32, heads=2).save_pretrained(real)
+    else:
+        tiny_llama(real, seed=0, tie="tied" in kind, shard_size="40KB" if "shards" in kind else None, tokenizer=False)
+    configs = _config_only_copy(real, tmp_path / "configs")
+    cfg = validate_config({"method": "linear", "output": {"path": str(tmp_path / "out")}, "models": [
+        {"name": "later", "path": str(tmp_path / "not-yet"), "config": str(configs)}, {"name": "now", "path": str(real)}]})
+    planned, read = plan_inputs(cfg)
+    assert read.from_config is None and planned.from_config.startswith(f"{tmp_path / 'not-yet'} does not exist; "
+                                                                       f"its tensors from {configs / 'config.json'}")
+
+    def where(checkpoint):  # name, dtype, shape, file and offset of every tensor, in file order
+        return [(t.name, t.dtype, t.shape, t.nbytes, Path(t.path).name, t.offset) for t in checkpoint.tensors.values()]
+
+    assert where(planned.checkpoint) == where(read.checkpoint)
+    assert planned.checkpoint.ties_embeddings == read.checkpoint.ties_embeddings == ("tied" in kind)
+
+
+def test_calm_plan_before_the_download_gives_the_figures_of_the_weights_and_says_so(tmp_path, plan_command):
+    from calm_dist.testing.tiny_checkpoints import write_demo
+
+    write_demo(tmp_path / "demo")  # base in one file, math and code in shards with an index
+    text = (ROOT / "configs/cocktail-tiny.yaml").read_text().replace("../runs/cocktail-demo", str(tmp_path / "demo"))
+    (tmp_path / "weights.yaml").write_text(text)
+    raw = yaml.safe_load(text)
+    for model in raw["models"]:
+        model["config"] = str(_config_only_copy(tmp_path / "demo" / model["name"], tmp_path / "configs" / model["name"]))
+        model["path"] = str(tmp_path / "download" / model["name"])
+    (tmp_path / "configs.yaml").write_text(yaml.safe_dump(raw))
+    from_weights = plan_command(str(tmp_path / "weights.yaml"), "--disk-speed", "100MB")
+    from_configs = plan_command(str(tmp_path / "configs.yaml"), "--disk-speed", "100MB")
+    assert (from_weights.returncode, from_configs.returncode) == (0, 0), from_configs.stderr
+    assert "planned from configs" not in from_weights.stdout
+    lines = from_configs.stdout.splitlines()
+    assert lines[0] == ("planned from configs only for 3 of 3 models: the merge needs their weights on disk, "
+                        "and reads their headers then")
+    assert lines[1] == (f"  base: {tmp_path / 'download/base'} does not exist; its tensors from "
+                        f"{tmp_path / 'configs/base/config.json'}, bfloat16")
+    assert lines[2].endswith("config.json and model.safetensors.index.json, bfloat16")
+    assert lines[4:] == from_weights.stdout.splitlines()  # every figure as from the weights' headers
+
+
+def test_the_shipped_70b_merge_plans_before_its_download_and_asks_for_the_disk_speed(plan_command):
+    done = plan_command("configs/cocktail-70b.yaml")  # README: `calm plan configs/cocktail-70b.yaml --disk-speed 500MB`
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("planned from configs only for 3 of 3 models")
+    assert "  base: /mnt/shared/models/Llama-3.1-70B-Instruct does not exist; its tensors from " in done.stdout
+    assert "merge of 3 models, 4 worker(s), 30 output shard(s):" in done.stdout
+    assert done.stdout.endswith("time: no input is on disk to measure the disk's speed on; give --disk-speed "
+                                "(e.g. 500MB)\n")
+
+
+def test_which_config_a_merge_plan_reads_and_when(tmp_path):
+    from calm_dist.testing.tiny_checkpoints import tiny_llama
+    from merge.merge_config import validate_config
+    from merge.merge_errors import CheckpointError
+    from merge.merge_errors import ConfigError as MergeConfigError
+    from merge.planning.config_only import plan_inputs
+
+    tiny_llama(tmp_path / "real", seed=0, shard_size="40KB", tokenizer=False)
+    configs = _config_only_copy(tmp_path / "real", tmp_path / "configs")
+
+    def plan(path: Path, config: Path | None = None):
+        entry = {"name": "m", "path": str(path)} | ({"config": str(config)} if config else {})
+        cfg = validate_config({"method": "linear", "models": [entry, {"name": "real", "path": str(tmp_path / "real")}],
+                               "output": {"path": str(tmp_path / "out")}})
+        return plan_inputs(cfg)[0]
+
+    # A download under way (config and index first, one shard still missing): its own config, not `config:`.
+    partial = tmp_path / "partial"
+    shutil.copytree(tmp_path / "real", partial)
+    next(partial.glob("model-00002-*.safetensors")).unlink()
+    planned = plan(partial, config=tmp_path / "elsewhere")
+    assert planned.from_config.startswith(f"{partial} misses shards its model.safetensors.index.json names; "
+                                          f"its tensors from {partial / 'config.json'}")
+    assert plan(tmp_path / "real", config=configs).from_config is None  # weights on disk: their headers
+    with pytest.raises(CheckpointError) as info:
+        plan(tmp_path / "nowhere")
+    assert str(info.value) == (f"model 'm': {tmp_path / 'nowhere'} does not exist, and there is no config to plan "
+                               "from: give models[0].config, a folder holding the model's config.json (and its "
+                               "model.safetensors.index.json if at hand)")
+    with pytest.raises(MergeConfigError, match=f"^models\\[0\\].config: {tmp_path / 'real-ish'} has no config.json$"):
+        plan(tmp_path / "nowhere", config=tmp_path / "real-ish")
+    # Where the plan read a config is no part of the merge's identity (its resume fingerprint).
+    cfg = validate_config({"method": "linear", "output": {"path": "o"}, "models": [
+        {"name": "a", "path": "a", "config": "c"}, {"name": "b", "path": "b"}]})
+    assert cfg.models[0].config == Path.cwd() / "c" and "config" not in cfg.model_dump(mode="json")["models"][0]

@@ -102,7 +102,9 @@ def test_the_job_request_runs_train_on_the_uploaded_config(tmp_path):
     assert config.ray.runtime_env["working_dir"] == "s3://ignored.zip"  # the config is not mutated
     argv = shlex.split(request["command_line"])
     assert argv[:5] == ["ray", "job", "submit", "--address", "http://head:8265"]
-    assert argv[5] == "--runtime-env-json" and json.loads(argv[6]) == request["runtime_env"]
+    # The printed command names the environment variables, never their values (the job gets them).
+    assert argv[5] == "--runtime-env-json"
+    assert json.loads(argv[6]) == {**request["runtime_env"], "env_vars": {"HF_HUB_OFFLINE": "<set>"}}
     assert argv[7:] == ["--", *shlex.split(request["entrypoint"])]
 
 
@@ -202,6 +204,31 @@ def test_submit_follows_the_logs_and_exits_with_the_job(tmp_path, calm, capsys, 
     assert out.endswith(f"job raysubmit_test123: {final}\n")
 
 
+def test_the_equivalent_command_shows_no_environment_values_but_the_job_gets_them(
+        tmp_path, calm, capsys, monkeypatch, listening_port):
+    import ray.job_submission
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeClient)
+    monkeypatch.setattr(FakeClient, "instances", [])
+    config_path = write_config(tmp_path, {"env_vars": {"HF_TOKEN": "hf_secret123", "HF_HUB_OFFLINE": "1"}})
+    address = f"http://127.0.0.1:{listening_port}"
+    assert calm("submit", str(config_path), "--address", address, "--working-dir", str(tmp_path),
+                "--paths-on-cluster", "--no-wait", "--set", "ray.runtime_env.env_vars.WANDB_API_KEY=wandb_secret456",
+                "--set", "training.steps=3") == 0
+    out = capsys.readouterr().out
+    assert "hf_secret123" not in out and "wandb_secret456" not in out
+    (line,) = [line for line in out.splitlines() if line.startswith("equivalent command: ")]
+    argv = shlex.split(line.removeprefix("equivalent command: "))
+    assert json.loads(argv[6])["env_vars"] == {"HF_TOKEN": "<set>", "HF_HUB_OFFLINE": "<set>", "WANDB_API_KEY": "<set>"}
+    assert argv[-4:] == ["--set", "ray.runtime_env.env_vars.WANDB_API_KEY=<set>", "--set", "training.steps=3"]
+    assert "(environment variables are shown as <set>, not by value: the job gets their values" in out
+    (client,) = FakeClient.instances
+    assert client.submitted["runtime_env"]["env_vars"] == {
+        "HF_TOKEN": "hf_secret123", "HF_HUB_OFFLINE": "1", "WANDB_API_KEY": "wandb_secret456"}
+    assert client.submitted["entrypoint"].endswith(
+        "--set ray.runtime_env.env_vars.WANDB_API_KEY=wandb_secret456 --set training.steps=3")
+
+
 def test_no_wait_returns_once_submitted(tmp_path, calm, capsys, monkeypatch, listening_port):
     import ray.job_submission
 
@@ -251,6 +278,28 @@ def test_the_kuberay_job_runs_the_example_on_16_gpus_with_shared_checkpoints():
         mounts = [m["mountPath"] for c in pod["containers"] for m in c["volumeMounts"] if m["name"] in claims]
         assert any(config.ray.storage_path.startswith(mount + "/") for mount in mounts)
         assert any(config.models.anchor.path.startswith(mount + "/") for mount in mounts)
+
+
+def test_every_kuberay_container_runs_with_token_authentication_from_the_secret_the_comment_creates():
+    """The dashboard listens on 0.0.0.0 and its Jobs API runs code: head, workers and the submitter all
+    use Ray's token mode with the token from one Kubernetes Secret, the one the manifest says to create."""
+    text = (REPO / "deploy" / "kuberay-rayjob.yaml").read_text()
+    manifest = yaml.safe_load(text)
+    cluster = manifest["spec"]["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    pods = {"head": cluster["headGroupSpec"]["template"]["spec"],
+            "submitter": manifest["spec"]["submitterPodTemplate"]["spec"]}
+    pods |= {f"workers {g['groupName']}": g["template"]["spec"] for g in cluster["workerGroupSpecs"]}
+    (create,) = re.findall(r"kubectl create secret generic (\S+) --from-literal=(\w+)=", text)
+    for role, pod in pods.items():
+        assert pod["containers"], role
+        for container in pod["containers"] + pod.get("initContainers", []):
+            env = {e["name"]: e for e in container.get("env", [])}
+            assert env["RAY_AUTH_MODE"] == {"name": "RAY_AUTH_MODE", "value": "token"}, (role, container["name"])
+            assert env["RAY_AUTH_TOKEN"] == {"name": "RAY_AUTH_TOKEN", "valueFrom": {
+                "secretKeyRef": {"name": create[0], "key": create[1]}}}, (role, container["name"])
+    assert "RAY_AUTH_TOKEN" in (REPO / "README.md").read_text().split("deploy/kuberay-rayjob.yaml", 1)[1][:1500]
+    assert f"kubectl create secret generic {create[0]}" in (REPO / "README.md").read_text()
 
 
 def test_resume_and_overrides_reach_the_job(tmp_path):

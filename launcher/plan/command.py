@@ -1,7 +1,8 @@
 """`calm plan CONFIG`: will it fit? Memory per worker of a training or merge config.
 
 From the model configs alone (no weights are read), against the device memory, and what would make
-it fit.
+it fit. A merge is planned from its inputs' safetensors headers, or from their configs where the
+weights are not on disk yet (merge.planning.config_only), and says which.
 
 The arithmetic lives in calm_dist.distributed.memory_plan (training) and merge.planning.memory (merges);
 this module reads the configs, builds each model on the meta device to count its tensors exactly, and
@@ -194,15 +195,17 @@ def check_fits(config: TrainConfig) -> None:
 # Merge configs
 
 
-def merge_setup(cfg) -> tuple[MergeSetup, list]:
-    from merge.io.checkpoint_folder import Checkpoint
+def merge_setup(cfg, inputs: list | None = None) -> tuple[MergeSetup, list]:
+    """The merge's plan from its inputs (merge.planning.config_only.plan_inputs: the weights' headers,
+    or the models' configs where the weights are not on disk yet)."""
     from merge.io.reader import reading_order, slot_bytes
     from merge.io.safetensors_file import ITEMSIZE
     from merge.methods.specs import BLOCK
+    from merge.planning.config_only import plan_inputs
     from merge.planning.inputs import match_tensors
     from merge.planning.plan import OUT_BUFFERS, WORKER_OVERHEAD, build_tasks, default_weights, plan_tensors
 
-    checkpoints = [Checkpoint.open(m.name or "", m.path) for m in cfg.models]
+    checkpoints = [i.checkpoint for i in (plan_inputs(cfg) if inputs is None else inputs)]
     layout = match_tensors(checkpoints, cfg.vocab_policy)
     weights = default_weights(cfg) or [1.0] * len(cfg.models)
     if cfg.weights_from_examples:
@@ -238,12 +241,18 @@ def measure_read_speed(path: Path, limit: int = 256 * 2**20) -> float:
     return done / max(time.perf_counter() - start, 1e-6)
 
 
-def describe_merge(cfg, setup: MergeSetup, tasks: list, disk_speed: str | None) -> str:
+def describe_merge(cfg, setup: MergeSetup, tasks: list, disk_speed: str | None, inputs: list = ()) -> str:
     plans = [merge_terms(setup)]
     if cfg.weights_from_examples:
         plans.append(loss_terms(setup))
     width = max(len(t.name) for p in plans for t in p.terms)
-    lines = [f"merge of {setup.inputs} models, {setup.workers} worker(s), {len(tasks)} output shard(s):"]
+    lines = []
+    from_configs = [i for i in inputs if i.from_config]
+    if from_configs:
+        lines.append(f"planned from configs only for {len(from_configs)} of {len(inputs)} models: the merge needs their "
+                     "weights on disk, and reads their headers then")
+        lines += [f"  {i.checkpoint.name}: {i.from_config}" for i in from_configs]
+    lines.append(f"merge of {setup.inputs} models, {setup.workers} worker(s), {len(tasks)} output shard(s):")
     for plan in plans:
         lines.append(f"  {plan.role}" + (" (weights from examples, before the merge)" if plan.role == "loss worker"
                                           else " (peak anonymous memory)"))
@@ -260,8 +269,11 @@ def describe_merge(cfg, setup: MergeSetup, tasks: list, disk_speed: str | None) 
     if disk_speed:
         speed, how = parse_size(disk_speed, "--disk-speed"), "given"
     else:
-        first = next(iter(sorted({Path(s.path) for t in tasks for ten in t.tensors for s in ten.sources})))
-        speed, how = measure_read_speed(first), f"measured on {first.name}"
+        on_disk = sorted({Path(s.path) for t in tasks for ten in t.tensors for s in ten.sources if Path(s.path).is_file()})
+        if not on_disk:
+            lines.append("time: no input is on disk to measure the disk's speed on; give --disk-speed (e.g. 500MB)")
+            return "\n".join(lines)
+        speed, how = measure_read_speed(on_disk[0]), f"measured on {on_disk[0].name}"
     seconds = merge_seconds(setup, speed, speed)
     lines.append(f"time: ~{seconds:.0f} s at {speed / 1e6:.0f} MB/s ({how}); the merge runs near the disk's speed "
                  "(0.7-1.2x in bench/merge_throughput.py)")
@@ -302,13 +314,15 @@ def run(args: argparse.Namespace) -> int:
     if is_merge_config(args.config):
         from merge.merge_config import load_config as load_merge_config
         from merge.merge_errors import MergeError
+        from merge.planning.config_only import plan_inputs
 
         try:
             cfg = load_merge_config(args.config, overrides)
-            setup, tasks = merge_setup(cfg)
+            inputs = plan_inputs(cfg)
+            setup, tasks = merge_setup(cfg, inputs)
         except MergeError as err:
             raise ConfigError(str(err)) from None
-        print(describe_merge(cfg, setup, tasks, args.disk_speed))
+        print(describe_merge(cfg, setup, tasks, args.disk_speed, inputs))
         return 0
     from launcher.train_config import load_config
 

@@ -2,8 +2,11 @@
 
 The job is `python -m launcher.cli train CONFIG --set ray.address=auto`, run on the cluster in an
 uploaded copy of the working directory: what `ray job submit` would do, and the equivalent
-`ray job submit` line is printed so the same submission can be scripted without this tool. The config is checked here first, so a typo costs
-seconds rather than a cluster scheduling round.
+`ray job submit` line is printed so the same submission can be scripted without this tool. The config
+is checked here first, so a typo costs seconds rather than a cluster scheduling round.
+
+The printed line names the runtime env's environment variables but never shows their values (an
+HF_TOKEN would otherwise land in terminal scrollback and CI logs); the job itself gets the values.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 import asyncio
 import copy
 import json
+import re
 import shlex
 import sys
 import time
@@ -33,6 +37,11 @@ EXCLUDES = (".venv", "runs", ".git")
 
 # After the log stream ends, how long to wait for the job's final status to be recorded.
 STATUS_WAIT_S = 30.0
+
+# What the printed command shows in place of an environment variable's value.
+HIDDEN = "<set>"
+# `--set ray.runtime_env.env_vars.NAME=VALUE` on the command line: the value is hidden the same way.
+ENV_VAR_OVERRIDE = re.compile(r"^(ray\.runtime_env\.env_vars\.[^=]+=).*", re.DOTALL)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +65,8 @@ def build_job_request(
     train_args: Sequence[str] = (),
 ) -> dict:
     """Everything the submission needs: the client address, the `submit_job` arguments, and the
-    equivalent `ray job submit` command line.
+    equivalent `ray job submit` command line, for people: environment variables by name, their values
+    shown as <set> (the runtime env and entrypoint the job gets keep them).
 
     The entrypoint names the config by its path inside the working directory, as the job sees it: the
     cluster resolves the config's relative paths against its own copy.
@@ -78,8 +88,12 @@ def build_job_request(
     # The job's driver runs on a cluster node, where "auto" finds the cluster; whatever address the file
     # names is for runs started elsewhere (and without one, train would start a cluster of its own).
     entrypoint = ["python", "-m", "launcher.cli", "train", inside, "--set", "ray.address=auto", *train_args]
+    shown_env = dict(runtime_env)  # for people: variables by name only
+    if isinstance(shown_env.get("env_vars"), dict):
+        shown_env["env_vars"] = dict.fromkeys(shown_env["env_vars"], HIDDEN)
+    shown_entrypoint = [ENV_VAR_OVERRIDE.sub(rf"\g<1>{HIDDEN}", arg) for arg in entrypoint]
     command_line = shlex.join(["ray", "job", "submit", "--address", address,
-                               "--runtime-env-json", json.dumps(runtime_env, sort_keys=True), "--", *entrypoint])
+                               "--runtime-env-json", json.dumps(shown_env, sort_keys=True), "--", *shown_entrypoint])
     return {
         "address": address,
         "entrypoint": shlex.join(entrypoint),
@@ -115,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
     from launcher.runtime.ray_auth import find_token, refusal
 
     print(f"equivalent command: {request['command_line']}")
+    if HIDDEN in request["command_line"]:
+        print(f"(environment variables are shown as {HIDDEN}, not by value: the job gets their values; "
+              "typing the command yourself, put them in)")
     token = find_token()
     try:
         client = JobSubmissionClient(request["address"], headers=token.headers() if token else None)
