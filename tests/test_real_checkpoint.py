@@ -97,3 +97,57 @@ def test_calm_generate_serves_a_composition_on_it_in_bf16(smollm2, tmp_path, cap
                   "--max-new-tokens", "3", "--dtype", dtype])
         assert exit_code.value.code == 0
         assert capsys.readouterr().out.strip() == "The capital of France is Paris."
+
+
+def test_calm_merge_of_it_and_a_perturbed_copy_loads_and_answers(smollm2, tokenizer, tmp_path):
+    """A Cocktail of SmolLM2 and a slightly perturbed copy, through `calm merge`: a folder transformers
+    loads as it is, whose tensors are the correctly rounded mean, and which still answers."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from calm_dist.model.decoding import SingleModel
+    from launcher.cli import main
+
+    original = load(smollm2)
+    generator = torch.Generator().manual_seed(0)
+    perturbed = load(smollm2)
+    with torch.no_grad():
+        for parameter in perturbed.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 1e-3)
+    perturbed.save_pretrained(tmp_path / "perturbed")
+    tokenizer.save_pretrained(tmp_path / "perturbed")
+    config = tmp_path / "merge.yaml"
+    config.write_text(json.dumps({"method": "linear", "weights": [0.5, 0.5], "output": {"path": str(tmp_path / "merged")},
+                                  "models": [{"path": str(smollm2)}, {"path": str(tmp_path / "perturbed")}]}))
+    with pytest.raises(SystemExit) as exit_code:
+        main(["merge", str(config), "--no-progress"])
+    assert exit_code.value.code == 0
+    merged = load(tmp_path / "merged")
+    name = "model.layers.7.mlp.down_proj.weight"
+    expected = (original.get_parameter(name).double() + load_file(tmp_path / "perturbed/model.safetensors")[name].double()) / 2
+    assert torch.equal(merged.get_parameter(name), expected.float())  # one rounding of the exact mean
+    assert complete(SingleModel(merged), tokenizer, ["The capital of Germany is"], max_new_tokens=2) == [" Berlin."]
+
+
+@pytest.mark.distributed
+def test_calm_eval_scores_it_through_ray_and_zero3_in_bf16(smollm2, tmp_path):
+    """`calm eval --anchor-only` on two Ray Train workers, SmolLM2 partitioned over them in bf16: it
+    answers the capitals (the bf16 anchor is the user's anchor, not one with rounded rotary buffers)."""
+    import json
+    import subprocess
+    import sys
+
+    from calm_dist.model.composition_checkpoint import save_composition
+    from tests.distributed.runs import ENV, ROOT
+
+    save_composition(compose(load(smollm2), load(smollm2), every_n=10), tmp_path / "composition")
+    data = tmp_path / "capitals.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"The capital of {country} is", "completion": city}) + "\n"
+                            for country, city in (("France", "Paris."), ("Germany", "Berlin."), ("Italy", "Rome."))))
+    result = subprocess.run([sys.executable, "-m", "launcher.cli", "eval", str(tmp_path / "composition"), "--data",
+                             str(data), "--anchor-only", "--workers", "2", "--max-new-tokens", "2", "--dtype", "bfloat16"],
+                            env=ENV, cwd=ROOT, timeout=900, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "eval/capitals.anchor.json").read_text())
+    assert report["exact_match"] == 1.0 and report["samples"] == 3 and report["workers"] == 2
