@@ -40,7 +40,7 @@ def test_each_rank_holds_half_of_each_anchor_and_gathers_it_exactly(tmp_path, sm
     loads = [("float32", path) for path in checkpoints.values()] + [("float32", smollm2), ("bfloat16", smollm2)]
     out = tmp_path / "report"
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(ROOT / "tests/distributed/partition_check.py"), str(out), *(f"{d}:{path}" for d, path in loads)],
         check=True, env=ENV, cwd=ROOT, timeout=600,
     )
@@ -153,7 +153,7 @@ def test_offload_and_every_zero_stage_train_as_zero3_does(tmp_path):
     offloaded, and under stages 2 and 0, log the losses of plain ZeRO-3."""
     config = tiny_config(tmp_path, steps=2, checkpoint_every=2)
     out = tmp_path / "losses"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     str(ROOT / "tests/distributed/zero_settings_check.py"), str(config), str(out)],
                    check=True, env=ENV, cwd=ROOT, timeout=600, capture_output=True)
     losses = json.loads(Path(f"{out}.0").read_text())

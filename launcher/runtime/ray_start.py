@@ -8,6 +8,8 @@ Ray is imported only when called: `calm --help` and a merge without Ray never lo
 
 from __future__ import annotations
 
+import os
+
 
 def start_ray(
     address: str | None,
@@ -24,9 +26,38 @@ def start_ray(
 
     if ray.is_initialized():
         return False
-    if address is None or address == "local":
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 runtime_env=runtime_env, log_to_driver=log_to_driver)
+    embedded = address is None or address == "local"
+    _loopback_only(embedded)
+    if embedded:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
+                 log_to_driver=log_to_driver)
         return True
     ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
     return False
+
+
+_LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": "lo"}
+_replaced: dict[str, str | None] = {}  # what those variables held before an embedded cluster set them
+
+
+def _loopback_only(on: bool) -> None:
+    """Make an embedded cluster reachable from this machine alone: its node address 127.0.0.1, so every
+    Ray server (GCS, raylet, each worker's gRPC server, the agents) listens on the loopback, and gloo
+    binds there too. Ray turns `_node_ip_address="127.0.0.1"` into the machine's network address; its own
+    switch for a loopback node is RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read by the processes it starts
+    and, here, by the already imported ray. A later connection to a real cluster gets back what was."""
+    from ray._private import ray_constants
+
+    if on:
+        for name, value in _LOOPBACK.items():
+            _replaced.setdefault(name, os.environ.get(name))
+            os.environ[name] = value
+    else:
+        for name, value in _replaced.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        _replaced.clear()
+    ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR,
+                                                              not ray_constants.IS_WINDOWS_OR_OSX)
