@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 import sys
 import traceback
 from collections.abc import Iterator
@@ -38,10 +39,20 @@ def last_log() -> Path | None:
     return _last_log
 
 
+# "package.module.SomeError: what went wrong", as a traceback's last line states an exception
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Exit|Interrupt)\w*): (.+)$")
+
+
 def one_line(err: BaseException) -> str:
-    """The line of an error that says what went wrong: the last non-empty line of its message (Ray wraps
-    a worker's exception in its traceback; the exception itself comes last)."""
+    """The line of an error that says what went wrong. Ray wraps a worker's exception in its traceback
+    and may cut the middle of a long one, and libraries add footers after the exception's line (pydantic's
+    "For further information visit ..."): the last line that states an exception, shortened to its class
+    name, else the last line."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in reversed(lines):
+        stated = _EXCEPTION_LINE.match(line)
+        if stated:
+            return f"{stated.group(1)}: {stated.group(2)}"
     return lines[-1] if lines else type(err).__name__
 
 

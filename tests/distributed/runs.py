@@ -5,6 +5,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -65,11 +67,31 @@ def train_command(config: Path, *extra: str) -> list[str]:
 
 
 def train(config: Path, *extra: str, expect: int = 0) -> subprocess.CompletedProcess:
-    """`calm train CONFIG EXTRA...`, asserting its exit code; its output is returned."""
-    result = subprocess.run(train_command(config, *extra), env=ENV, cwd=ROOT, timeout=900,
-                            capture_output=True, text=True)
+    """`calm train CONFIG EXTRA...`, asserting its exit code and that it left no process running (Ray's
+    included, after a failure too); its output is returned."""
+    marker = f"calm-test-{uuid.uuid4().hex}"
+    result = subprocess.run(train_command(config, *extra), env={**ENV, "CALM_TEST_RUN": marker}, cwd=ROOT,
+                            timeout=900, capture_output=True, text=True)
     assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
+    assert left_running(marker) == [], "calm train left processes running"
     return result
+
+
+def left_running(marker: str, grace_s: float = 15.0) -> list[str]:
+    """Processes still alive whose environment carries `marker` (every process a command starts inherits
+    it), after giving them grace_s to exit."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        alive = []
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                if f"CALM_TEST_RUN={marker}".encode() in environ.read_bytes().split(b"\0"):
+                    alive.append((environ.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120])
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)
 
 
 def assert_same_composition(out: Path, expected_run: str, run: str, trained_steps: int) -> None:
