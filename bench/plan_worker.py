@@ -10,7 +10,6 @@ tensor exists, the peak sampled every millisecond while the models load and trai
 each step and after the checkpoint.
 """
 
-import atexit
 import json
 import sys
 import threading
@@ -18,12 +17,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+from rank_setup import start_rank
 
 from calm_dist.data.records import load_records
 from calm_dist.distributed.base_models import load_tokenizer
 from calm_dist.distributed.engine import init_process_group
-from calm_dist.distributed.placement import Layout, split_world
 from calm_dist.distributed.trainer import Trainer, connections_of, serve_augmenting
 from launcher.train_config import TrainConfig
 
@@ -63,26 +61,8 @@ class PeakSampler(threading.Thread):
 
 case = json.loads(Path(sys.argv[1]).read_text())
 config = TrainConfig.model_validate(case["config"])
-torch.set_num_threads(1)
-dist.init_process_group("gloo")
-rank = dist.get_rank()
+rank, layout, world = start_rank(config)
 device = torch.device("cpu")
-world = None
-
-
-@atexit.register
-def _shut_down_groups() -> None:
-    # Before interpreter teardown: gloo groups left to it can abort the process at exit.
-    if world is not None:
-        world.close()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-layout = None
-if config.placement.mode == "pipelined":
-    layout = Layout(config.ray.num_workers, config.placement.augmenting_workers)
-    world = split_world(layout, "gloo")  # the anchors get a default group of their own
 is_anchor = layout is None or layout.is_anchor(rank)
 # The runtime goes into the baseline: what transformers imports to read the models' configs, and on an
 # anchor rank DeepSpeed's setup and the data pipeline's imports (the tokenizer and records read once and

@@ -10,35 +10,21 @@ serve_augmenting. Writes OUT.RANK.json:
 - colocated, pipelined: the time of each step of Trainer.fit, as the training loop logs it.
 """
 
-import atexit
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+from rank_setup import start_rank
 
 from calm_dist.distributed.partitioned_loading import local_parameter_bytes
-from calm_dist.distributed.placement import Layout, split_world
 from calm_dist.distributed.trainer import Trainer, serve_augmenting
 from launcher.train_config import load_config
 
 mode, config, out = sys.argv[1], load_config(sys.argv[2]), sys.argv[3]
-torch.set_num_threads(1)  # one core per process: the augmenting rank gets a core of its own
-dist.init_process_group("gloo")
-rank = dist.get_rank()
+rank, layout, world = start_rank(config)
 device = torch.device("cpu")
-world = None
-
-
-@atexit.register
-def _shut_down_groups() -> None:
-    # Before interpreter teardown: gloo groups left to it can abort the process at exit.
-    if world is not None:
-        world.close()
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def anchor_only_times(trainer: Trainer, steps: int) -> list[float]:
@@ -61,13 +47,9 @@ def anchor_only_times(trainer: Trainer, steps: int) -> list[float]:
     return times
 
 
-layout = None
-if config.placement.mode == "pipelined":
-    layout = Layout(config.ray.num_workers, config.placement.augmenting_workers)
-    world = split_world(layout, "gloo")  # the anchors get a default group of their own
-    if not layout.is_anchor(rank):
-        serve_augmenting(config, layout, world.exchange, device, on_barrier=lambda: None)
-        sys.exit(0)
+if layout is not None and not layout.is_anchor(rank):
+    serve_augmenting(config, layout, world.exchange, device, on_barrier=lambda: None)
+    sys.exit(0)
 
 trainer = Trainer(config, device, rank, layout=layout, exchange=world.exchange if world else None)
 if mode == "bytes":

@@ -106,6 +106,16 @@ def split_world(layout: Layout, backend: str, timeout: timedelta = timedelta(min
     return SplitWorld(exchange, store)
 
 
+def join_placement(config, backend: str) -> tuple[Layout | None, SplitWorld | None]:
+    """What every rank does right after its launcher set up the world (a launcher.train_config.TrainConfig):
+    for a pipelined run the layout and the split world (the anchors get a default group of their own);
+    (None, None) for a colocated one."""
+    if config.placement.mode != "pipelined":
+        return None, None
+    layout = Layout(config.ray.num_workers, config.placement.augmenting_workers)
+    return layout, split_world(layout, backend)
+
+
 def _wire(tensor: torch.Tensor) -> torch.Tensor:
     """A view every backend can send: 16-bit floats travel as int16 (gloo lacks bf16)."""
     return tensor.view(torch.int16) if tensor.element_size() == 2 and tensor.is_floating_point() else tensor
