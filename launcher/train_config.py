@@ -33,7 +33,9 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-Dtype = Literal["float32", "bfloat16", "float16"]
+# float16 is not offered: partitioned loading and the composition's optimizer run without loss scaling,
+# which fp16 training needs; bfloat16 has fp32's range.
+Dtype = Literal["float32", "bfloat16"]
 
 
 class ModelSpec(Strict):
@@ -161,7 +163,9 @@ class TrainingConfig(Strict):
 
 
 class DeepSpeedConfig(Strict):
-    zero_stage: Literal[0, 1, 2, 3] = 3
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        3, description="3: the frozen anchor is partitioned over the workers; 0-2: each worker holds it whole "
+        "(no gathering per step: for anchors that fit one device)")
     offload_optimizer: bool = False
     offload_params: bool = False
     activation_checkpointing: bool = False
@@ -183,9 +187,22 @@ class RayConfig(Strict):
     device_memory: str | None = Field(
         None, description="memory of each worker's device, e.g. 80GB: `calm train` refuses a config that cannot fit "
                           "(default: this machine's GPU when use_gpu)")
-    storage_path: str = Field("runs", description="shared storage for checkpoints on multi-node clusters")
+    storage_path: str = Field(
+        "runs", description="where checkpoints go: a local folder, or a URI (s3://bucket/path, gs://..., with "
+        "pyarrow's query options such as ?endpoint_override=HOST:PORT); on multi-node clusters, storage every "
+        "node reaches")
     max_failures: int = Field(2, ge=0, description="worker deaths to recover from by resuming")
     runtime_env: dict = Field(default_factory=dict)
+
+    @field_validator("storage_path")
+    @classmethod
+    def _folder_or_uri(cls, value: str) -> str:
+        scheme, sep, rest = value.partition("://")
+        if not value.strip():
+            raise ValueError("give a folder or a URI (s3://bucket/path)")
+        if sep and not (re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme) and rest.strip("/")):
+            raise ValueError(f"{value!r} is not a URI (scheme://bucket/path) nor a folder")
+        return value
 
 
 class TrainConfig(Strict):
@@ -204,6 +221,9 @@ class TrainConfig(Strict):
     def _no_latest(cls, value: str) -> str:
         if value == "latest":  # collides with DeepSpeed's own `latest` file
             raise ValueError("'latest' is reserved")
+        if value in (".", ".."):  # the run's folders are named after it: this would be their parent
+            raise ValueError(f"{value!r} is not a run name: the run's folders are named after it; "
+                             "use letters, digits, '_', '-' or '.'")
         return value
 
     @model_validator(mode="after")

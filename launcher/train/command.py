@@ -15,7 +15,6 @@ from pathlib import Path
 
 from calm_dist.errors import InputError
 from launcher.train_config import (
-    ConfigError,
     TrainConfig,
     blamed_on_command_line,
     load_config,
@@ -58,18 +57,11 @@ def train(config: TrainConfig, resume: bool = False) -> int:
     from launcher.runtime.ray_start import start_ray
     from launcher.runtime.worker_errors import first_line, input_error_in
 
-    storage = Path(config.ray.storage_path).resolve()
-    run_storage = storage / config.name
-    newest = run_folder.newest_checkpoint(run_storage)
-    if newest is not None and not resume:
-        raise ConfigError(
-            f"name: run {config.name!r} already has a checkpoint at step {newest.step} ({newest.path}); pass "
-            "--resume to continue it, or choose another name"
-        )
-    if newest is None:
-        if resume:
-            print(f"--resume: run {config.name!r} has no complete checkpoint under {storage}; starting from step 0")
-        run_folder.clear_failed_attempts(run_storage)
+    # A local folder, or a URI (s3://...) that Ray Train and the checks here reach through one filesystem.
+    run_storage = run_folder.open_run_storage(config.ray.storage_path, config.name)
+    continues_from = run_folder.starting_point(run_storage, config.name, resume)  # deletes nothing of the user's
+    if resume and continues_from is None:
+        print(f"--resume: run {config.name!r} has no checkpoint yet under {run_storage.show()}; starting from step 0")
 
     workers = config.ray.num_workers
     if config.placement.mode == "pipelined":
@@ -90,8 +82,8 @@ def train(config: TrainConfig, resume: bool = False) -> int:
         # A board per attempt: each shows its own steps, the steps redone after a restart included.
         board_name = f"calm-progress-{config.name}-{time.time_ns()}"
         board = ProgressBoard.options(name=board_name, num_cpus=0).remote()
-        outcome = _attempt(config, workers, storage, board, board_name, resume_from.path if resume_from else None,
-                           follow)
+        outcome = _attempt(config, workers, run_storage.ray_storage_path, board, board_name,
+                           resume_from.source if resume_from else None, follow)
         if "error" not in outcome:
             break
         error = outcome["error"]
@@ -116,7 +108,7 @@ def train(config: TrainConfig, resume: bool = False) -> int:
     return 0
 
 
-def _attempt(config: TrainConfig, workers: int, storage: Path, board, board_name: str, resume_from: Path | None,
+def _attempt(config: TrainConfig, workers: int, storage: str, board, board_name: str, resume_from: str | None,
              follow) -> dict:
     """One Ray Train run of the worker group, with its progress shown: {"last": metrics} or {"error": ...}."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig

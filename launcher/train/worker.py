@@ -16,19 +16,16 @@ def train_worker(loop_config: dict) -> None:
     device = start_worker(config.ray.use_gpu)
     import ray.train
 
-    from calm_dist.distributed.placement import Layout, split_world
+    from calm_dist.distributed.placement import join_placement
     from calm_dist.distributed.trainer import Trainer, serve_augmenting
 
     rank = ray.train.get_context().get_world_rank()
-    layout = world = None
-    if config.placement.mode == "pipelined":
-        layout = Layout(config.ray.num_workers, config.placement.augmenting_workers)
-        world = split_world(layout, "nccl" if config.ray.use_gpu else "gloo")  # anchors get a world of their own
-        if not layout.is_anchor(rank):
-            # Ray Train needs every worker to report as often as the others: once per checkpoint.
-            serve_augmenting(config, layout, world.exchange, device, on_barrier=lambda: ray.train.report({}))
-            world.close()
-            return
+    layout, world = join_placement(config, "nccl" if config.ray.use_gpu else "gloo")
+    if layout is not None and not layout.is_anchor(rank):
+        # Ray Train needs every worker to report as often as the others: once per checkpoint.
+        serve_augmenting(config, layout, world.exchange, device, on_barrier=lambda: ray.train.report({}))
+        world.close()
+        return
 
     trainer = Trainer(config, device, rank, layout=layout, exchange=world.exchange if world else None)
     # The driver names the newest complete checkpoint on disk; Ray Train may know one too (restored from
@@ -36,8 +33,8 @@ def train_worker(loop_config: dict) -> None:
     resume_from = loop_config.get("resume_from")
     checkpoint = _newest(ray.train.get_checkpoint(), ray.train.Checkpoint(resume_from) if resume_from else None)
     if checkpoint:
-        with checkpoint.as_directory() as directory:
-            trainer.resume(directory, name=checkpoint.path)
+        with checkpoint.as_directory() as directory:  # a download first when the storage is a URI
+            trainer.resume(directory, name=_where(checkpoint))
 
     run_dir = Path(config.output_dir) / config.name
     board = ray.get_actor(loop_config["board"]) if loop_config.get("board") else None
@@ -55,11 +52,20 @@ def train_worker(loop_config: dict) -> None:
 
 
 def _newest(*checkpoints):
-    """The checkpoint saved at the highest step among those given (None entries skipped)."""
+    """The checkpoint saved at the highest step among those given (None entries skipped), read where they
+    lie (no download)."""
     from calm_dist.distributed.checkpoint_layout import checkpoint_step
 
     def step(checkpoint) -> int:
-        with checkpoint.as_directory() as directory:
-            return checkpoint_step(directory)
+        return checkpoint_step(checkpoint.path, checkpoint.filesystem)
 
     return max((c for c in checkpoints if c is not None), key=step, default=None)
+
+
+def _where(checkpoint) -> str:
+    """A checkpoint's folder for messages: its local path, or scheme://bucket/path."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return checkpoint.path
+    return f"{checkpoint.filesystem.type_name}://{checkpoint.path}"
