@@ -8,7 +8,11 @@ pydantic, torch and Ray.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
+
+# The checkout this package runs from: its configs/ (the demo's) and runs/ (the experiment's default).
+REPO = Path(__file__).resolve().parent.parent
 
 # name -> the module that defines it, imported when the name is first read
 _LAZY = {"evaluate": "launcher.eval.command", "evaluate_files": "launcher.eval.command"}

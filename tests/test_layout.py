@@ -136,3 +136,12 @@ def test_the_readme_api_is_at_the_package_top_level():
         warnings.simplefilter("error")  # the top level is the new home: no deprecation on the way
         for name in ("compose", "generate", "save_composition", "load_composition", "Connection"):
             assert callable(getattr(calm_dist, name))
+
+
+def test_the_configs_the_demo_reads_are_found_from_where_its_modules_now_live():
+    """A module moved one folder deeper once looked for configs/ inside launcher/ (`calm demo` failed)."""
+    from launcher.demo.command import TINY_CONFIG
+    from launcher.kv_arithmetic.experiment import CONFIG, ROOT as RUNS
+
+    assert TINY_CONFIG.is_file() and CONFIG.is_file()
+    assert RUNS == ROOT / "runs" / "kv-arithmetic"

@@ -17,9 +17,10 @@ import random
 from pathlib import Path
 
 from calm_dist.errors import InputError
+from launcher import REPO
 
 USER_ERRORS = (InputError,)  # ConfigError, DataError, CompositionError: also those met on the workers
-TINY_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

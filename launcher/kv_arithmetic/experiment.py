@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
+from launcher import REPO
 from launcher.train_config import TrainConfig, load_config
 
-REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "kv-arithmetic.yaml"
 ROOT = REPO / "runs" / "kv-arithmetic"
 
