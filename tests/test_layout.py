@@ -141,7 +141,8 @@ def test_the_readme_api_is_at_the_package_top_level():
 def test_the_configs_the_demo_reads_are_found_from_where_its_modules_now_live():
     """A module moved one folder deeper once looked for configs/ inside launcher/ (`calm demo` failed)."""
     from launcher.demo.command import TINY_CONFIG
-    from launcher.kv_arithmetic.experiment import CONFIG, ROOT as RUNS
+    from launcher.kv_arithmetic.experiment import CONFIG
+    from launcher.kv_arithmetic.experiment import ROOT as RUNS
 
     assert TINY_CONFIG.is_file() and CONFIG.is_file()
     assert RUNS == ROOT / "runs" / "kv-arithmetic"
