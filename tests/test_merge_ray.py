@@ -38,12 +38,13 @@ def events(monkeypatch) -> list:
     """What the stand-in Ray was asked, in order; Ray starts out not running."""
     happened: list = []
     monkeypatch.setitem(sys.modules, "ray", FakeRay(happened))
+    # The loopback switch is Ray's own (tests/test_loopback.py checks it for real): not made here.
+    monkeypatch.setattr("launcher.runtime.ray_start._loopback_only", lambda on: None)
     return happened
 
 
 def test_an_embedded_cluster_of_our_own(events):
-    local = {"address": "local", "num_cpus": 3, "include_dashboard": False, "_node_ip_address": "127.0.0.1",
-             "runtime_env": None, "log_to_driver": False}
+    local = {"address": "local", "num_cpus": 3, "include_dashboard": False, "runtime_env": None, "log_to_driver": False}
     assert start_ray(None, num_cpus=3) is True
     assert events == [("init", local)]
     sys.modules["ray"].shutdown()
