@@ -18,6 +18,8 @@ from datetime import timedelta
 import torch
 from torch import nn
 
+from calm_dist.distributed.rendezvous import join_process_group
+
 
 @dataclass(frozen=True)
 class Scored:
@@ -35,11 +37,12 @@ def join_group(master_addr: str, master_port: int, rank: int, world_size: int, u
     else:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+    os.environ["LOCAL_RANK"] = "0"
+    join_process_group("nccl" if use_gpu else "gloo", master_addr, master_port, rank, world_size,
+                       timeout=timedelta(minutes=30))
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", timeout=timedelta(minutes=30))
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")  # DeepSpeed's view of the group
 
 
 def zero3_inference_config() -> dict:

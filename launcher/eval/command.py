@@ -253,9 +253,10 @@ def evaluate_files(target: str | Path, files: list[str | Path], *, progress: boo
 def run_plan(p: Plan, progress: bool = True) -> list[dict]:
     import ray
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from launcher.eval.worker import eval_worker
+    from launcher.runtime.process_group import torch_config
     from launcher.runtime.progress import ProgressBoard, follow
     from launcher.runtime.quiet import is_quiet
     from launcher.runtime.ray_start import start_ray
@@ -277,7 +278,7 @@ def run_plan(p: Plan, progress: bool = True) -> list[dict]:
         train_loop_config={"job": job.model_dump(mode="json"), "board": board_name},
         scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=job.use_gpu,
                                      resources_per_worker={"CPU": p.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),
+        torch_config=torch_config(job.use_gpu),
         run_config=RunConfig(name=run_name, storage_path=str(storage)),
     )
     outcome: dict = {}

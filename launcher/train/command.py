@@ -112,8 +112,9 @@ def _attempt(config: TrainConfig, workers: int, storage: str, board, board_name:
              follow) -> dict:
     """One Ray Train run of the worker group, with its progress shown: {"last": metrics} or {"error": ...}."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
+    from launcher.runtime.process_group import torch_config
     from launcher.train.worker import train_worker
 
     trainer = TorchTrainer(
@@ -124,7 +125,7 @@ def _attempt(config: TrainConfig, workers: int, storage: str, board, board_name:
             num_workers=workers, use_gpu=config.ray.use_gpu,
             resources_per_worker={"CPU": config.ray.cpus_per_worker, **config.ray.resources_per_worker},
         ),
-        torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo"),
+        torch_config=torch_config(config.ray.use_gpu),
         run_config=RunConfig(
             name=config.name, storage_path=str(storage),
             failure_config=FailureConfig(max_failures=0),
