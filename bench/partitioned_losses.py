@@ -39,9 +39,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        examples_file = root / "examples.jsonl"
-        examples_file.write_text("".join(
+        # Each kind reads its own format: decoder {input, output}, embedding {query, pos, neg}.
+        examples_files = {"decoder": root / "decoder-examples.jsonl", "embedding": root / "embedding-examples.jsonl"}
+        examples_files["decoder"].write_text("".join(
             json.dumps({"input": f"{i} plus {i} is", "output": f" {2 * i}, and {i} times {i} is {i * i}."}) + "\n"
+            for i in range(8)))
+        examples_files["embedding"].write_text("".join(
+            json.dumps({"query": f"what is {i} plus {i}", "pos": [f"{i} plus {i} is {2 * i}"],
+                        "neg": [f"{i} times {j} is {i * j}" for j in range(2, 6)]}) + "\n"
             for i in range(8)))
         torch.manual_seed(0)
         width, layers = args.width, args.layers
@@ -52,13 +57,13 @@ def main() -> None:
                              intermediate_size=2 * width, max_position_embeddings=128)).save_pretrained(root / "embedding")
         for name in ("decoder", "embedding"):
             char_tokenizer(root / name)
-        examples = read_examples(examples_file)
 
         started = start_ray(None, num_cpus=args.workers)
         results = []
         try:
             for kind in ("decoder", "embedding"):
-                spec = ExamplesWeights(examples=examples_file, kind=kind, workers=args.workers, negatives=3)
+                spec = ExamplesWeights(examples=examples_files[kind], kind=kind, workers=args.workers, negatives=3)
+                examples = read_examples(spec.examples, kind, spec.negatives)
                 held: list[dict] = []
                 (loss,) = partitioned_losses([(root / kind, root / kind)], examples, spec, lambda _: None, held)
                 single = model_loss(root / kind, root / kind, examples, spec)
