@@ -57,20 +57,20 @@ def cocktail(models: dict[str, Path], examples: Path, out: Path, fixed: dict[str
     return {name: row["weight"] for name, row in report["weights"].items()}
 
 
-def score(path: Path, tasks: dict[str, list[Example]], chunks: torch.Tensor | None) -> dict[str, float]:
-    """Exact match on each named task, general-prompt exact match and prose loss (if chunks given)."""
+def score(path: Path, tasks: dict[str, list[Example]], chunks: torch.Tensor) -> dict[str, float]:
+    """Exact match on each named task, general-prompt exact match and prose loss."""
     model, tokenizer = load(path)
     scores = {name: exact_match(model, tokenizer, examples) for name, examples in tasks.items()}
-    if chunks is not None:
-        scores["general_exact_match"] = exact_match(model, tokenizer, general_prompts())
-        scores["general_loss"] = prose_loss(model, chunks)
-    del model
+    scores["general_exact_match"] = exact_match(model, tokenizer, general_prompts())
+    scores["general_loss"] = prose_loss(model, chunks)
     return scores
 
 
 def run_experiment(root: Path, seed: int, log: Log, settings: FinetuneSettings | None = None,
                    base: Path | None = None) -> dict:
     """Every step for one seed; the results as one flat dict (see report.py for the table)."""
+    from transformers import AutoTokenizer
+
     from calm_dist.testing.real_checkpoint import smollm2
 
     started = time.perf_counter()
@@ -94,7 +94,7 @@ def run_experiment(root: Path, seed: int, log: Log, settings: FinetuneSettings |
                            _write_examples(folder / "mixed-examples.jsonl", tasks.mixed.examples),
                            folder / "mix", {}, log)
 
-    chunks = prose_chunks(load(base)[1])
+    chunks = prose_chunks(AutoTokenizer.from_pretrained(base))  # one tokenizer for all: they share the base's
     evaluate = {"news": tasks.news.heldout, "mixed": tasks.mixed.heldout}
     rows = {}
     for name, path in (("base", base), ("finetuned", news), ("cocktail", folder / "cocktail"),
