@@ -73,11 +73,12 @@ def train(config: Path, *extra: str, expect: int = 0) -> subprocess.CompletedPro
     result = subprocess.run(train_command(config, *extra), env={**ENV, "CALM_TEST_RUN": marker}, cwd=ROOT,
                             timeout=900, capture_output=True, text=True)
     assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
-    assert left_running(marker) == [], "calm train left processes running"
+    left = left_running(marker)
+    assert left == [], f"calm train left processes running: {left}"
     return result
 
 
-def left_running(marker: str, grace_s: float = 15.0) -> list[str]:
+def left_running(marker: str, grace_s: float = 45.0) -> list[str]:
     """Processes still alive whose environment carries `marker` (every process a command starts inherits
     it), after giving them grace_s to exit."""
     deadline = time.monotonic() + grace_s
