@@ -132,3 +132,17 @@ def test_the_targets_read_the_results_as_the_issue_states_them():
     forgot_little.update(recovery(forgot_little))
     assert targets_missed(forgot_little) == ["general_loss_increase >= 0.05"]
     assert targets_missed({**r, "mix_mixed": 0.69}) == ["mix_mixed >= best alone"]
+
+
+def test_a_folder_the_experiment_did_not_make_is_never_deleted(tmp_path):
+    from launcher.lm_cocktail.finetune import FinetuneSettings, finetune
+    from launcher.lm_cocktail.tasks import make_tasks
+
+    theirs = tmp_path / "finetunes" / "news-seed0"
+    theirs.mkdir(parents=True)
+    (theirs / "notes.txt").write_text("mine")
+    from calm_dist.errors import InputError
+
+    with pytest.raises(InputError, match="news-seed0"):
+        finetune(tmp_path / "base", make_tasks(0).news.finetune, FinetuneSettings(), theirs, print)
+    assert (theirs / "notes.txt").read_text() == "mine"

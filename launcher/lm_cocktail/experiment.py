@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from calm_dist.errors import InputError
 from launcher import REPO
 from launcher.lm_cocktail.finetune import FinetuneSettings, finetune, is_finished
 from launcher.lm_cocktail.scoring import exact_match, general_prompts, load, prose_chunks, prose_loss
@@ -41,6 +42,7 @@ def _write_examples(path: Path, examples: list[Example]) -> Path:
 
 def cocktail(models: dict[str, Path], examples: Path, out: Path, fixed: dict[str, float], log: Log) -> dict:
     """`calm merge` (linear, weights from examples) of `models` into `out`; the weights it chose, by name."""
+    from merge.io.manifest import MANIFEST
     from merge.job import run_merge
     from merge.merge_config import validate_config
 
@@ -51,6 +53,8 @@ def cocktail(models: dict[str, Path], examples: Path, out: Path, fixed: dict[str
     config.write_text(json.dumps(raw, indent=2) + "\n")  # JSON is YAML: `calm merge` reruns it
     log(f"calm merge {config}")
     if out.exists():
+        if not (out / MANIFEST).is_file():
+            raise InputError(f"{out}: exists but holds no merge of ours ({MANIFEST} missing); move it or pick another --root")
         shutil.rmtree(out)  # this experiment's own earlier merge, maybe of other fine-tunes: merges take seconds
     run_merge(validate_config(raw, source=str(config)), show_progress=False, log=lambda line: None)
     report = json.loads((out / "merge_report.json").read_text())

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from calm_dist.errors import InputError
 from launcher.lm_cocktail.tasks import Example
 
 STAMP = "finetune.json"  # written last: a folder without it is not finished
@@ -37,8 +38,8 @@ def finetune(base: Path, examples: list[Example], settings: FinetuneSettings, ou
     if is_finished(out, base, settings):
         log(f"fine-tune {out.name}: cached")
         return out
-    if out.exists():
-        shutil.rmtree(out)  # ours, unfinished or made with other settings
+    if out.exists() and not (out / STAMP).is_file():
+        raise InputError(f"{out}: exists but holds no fine-tune of ours ({STAMP} missing); move it or pick another --root")
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.padding_side = "right"
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -58,10 +59,16 @@ def finetune(base: Path, examples: list[Example], settings: FinetuneSettings, ou
         if step % 10 == 0 or step == settings.steps:
             log(f"fine-tune {out.name}: step {step}/{settings.steps}  loss {loss.item():.4f}  "
                 f"{time.perf_counter() - started:.0f} s")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    # Written beside, then renamed: `out` is never half a model.
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
     stamp = {"identity": _identity(base, settings), "wall_s": time.perf_counter() - started}
-    (out / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
+    (partial / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)  # ours (it has our stamp), made with other settings
+    partial.rename(out)
     return out
 
 
