@@ -3,6 +3,7 @@ subprocess, and the comparison of two runs' exported compositions."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -74,8 +75,20 @@ def train(config: Path, *extra: str, expect: int = 0) -> subprocess.CompletedPro
                             timeout=900, capture_output=True, text=True)
     assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
     left = left_running(marker)
+    if left:
+        kill_marked(marker)  # the failure is reported; the machine is not left with orphans
     assert left == [], f"calm train left processes running: {left}"
     return result
+
+
+def kill_marked(marker: str) -> None:
+    """SIGKILL every process whose environment carries `marker`."""
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"CALM_TEST_RUN={marker}".encode() in environ.read_bytes().split(b"\0"):
+                os.kill(int(environ.parent.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
 
 
 def left_running(marker: str, grace_s: float = 45.0) -> list[str]:
