@@ -26,12 +26,11 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-    import ray
     import torch
     from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
     from calm_dist.testing.tiny_checkpoints import char_tokenizer
-    from launcher.runtime.ray_start import start_ray
+    from launcher.runtime.ray_start import start_ray, stop_ray
     from merge.cocktail.examples import read_examples
     from merge.cocktail.losses import model_loss
     from merge.execution.partitioned_losses import partitioned_losses
@@ -77,7 +76,7 @@ def main() -> None:
                 })
         finally:
             if started:
-                ray.shutdown()
+                stop_ray()
     print(json.dumps({"load_average": os.getloadavg()[0], "candidates": results}, indent=1))
 
 

@@ -259,7 +259,7 @@ def run_plan(p: Plan, progress: bool = True) -> list[dict]:
     from launcher.runtime.process_group import torch_config
     from launcher.runtime.progress import ProgressBoard, follow
     from launcher.runtime.quiet import is_quiet
-    from launcher.runtime.ray_start import start_ray
+    from launcher.runtime.ray_start import start_ray, stop_ray
 
     started = time.perf_counter()
     # Ray this call starts or connects to is shut down (or disconnected) at the end; Ray already running
@@ -299,7 +299,7 @@ def run_plan(p: Plan, progress: bool = True) -> list[dict]:
     per_file = ray.get(board.get_result.remote()) if "error" not in outcome else None
     ray.kill(board)
     if own_ray:
-        ray.shutdown()
+        stop_ray()
     if "error" in outcome:
         from launcher.runtime.worker_errors import input_error_in
 

@@ -100,9 +100,10 @@ def quiet_output(log_file: Path, verbose: bool = False) -> Iterator[Path | None]
 
 
 def _shutdown_ray() -> None:
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    if "ray" in sys.modules:
+        from launcher.runtime.ray_start import stop_ray
+
+        stop_ray()
 
 
 def redirect_worker_output() -> None:

@@ -49,12 +49,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train(config: TrainConfig, resume: bool = False) -> int:
-    import ray
 
     from launcher.runtime import run_folder
     from launcher.runtime.progress import ProgressBoard, follow, summary
     from launcher.runtime.quiet import is_quiet, one_line
-    from launcher.runtime.ray_start import start_ray
+    from launcher.runtime.ray_start import start_ray, stop_ray
     from launcher.runtime.worker_errors import first_line, input_error_in
 
     # A local folder, or a URI (s3://...) that Ray Train and the checks here reach through one filesystem.
@@ -88,10 +87,10 @@ def train(config: TrainConfig, resume: bool = False) -> int:
             break
         error = outcome["error"]
         if (input_error := input_error_in(error)) is not None:
-            ray.shutdown()  # before the one line: the cluster's own farewells come first, not after it
+            stop_ray()  # before the one line: the cluster's own farewells come first, not after it
             raise input_error
         if attempt == config.ray.max_failures:
-            ray.shutdown()
+            stop_ray()
             print(f"calm train: training failed: {one_line(error)}")
             print(error, file=sys.stderr)  # the whole story, for the log
             return 1

@@ -33,4 +33,6 @@ def ray_session(start_ray: StartRay | None, address: str | None, num_cpus: int |
         yield
     finally:
         if started:
-            ray.shutdown()
+            from launcher.runtime.ray_start import stop_ray
+
+            stop_ray()
