@@ -36,8 +36,10 @@ def run(
     on_log: Callable[[int, dict], None],
     on_checkpoint: Callable[[int], None],
     evaluate: Callable[[], dict] | None = None,
+    on_step: Callable[[int], None] = lambda step: None,
 ) -> dict:
-    """Train from start_step to settings.steps; returns the last logged metrics."""
+    """Train from start_step to settings.steps; returns the last logged metrics. on_step is told of
+    every step (a progress bar), on_log of every logged one."""
     engine.train()
     metrics: dict = {}
     window_losses: list[float] = []
@@ -59,6 +61,7 @@ def run(
             window_losses.append(loss.item())
             window_tokens += int(batch["attention_mask"].sum())
         step_time = time.perf_counter() - step_start
+        on_step(step)
 
         if step % settings.log_every == 0 or step == settings.steps:
             elapsed = time.perf_counter() - window_start

@@ -154,15 +154,17 @@ class Trainer:
             save_training_state(self.engine, directory, step, self.augmenting.data_state(self.batches))
             report(step, directory)
 
-    def fit(self, report: Report, on_log: Callable[[int, dict], None]) -> None:
-        """Train from the current step to training.steps, logging and checkpointing as configured."""
+    def fit(self, report: Report, on_log: Callable[[int, dict], None],
+            on_step: Callable[[int], None] = lambda step: None) -> None:
+        """Train from the current step to training.steps, logging and checkpointing as configured; on_step
+        hears of every step."""
         train = self.config.training
         settings = LoopSettings(train.steps, self.config.gradient_accumulation_steps, train.log_every,
                                 train.eval_every, train.checkpoint_every)
         stream = self.augmenting.feed(self._on_device(iter(self.batches)), self.batches)
         if self.step < train.steps:
             run(self.engine, stream, self.augmenting.states_for, settings, self.step, on_log,
-                lambda step: self.checkpoint(step, report), self.evaluation())
+                lambda step: self.checkpoint(step, report), self.evaluation(), on_step)
         self.augmenting.stop()
 
     def _on_device(self, batches: Iterator[dict]) -> Iterator[dict]:

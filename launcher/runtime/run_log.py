@@ -28,5 +28,10 @@ class RunLog:
         if self.board is not None:
             self.board.update.remote(step, metrics)
 
+    def step_done(self, step: int) -> None:
+        """Moves the driver's progress bar every step, not only at logged ones (fire and forget)."""
+        if self.board is not None:
+            self.board.advance.remote(step)
+
     def close(self) -> None:
         self.writer.close()

@@ -43,7 +43,10 @@ def train_worker(loop_config: dict) -> None:
     def report(step: int, directory: str) -> None:
         ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
-    trainer.fit(report, on_log=run_log.log if run_log is not None else lambda step, metrics: None)
+    if run_log is not None:
+        trainer.fit(report, on_log=run_log.log, on_step=run_log.step_done)
+    else:
+        trainer.fit(report, on_log=lambda step, metrics: None)
     trainer.export(run_dir / "composition")
     if run_log is not None:
         run_log.close()
