@@ -112,6 +112,11 @@ class MergeConfig(_Strict):
         return 0 if self.merge_method.uses_base else None
 
     @property
+    def mixed_count(self) -> int:
+        """How many models the method mixes: all but the base, if there is one."""
+        return len(self.models) - (0 if self.base_index is None else 1)
+
+    @property
     def source_order(self) -> list[int]:
         """Model positions in the order a method receives them: the base first, if it has one."""
         base = self.base_index
@@ -196,12 +201,14 @@ def _check(cfg: MergeConfig) -> None:
     known("output.copy_files_from", cfg.output.copy_files_from)
     known("integer_tensors_from", cfg.integer_tensors_from)
     low, high = method.model_count
-    if len(cfg.models) < low or (high is not None and len(cfg.models) > high):
+    count = cfg.mixed_count if method.base_optional else len(cfg.models)
+    if count < low or (high is not None and count > high):
         wanted = f"exactly {low}" if low == high else f"at least {low}"
-        raise ValueError(f"models: {cfg.method} merges {wanted} models, {len(cfg.models)} given")
+        besides = " besides the base" if method.base_optional and cfg.base_model is not None else ""
+        raise ValueError(f"models: {cfg.method} merges {wanted} models{besides}, {count} given")
     if method.uses_base and cfg.base_model is None and cfg.method != "slerp":
         raise ValueError(f"base_model: {cfg.method} needs a base model (one of: {', '.join(cfg.names)})")
-    if not method.uses_base and cfg.base_model is not None:
+    if not method.uses_base and not method.base_optional and cfg.base_model is not None:
         raise ValueError(f"base_model: {cfg.method} does not use a base model")
     _check_weights(cfg, method)
     places: list[tuple[tuple[str | int, ...], Override | None]] = [(("parameters",), None)]
@@ -220,12 +227,12 @@ def _check_weights(cfg: MergeConfig, method: MethodSpec) -> None:
             if weights is not None:
                 raise ValueError(f"{key}: {cfg.method} takes no weights (its parameters say how to mix)")
         return
-    count = len(cfg.models) - (1 if method.uses_base else 0)
+    count = cfg.mixed_count
     for key, weights in given:
         if weights is None:
             continue
         if len(weights) != count:
-            per = "one per model other than the base" if method.uses_base else "one per model"
+            per = "one per model other than the base" if cfg.base_index is not None else "one per model"
             raise ValueError(f"{key}: {len(weights)} given, {cfg.method} needs {count} ({per})")
         if cfg.method == "linear" and cfg.params_for(None).normalize and math.fsum(weights) == 0:
             raise ValueError(f"{key}: the weights sum to 0, so they cannot be normalized")

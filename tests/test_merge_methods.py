@@ -171,16 +171,27 @@ def test_every_method_declares_the_passes_its_statistic_makes():
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
 def test_dare(inputs, tmp_path, method):
+    """mergekit's DARE: each task vector masked at random, rescaled to its L1 norm (the fp32 ratio of
+    its norms before and after), weighted; summed (dare_linear) or summed where its sign agrees with
+    the weighted sum's (dare_ties), not normalized by default."""
     root, models = inputs
-    out = merge(root, tmp_path, method=method, base_model="m2", weights=[0.5, 0.8], parameters={"density": 0.4}, seed=7)
+    out = merge(root, tmp_path, method=method, base_model="m2", weights=[0.5, -0.8], parameters={"density": 0.4}, seed=7)
     for name in BIG_SHAPES:
         base = models[2][name].float()
-        deltas = []
-        for position, i in enumerate((0, 1), start=1):  # the base is input 0, then the others in order
+        weighted = []
+        for position, (i, w) in enumerate(((0, 0.5), (1, -0.8)), start=1):  # the base is input 0, then the others
             mask = whole_mask(name, position, base.numel(), 0.4, seed=7).reshape(base.shape)
             assert abs(mask.float().mean().item() - 0.4) < 5 * math.sqrt(0.24 / mask.numel())  # 5 sigma
-            deltas.append(torch.where(mask, (models[i][name].float() - base) / 0.4, 0.0))
-        mixed = weighted_sum(deltas, [0.5, 0.8]) if method == "dare_linear" else disjoint_mean(deltas, [0.5, 0.8])
+            delta = models[i][name].float() - base
+            masked = delta * mask.float()
+            ratio = torch.tensor(delta.abs().double().sum().item(), dtype=torch.float32) / torch.tensor(
+                masked.abs().double().sum().item(), dtype=torch.float32)
+            weighted.append(masked * ratio * w)
+        if method == "dare_linear":
+            mixed = weighted[0] + weighted[1]
+        else:
+            majority = torch.where(weighted[0] + weighted[1] >= 0, 1.0, -1.0)
+            mixed = sum(torch.where(torch.sign(wd) == majority, wd, 0.0) for wd in weighted)
         assert torch.equal(out[name], (base + mixed).to(torch.bfloat16)), name
 
 

@@ -226,7 +226,7 @@ def merge_setup(cfg, inputs: list | None = None) -> tuple[MergeSetup, list]:
         max_shard_bytes=int(cfg.output.max_shard_size),
         loss_model_bytes=max(input_bytes) if spec else 0,
         loss_workers=spec.workers if spec else 1,
-        loss_tokens=spec.batch_size * spec.max_length if spec else 0, vocab=vocab,
+        loss_tokens=spec.batch_size * spec.max_length if spec else 0, vocab=vocab, method=cfg.method,
     ), tasks
 
 

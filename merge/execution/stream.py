@@ -11,7 +11,6 @@ per chunk is bounded twice: output buffers come from a fixed pool, inputs from a
 from __future__ import annotations
 
 import itertools
-import os
 import queue
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,7 @@ from merge.io.reader import Chunk, InputFiles, tensor_chunks
 from merge.io.safetensors_file import ITEMSIZE, TensorInfo
 from merge.methods.registry import METHODS, Block, Method
 from merge.methods.specs import BLOCK
-from merge.planning.plan import COPY, OutputTensor
+from merge.planning.plan import COMPUTE_THREADS, COPY, OutputTensor
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -66,26 +65,26 @@ def _walk(files: InputFiles, chunks: list[Chunk]) -> Iterator[Chunk]:
             yield chunk
 
 
-def _statistic(method: Method, files: InputFiles, chunks: list[Chunk], numel: int, params: Any) -> Any:
+def _statistic(method: Method, files: InputFiles, chunks: list[Chunk], tensor: OutputTensor, params: Any) -> Any:
     """The method's whole-tensor statistic, from up to `spec.reads - 1` passes over the tensor's blocks.
     The reader has those passes queued; whatever the statistic leaves unread (TIES keeping nothing
     needs no pass at all) is stepped through uncomputed, so the merge pass finds its chunks next."""
     planned = (method.spec.reads - 1) * len(chunks)
     walked = 0
-    passes: list[Iterator[list[torch.Tensor]]] = []
+    passes: list[Iterator[tuple[Block, list[torch.Tensor]]]] = []
 
-    def blocks() -> Iterator[list[torch.Tensor]]:
+    def blocks() -> Iterator[tuple[Block, list[torch.Tensor]]]:
         nonlocal walked
         for chunk in _walk(files, chunks):
             walked += 1
-            for _, xs in _blocks(files, chunk.sources, chunk.start, chunk.stop):
-                yield xs
+            for begin, xs in _blocks(files, chunk.sources, chunk.start, chunk.stop):
+                yield _block(tensor, begin, begin + len(xs[0])), xs
 
-    def new_pass() -> Iterator[list[torch.Tensor]]:
+    def new_pass() -> Iterator[tuple[Block, list[torch.Tensor]]]:
         passes.append(blocks())
         return passes[-1]
 
-    stats = method.prepare(new_pass, numel, params)
+    stats = method.prepare(new_pass, tensor.numel, params, tensor.weights)
     for started in passes:
         started.close()  # one left midway gives its chunk back
     for _ in _walk(files, list(itertools.islice(itertools.cycle(chunks), walked, planned))):
@@ -107,7 +106,7 @@ def merge_tensor(
     chunks = tensor_chunks(tensor, chunk_elems)
     stats = None
     if method is not None and method.prepare is not None and numel > 0:
-        stats = _statistic(method, files, chunks, numel, params)
+        stats = _statistic(method, files, chunks, tensor, params)
     for _, start, stop, _ in _walk(files, chunks):
         buffer = pool.take()
         out = buffer[: (stop - start) * ITEMSIZE[tensor.dtype]].view(dtype)
@@ -120,7 +119,7 @@ def merge_tensor(
                 end = min(begin + step, stop)
                 xs = [_view(files, s, begin, end) for s in sources]
                 xs = xs if any_range else [x.float() for x in xs]
-                block = Block(tensor.name, begin // BLOCK, end - begin, tensor.seed, dtype)
+                block = _block(tensor, begin, end)
                 piece = out[begin - start : end - start]
                 if any_range:  # exact: rounded once, straight into the output buffer
                     method.combine(xs, tensor.weights, params, stats, block, out=piece)
@@ -134,6 +133,10 @@ def merge_tensor(
         yield buffer, out
 
 
+def _block(tensor: OutputTensor, begin: int, end: int) -> Block:
+    return Block(tensor.name, begin // BLOCK, end - begin, tensor.seed, TORCH_DTYPES[tensor.dtype])
+
+
 def _piece(elements: int) -> int:
     """A chunk split evenly between the compute threads, in whole blocks, at most MAX_PIECE."""
     return min(-(-elements // (COMPUTE_THREADS * BLOCK)) * BLOCK, MAX_PIECE)
@@ -143,7 +146,6 @@ def _piece(elements: int) -> int:
 MAX_PIECE = 16 * BLOCK
 
 
-COMPUTE_THREADS = min(2, os.cpu_count() or 1)
 _POOL: ThreadPoolExecutor | None = None
 
 

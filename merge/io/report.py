@@ -28,7 +28,8 @@ def weight_table(cfg: MergeConfig, weights: list[float], losses: list[float | No
     when weights came from examples, keyed by model name."""
     if not cfg.merge_method.takes_weights:
         return {}
-    names = cfg.names if cfg.method == "linear" else [cfg.names[i] for i in cfg.source_order[1:]]
+    mixed = cfg.source_order if cfg.base_index is None else cfg.source_order[1:]
+    names = [cfg.names[i] for i in mixed]
     effective = shown_weights(cfg, weights)
     rows: dict[str, dict[str, float]] = {name: {"weight": w} for name, w in zip(names, effective, strict=True)}
     for name, loss in zip(cfg.names, losses or [], strict=False):

@@ -1,68 +1,40 @@
 """Merge methods: small pure functions over fp32 tensors, registered by name.
 
 Their parameters and shape (base model, weights, passes over the inputs) are declared in
-merge.methods.specs.
+merge.methods.specs; the families with more than a formula each live in a module of their own:
+sparse task vectors (merge.methods.sparse: DARE, Breadcrumbs, SCE) and merges on the sphere
+(merge.methods.spherical: Model Stock, Multi-SLERP, NuSLERP, Karcher). Those follow mergekit 0.1.5's
+definitions and its fp32 arithmetic (tests/fixtures/mergekit/).
 
 Linear and task arithmetic are exact: their result is the real-number formula rounded once
-(`merge.methods.exact`), and they take any range of the inputs as stored (`any_range`). A method sees one block of every input at a time (`combine`), plus, when the formula needs a
-whole-tensor statistic (TIES's magnitude thresholds, SLERP's angle), the result of `prepare`, which
-streams the whole tensor's blocks once or twice beforehand (`MethodSpec.reads`). Everything elementwise is written as
-separate IEEE operations (a product, then a sum), so a block gives bit for bit what the same formula
-gives on the whole tensor. Blocks are fixed ranges of the flattened tensor (BLOCK elements), never
-chunk-dependent: DARE's random masks are drawn per (seed, tensor, input, block), so results do not
-depend on chunking or on how many workers run.
+(`merge.methods.exact`), and they take any range of the inputs as stored (`any_range`). A method sees
+one block of every input at a time (`combine`), plus, when the formula needs a whole-tensor statistic
+(magnitude thresholds, norms, angles), the result of `prepare`, which streams the whole tensor's blocks
+once or more beforehand (`MethodSpec.reads`). Everything elementwise is written as separate IEEE
+operations (a product, then a sum), so a block gives bit for bit what the same formula gives on the
+whole tensor. Blocks are fixed ranges of the flattened tensor (merge.methods.blocks), never
+chunk-dependent: random masks are drawn per (seed, tensor, input, block), so results do not depend on
+chunking or on how many workers run.
 
 For methods with a base model, xs[0] is the base and weights[i] belongs to xs[i + 1].
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from fractions import Fraction
 from functools import reduce
-from typing import Any
 
 import torch
 
-from merge.methods import exact
-from merge.methods.specs import (
-    SPECS,
-    LinearParams,
-    MethodSpec,
-    SlerpParams,
-    SparseParams,
-    TaskArithmeticParams,
-)
+from merge.methods import exact, sparse, spherical
+from merge.methods.blocks import Block, Blocks, Method, Tensor
+from merge.methods.magnitude import kth_largest_abs
+from merge.methods.sparse import dare_keep
+from merge.methods.specs import SPECS, LinearParams, SlerpParams, SparseParams, TaskArithmeticParams
 
-Tensor = torch.Tensor
-Blocks = Callable[[], Iterator[list[Tensor]]]
-
-
-@dataclass(frozen=True)
-class Block:
-    """Which part of which tensor a combine call sees; seeded randomness derives from this alone."""
-
-    tensor: str
-    index: int
-    size: int
-    seed: int
-    out_dtype: torch.dtype = torch.float32  # what the result is rounded to
-
-
-@dataclass(frozen=True)
-class Method:
-    spec: MethodSpec
-    combine: Callable[[Sequence[Tensor], Sequence[float], Any, Any, Block], Tensor]
-    # The whole-tensor statistic, from `spec.reads - 1` passes over the blocks (None: no statistic).
-    prepare: Callable[[Blocks, int, Any], Any] | None = None
-
-
-def _weighted_sum(xs: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-    # In order, each term rounded to fp32 before it is added: this fixed sequence is "the exact result".
-    return reduce(lambda acc, term: acc.add_(term), (x * w for x, w in zip(xs[1:], weights[1:], strict=True)), xs[0] * weights[0])
+__all__ = ["METHODS", "Block", "Method", "dare_keep", "kth_largest_abs"]
 
 
 def linear(
@@ -98,10 +70,10 @@ def disjoint_mean(deltas: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     return torch.where(denominator != 0, numerator / denominator, 0.0)
 
 
-def ties_thresholds(blocks: Blocks, numel: int, params: SparseParams) -> list[float]:
+def ties_thresholds(blocks: Blocks, numel: int, params: SparseParams, weights: Sequence[float]) -> list[float]:
     """Per task vector, the k-th largest |x_i - base| over the whole tensor, k = round(density * numel)."""
     k = round(params.density * numel)
-    deltas = lambda: ([x - xs[0] for x in xs[1:]] for xs in blocks())  # noqa: E731
+    deltas = lambda: ([x - xs[0] for x in xs[1:]] for _, xs in blocks())  # noqa: E731
     return kth_largest_abs(deltas, k)
 
 
@@ -111,70 +83,7 @@ def ties(xs: Sequence[Tensor], weights: Sequence[float], params: SparseParams, s
     return base + disjoint_mean(trimmed, weights) * params.scale
 
 
-def kth_largest_abs(series: Callable[[], Iterable[list[Tensor]]], k: int) -> list[float]:
-    """For each series of blocks, its k-th largest absolute value, exactly, in two streaming passes.
-
-    A whole 70B embedding does not fit the memory budget, so no sort or torch.kthvalue over the tensor:
-    for non-negative floats the int32 bit pattern orders like the value, so a 65536-bin histogram of the
-    high 16 bits finds the bin holding the k-th largest, and a second histogram of the low 16 bits of
-    the elements in that bin finds the value itself. Memory: two histograms per series.
-    """
-    if k <= 0:  # nothing is kept: one block tells how many series there are
-        return [math.inf] * len(next(iter(series())))
-    highs: list[Tensor] = []
-    for blocks in series():
-        bits = [b.abs().view(torch.int32) for b in blocks]
-        highs = highs or [torch.zeros(1 << 16, dtype=torch.int64) for _ in bits]
-        for hist, b in zip(highs, bits, strict=True):
-            hist += torch.bincount(b >> 16, minlength=1 << 16)
-    picks = [_pick(hist, k) for hist in highs]
-    lows = [torch.zeros(1 << 16, dtype=torch.int64) for _ in picks]
-    for blocks in series():
-        for hist, b, (high, _) in zip(lows, blocks, picks, strict=True):
-            bits = b.abs().view(torch.int32)
-            hist += torch.bincount(bits[(bits >> 16) == high] & 0xFFFF, minlength=1 << 16)
-    values = []
-    for hist, (high, rank) in zip(lows, picks, strict=True):
-        low, _ = _pick(hist, rank)
-        values.append(torch.tensor([(high << 16) | low], dtype=torch.int32).view(torch.float32).item())
-    return values
-
-
-def _pick(hist: Tensor, k: int) -> tuple[int, int]:
-    """The bin holding the k-th largest element, and that element's rank within the bin."""
-    from_top = hist.flip(0).cumsum(0)
-    position = int(torch.searchsorted(from_top, k))
-    if position >= len(hist):
-        raise ValueError(f"rank {k} beyond the {int(from_top[-1])} counted elements")
-    above = int(from_top[position]) - int(hist[len(hist) - 1 - position])
-    return len(hist) - 1 - position, k - above
-
-
-def dare_keep(block: Block, model: int, density: float) -> Tensor:
-    """DARE's Bernoulli(density) keep-mask for one input's block, from a generator seeded by
-    (seed, tensor, input position, block index). Python's hash() is salted per process, so blake2b."""
-    key = f"{block.seed}\0{block.tensor}\0{model}\0{block.index}".encode()
-    seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
-    return torch.rand(block.size, generator=torch.Generator().manual_seed(seed)) < density
-
-
-def _dare_deltas(xs: Sequence[Tensor], params: SparseParams, block: Block) -> list[Tensor]:
-    base = xs[0]
-    return [
-        torch.where(dare_keep(block, i, params.density), (x - base) / params.density, 0.0)
-        for i, x in enumerate(xs[1:], start=1)
-    ]
-
-
-def dare_linear(xs: Sequence[Tensor], weights: Sequence[float], params: SparseParams, stats: None, block: Block) -> Tensor:
-    return xs[0] + _weighted_sum(_dare_deltas(xs, params, block), weights) * params.scale
-
-
-def dare_ties(xs: Sequence[Tensor], weights: Sequence[float], params: SparseParams, stats: None, block: Block) -> Tensor:
-    return xs[0] + disjoint_mean(_dare_deltas(xs, params, block), weights) * params.scale
-
-
-def slerp_coefficients(blocks: Blocks, numel: int, params: SlerpParams) -> tuple[float, float]:
+def slerp_coefficients(blocks: Blocks, numel: int, params: SlerpParams, weights: Sequence[float]) -> tuple[float, float]:
     """(c0, c1) with slerp = c0 * a + c1 * b, from the angle between the whole flattened tensors.
 
     The dot products are summed in fp64 per block and the block sums added with math.fsum, so the
@@ -183,7 +92,7 @@ def slerp_coefficients(blocks: Blocks, numel: int, params: SlerpParams) -> tuple
     dots: list[float] = []
     squares_a: list[float] = []
     squares_b: list[float] = []
-    for a, b in blocks():
+    for _, (a, b) in blocks():
         a64, b64 = a.double(), b.double()
         dots.append(torch.dot(a64, b64).item())
         squares_a.append(torch.dot(a64, a64).item())
@@ -208,7 +117,14 @@ METHODS: dict[str, Method] = {
     "linear": Method(SPECS["linear"], linear),
     "task_arithmetic": Method(SPECS["task_arithmetic"], task_arithmetic),
     "ties": Method(SPECS["ties"], ties, ties_thresholds),
-    "dare_linear": Method(SPECS["dare_linear"], dare_linear),
-    "dare_ties": Method(SPECS["dare_ties"], dare_ties),
+    "dare_linear": Method(SPECS["dare_linear"], sparse.dare_linear, sparse.dare_statistic),
+    "dare_ties": Method(SPECS["dare_ties"], sparse.dare_ties, sparse.dare_statistic),
+    "breadcrumbs": Method(SPECS["breadcrumbs"], sparse.breadcrumbs, sparse.breadcrumbs_statistic),
+    "breadcrumbs_ties": Method(SPECS["breadcrumbs_ties"], sparse.breadcrumbs_ties, sparse.breadcrumbs_statistic),
+    "sce": Method(SPECS["sce"], sparse.sce, sparse.sce_statistic),
+    "model_stock": Method(SPECS["model_stock"], spherical.model_stock, spherical.model_stock_ratio),
+    "multislerp": Method(SPECS["multislerp"], spherical.multislerp, spherical.multislerp_statistic),
+    "nuslerp": Method(SPECS["nuslerp"], spherical.nuslerp, spherical.nuslerp_statistic),
+    "karcher": Method(SPECS["karcher"], spherical.karcher, spherical.karcher_statistic),
     "slerp": Method(SPECS["slerp"], slerp, slerp_coefficients),
 }

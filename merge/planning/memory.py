@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 
 from calm_dist.distributed.memory_plan import Term, WorkerPlan
+from merge.methods.specs import SPECS
+from merge.planning.plan import COMPUTE_THREADS
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,9 @@ class MergeSetup:
     loss_workers: int = 1  # weights_from_examples.workers: candidates partitioned over this many ranks
     loss_tokens: int = 0  # batch_size x max_length
     vocab: int = 0
+    # The merge method (merge_config.method): sizes its block arithmetic and its whole-tensor
+    # statistic (merge.methods.specs.MethodSpec). None: two fp32 arrays per input, no statistic.
+    method: str | None = None
 
 
 def merge_terms(setup: MergeSetup) -> WorkerPlan:
@@ -49,11 +54,30 @@ def merge_terms(setup: MergeSetup) -> WorkerPlan:
              if read_buffers <= setup.read_bytes else "every input: they fit the read-ahead"),
         Term("output chunk buffers", setup.out_buffers * chunk * setup.output_itemsize,
              f"{setup.out_buffers} chunks of {chunk:,} elements: computed, queued, being written"),
-        Term("fp32 block arithmetic", (setup.inputs + 2) * setup.block * 4,
-             f"{setup.inputs} inputs and the result, {setup.block:,} elements at a time"),
+        block_term(setup),
+        *statistic_terms(setup),
         Term("runtime allowance", setup.worker_runtime, "interpreter and torch (merge.planning.plan.WORKER_OVERHEAD)"),
     ]
     return WorkerPlan("merge worker", tuple(terms))
+
+
+def block_term(setup: MergeSetup) -> Term:
+    """The fp32 arrays of one block a combine holds at once, on each compute thread."""
+    if setup.method is None:
+        return Term("fp32 block arithmetic", (setup.inputs + 2) * setup.block * 4,
+                    f"{setup.inputs} inputs and the result, {setup.block:,} elements at a time")
+    arrays = SPECS[setup.method].arrays_per_input * setup.inputs + 2
+    return Term("fp32 block arithmetic", COMPUTE_THREADS * arrays * setup.block * 4,
+                f"{setup.method}: {arrays} arrays of {setup.block:,} elements on each of {COMPUTE_THREADS} threads")
+
+
+def statistic_terms(setup: MergeSetup) -> list[Term]:
+    """A whole-tensor statistic's state (TIES, Breadcrumbs, SCE: magnitude histograms), and its passes."""
+    if setup.method is None or SPECS[setup.method].reads == 1:
+        return []
+    spec = SPECS[setup.method]
+    return [Term("whole-tensor statistic", spec.statistic_bytes_per_input * setup.inputs,
+                 f"{spec.reads - 1} pass(es) over each tensor before its merge pass, read through the page cache")]
 
 
 def loss_terms(setup: MergeSetup) -> WorkerPlan:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,8 @@ COPY = "copy"  # integer tensors: copied from one model
 # Resident memory of a worker before any chunk: the interpreter, torch and its thread pools, the
 # writer's staging buffers (merge.io.safetensors_file.WRITE_STAGES).
 WORKER_OVERHEAD = 320 * 2**20
+# Threads computing a chunk's pieces in each worker (merge.execution.stream): torch releases the GIL.
+COMPUTE_THREADS = min(2, os.cpu_count() or 1)
 # Output chunks in flight per worker: one being computed, one queued, one being written.
 OUT_BUFFERS = 3
 # Above this, bigger chunks only delay the first write; below the budget's limit, smaller is fine.
@@ -135,7 +138,7 @@ def default_weights(cfg: MergeConfig) -> list[float]:
         return []
     if cfg.method == "linear":
         return [1.0 / len(cfg.models)] * len(cfg.models)
-    return [1.0] * (len(cfg.models) - 1)
+    return [1.0] * cfg.mixed_count
 
 
 def group_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[list[OutputTensor]]:

@@ -1,0 +1,67 @@
+"""Exact magnitude thresholds over a whole tensor, streamed: the k-th largest |x| of each series."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+
+Tensor = torch.Tensor
+Rank = int | Sequence[int] | Callable[[int], int]
+
+
+def kth_largest_abs(series: Callable[[], Iterable[list[Tensor]]], k: Rank) -> list[float]:
+    """For each series of blocks, its k-th largest absolute value, exactly, in two streaming passes.
+
+    k: one rank for every series, one per series, or a function of the series' count of nonzero
+    elements (SCE ranks among those). A rank of 0 or less gives inf: nothing reaches it.
+
+    A whole 70B embedding does not fit the memory budget, so no sort or torch.kthvalue over the tensor:
+    for non-negative floats the int32 bit pattern orders like the value, so a 65536-bin histogram of the
+    high 16 bits finds the bin holding the k-th largest, and a second histogram of the low 16 bits of
+    the elements in that bin finds the value itself. Memory: two histograms per series.
+    """
+    if isinstance(k, int) and k <= 0:  # nothing is kept: one block tells how many series there are
+        return [math.inf] * len(next(iter(series())))
+    highs: list[Tensor] = []
+    nonzero: list[int] = []
+    for blocks in series():
+        bits = [b.abs().view(torch.int32) for b in blocks]
+        highs = highs or [torch.zeros(1 << 16, dtype=torch.int64) for _ in bits]
+        nonzero = nonzero or [0] * len(bits)
+        for i, (hist, b) in enumerate(zip(highs, bits, strict=True)):
+            hist += torch.bincount(b >> 16, minlength=1 << 16)
+            nonzero[i] += int(torch.count_nonzero(b))
+    if callable(k):
+        ranks = [k(count) for count in nonzero]
+    else:
+        ranks = [k] * len(highs) if isinstance(k, int) else list(k)
+    picks = [_pick(hist, rank) if rank > 0 else None for hist, rank in zip(highs, ranks, strict=True)]
+    if all(pick is None for pick in picks):
+        return [math.inf] * len(picks)
+    lows = [torch.zeros(1 << 16, dtype=torch.int64) for _ in picks]
+    for blocks in series():
+        for hist, b, pick in zip(lows, blocks, picks, strict=True):
+            if pick is not None:
+                bits = b.abs().view(torch.int32)
+                hist += torch.bincount(bits[(bits >> 16) == pick[0]] & 0xFFFF, minlength=1 << 16)
+    values = []
+    for hist, pick in zip(lows, picks, strict=True):
+        if pick is None:
+            values.append(math.inf)
+            continue
+        high, rank = pick
+        low, _ = _pick(hist, rank)
+        values.append(torch.tensor([(high << 16) | low], dtype=torch.int32).view(torch.float32).item())
+    return values
+
+
+def _pick(hist: Tensor, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest element, and that element's rank within the bin."""
+    from_top = hist.flip(0).cumsum(0)
+    position = int(torch.searchsorted(from_top, k))
+    if position >= len(hist):
+        raise ValueError(f"rank {k} beyond the {int(from_top[-1])} counted elements")
+    above = int(from_top[position]) - int(hist[len(hist) - 1 - position])
+    return len(hist) - 1 - position, k - above

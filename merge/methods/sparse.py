@@ -1,0 +1,228 @@
+"""Sparse task-vector merges as mergekit 0.1.5 defines them: DARE, Model Breadcrumbs, SCE.
+
+Each task vector (x_i - base) is masked (at random for DARE, by magnitude for Breadcrumbs, by the
+variance across models for SCE), optionally rescaled to its L1 norm, then mixed: weighted, summed,
+with TIES's sign election for the `_ties` variants. The elementwise steps are mergekit's own fp32 ops
+in its order (`torch.stack(...).sum(0)` included), so a block gives what mergekit gives on the whole
+tensor; its whole-tensor statistics (thresholds, L1 norms, mean squares) come from `prepare` passes,
+summed in fp64 and rounded to fp32 where mergekit has an fp32 reduction.
+
+Random masks are drawn per (seed, tensor, input, block) (merge.methods.blocks.block_uniform), not from
+torch's global generator as mergekit draws them: reproducible whatever the chunking, workers or
+resumes, and not mergekit's stream.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+
+from merge.methods.blocks import Block, Blocks, Tensor, block_uniform
+from merge.methods.magnitude import kth_largest_abs
+from merge.methods.specs import BreadcrumbsParams, DareParams, SceParams
+
+# mergekit's RescaleNorm.l1 leaves a task vector unscaled when either norm is below this.
+RESCALE_EPS = 1e-7
+
+
+class Sparsity(NamedTuple):
+    """Per task vector: the magnitude window kept (Breadcrumbs) and the factor restoring its L1 norm."""
+
+    lower: list[float]  # keep |d| >= lower
+    upper: list[float]  # and |d| < upper
+    rescale: list[Tensor | None]  # 0-d fp32, or None: left as masked
+
+
+def dare_keep(block: Block, model: int, density: float) -> Tensor:
+    """DARE's Bernoulli(density) keep-mask for one input's block."""
+    return block_uniform(block, model) < density
+
+
+def sign_consensus(tvs: Tensor) -> Tensor:
+    """TIES's election as mergekit does it: a stacked task vector agrees where its sign is that of
+    the sum over models, a zero sum counting as positive (a zero element never agrees)."""
+    majority = (tvs.sum(dim=0) >= 0).to(tvs.dtype) * 2 - 1
+    return tvs.sign() == majority
+
+
+def mix(base: Tensor, tvs: Sequence[Tensor], weights: Sequence[float], ties: bool, normalize: bool, scale: float) -> Tensor:
+    """mergekit's generalized task arithmetic after sparsification: base + lambda * the weighted task
+    vectors' sum (over those agreeing in sign, for TIES), divided by the weights' sum if normalize."""
+    w = torch.tensor(list(weights), dtype=torch.float32).unsqueeze(-1)
+    weighted = torch.stack(list(tvs)) * w
+    if ties:
+        agree = sign_consensus(weighted)
+        mixed = (weighted * agree).sum(dim=0)
+        divisor = (w * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = weighted.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed /= divisor
+    if scale != 1:
+        mixed *= scale
+    return base + mixed
+
+
+Masking = Callable[[Block, int, Tensor], Tensor]  # (block, input position, task vector) -> masked
+
+
+def _l1_ratios(blocks: Blocks, masked: Masking, count: int) -> list[Tensor | None]:
+    """For each task vector, |d|_1 / |masked d|_1 as mergekit's fp32 0-d division, or None where
+    either norm is under RESCALE_EPS. The sums are fp64 over blocks, each rounded once to fp32."""
+    before: list[list[float]] = [[] for _ in range(count)]
+    after: list[list[float]] = [[] for _ in range(count)]
+    for block, xs in blocks():
+        for i, x in enumerate(xs[1:]):
+            delta = x - xs[0]
+            before[i].append(delta.abs().double().sum().item())
+            after[i].append(masked(block, i + 1, delta).abs().double().sum().item())
+    ratios: list[Tensor | None] = []
+    for b, a in zip(before, after, strict=True):
+        b32, a32 = torch.tensor(math.fsum(b), dtype=torch.float32), torch.tensor(math.fsum(a), dtype=torch.float32)
+        ratios.append(None if b32 < RESCALE_EPS or a32 < RESCALE_EPS else b32 / a32)
+    return ratios
+
+
+def _rescaled(masked: Tensor, ratio: Tensor | None) -> Tensor:
+    return masked if ratio is None else masked * ratio
+
+
+# DARE
+
+
+def _dare_masked(params: DareParams) -> Masking:
+    def masked(block: Block, model: int, delta: Tensor) -> Tensor:
+        return delta * dare_keep(block, model, params.density).to(delta.dtype)
+
+    return masked
+
+
+def dare_statistic(blocks: Blocks, numel: int, params: DareParams, weights: Sequence[float]) -> list[Tensor | None] | None:
+    """Each task vector's L1 rescale factor (None: density 1 keeps everything, unscaled)."""
+    if params.density >= 1 or not params.rescale:
+        return None
+    return _l1_ratios(blocks, _dare_masked(params), len(weights))
+
+
+def _dare(xs: Sequence[Tensor], weights: Sequence[float], params: DareParams, ratios: list | None, block: Block,
+          ties: bool) -> Tensor:
+    base = xs[0]
+    tvs = [x - base for x in xs[1:]]
+    if params.density < 1:
+        masked = _dare_masked(params)
+        tvs = [_rescaled(masked(block, i, d), ratios[i - 1] if ratios else None) for i, d in enumerate(tvs, start=1)]
+    return mix(base, tvs, weights, ties, params.normalize, params.scale)
+
+
+def dare_linear(xs: Sequence[Tensor], weights: Sequence[float], params: DareParams, ratios: list | None, block: Block) -> Tensor:
+    return _dare(xs, weights, params, ratios, block, ties=False)
+
+
+def dare_ties(xs: Sequence[Tensor], weights: Sequence[float], params: DareParams, ratios: list | None, block: Block) -> Tensor:
+    return _dare(xs, weights, params, ratios, block, ties=True)
+
+
+# Model Breadcrumbs
+
+
+def breadcrumbs_window(numel: int, density: float, gamma: float) -> tuple[int, int]:
+    """(e, kept): mergekit keeps, of each task vector sorted by magnitude, the `kept` elements below
+    the `e` largest, e = the gamma outliers, fewer where density leaves too few below them."""
+    kept = int(density * numel)
+    top = int(gamma * numel)
+    bottom = max(0, numel - kept - top)
+    return numel - bottom - kept, kept
+
+
+def breadcrumbs_statistic(blocks: Blocks, numel: int, params: BreadcrumbsParams, weights: Sequence[float]) -> Sparsity | None:
+    if params.density >= 1:
+        return None
+    count = len(weights)
+    outliers, kept = breadcrumbs_window(numel, params.density, params.gamma)
+    deltas = lambda: ([x - xs[0] for x in xs[1:]] * 2 for _, xs in blocks())  # noqa: E731
+    thresholds = kth_largest_abs(deltas, [outliers] * count + [outliers + kept] * count if kept else [0] * 2 * count)
+    upper, lower = thresholds[:count], thresholds[count:]
+    ratios: list[Tensor | None] = [None] * count
+    if params.rescale:
+        def masked(block: Block, model: int, delta: Tensor) -> Tensor:
+            return _window(delta, lower[model - 1], upper[model - 1])
+
+        ratios = _l1_ratios(blocks, masked, count)
+    return Sparsity(lower, upper, ratios)
+
+
+def _window(delta: Tensor, lower: float, upper: float) -> Tensor:
+    magnitude = delta.abs()
+    return delta * ((magnitude >= lower) & (magnitude < upper)).to(delta.dtype)
+
+
+def _breadcrumbs(xs: Sequence[Tensor], weights: Sequence[float], params: BreadcrumbsParams, stats: Sparsity | None,
+                 ties: bool) -> Tensor:
+    base = xs[0]
+    tvs = [x - base for x in xs[1:]]
+    if stats is not None:
+        tvs = [_rescaled(_window(d, lo, up), r) for d, lo, up, r in zip(tvs, stats.lower, stats.upper, stats.rescale, strict=True)]
+    return mix(base, tvs, weights, ties, params.normalize, params.scale)
+
+
+def breadcrumbs(xs: Sequence[Tensor], weights: Sequence[float], params: BreadcrumbsParams, stats: Sparsity | None,
+                block: Block) -> Tensor:
+    return _breadcrumbs(xs, weights, params, stats, ties=False)
+
+
+def breadcrumbs_ties(xs: Sequence[Tensor], weights: Sequence[float], params: BreadcrumbsParams, stats: Sparsity | None,
+                     block: Block) -> Tensor:
+    return _breadcrumbs(xs, weights, params, stats, ties=True)
+
+
+# SCE
+
+
+class SceStatistic(NamedTuple):
+    threshold: float | None  # keep elements whose variance across the task vectors reaches it; None: all
+    weights: Tensor  # (models, 1) fp32: each task vector's share, from its mean square
+
+
+def _variance(tvs: Sequence[Tensor]) -> Tensor:
+    return torch.var(torch.stack(list(tvs)), dim=0, unbiased=False)
+
+
+def sce_statistic(blocks: Blocks, numel: int, params: SceParams, weights: Sequence[float]) -> SceStatistic:
+    """The variance threshold keeping the top select_topk of the elements whose variance is nonzero,
+    then each selected task vector's mean square over the tensor, normalised to sum 1."""
+    threshold = None
+    if params.select_topk < 1:
+        variances = lambda: ([_variance([x - xs[0] for x in xs[1:]])] for _, xs in blocks())  # noqa: E731
+        (threshold,) = kth_largest_abs(variances, lambda nonzero: int(nonzero * params.select_topk))
+    squares: list[list[float]] | None = None
+    for _, xs in blocks():
+        tvs = _sce_selected(xs, threshold)
+        squares = squares or [[] for _ in tvs]
+        for sums, tv in zip(squares, tvs, strict=True):
+            sums.append(tv.square().double().sum().item())
+    assert squares is not None  # a tensor with a statistic has a block
+    means = torch.tensor([math.fsum(s) for s in squares], dtype=torch.float64).div(numel).float()
+    total = torch.sum(means).item()
+    shares = torch.ones_like(means) / len(means) if abs(total) < 1e-6 else means / total
+    return SceStatistic(threshold, shares.unsqueeze(-1))
+
+
+def _sce_selected(xs: Sequence[Tensor], threshold: float | None) -> list[Tensor]:
+    tvs = [x - xs[0] for x in xs[1:]]
+    if threshold is None:
+        return tvs
+    keep = (_variance(tvs).abs() >= threshold).to(tvs[0].dtype)
+    return [tv * keep for tv in tvs]
+
+
+def sce(xs: Sequence[Tensor], weights: Sequence[float], params: SceParams, stats: SceStatistic, block: Block) -> Tensor:
+    """base + the task vectors' mean weighted by their shares, over those agreeing in sign."""
+    tvs = torch.stack(_sce_selected(xs, stats.threshold))
+    erased = stats.weights * sign_consensus(tvs)
+    return xs[0] + (tvs * erased).sum(dim=0) / torch.sum(erased, dim=0).clamp(min=1e-6)
