@@ -4,11 +4,12 @@ Subpackages, one concern each (mergekit's split):
 - merge.io: files. safetensors_file (header validation, streaming writer), checkpoint_folder (a Hugging
   Face folder's tensors), reader (chunks of the inputs, read ahead in planned order), manifest (resume
   and verify), output_folder (the output folder and its copied files), report.
-- merge.planning: what to compute. inputs (matching tensors across inputs), plan (output tensors,
+- merge.planning: what to compute. inputs (matching tensors across inputs, and those dropped by a rule),
+  vocab (vocabularies: checked alike, or remapped by token under `tokenizer:`), plan (output tensors,
   shards, chunk size), memory (a merge's memory and time, for `calm plan`).
-- merge.execution: running it. stream (one tensor as chunks), shard (one shard task), local (local
-  processes), ray_runner (Ray tasks), ray_session (Ray around a step), partitioned_losses (Cocktail
-  losses over ZeRO-3 Ray workers).
+- merge.execution: running it. stream (one tensor as chunks), vocab_rows (a vocabulary tensor remapped
+  by token, merged whole), shard (one shard task), local (local processes), ray_runner (Ray tasks),
+  ray_session (Ray around a step), partitioned_losses (Cocktail losses over ZeRO-3 Ray workers).
 - merge.methods: the formulas. specs (each method's parameters and shape, free of torch), registry
   (merge formulas by name), exact (correctly rounded linear combinations; fast_kernel builds its
   compiled pass, fast_pass.c).

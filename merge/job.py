@@ -27,6 +27,14 @@ from merge.merge_config import MergeConfig
 from merge.merge_errors import ExamplesError, IncompatibleInputsError, OutputError
 from merge.planning.inputs import InputLayout, match_tensors
 from merge.planning.plan import build_tasks, default_weights, plan_tensors
+from merge.planning.vocab import (
+    TOKENIZER_FILES,
+    VocabPlan,
+    check_same_vocabulary,
+    check_union_groups,
+    plan_vocabulary,
+    tokenizer_files,
+)
 
 if TYPE_CHECKING:
     from merge.execution.ray_session import StartRay
@@ -44,8 +52,16 @@ def run_merge(
     out = cfg.output.path
     checkpoints = [Checkpoint.open(m.name or "", m.path) for m in cfg.models]
     resuming = check_output_folder(out, checkpoints)
-    layout = match_tensors(checkpoints, cfg.vocab_policy)
-    source = checkpoints[cfg.index(cfg.output.copy_files_from) if cfg.output.copy_files_from else (cfg.base_index or 0)]
+    vocab = plan_vocabulary(cfg, checkpoints) if cfg.tokenizer else None
+    if vocab is not None and cfg.tokenizer and cfg.tokenizer.source == "union":
+        check_union_groups(cfg, vocab)
+    layout = match_tensors(checkpoints, cfg.vocab_policy, cfg.drop, vocab.rows if vocab else None)
+    if vocab is None:
+        check_same_vocabulary(checkpoints, layout.vocab_size)
+    if vocab is not None:
+        source = checkpoints[vocab.files_from]
+    else:
+        source = checkpoints[cfg.index(cfg.output.copy_files_from) if cfg.output.copy_files_from else (cfg.base_index or 0)]
     if layout.vocab_size is not None and source.vocab_size != layout.vocab_size:
         raise IncompatibleInputsError(
             f"output.copy_files_from: vocab_policy truncate keeps {layout.vocab_size} tokens, so config and "
@@ -57,7 +73,9 @@ def run_merge(
     # Where the output goes and how the work is run do not change its bytes: not part of its identity.
     settings = cfg.model_dump(mode="json", exclude={"workers": True, "memory_budget": True, "output": {"path"},
                                                     "weights_from_examples": {"workers"}})
-    merge_id = fingerprint(settings, checkpoints, examples)
+    # Tokenizers decide a remapped vocabulary's rows: part of the inputs then.
+    tokenizers = [c.path / n for c in checkpoints for n in TOKENIZER_FILES if vocab and (c.path / n).is_file()]
+    merge_id = fingerprint(settings, checkpoints, examples + tokenizers)
     manifest = Manifest.load(out) if resuming else None
     if resuming:
         if manifest is None:
@@ -72,7 +90,9 @@ def run_merge(
     else:
         weights, losses = default_weights(cfg), None
     tasks = build_tasks(cfg, plan_tensors(cfg, layout, weights))
-    aux = auxiliary_files(source, _config_changes(cfg, layout, source))
+    aux = auxiliary_files(source, _config_changes(cfg, layout, source, vocab))
+    if vocab is not None and vocab.added:  # a union: the base's tokenizer files give way to the union's
+        aux = {k: v for k, v in aux.items() if k not in TOKENIZER_FILES} | tokenizer_files(vocab, checkpoints)
     if weights:
         log(format_weights(cfg, weights, losses))
 
@@ -121,7 +141,7 @@ def run_merge(
         if files is not None:
             files.close()
 
-    report = build_report(cfg, checkpoints, weights, losses, tasks)
+    report = build_report(cfg, checkpoints, weights, losses, tasks, layout, vocab)
     with writing(out):
         write_atomic(out / REPORT, report)
         manifest.files[REPORT] = hashlib.sha256(report).hexdigest()
@@ -169,9 +189,15 @@ def cocktail_weights(
     return weights_from_losses(spec, checkpoints, loss_of, len(examples), log)
 
 
-def _config_changes(cfg: MergeConfig, layout: InputLayout, source: Checkpoint) -> dict[str, object]:
+def _config_changes(cfg: MergeConfig, layout: InputLayout, source: Checkpoint, vocab: VocabPlan | None) -> dict[str, object]:
     """What the copied config.json must say differently about the merged weights."""
     changes: dict[str, object] = {}
+    if vocab is not None and source.vocab_size != vocab.rows.rows:
+        config = source.config or {}
+        if "vocab_size" in config or not isinstance(config.get("text_config"), dict):
+            changes["vocab_size"] = vocab.rows.rows
+        else:
+            changes["text_config"] = {**config["text_config"], "vocab_size": vocab.rows.rows}
     if cfg.output.dtype is not None:
         keys = [k for k in ("dtype", "torch_dtype") if k in (source.config or {})] or ["dtype"]
         changes.update(dict.fromkeys(keys, cfg.output.dtype))

@@ -71,6 +71,22 @@ class Override(_Strict):
     parameters: dict[str, Any] = {}
 
 
+class TokenizerSpec(_Strict):
+    """Merging models whose vocabularies differ (mergekit's `tokenizer:`): which tokenizer the output has,
+    and where each token's embedding and output rows come from (merge/planning/vocab.py)."""
+
+    source: str = Field(
+        min_length=1,
+        description="'union': every input's tokens, the base's (or first model's) ids first; 'base' or a "
+                    "model's name: that model's tokenizer",
+    )
+    tokens_default: Literal["zero", "mean", "base"] | None = Field(
+        None,
+        description="source base or a model: the row an input lacking a token contributes: zeros, the mean "
+                    "of the rows of the inputs that have it, or the base's (first model's) row",
+    )
+
+
 class OutputSpec(_Strict):
     path: Path
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="default: the inputs'")
@@ -88,6 +104,11 @@ class MergeConfig(_Strict):
     overrides: list[Override] = []
     integer_tensors_from: str | None = None
     vocab_policy: Literal["error", "truncate"] = "error"
+    tokenizer: TokenizerSpec | None = None
+    drop: list[str] = Field(
+        [], description="shell-style globs: input tensors matching one are left out of the output (and listed "
+                        "in merge_report.json); a tensor some inputs lack must be dropped by one"
+    )
     seed: int = Field(0, description="DARE's masks")
     memory_budget: ByteSize = ByteSize(2 * 2**30)
     workers: PositiveInt = 1
@@ -110,6 +131,12 @@ class MergeConfig(_Strict):
         if self.base_model is not None:
             return self.index(self.base_model)
         return 0 if self.merge_method.uses_base else None
+
+    @property
+    def vocab_base_index(self) -> int:
+        """The model whose tokenizer ids come first (tokenizer source base, union) and whose rows
+        tokens_default: base takes: the base model, else the first (mergekit's rule)."""
+        return self.base_index or 0
 
     @property
     def mixed_count(self) -> int:
@@ -211,6 +238,10 @@ def _check(cfg: MergeConfig) -> None:
     if not method.uses_base and not method.base_optional and cfg.base_model is not None:
         raise ValueError(f"base_model: {cfg.method} does not use a base model")
     _check_weights(cfg, method)
+    _check_tokenizer(cfg)
+    for i, pattern in enumerate(cfg.drop):
+        if not pattern:
+            raise ValueError(f"drop[{i}]: an empty pattern matches nothing")
     places: list[tuple[tuple[str | int, ...], Override | None]] = [(("parameters",), None)]
     places += [(("overrides", i, "parameters"), o) for i, o in enumerate(cfg.overrides)]
     for loc, override in places:
@@ -256,6 +287,27 @@ def _check_weights(cfg: MergeConfig, method: MethodSpec) -> None:
                          "candidate; give one")
     if math.fsum(examples.fixed.values()) > 1:
         raise ValueError("weights_from_examples.fixed: the fixed weights sum to more than 1")
+
+
+def _check_tokenizer(cfg: MergeConfig) -> None:
+    spec = cfg.tokenizer
+    if spec is None:
+        return
+    if cfg.vocab_policy == "truncate":
+        raise ValueError("tokenizer: vocab_policy: truncate and tokenizer are two ways to merge differing "
+                         "vocabularies; give one")
+    if spec.source not in ("union", "base") and spec.source not in cfg.names:
+        raise ValueError(f"tokenizer.source: {spec.source!r} is not 'union', 'base' or a model's name "
+                         f"(models: {', '.join(cfg.names)})")
+    if spec.source == "union" and spec.tokens_default is not None:
+        raise ValueError("tokenizer.tokens_default: source union merges each token over the models that have "
+                         "it and needs no default; give tokens_default with source base or a model's name")
+    if spec.source != "union" and spec.tokens_default is None:
+        raise ValueError("tokenizer.tokens_default: say which row a model lacking a token of the output's "
+                         "tokenizer contributes: zero, mean or base")
+    if cfg.output.copy_files_from is not None:
+        raise ValueError("output.copy_files_from: with tokenizer set, the output's tokenizer and config come "
+                         "from tokenizer.source")
 
 
 def _check_negative(cfg: MergeConfig, given: list[tuple[str, list[float] | None]]) -> None:

@@ -34,8 +34,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.verify:
         from merge.io.manifest import verify
+        from merge.io.report import dropped_lines
 
         problems = verify(Path(args.verify))
+        for line in dropped_lines(Path(args.verify)):
+            print(f"{args.verify}: {line}")
         for problem in problems:
             print(f"{args.verify}: {problem}")
         print(f"{args.verify}: {'FAILED' if problems else 'OK'}")

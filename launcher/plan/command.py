@@ -203,10 +203,26 @@ def merge_setup(cfg, inputs: list | None = None) -> tuple[MergeSetup, list]:
     from merge.methods.specs import BLOCK
     from merge.planning.config_only import plan_inputs
     from merge.planning.inputs import match_tensors
-    from merge.planning.plan import OUT_BUFFERS, WORKER_OVERHEAD, build_tasks, default_weights, plan_tensors
+    from merge.planning.plan import (
+        OUT_BUFFERS,
+        WORKER_OVERHEAD,
+        build_tasks,
+        default_weights,
+        largest_remap,
+        plan_tensors,
+    )
 
     checkpoints = [i.checkpoint for i in (plan_inputs(cfg) if inputs is None else inputs)]
-    layout = match_tensors(checkpoints, cfg.vocab_policy)
+    vocab = None
+    if cfg.tokenizer:
+        from merge.merge_errors import CheckpointError
+        from merge.planning.vocab import plan_vocabulary, rows_bound
+
+        try:
+            vocab = plan_vocabulary(cfg, checkpoints).rows
+        except CheckpointError:  # tokenizers not downloaded yet: size the memory by the largest vocabulary
+            vocab = rows_bound(cfg, checkpoints)
+    layout = match_tensors(checkpoints, cfg.vocab_policy, cfg.drop, vocab)
     weights = default_weights(cfg) or [1.0] * len(cfg.models)
     if cfg.weights_from_examples:
         weights = [1.0 / len(cfg.models)] * len(cfg.models)
@@ -214,7 +230,7 @@ def merge_setup(cfg, inputs: list | None = None) -> tuple[MergeSetup, list]:
     tasks = build_tasks(cfg, tensors)
     spec = cfg.weights_from_examples
     input_bytes = [sum(info.nbytes for info in c.tensors.values()) for c in checkpoints]
-    vocab = max((c.vocab_size or 0) for c in checkpoints)
+    vocab_size = max((c.vocab_size or 0) for c in checkpoints)
     return MergeSetup(
         inputs=len(checkpoints), input_bytes=max(input_bytes), output_bytes=sum(t.nbytes for t in tensors),
         largest_input_itemsize=max(ITEMSIZE[s.dtype] for t in tensors for s in t.sources),
@@ -226,7 +242,8 @@ def merge_setup(cfg, inputs: list | None = None) -> tuple[MergeSetup, list]:
         max_shard_bytes=int(cfg.output.max_shard_size),
         loss_model_bytes=max(input_bytes) if spec else 0,
         loss_workers=spec.workers if spec else 1,
-        loss_tokens=spec.batch_size * spec.max_length if spec else 0, vocab=vocab, method=cfg.method,
+        loss_tokens=spec.batch_size * spec.max_length if spec else 0, vocab=vocab_size, method=cfg.method,
+        remap_bytes=largest_remap(tensors),
     ), tasks
 
 

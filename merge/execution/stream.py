@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from merge.execution.vocab_rows import merge_rows
 from merge.io.reader import Chunk, InputFiles, tensor_chunks
 from merge.io.safetensors_file import ITEMSIZE, TensorInfo
 from merge.methods.registry import METHODS, Block, Method
@@ -99,6 +100,15 @@ def merge_tensor(
     consumer gives each buffer back to the pool once written."""
     numel, sources = tensor.numel, tensor.sources
     dtype = TORCH_DTYPES[tensor.dtype]
+    if tensor.rows is not None:  # remapped by token: merged whole, then written out chunk by chunk
+        whole = merge_rows(tensor, dtype)
+        for start in range(0, numel, chunk_elems):
+            stop = min(start + chunk_elems, numel)
+            buffer = pool.take()
+            out = buffer[: (stop - start) * ITEMSIZE[tensor.dtype]].view(dtype)
+            out.copy_(whole[start:stop])
+            yield buffer, out
+        return
     method = METHODS.get(tensor.method)
     params = method.spec.params.model_validate(tensor.params) if method else None
     # A method that takes any range gets one piece per thread, as stored; others get fp32 blocks.

@@ -58,9 +58,10 @@ def tensor_chunks(tensor: OutputTensor, chunk_elems: int) -> list[Chunk]:
 
 
 def reading_order(tasks: Sequence[ShardTask]) -> Iterator[Chunk]:
-    """Every chunk the shards will read, in order: each tensor once per pass of its method."""
+    """Every chunk the shards will read, in order: each tensor once per pass of its method. Vocabulary
+    tensors remapped by token are read whole, apart (merge.execution.vocab_rows)."""
     for task in tasks:
-        for tensor in task.tensors:
+        for tensor in (t for t in task.tensors if t.rows is None):
             yield from tensor_chunks(tensor, task.chunk_elems) * passes(tensor)
 
 
@@ -235,5 +236,6 @@ class InputFiles:
 def read_ahead(tasks: Sequence[ShardTask]) -> InputFiles:
     """Start reading these shards' inputs, in the order the shards will be merged, as far ahead as
     their plan allows (ShardTask.read_slots)."""
-    slot = max(slot_bytes(t.sources, min(task.chunk_elems, t.numel)) for task in tasks for t in task.tensors)
+    slot = max((slot_bytes(t.sources, min(task.chunk_elems, t.numel)) for task in tasks for t in task.tensors
+                if t.rows is None), default=ALIGN)
     return InputFiles(reading_order(tasks), slot, min(task.read_slots for task in tasks))

@@ -1,19 +1,29 @@
 """The merge report, merge_report.json in the output: how a blend was made.
 
 Method, parameters, inputs, weights and losses, and the calm-dist version, so a blend can be traced
-back to how it was made. It holds no timings, so a resumed merge writes the same bytes as an
-uninterrupted one."""
+back to how it was made; an account of every input tensor (merged, copied, not used, dropped: each
+dropped one with the rule that dropped it) and, with a `tokenizer:` setting, the vocabulary. It holds
+no timings, so a resumed merge writes the same bytes as an uninterrupted one.
+
+`calm merge --verify` lists the dropped tensors from it, and checks them against the inputs' headers
+where the inputs are still there (unaccounted)."""
 
 from __future__ import annotations
 
 import json
 from importlib import metadata
+from pathlib import Path
 
-from merge.io.checkpoint_folder import Checkpoint
+from merge.io.checkpoint_folder import Checkpoint, checkpoint_tensors
+from merge.io.safetensors_file import read_header
 from merge.merge_config import MergeConfig
-from merge.planning.plan import ShardTask, shown_weights
+from merge.merge_errors import MergeError
+from merge.planning.inputs import InputLayout
+from merge.planning.plan import ShardTask, integer_source, shown_weights
+from merge.planning.vocab import VocabPlan
 
 REPORT = "merge_report.json"
+FORMAT = "calm-merge-report/2"
 
 
 def version() -> str:
@@ -38,12 +48,29 @@ def weight_table(cfg: MergeConfig, weights: list[float], losses: list[float | No
     return rows
 
 
+def tensor_account(cfg: MergeConfig, checkpoints: list[Checkpoint], layout: InputLayout) -> dict[str, dict[str, int]]:
+    """Per model, how many of its stored tensors were merged, copied (integer tensors, from one model),
+    not used (the other models' integer tensors) and dropped by a rule; they add up to all of them."""
+    copied_from = checkpoints[integer_source(cfg)].name
+    account = {}
+    for ckpt in checkpoints:
+        counts = dict.fromkeys(("merged", "copied", "not_used", "dropped"), 0)
+        for group in layout.groups:
+            if group.name in ckpt.tensors:
+                kind = "merged" if group.is_float else ("copied" if ckpt.name == copied_from else "not_used")
+                counts[kind] += 1
+        counts["dropped"] = sum(ckpt.name in d.models for d in layout.dropped)
+        account[ckpt.name] = counts
+    return account
+
+
 def build_report(
-    cfg: MergeConfig, checkpoints: list[Checkpoint], weights: list[float], losses: list[float | None] | None, tasks: list[ShardTask]
+    cfg: MergeConfig, checkpoints: list[Checkpoint], weights: list[float], losses: list[float | None] | None,
+    tasks: list[ShardTask], layout: InputLayout, vocab: VocabPlan | None = None,
 ) -> bytes:
     examples = cfg.weights_from_examples
     report = {
-        "format": "calm-merge-report/1",
+        "format": FORMAT,
         "calm_dist_version": version(),
         "method": cfg.method,
         "parameters": cfg.params_for(None).model_dump(by_alias=True),
@@ -57,6 +84,10 @@ def build_report(
         "examples": examples.model_dump(mode="json") if examples else None,
         "overrides": [o.model_dump(mode="json") for o in cfg.overrides],
         "vocab_policy": cfg.vocab_policy,
+        "tokenizer": vocab.report(cfg) if vocab is not None else None,
+        "drop": cfg.drop,
+        "tensors": tensor_account(cfg, checkpoints, layout),
+        "dropped": [{"tensor": d.tensor, "models": list(d.models), "rule": d.rule} for d in layout.dropped],
         "seed": cfg.seed,
         "output": {
             "dtype": cfg.output.dtype or "inputs'",
@@ -74,3 +105,36 @@ def format_weights(cfg: MergeConfig, weights: list[float], losses: list[float | 
         loss = f" {row['loss']:>10.4f}" if "loss" in row else ""
         lines.append(f"{name:<24} {row['weight']:>10.6f}{loss}")
     return "\n".join(lines)
+
+
+def _load(out: Path) -> dict | None:
+    try:
+        return json.loads((out / REPORT).read_text())
+    except (OSError, ValueError):
+        return None  # verify reports a missing or altered report by its hash
+
+
+def dropped_lines(out: Path) -> list[str]:
+    """The input tensors a finished merge left out, each with its rule, for people."""
+    report = _load(out) or {}
+    return [f"dropped '{d['tensor']}' of {', '.join(d['models'])}: {d['rule']}" for d in report.get("dropped", [])]
+
+
+def unaccounted(out: Path, shards: list[str]) -> list[str]:
+    """Input tensors not in the output and not dropped by a recorded rule, from the inputs' headers
+    (inputs no longer on disk are skipped)."""
+    report = _load(out)
+    if report is None:
+        return []
+    written = {info.name for name in shards if (out / name).exists() for info in read_header(out / name)}
+    recorded = {(d["tensor"], model) for d in report.get("dropped", []) for model in d["models"]}
+    problems = []
+    for entry in report.get("inputs", []):
+        try:
+            tensors = checkpoint_tensors(Path(entry["path"]))
+        except MergeError:
+            tensors = None
+        missing = sorted(n for n in tensors or {} if n not in written and (n, entry["name"]) not in recorded)
+        problems += [f"input '{entry['name']}' tensor '{n}': not in the output, and no rule of the merge drops it"
+                     for n in missing]
+    return problems

@@ -40,6 +40,8 @@ class MergeSetup:
     # The merge method (merge_config.method): sizes its block arithmetic and its whole-tensor
     # statistic (merge.methods.specs.MethodSpec). None: two fp32 arrays per input, no statistic.
     method: str | None = None
+    # The largest vocabulary tensor remapped by token (tokenizer:), merged whole (merge.planning.plan.largest_remap).
+    remap_bytes: int = 0
 
 
 def merge_terms(setup: MergeSetup) -> WorkerPlan:
@@ -56,6 +58,9 @@ def merge_terms(setup: MergeSetup) -> WorkerPlan:
              f"{setup.out_buffers} chunks of {chunk:,} elements: computed, queued, being written"),
         block_term(setup),
         *statistic_terms(setup),
+        *([Term("vocabulary tensor, whole", setup.remap_bytes,
+                "remapped by token (tokenizer:): every input's rows and the output's, in fp32")]
+          if setup.remap_bytes else []),
         Term("runtime allowance", setup.worker_runtime, "interpreter and torch (merge.planning.plan.WORKER_OVERHEAD)"),
     ]
     return WorkerPlan("merge worker", tuple(terms))

@@ -20,6 +20,7 @@ from merge.merge_config import OUTPUT_DTYPES, MergeConfig, Override
 from merge.merge_errors import ConfigError, IncompatibleInputsError
 from merge.methods.specs import BLOCK
 from merge.planning.inputs import InputLayout, TensorGroup
+from merge.planning.vocab import VocabRows, remap_bytes
 
 COPY = "copy"  # integer tensors: copied from one model
 # Resident memory of a worker before any chunk: the interpreter, torch and its thread pools, the
@@ -46,6 +47,9 @@ class OutputTensor:
     weights: tuple[float, ...]
     params: dict[str, Any]
     seed: int
+    # A vocabulary tensor whose rows are remapped by token (merge.planning.vocab), inputs in the method's
+    # order: merged whole in memory (merge.execution.vocab_rows), not streamed in chunks.
+    rows: VocabRows | None = None
 
     @property
     def numel(self) -> int:
@@ -78,7 +82,7 @@ class ShardTask:
 def plan_tensors(cfg: MergeConfig, layout: InputLayout, weights: list[float]) -> list[OutputTensor]:
     """Resolve every output tensor: method, weights and parameters (overrides applied), dtype, sources."""
     used = [False] * len(cfg.overrides)
-    copy_from = cfg.index(cfg.integer_tensors_from) if cfg.integer_tensors_from else (cfg.base_index or 0)
+    copy_from = integer_source(cfg)
     outputs = []
     for group in layout.groups:
         if not group.is_float:
@@ -95,12 +99,18 @@ def plan_tensors(cfg: MergeConfig, layout: InputLayout, weights: list[float]) ->
             OutputTensor(
                 group.name, _output_dtype(cfg, group), group.shape, sources, cfg.method,
                 effective_weights(cfg, override, weights), params.model_dump(by_alias=True), cfg.seed,
+                group.rows.reordered(cfg.source_order) if group.rows else None,
             )
         )
     for i, hit in enumerate(used):
         if not hit:
             raise ConfigError(f"overrides[{i}].pattern: {cfg.overrides[i].pattern!r} matches no floating-point tensor")
     return outputs
+
+
+def integer_source(cfg: MergeConfig) -> int:
+    """The model whose integer tensors are copied (they are not merged): integer_tensors_from, else the base."""
+    return cfg.index(cfg.integer_tensors_from) if cfg.integer_tensors_from else (cfg.base_index or 0)
 
 
 def _output_dtype(cfg: MergeConfig, group: TensorGroup) -> str:
@@ -169,18 +179,27 @@ def chunk_plan(tensors: list[OutputTensor], memory_budget: int, workers: int) ->
     out_bytes = max(ITEMSIZE[t.dtype] for t in tensors)
     in_bytes = max(sum(ITEMSIZE[s.dtype] for s in t.sources) for t in tensors)
     per_element = OUT_BUFFERS * out_bytes + 2 * in_bytes
-    available = memory_budget // workers - WORKER_OVERHEAD
+    whole = largest_remap(tensors)
+    available = memory_budget // workers - WORKER_OVERHEAD - whole
     blocks = available // (per_element * BLOCK) if available > 0 else 0
     if blocks < 1:
-        needed = workers * (WORKER_OVERHEAD + per_element * BLOCK)
+        needed = workers * (WORKER_OVERHEAD + whole + per_element * BLOCK)
+        held = f" (vocabulary tensors remapped by token are merged whole: {whole} bytes)" if whole else ""
         raise ConfigError(
-            f"memory_budget: {memory_budget} bytes is too small for {workers} worker(s); at least {needed} are needed"
+            f"memory_budget: {memory_budget} bytes is too small for {workers} worker(s); at least {needed} are "
+            f"needed{held}"
         )
     chunk = min(blocks * BLOCK, MAX_CHUNK)
     # A chunk's buffer is filled no further than the largest tensor.
     slot = max(1, min(chunk, max(t.numel for t in tensors)) * in_bytes)
     spare_slots = (available - chunk * per_element) // slot
     return chunk, 2 + max(0, min(spare_slots, READ_AHEAD_BYTES // slot - 2))
+
+
+def largest_remap(tensors: list[OutputTensor]) -> int:
+    """Bytes the largest vocabulary tensor remapped by token holds while it is merged whole."""
+    return max((remap_bytes(t.rows, [s.shape for s in t.sources], ITEMSIZE[t.dtype]) for t in tensors if t.rows),
+               default=0)
 
 
 def build_tasks(cfg: MergeConfig, tensors: list[OutputTensor]) -> list[ShardTask]:
