@@ -11,7 +11,7 @@ Two levels of agreement, per method (BITWISE below):
   fp32 result by a few ulps of the tensor's largest element (asserted: at most 2**-21 of it) and the
   bf16 result, rounded once from fp32 by both, by at most one ulp.
 
-Seeded methods (DARE): the fixtures were made with mergekit's torch.bernoulli replaced by calm-dist's
+Seeded methods (DARE, DELLA): the fixtures were made with mergekit's torch.bernoulli replaced by calm-dist's
 per-block draws, so both merge with the same masks; the random stream itself is tested here for
 reproducibility, not against mergekit's.
 """
@@ -33,7 +33,7 @@ from merge.methods.sparse import breadcrumbs_window
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "mergekit"
 CASES = json.loads((FIXTURES / "cases.json").read_text())
-BITWISE = {"dare_ties_dense", "breadcrumbs"}
+BITWISE = {"dare_ties_dense", "breadcrumbs", "della_norescale", "della_linear_norescale"}
 
 
 def merge_case(case: dict, out: Path, dtype: str) -> dict[str, torch.Tensor]:
@@ -59,7 +59,7 @@ def test_every_fixture_case_is_listed_once():
     assert set(CASES) >= BITWISE
     methods = {c["method"] for c in CASES.values()}
     assert methods == {"dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "sce", "model_stock",
-                       "multislerp", "nuslerp", "karcher"}
+                       "multislerp", "nuslerp", "karcher", "della", "della_linear"}
 
 
 @pytest.mark.parametrize("name", sorted(BITWISE))

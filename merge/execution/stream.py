@@ -3,8 +3,9 @@
 Inputs are read ahead in the planned order (merge.io.reader), combined block by block and rounded once
 to the output dtype into a buffer taken from a fixed pool.
 
-Chunks are ranges of the flattened tensor (row chunks are the case of a row-aligned range), always a
-multiple of BLOCK elements, so the blocks a method sees are the same whatever the chunk size. Memory
+Chunks are ranges of the flattened tensor (row chunks are the case of a row-aligned range), always
+whole blocks of the tensor's method (BLOCK elements, or whole rows: OutputTensor.block), so the blocks
+a method sees are the same whatever the chunk size. Memory
 per chunk is bounded twice: output buffers come from a fixed pool, inputs from a few reused buffers.
 """
 
@@ -53,9 +54,10 @@ def _view(files: InputFiles, info: TensorInfo, start: int, stop: int) -> torch.T
     return torch.frombuffer(slot, dtype=TORCH_DTYPES[info.dtype], count=stop - start, offset=offset)
 
 
-def _blocks(files: InputFiles, sources: Sequence[TensorInfo], start: int, stop: int) -> Iterator[tuple[int, list[torch.Tensor]]]:
-    for begin in range(start, stop, BLOCK):
-        end = min(begin + BLOCK, stop)
+def _blocks(files: InputFiles, sources: Sequence[TensorInfo], start: int, stop: int, step: int
+            ) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    for begin in range(start, stop, step):
+        end = min(begin + step, stop)
         yield begin, [_view(files, s, begin, end).float() for s in sources]
 
 
@@ -78,7 +80,7 @@ def _statistic(method: Method, files: InputFiles, chunks: list[Chunk], tensor: O
         nonlocal walked
         for chunk in _walk(files, chunks):
             walked += 1
-            for begin, xs in _blocks(files, chunk.sources, chunk.start, chunk.stop):
+            for begin, xs in _blocks(files, chunk.sources, chunk.start, chunk.stop, tensor.block):
                 yield _block(tensor, begin, begin + len(xs[0])), xs
 
     def new_pass() -> Iterator[tuple[Block, list[torch.Tensor]]]:
@@ -123,7 +125,7 @@ def merge_tensor(
         if tensor.method == COPY:
             out.copy_(_view(files, sources[0], start, stop))
         else:
-            step = _piece(stop - start) if any_range else BLOCK
+            step = _piece(stop - start) if any_range else tensor.block
 
             def compute(begin: int, start: int = start, stop: int = stop, out: torch.Tensor = out, step: int = step) -> None:
                 end = min(begin + step, stop)
@@ -144,7 +146,7 @@ def merge_tensor(
 
 
 def _block(tensor: OutputTensor, begin: int, end: int) -> Block:
-    return Block(tensor.name, begin // BLOCK, end - begin, tensor.seed, TORCH_DTYPES[tensor.dtype])
+    return Block(tensor.name, begin // tensor.block, end - begin, tensor.seed, TORCH_DTYPES[tensor.dtype], tensor.shape)
 
 
 def _piece(elements: int) -> int:

@@ -16,6 +16,7 @@ Rows without a token (padding) are the source model's own.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 from merge.io.safetensors_file import TensorInfo
 from merge.merge_errors import CheckpointError
 from merge.methods.registry import METHODS, Block, Method
-from merge.methods.specs import BLOCK
+from merge.methods.specs import block_elements
 from merge.planning.plan import OutputTensor
 
 _TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -57,7 +58,7 @@ def merge_rows(tensor: OutputTensor, out_dtype: torch.dtype) -> torch.Tensor:
     else:
         full = _filled(rows.fill, rows.fill_from, xs, maps, present)
         out.copy_(_run(method, params, [x.reshape(-1) for x in full], tensor.weights, tensor.name, tensor.seed,
-                       out_dtype).reshape(rows.rows, width))
+                       out_dtype, tensor.shape[1:]).reshape(rows.rows, width))
     padding = torch.tensor(rows.padding, dtype=torch.int64)
     if len(padding):
         out[padding] = xs[rows.padding_from][maps[rows.padding_from][padding]].to(out_dtype)
@@ -117,24 +118,28 @@ def _union(tensor: OutputTensor, method: Method, params: Any, xs: Sequence[torch
         elif weights:
             weights = [weights[k] for k in members]
         name = tensor.name if len(members) == count else f"{tensor.name}[{'+'.join(map(str, members))}]"
-        merged = _run(method, params, [p.reshape(-1) for p in parts], weights, name, tensor.seed, out.dtype)
+        merged = _run(method, params, [p.reshape(-1) for p in parts], weights, name, tensor.seed, out.dtype,
+                      tensor.shape[1:])
         out[where] = merged.reshape(len(where), -1)
 
 
 def _run(method: Method, params: Any, xs: Sequence[torch.Tensor], weights: Sequence[float], name: str, seed: int,
-         out_dtype: torch.dtype) -> torch.Tensor:
-    """The method over whole flattened fp32 inputs, block by block as merge.execution.stream runs it."""
+         out_dtype: torch.dtype, row_shape: tuple[int, ...]) -> torch.Tensor:
+    """The method over whole flattened fp32 inputs, each a stack of rows of `row_shape` (the tensor's
+    shape past the vocabulary dimension), block by block as merge.execution.stream runs it."""
     numel = len(xs[0])
+    shape = (numel // max(1, math.prod(row_shape)), *row_shape)
+    step = block_elements(method.spec, shape)
 
     def blocks() -> Iterator[tuple[Block, list[torch.Tensor]]]:
-        for begin in range(0, numel, BLOCK):
-            end = min(begin + BLOCK, numel)
-            yield Block(name, begin // BLOCK, end - begin, seed, out_dtype), [x[begin:end] for x in xs]
+        for begin in range(0, numel, step):
+            end = min(begin + step, numel)
+            yield Block(name, begin // step, end - begin, seed, out_dtype, shape), [x[begin:end] for x in xs]
 
     stats = method.prepare(blocks, numel, params, weights) if method.prepare is not None and numel else None
     result = torch.empty(numel, dtype=out_dtype)
     for block, parts in blocks():
-        piece = result[block.index * BLOCK : block.index * BLOCK + block.size]
+        piece = result[block.index * step : block.index * step + block.size]
         if method.spec.any_range:
             method.combine(parts, weights, params, stats, block, out=piece)
         else:

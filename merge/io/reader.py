@@ -51,10 +51,11 @@ def passes(tensor: OutputTensor) -> int:
 
 
 def tensor_chunks(tensor: OutputTensor, chunk_elems: int) -> list[Chunk]:
-    """One pass over an output tensor's inputs. A tensor read more than once goes through the page
-    cache, so the later passes find it in memory."""
+    """One pass over an output tensor's inputs, in chunks of whole blocks of its method. A tensor read
+    more than once goes through the page cache, so the later passes find it in memory."""
     cached = passes(tensor) > 1
-    return [Chunk(tuple(tensor.sources), start, stop, cached) for start, stop in chunk_ranges(tensor.numel, chunk_elems)]
+    ranges = chunk_ranges(tensor.numel, tensor.chunk(chunk_elems))
+    return [Chunk(tuple(tensor.sources), start, stop, cached) for start, stop in ranges]
 
 
 def reading_order(tasks: Sequence[ShardTask]) -> Iterator[Chunk]:

@@ -1,8 +1,8 @@
 """What a merge method sees: one block of every input (`Block`), and the shape of a method (`Method`).
 
-Blocks are fixed ranges of the flattened tensor (BLOCK elements), never chunk-dependent, so a method's
-seeded randomness, drawn per (seed, tensor, input, block), does not depend on chunking, workers or
-resumes.
+Blocks are fixed ranges of the flattened tensor (BLOCK elements, or whole rows for a method ranking
+within rows: merge.methods.specs.block_elements), never chunk-dependent, so a method's seeded
+randomness, drawn per (seed, tensor, input, block), does not depend on chunking, workers or resumes.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class Block:
     size: int
     seed: int
     out_dtype: torch.dtype = torch.float32  # what the result is rounded to
+    shape: tuple[int, ...] = ()  # the whole tensor's: where its rows lie (not part of the random key)
 
 
 # One pass over a tensor: every block in order, with the fp32 values of each input there.

@@ -2,7 +2,7 @@
 
 Their parameters and shape (base model, weights, passes over the inputs) are declared in
 merge.methods.specs; the families with more than a formula each live in a module of their own:
-sparse task vectors (merge.methods.sparse: DARE, Breadcrumbs, SCE) and merges on the sphere
+sparse task vectors (merge.methods.sparse: DARE, Breadcrumbs, SCE; merge.methods.della) and merges on the sphere
 (merge.methods.spherical: Model Stock, Multi-SLERP, NuSLERP, Karcher). Those follow mergekit 0.1.5's
 definitions and its fp32 arithmetic (tests/fixtures/mergekit/).
 
@@ -28,7 +28,7 @@ from functools import reduce
 
 import torch
 
-from merge.methods import exact, sparse, spherical
+from merge.methods import della, exact, sparse, spherical
 from merge.methods.blocks import Block, Blocks, Method, Tensor
 from merge.methods.magnitude import kth_largest_abs
 from merge.methods.sparse import dare_keep
@@ -119,6 +119,8 @@ METHODS: dict[str, Method] = {
     "ties": Method(SPECS["ties"], ties, ties_thresholds),
     "dare_linear": Method(SPECS["dare_linear"], sparse.dare_linear, sparse.dare_statistic),
     "dare_ties": Method(SPECS["dare_ties"], sparse.dare_ties, sparse.dare_statistic),
+    "della": Method(SPECS["della"], della.della, della.della_statistic),
+    "della_linear": Method(SPECS["della_linear"], della.della_linear, della.della_statistic),
     "breadcrumbs": Method(SPECS["breadcrumbs"], sparse.breadcrumbs, sparse.breadcrumbs_statistic),
     "breadcrumbs_ties": Method(SPECS["breadcrumbs_ties"], sparse.breadcrumbs_ties, sparse.breadcrumbs_statistic),
     "sce": Method(SPECS["sce"], sparse.sce, sparse.sce_statistic),

@@ -72,7 +72,7 @@ def mix(base: Tensor, tvs: Sequence[Tensor], weights: Sequence[float], ties: boo
 Masking = Callable[[Block, int, Tensor], Tensor]  # (block, input position, task vector) -> masked
 
 
-def _l1_ratios(blocks: Blocks, masked: Masking, count: int) -> list[Tensor | None]:
+def l1_ratios(blocks: Blocks, masked: Masking, count: int) -> list[Tensor | None]:
     """For each task vector, |d|_1 / |masked d|_1 as mergekit's fp32 0-d division, or None where
     either norm is under RESCALE_EPS. The sums are fp64 over blocks, each rounded once to fp32."""
     before: list[list[float]] = [[] for _ in range(count)]
@@ -89,7 +89,7 @@ def _l1_ratios(blocks: Blocks, masked: Masking, count: int) -> list[Tensor | Non
     return ratios
 
 
-def _rescaled(masked: Tensor, ratio: Tensor | None) -> Tensor:
+def rescaled(masked: Tensor, ratio: Tensor | None) -> Tensor:
     return masked if ratio is None else masked * ratio
 
 
@@ -107,7 +107,7 @@ def dare_statistic(blocks: Blocks, numel: int, params: DareParams, weights: Sequ
     """Each task vector's L1 rescale factor (None: density 1 keeps everything, unscaled)."""
     if params.density >= 1 or not params.rescale:
         return None
-    return _l1_ratios(blocks, _dare_masked(params), len(weights))
+    return l1_ratios(blocks, _dare_masked(params), len(weights))
 
 
 def _dare(xs: Sequence[Tensor], weights: Sequence[float], params: DareParams, ratios: list | None, block: Block,
@@ -116,7 +116,7 @@ def _dare(xs: Sequence[Tensor], weights: Sequence[float], params: DareParams, ra
     tvs = [x - base for x in xs[1:]]
     if params.density < 1:
         masked = _dare_masked(params)
-        tvs = [_rescaled(masked(block, i, d), ratios[i - 1] if ratios else None) for i, d in enumerate(tvs, start=1)]
+        tvs = [rescaled(masked(block, i, d), ratios[i - 1] if ratios else None) for i, d in enumerate(tvs, start=1)]
     return mix(base, tvs, weights, ties, params.normalize, params.scale)
 
 
@@ -153,7 +153,7 @@ def breadcrumbs_statistic(blocks: Blocks, numel: int, params: BreadcrumbsParams,
         def masked(block: Block, model: int, delta: Tensor) -> Tensor:
             return _window(delta, lower[model - 1], upper[model - 1])
 
-        ratios = _l1_ratios(blocks, masked, count)
+        ratios = l1_ratios(blocks, masked, count)
     return Sparsity(lower, upper, ratios)
 
 
@@ -167,7 +167,7 @@ def _breadcrumbs(xs: Sequence[Tensor], weights: Sequence[float], params: Breadcr
     base = xs[0]
     tvs = [x - base for x in xs[1:]]
     if stats is not None:
-        tvs = [_rescaled(_window(d, lo, up), r) for d, lo, up, r in zip(tvs, stats.lower, stats.upper, stats.rescale, strict=True)]
+        tvs = [rescaled(_window(d, lo, up), r) for d, lo, up, r in zip(tvs, stats.lower, stats.upper, stats.rescale, strict=True)]
     return mix(base, tvs, weights, ties, params.normalize, params.scale)
 
 

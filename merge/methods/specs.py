@@ -6,9 +6,12 @@ already reading its inputs while torch loads (a second or more of every `calm me
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Elements per block. Part of the definition of DARE's masks: changing it changes their random stream.
 BLOCK = 1 << 18
@@ -53,6 +56,32 @@ class BreadcrumbsParams(_Params):
     scale: float = Field(1.0, alias="lambda", allow_inf_nan=False)
     normalize: bool = False
     rescale: bool = Field(False, description="scale the kept elements back to the task vector's L1 norm")
+
+
+class DellaParams(_Params):
+    """mergekit's della (MagPrune, then TIES's sign election): each task-vector element kept at random
+    with a chance from density - epsilon (the smallest magnitude of its row) to density + epsilon (the
+    largest), the kept rescaled to the task vector's L1 norm."""
+
+    density: float = Field(1.0, gt=0, le=1, description="mean chance each task-vector element is kept; 1 keeps all")
+    epsilon: float = Field(0.15, ge=0, allow_inf_nan=False, description="half the spread of the chances across a row")
+    scale: float = Field(1.0, alias="lambda", allow_inf_nan=False, description="multiplies the mixed task vector")
+    normalize: bool = Field(True, description="divide by the sum of the (agreeing) weights")
+    rescale: bool = Field(True, description="scale the kept elements back to the task vector's L1 norm")
+
+    @model_validator(mode="after")
+    def _chances_are_probabilities(self) -> DellaParams:
+        # mergekit's own condition, refused here before any work rather than midway through a merge.
+        if self.density < 1 and (self.density + self.epsilon >= 1 or self.density - self.epsilon <= 0):
+            raise ValueError(f"epsilon: density ± epsilon must lie strictly between 0 and 1 (density {self.density}, "
+                             f"epsilon {self.epsilon})")
+        return self
+
+
+class DellaLinearParams(DellaParams):
+    """della_linear: della without the sign election, and not normalized by default (mergekit's)."""
+
+    normalize: bool = Field(False, description="divide by the sum of the weights")
 
 
 class SceParams(_Params):
@@ -102,6 +131,41 @@ class MethodSpec:
     arrays_per_input: int = 2
     # Bytes of the whole-tensor statistic per input model (histograms of a magnitude threshold).
     statistic_bytes_per_input: int = 0
+    # combine ranks elements within rows (DELLA): its blocks are whole rows, as many as fit in BLOCK
+    # elements (block_elements), and its random draws are keyed by those blocks.
+    row_blocks: bool = False
+    # (tensor shape, params) -> why this method cannot merge a tensor of that shape, or None; asked for
+    # every tensor before the merge starts (merge.planning.plan.plan_tensors).
+    refuses: Callable[[tuple[int, ...], Any], str | None] | None = None
+
+
+def row_length(shape: Sequence[int]) -> int:
+    """Elements of one row as DELLA ranks them: a slab along the first dimension (a matrix's row); a
+    vector is one row. mergekit ranks along dimension 1 within a slab, so a slab holds whole groups."""
+    return math.prod(shape[1:]) if len(shape) >= 2 else math.prod(shape)
+
+
+def block_elements(spec: MethodSpec | None, shape: Sequence[int]) -> int:
+    """Elements per block of a tensor of this shape: BLOCK, or for a method ranking within rows as many
+    whole rows as fit in BLOCK (rows longer than that are refused by such a method unless it ranks
+    nothing, when BLOCK serves)."""
+    if spec is None or not spec.row_blocks:
+        return BLOCK
+    row = row_length(shape)
+    return BLOCK if row > BLOCK or row == 0 else BLOCK // row * row
+
+
+def _della_refuses(shape: tuple[int, ...], params: Any) -> str | None:
+    if params.density >= 1:  # nothing is ranked (mergekit returns the task vector as it is)
+        return None
+    group = shape[1] if len(shape) >= 2 else math.prod(shape)
+    if group < 2:
+        return (f"della ranks each element's magnitude among the elements of its row along dimension 1, and "
+                f"shape {list(shape)} gives rows of {group} element(s) (mergekit's ranks are undefined there)")
+    if row_length(shape) > BLOCK:
+        return (f"della ranks elements within rows, streamed as whole rows of up to {BLOCK} elements; shape "
+                f"{list(shape)} has rows of {row_length(shape)}")
+    return None
 
 
 SPECS: dict[str, MethodSpec] = {
@@ -112,6 +176,12 @@ SPECS: dict[str, MethodSpec] = {
     # One pass for each task vector's L1 norm before and after its mask (DareParams.rescale).
     "dare_linear": MethodSpec(DareParams, True, True, (2, None), reads=2, arrays_per_input=4),
     "dare_ties": MethodSpec(DareParams, True, True, (2, None), reads=2, arrays_per_input=5),
+    # One pass for each task vector's L1 norm before and after its mask; the ranks (int64 sort order
+    # and inverse) and draws of one input at a time on top of the task vectors.
+    "della": MethodSpec(DellaParams, True, True, (2, None), reads=2, arrays_per_input=7, row_blocks=True,
+                        refuses=_della_refuses),
+    "della_linear": MethodSpec(DellaLinearParams, True, True, (2, None), reads=2, arrays_per_input=6,
+                               row_blocks=True, refuses=_della_refuses),
     # Two histogram passes find both magnitude thresholds, one more the L1 norms (if rescale).
     "breadcrumbs": MethodSpec(BreadcrumbsParams, True, True, (2, None), reads=4, arrays_per_input=4,
                               statistic_bytes_per_input=HISTOGRAMS * 2),

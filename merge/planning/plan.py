@@ -18,7 +18,7 @@ from typing import Any
 from merge.io.safetensors_file import ITEMSIZE, TensorInfo, build_header
 from merge.merge_config import OUTPUT_DTYPES, MergeConfig, Override
 from merge.merge_errors import ConfigError, IncompatibleInputsError
-from merge.methods.specs import BLOCK
+from merge.methods.specs import BLOCK, SPECS, block_elements
 from merge.planning.inputs import InputLayout, TensorGroup
 from merge.planning.vocab import VocabRows, remap_bytes
 
@@ -59,6 +59,15 @@ class OutputTensor:
     def nbytes(self) -> int:
         return self.numel * ITEMSIZE[self.dtype]
 
+    @property
+    def block(self) -> int:
+        """Elements per block of this tensor's method (merge.methods.specs.block_elements)."""
+        return block_elements(SPECS.get(self.method), self.shape)
+
+    def chunk(self, chunk_elems: int) -> int:
+        """The planned chunk, in whole blocks of this tensor (at least one: a block is at most BLOCK)."""
+        return max(1, chunk_elems // self.block) * self.block
+
 
 @dataclass(frozen=True)
 class ShardTask:
@@ -94,6 +103,10 @@ def plan_tensors(cfg: MergeConfig, layout: InputLayout, weights: list[float]) ->
         if hit is not None:
             used[hit] = True
         params = cfg.params_for(override)
+        refuses = cfg.merge_method.refuses
+        if refuses is not None and (problem := refuses(group.shape, params)):
+            raise ConfigError(f"tensor '{group.name}': {problem}. Merge it with parameters.density: 1 (an "
+                              f"overrides entry matching it) or leave it out (drop:)")
         sources = tuple(group.sources[i] for i in cfg.source_order)
         outputs.append(
             OutputTensor(

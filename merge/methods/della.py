@@ -1,0 +1,73 @@
+"""DELLA (MagPrune) as mergekit 0.1.5 defines it: `della` and `della_linear`.
+
+Each task vector (x_i - base) is masked at random, each element kept with a chance that grows with its
+magnitude's rank within its row: density - epsilon for the smallest, density + epsilon for the largest,
+evenly between. The kept elements are rescaled to the task vector's L1 norm (`rescale`, a whole-tensor
+statistic from one `prepare` pass), then mixed as DARE's are (merge.methods.sparse.mix): summed
+(della_linear) or summed where each agrees with the elected sign (della).
+
+mergekit ranks along dimension 1 (a vector is one row); its rank arithmetic is repeated here op for
+op in fp32, so a kept element's chance is bitwise mergekit's. A rank needs the whole row, so the
+blocks of these methods are whole rows (MethodSpec.row_blocks): the draws are keyed by (seed, tensor,
+input, row block), independent of chunking, workers and resumes. Ties in magnitude rank by position
+(a stable sort); mergekit's sort leaves their order unspecified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from merge.methods.blocks import Block, Blocks, Tensor, block_uniform
+from merge.methods.sparse import Masking, l1_ratios, mix, rescaled
+from merge.methods.specs import DellaParams, row_length
+
+
+def keep_chances(delta: Tensor, shape: Sequence[int], density: float, epsilon: float) -> Tensor:
+    """For a block of whole rows of a task vector (flat), each element's chance of being kept."""
+    group = shape[1] if len(shape) >= 2 else row_length(shape)
+    magnitudes = delta.abs().reshape(-1, group, row_length(shape) // group)
+    order = torch.argsort(magnitudes, dim=1, stable=True)
+    # The inverse permutation by a scatter: what mergekit's second argsort gives, without a second sort.
+    positions = torch.arange(group).view(1, group, 1).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions).to(torch.float32) + 1
+    # mergekit's normalisation, op for op (min 1 and max `group`, but computed as it computes them).
+    low = ranks.min(dim=1, keepdim=True).values
+    high = ranks.max(dim=1, keepdim=True).values
+    rank_norm = ((ranks - low) / (high - low)).clamp(0, 1)
+    return ((density - epsilon) + rank_norm * 2 * epsilon).reshape(-1)
+
+
+def _masked(params: DellaParams) -> Masking:
+    def masked(block: Block, model: int, delta: Tensor) -> Tensor:
+        chances = keep_chances(delta, block.shape, params.density, params.epsilon)
+        return delta * (block_uniform(block, model) < chances).to(delta.dtype)
+
+    return masked
+
+
+def della_statistic(blocks: Blocks, numel: int, params: DellaParams, weights: Sequence[float]) -> list[Tensor | None] | None:
+    """Each task vector's L1 rescale factor (None: density 1 keeps everything, unscaled)."""
+    if params.density >= 1 or not params.rescale:
+        return None
+    return l1_ratios(blocks, _masked(params), len(weights))
+
+
+def _della(xs: Sequence[Tensor], weights: Sequence[float], params: DellaParams, ratios: list | None, block: Block,
+           ties: bool) -> Tensor:
+    base = xs[0]
+    tvs = [x - base for x in xs[1:]]
+    if params.density < 1:
+        masked = _masked(params)
+        tvs = [rescaled(masked(block, i, d), ratios[i - 1] if ratios else None) for i, d in enumerate(tvs, start=1)]
+    return mix(base, tvs, weights, ties, params.normalize, params.scale)
+
+
+def della(xs: Sequence[Tensor], weights: Sequence[float], params: DellaParams, ratios: list | None, block: Block) -> Tensor:
+    return _della(xs, weights, params, ratios, block, ties=True)
+
+
+def della_linear(xs: Sequence[Tensor], weights: Sequence[float], params: DellaParams, ratios: list | None,
+                 block: Block) -> Tensor:
+    return _della(xs, weights, params, ratios, block, ties=False)
