@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.lm_cocktail.general import GENERAL_PROMPTS, docstrings, prose_files, stdlib_folder
+from launcher.general_ability import GENERAL_PROMPTS, docstrings, prose_files, stdlib_folder
 from launcher.lm_cocktail.report import markdown, text_table, write_report
 from launcher.lm_cocktail.tasks import NEWS_LABELS, REVIEW_LABELS, make_tasks
 

@@ -281,32 +281,14 @@ def lora_baseline(assets: Assets, config: TrainConfig, parameters: int, seed: in
                   max_new_tokens: int = Design.max_new_tokens) -> tuple[dict, int, int]:
     """LoRA on m_B, its rank matched to `parameters`, trained on D_C like the composition (same steps,
     global batch, learning rate and schedule shape) in one process; its exact match per eval set."""
-    from tqdm import tqdm
+    from launcher.kv_arithmetic.lora_baseline import train_lora
 
-    from launcher.kv_arithmetic import pretraining as local_training
-    from launcher.kv_arithmetic.lora_baseline import matched_rank, trainable_parameters, with_lora
-
-    anchor = _load_base(assets.folder / "anchor")
-    rank = matched_rank(anchor, parameters)
-    torch.manual_seed(seed)
-    model = with_lora(anchor, rank)
-    count = trainable_parameters(model)
     rows = _tokenized(_read_jsonl(assets.files["composition_train"]), assets.tokenizer,
                       prompt_field="prompt", completion_field="completion")
-    train = config.training
-    start = time.perf_counter()
-    with tqdm(total=train.steps, desc="LoRA baseline", unit="step", leave=False, dynamic_ncols=True,
-              file=sys.stdout) as bar:  # stdout: quiet mode sends stderr to the log
-        model.train()
-        local_training.train(local_training.lm_loss(model), model.parameters(),
-                             local_training.batches(rows, train.global_batch_size, seed, 0), train.steps,
-                             lr=train.optimizer.lr, warmup_steps=train.schedule.warmup_steps,
-                             weight_decay=train.optimizer.weight_decay,
-                             on_step=lambda step, loss: bar.update(1))
-    model.eval()
+    model, rank, count, seconds = train_lora(_load_base(assets.folder / "anchor"), rows, config.training, parameters,
+                                             seed, pad_token_id=0)
     scores = evaluate_locally(model, assets, max_new_tokens)
-    log(f"LoRA baseline: rank {rank}, {count:,} trainable parameters, {train.steps} steps "
-        f"in {time.perf_counter() - start:.0f} s")
+    log(f"LoRA baseline: rank {rank}, {count:,} trainable parameters, {config.training.steps} steps in {seconds:.0f} s")
     return scores, rank, count
 
 

@@ -3,6 +3,10 @@ composition, trained on the same examples, to show the gain comes from the augme
 
 from __future__ import annotations
 
+import sys
+import time
+
+import torch
 from torch import nn
 
 # Every linear map of a decoder layer, in the names Llama-like families use.
@@ -38,3 +42,27 @@ def with_lora(model: nn.Module, rank: int, target_modules: tuple[str, ...] = TAR
 
 def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def train_lora(anchor: nn.Module, rows: list[dict], training, parameters: int, seed: int, pad_token_id: int,
+               ) -> tuple[nn.Module, int, int, float]:
+    """LoRA on `anchor`, its rank matched to `parameters`, trained on tokenized `rows` as the composition
+    was (`training`: a TrainConfig's training section; same steps, global batch, learning rate, warm-up
+    and weight decay) in one process. Returns the model in eval mode, its rank, its trainable parameter
+    count and the seconds it took."""
+    from tqdm import tqdm
+
+    from launcher.kv_arithmetic import pretraining as local_training
+
+    rank = matched_rank(anchor, parameters)
+    torch.manual_seed(seed)
+    model = with_lora(anchor, rank)
+    start = time.perf_counter()
+    with tqdm(total=training.steps, desc="LoRA baseline", unit="step", leave=False, dynamic_ncols=True,
+              file=sys.stdout) as bar:  # stdout: quiet mode sends stderr to the log
+        model.train()
+        local_training.train(local_training.lm_loss(model), model.parameters(),
+                             local_training.batches(rows, training.global_batch_size, seed, pad_token_id),
+                             training.steps, lr=training.optimizer.lr, warmup_steps=training.schedule.warmup_steps,
+                             weight_decay=training.optimizer.weight_decay, on_step=lambda step, loss: bar.update(1))
+    return model.eval(), rank, trainable_parameters(model), time.perf_counter() - start

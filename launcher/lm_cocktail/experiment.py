@@ -5,7 +5,7 @@ SmolLM2-135M-Instruct (the real-checkpoint asset) is fine-tuned in full on a tar
 base model by LM-Cocktail's recipe, the fine-tune's share fixed at 0.5 and the base's from 10 examples.
 The paper's second setting, mixing models that exist already, blends [base, news fine-tune, reviews
 fine-tune] with every weight from 10 examples of a task none was tuned on. Every model is scored on
-the tasks' held-out examples and on general ability (launcher/lm_cocktail/general.py).
+the tasks' held-out examples and on general ability (launcher/general_ability.py).
 
 Layout under root: finetunes/ (cached across runs: the "given" models), seed-N/ (examples, merged
 models, results).
@@ -24,8 +24,9 @@ import torch
 
 from calm_dist.errors import InputError
 from launcher import REPO
+from launcher.general_ability import prose_chunks, prose_loss
 from launcher.lm_cocktail.finetune import FinetuneSettings, finetune, is_finished
-from launcher.lm_cocktail.scoring import exact_match, general_prompts, load, prose_chunks, prose_loss
+from launcher.lm_cocktail.scoring import exact_match, general_prompts, load
 from launcher.lm_cocktail.tasks import Example, Tasks, make_tasks
 
 ROOT = REPO / "runs" / "lm-cocktail"

@@ -1,4 +1,4 @@
-"""How each model is scored: exact match of greedy completions, and mean token loss on prose."""
+"""How each model is scored on the tasks: exact match of greedy completions (general ability: launcher.general_ability)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from launcher.lm_cocktail.general import GENERAL_PROMPTS, docstrings, first_word
+from launcher.general_ability import GENERAL_PROMPTS, first_word
 from launcher.lm_cocktail.tasks import Example
 
 
@@ -36,19 +36,3 @@ def exact_match(model, tokenizer, examples: list[Example], max_new_tokens: int =
 def general_prompts() -> list[Example]:
     return [Example(prompt, " " + answer) for prompt, answer in GENERAL_PROMPTS]
 
-
-def prose_chunks(tokenizer, chunks: int = 24, length: int = 128) -> torch.Tensor:
-    """`chunks` x `length` tokens of standard-library docstrings, in a fixed order."""
-    ids = tokenizer("\n\n".join(docstrings())).input_ids
-    if len(ids) < chunks * length:
-        raise RuntimeError(f"the standard library's docstrings give {len(ids)} tokens, fewer than {chunks * length}")
-    return torch.tensor(ids[: chunks * length]).view(chunks, length)
-
-
-@torch.no_grad()
-def prose_loss(model, chunks: torch.Tensor, batch_size: int = 8) -> float:
-    """Mean token loss over the chunks (every chunk has as many predicted tokens, so batch means average)."""
-    total = 0.0
-    for batch in chunks.split(batch_size):
-        total += model(input_ids=batch, labels=batch).loss.item() * len(batch)
-    return total / len(chunks)

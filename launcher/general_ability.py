@@ -1,4 +1,5 @@
-"""General ability, the thing fine-tuning forgets, measured on what the target task is not:
+"""General ability, what fine-tuning forgets and a composition must keep, measured on what the target
+task is not (LM-Cocktail's and the real-anchor CALM experiment's general columns):
 
 - English prose the project did not write: the docstrings of Python's standard library, read from the
   interpreter's own source files (present on every Python install), scored as mean token loss;
@@ -13,6 +14,8 @@ import ast
 import re
 import sysconfig
 from pathlib import Path
+
+import torch
 
 # Pure-Python standard library modules with long prose docstrings, in a fixed order.
 PROSE_MODULES = ("argparse", "collections/__init__", "json/__init__", "logging/__init__", "subprocess", "textwrap",
@@ -52,16 +55,16 @@ def stdlib_folder() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def prose_files() -> list[Path]:
+def prose_files(modules: tuple[str, ...] = PROSE_MODULES) -> list[Path]:
     """The standard library source files the prose comes from (those this Python has)."""
     root = stdlib_folder()
-    return [root / f"{name}.py" for name in PROSE_MODULES if (root / f"{name}.py").is_file()]
+    return [root / f"{name}.py" for name in modules if (root / f"{name}.py").is_file()]
 
 
-def docstrings(min_chars: int = 300) -> list[str]:
+def docstrings(min_chars: int = 300, modules: tuple[str, ...] = PROSE_MODULES) -> list[str]:
     """Long, prose-like docstrings (mostly letters and spaces: not tables or code), whitespace folded."""
     found = []
-    for path in prose_files():
+    for path in prose_files(modules):
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         for node in ast.walk(tree):
             if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -79,3 +82,39 @@ def first_word(generated: str) -> str:
     """The word a completion starts with, without punctuation, lower case."""
     words = generated.split()
     return words[0].strip(".,;:!?'\"()").lower() if words else ""
+
+
+def prose_chunks(tokenizer, chunks: int = 24, length: int = 128) -> torch.Tensor:
+    """`chunks` x `length` tokens of standard-library docstrings, in a fixed order."""
+    ids = tokenizer("\n\n".join(docstrings())).input_ids
+    if len(ids) < chunks * length:
+        raise RuntimeError(f"the standard library's docstrings give {len(ids)} tokens, fewer than {chunks * length}")
+    return torch.tensor(ids[: chunks * length]).view(chunks, length)
+
+
+@torch.no_grad()
+def prose_loss(model, chunks: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean token loss over the chunks (every chunk has as many predicted tokens, so batch means average).
+    `model`: a Hugging Face causal LM or a composed model (both take input_ids= and labels=)."""
+    total = 0.0
+    for batch in chunks.split(batch_size):
+        total += model(input_ids=batch, labels=batch).loss.item() * len(batch)
+    return total / len(chunks)
+
+
+@torch.no_grad()
+def general_exact_match(model, tokenizer, max_new_tokens: int = 4) -> float:
+    """Share of the general prompts whose greedy completion starts with the answer word. `model`: a
+    composed model, or a plain one (wrapped in calm_dist's SingleModel), decoded by the same loop."""
+    from calm_dist.model.decoding import SingleModel, complete
+
+    runner = model if hasattr(model, "composition") else SingleModel(model)
+    prompts = GENERAL_PROMPTS
+    completions = complete(runner, tokenizer, [p for p, _ in prompts], max_new_tokens=max_new_tokens, batch_size=16)
+    return sum(first_word(c) == a.lower() for c, (_, a) in zip(completions, prompts, strict=True)) / len(prompts)
+
+
+def general_scores(model, tokenizer) -> dict[str, float]:
+    """{general_loss, general_exact_match} of a plain or composed model."""
+    return {"general_loss": prose_loss(model, prose_chunks(tokenizer)),
+            "general_exact_match": general_exact_match(model, tokenizer)}
