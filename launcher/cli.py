@@ -16,7 +16,8 @@ import sys
 # USER_ERRORS, the exception types that mean bad input: those print one clear line and exit 2.
 # Modules import their heavy dependencies inside run(), keeping `calm --help` fast.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("launcher.demo.command", "the main jobs: CALM on tiny models (embedded local Ray), or `cocktail`: LM-Cocktail on SmolLM2"),
+    "demo": ("launcher.demo.command", "the main jobs: CALM on tiny models (embedded local Ray), `real`: CALM on the real "
+             "SmolLM2 anchor, or `cocktail`: LM-Cocktail on SmolLM2"),
     "train": ("launcher.train.command", "train a composition: Ray Train workers running DeepSpeed ZeRO-3"),
     "submit": ("launcher.submit.command", "submit a training config as a job to a Ray cluster"),
     "eval": ("launcher.eval.command", "score a composition, or one base model alone, on prompt/completion data"),

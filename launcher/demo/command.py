@@ -5,6 +5,10 @@ and the two base models are made under runs/kv-arithmetic (cached, so a rerun sk
 composition is trained by `calm train` (two DeepSpeed ZeRO-3 workers on an embedded local Ray cluster)
 and evaluated, beside each model alone and LoRA on the anchor (launcher/kv_arithmetic/experiment.py).
 
+`calm demo real` composes a real pretrained anchor, SmolLM2-135M-Instruct, with a specialist trained here
+on a fictional world it knows and the anchor does not (launcher/real_anchor/experiment.py), under
+runs/real-anchor.
+
 `calm demo cocktail` is the merge side's: LM-Cocktail's result on the real SmolLM2-135M-Instruct
 (launcher/lm_cocktail/experiment.py), fine-tunes cached under runs/lm-cocktail.
 
@@ -28,14 +32,16 @@ TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Defaults named, not imported: launcher.kv_arithmetic.experiment imports torch, and `calm --help` must not.
-    parser.add_argument("experiment", nargs="?", choices=("kv-arithmetic", "cocktail"), default="kv-arithmetic",
-                        help="CALM's key-value arithmetic (default) or LM-Cocktail on SmolLM2")
+    parser.add_argument("experiment", nargs="?", choices=("kv-arithmetic", "real", "cocktail"),
+                        default="kv-arithmetic",
+                        help="CALM's key-value arithmetic (default), CALM on the real SmolLM2 anchor, or LM-Cocktail on it")
     parser.add_argument("--seed", type=int, default=0,
                         help="changes keys, values and every initialisation (cocktail: the data and fine-tuning order)")
     parser.add_argument("--config", default=None,
                         help=f"the composition's training config (default kv-arithmetic.yaml; with --tiny {TINY_CONFIG.name})")
     parser.add_argument("--root", default=None,
-                        help="where data, models, runs and results go (default runs/kv-arithmetic or runs/lm-cocktail)")
+                        help="where data, models, runs and results go (default runs/kv-arithmetic, runs/real-anchor or "
+                             "runs/lm-cocktail)")
     parser.add_argument("--retrain", action="store_true",
                         help="train the composition again even if this seed's run has finished")
     parser.add_argument("--tiny", action="store_true", help="train configs/tiny.yaml only (about a minute)")
@@ -78,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_tiny(args)
     if args.experiment == "cocktail":
         return _run_cocktail(args)
+    if args.experiment == "real":
+        return _run_real(args)
     from launcher.kv_arithmetic.experiment import CONFIG, ROOT, run_experiment
     from launcher.kv_arithmetic.report import text_table, write_report
 
@@ -110,6 +118,26 @@ def _run_cocktail(args: argparse.Namespace) -> int:
     missed = targets_missed(results)
     print(f"targets (issue #22): {len(TARGETS) - len(missed)} of {len(TARGETS)} met" + "".join(f"\n  missed: {m}" for m in missed))
     print(f"merged models: {folder / 'cocktail'}  {folder / 'mix'}")
+    print(f"results: {paths['markdown']}  {paths['json']}  {paths['chart']}")
+    return 0
+
+
+def _run_real(args: argparse.Namespace) -> int:
+    from launcher.real_anchor.experiment import CONFIG, ROOT, TARGETS, run_experiment, targets_missed
+    from launcher.real_anchor.report import summary, text_table, write_report
+    from launcher.runtime.quiet import log_path, quiet_output
+
+    root = Path(args.root or ROOT).resolve()
+    folder = root / f"seed-{args.seed}"
+    with quiet_output(log_path(folder, "demo"), verbose=args.verbose):
+        results = run_experiment(root, args.seed, print, Path(args.config or CONFIG), retrain=args.retrain)
+        paths = write_report(results, folder / "results")
+    print()
+    print(text_table(results))
+    print(f"\n{summary(results)}; {results['wall_s']:.0f} s")
+    missed = targets_missed(results)
+    print(f"targets (issue #23): {len(TARGETS) - len(missed)} of {len(TARGETS)} met" + "".join(f"\n  missed: {m}" for m in missed))
+    print(f"composition: {root / 'runs' / f'composition-seed-{args.seed}' / 'composition'}")
     print(f"results: {paths['markdown']}  {paths['json']}  {paths['chart']}")
     return 0
 

@@ -1,0 +1,204 @@
+"""CALM on a real pretrained anchor, end to end (`calm demo real`, bench/real_anchor.py).
+
+1. data: a generated fictional world (launcher.real_anchor.world), D_C and the eval sets (data.py);
+2. m_A, the specialist, trained here from scratch on the world's statements with its own tokenizer
+   and cached (specialist.py); the anchor m_B is SmolLM2-135M-Instruct, the real-checkpoint asset;
+3. the composition, trained through the real path: `calm train` (Ray Train workers running DeepSpeed
+   ZeRO-3 on the embedded local cluster) on D_C, questions about 20 % of the people;
+4. scores: `calm eval` for the composition's answers; each model alone and LoRA on m_B with as many
+   trainable parameters, trained on the same D_C for the same steps, in one process; and the anchor's
+   own ability (prose loss, general prompts) for m_B, LoRA and the composition, by one code path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from launcher import REPO
+from launcher.real_anchor import data as world_data
+from launcher.real_anchor.specialist import SpecialistPlan
+from launcher.train_config import TrainConfig, load_config
+
+CONFIG = REPO / "configs" / "real-anchor.yaml"
+ROOT = REPO / "runs" / "real-anchor"
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Design:
+    """The experiment's sizes. Changing any of them changes the cache key of m_A."""
+    people: int = 2000
+    dc_fraction: float = 0.2
+    specialist: SpecialistPlan = field(default_factory=SpecialistPlan)
+    eval_questions: int = 300
+    ordinary: int = 600  # D_C's ordinary prompt/completion pairs, beside its 3 questions per D_C person
+    # `calm train` settings that differ from configs/real-anchor.yaml: (dotted key, value) pairs.
+    training: tuple[tuple[str, object], ...] = ()
+
+
+@dataclass
+class Assets:
+    folder: Path
+    world: object
+    anchor: Path
+    specialist: Path
+    files: dict[str, Path]
+    specialist_training: dict
+
+
+def prepare(folder: Path, seed: int, design: Design, log: Log, anchor: Path | None = None) -> Assets:
+    """Data files and m_A under folder (m_A reused when its stamp matches); the anchor asset."""
+    from calm_dist.testing.real_checkpoint import smollm2
+    from launcher.real_anchor import specialist, world
+
+    anchor = anchor or smollm2()
+    the_world = world.make_world(seed, design.people, dc_fraction=design.dc_fraction)
+    files = world_data.write_data(the_world, folder / "data", design.eval_questions, design.ordinary)
+    target = folder / "specialist"
+    stamp = target / "trained.json"
+    identity = json.loads(json.dumps({"seed": seed, "people": design.people, "plan": asdict(design.specialist)}))
+    if stamp.exists() and json.loads(stamp.read_text()).get("identity") == identity:
+        log(f"m_A: reusing {target}")
+        return Assets(folder, the_world, anchor, target, files, json.loads(stamp.read_text())["training"])
+    tokenizer = world.specialist_tokenizer(the_world)
+    model, info = specialist.train_specialist(design.specialist, world.statements(the_world), tokenizer, 1000 * seed + 1)
+    info["recall"] = specialist.recall(model, tokenizer, the_world)
+    partial = folder / "specialist.partial"  # renamed into place whole: never half a model at `target`
+    shutil.rmtree(partial, ignore_errors=True)
+    specialist.save(model, tokenizer, partial)
+    (partial / "trained.json").write_text(json.dumps({"identity": identity, "training": info}, indent=2))
+    shutil.rmtree(target, ignore_errors=True)  # this experiment's own m_A of another design
+    os.replace(partial, target)
+    log(f"trained m_A ({design.specialist.layers} layers x {design.specialist.width}, own word-level tokenizer): "
+        f"loss {info['final_loss']:.3f} in {info['seconds']:.0f} s; recalls " +
+        ", ".join(f"{k} {100 * v:.0f} %" for k, v in info["recall"].items()))
+    return Assets(folder, the_world, anchor, target, files, info)
+
+
+def training_config(config_path: Path, assets: Assets, seed: int, run_name: str, output_dir: Path, storage: Path,
+                    settings: tuple[tuple[str, object], ...] = ()) -> TrainConfig:
+    overrides = {
+        **dict(settings),
+        "name": run_name,
+        "models.anchor.path": str(assets.anchor),
+        "models.augmenting": [{"path": str(assets.specialist), "tokenizer": str(assets.specialist), "dtype": "float32"}],
+        "data.train": str(assets.files["composition_train"]),
+        "data.eval": str(assets.files[world_data.EVAL_SETS["heldout"]]),
+        "training.seed": seed,
+        "output_dir": str(output_dir),
+        "ray.storage_path": str(storage),
+    }
+    return load_config(config_path, overrides)
+
+
+def _load(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def _questions(assets: Assets) -> dict[str, list[dict]]:
+    return {suffix: world_data.read_jsonl(assets.files[stem]) for suffix, stem in world_data.EVAL_SETS.items()}
+
+
+def _answers(model, tokenizer, assets: Assets) -> dict[str, float]:
+    """Exact match of a plain model's one-token answers (every answer is one anchor token; m_A's are one
+    of its own), by the decoding loop `calm eval` uses."""
+    from launcher.kv_arithmetic.local_eval import exact_match
+
+    return {suffix: exact_match(model, tokenizer, records, max_new_tokens=1)
+            for suffix, records in _questions(assets).items()}
+
+
+def run_experiment(root: Path, seed: int, log: Log, config_path: Path = CONFIG, design: Design = Design(),
+                   retrain: bool = False, anchor: Path | None = None) -> dict:
+    """Everything for one seed under root/seed-N; returns the flat results (see report.py)."""
+    from launcher.eval.command import evaluate_files
+    from launcher.general_ability import general_scores
+    from launcher.kv_arithmetic.lora_baseline import train_lora
+    from launcher.preflight import preflight
+    from launcher.train.command import train
+
+    start = time.perf_counter()
+    folder = root / f"seed-{seed}"
+    specialist_cached = (folder / "specialist" / "trained.json").exists()
+    assets = prepare(folder, seed, design, log, anchor)
+    run_name = f"composition-seed-{seed}"
+    config = training_config(config_path, assets, seed, run_name, root / "runs", root / "ray", design.training)
+    composition = Path(config.output_dir) / run_name / "composition"
+    done = composition / "composition.json"
+    if retrain or not (done.exists() and json.loads(done.read_text()).get("trained_steps") == config.training.steps):
+        for old in (Path(config.output_dir) / run_name, Path(config.ray.storage_path) / run_name):
+            shutil.rmtree(old, ignore_errors=True)  # this seed's earlier run belongs to the experiment
+        preflight(config)  # bad input fails here, in one line, before any worker starts
+        if train(config) != 0:
+            raise RuntimeError(f"composition training failed; see {Path(config.output_dir) / run_name}")
+    else:
+        log(f"composition: reusing {composition} (pass --retrain to train it again)")
+    trained_s = time.perf_counter() - start
+
+    results: dict = {"seed": seed}
+    stems = list(world_data.EVAL_SETS.values())
+    evaluated = evaluate_files(composition, [assets.files[s] for s in stems], workers=config.ray.num_workers,
+                               max_new_tokens=1, micro_batch_size=32, progress=False)
+    for suffix, result in zip(world_data.EVAL_SETS, evaluated, strict=True):
+        results[f"composed_{suffix}"] = result["exact_match"]
+        log(f"calm eval {suffix}: exact match {result['exact_match']:.3f}")
+
+    anchor_model, anchor_tokenizer = _load(assets.anchor)
+    specialist_model, specialist_tokenizer = _load(assets.specialist)
+    results.update({f"anchor_{k}": v for k, v in _answers(anchor_model, anchor_tokenizer, assets).items()})
+    results.update({f"specialist_{k}": v for k, v in _answers(specialist_model, specialist_tokenizer, assets).items()})
+    results.update({f"anchor_{k}": v for k, v in general_scores(anchor_model, anchor_tokenizer).items()})
+
+    from calm_dist.model.composition_checkpoint import load_composition
+
+    composed = load_composition(composition, anchor_model, [specialist_model],
+                                tokenizers=[anchor_tokenizer, specialist_tokenizer]).eval()
+    results.update({f"composed_{k}": v for k, v in general_scores(composed, anchor_tokenizer).items()})
+    parameters = sum(p.numel() for p in composed.composition.parameters())
+    del composed
+
+    import datasets
+
+    from calm_dist.data.tokenization import tokenize_records
+
+    rows = list(tokenize_records(datasets.Dataset.from_list(world_data.read_jsonl(assets.files["composition_train"])),
+                                 anchor_tokenizer, max_length=config.data.max_length, prompt_field="prompt",
+                                 completion_field="completion"))
+    lora, rank, lora_parameters, lora_s = train_lora(_load(assets.anchor)[0], rows, config.training, parameters, seed,
+                                                     pad_token_id=anchor_tokenizer.pad_token_id)
+    log(f"LoRA baseline: rank {rank}, {lora_parameters:,} trainable parameters, {config.training.steps} steps "
+        f"in {lora_s:.0f} s")
+    results.update({f"lora_{k}": v for k, v in _answers(lora, anchor_tokenizer, assets).items()})
+    results.update({f"lora_{k}": v for k, v in general_scores(lora, anchor_tokenizer).items()})
+    results.update(
+        people=design.people, dc_people=len(assets.world.dc_people), heldout_people=len(assets.world.heldout_people),
+        eval_questions=design.eval_questions, composition_parameters=parameters, lora_parameters=lora_parameters,
+        lora_rank=rank, steps=config.training.steps, specialist=assets.specialist_training,
+        specialist_cached=specialist_cached, train_s=round(trained_s, 1), lora_s=round(lora_s, 1),
+        wall_s=round(time.perf_counter() - start, 1))
+    return results
+
+
+# Issue #23's targets, per seed; the budget is for the whole run from nothing, or with m_A cached.
+TARGETS: dict[str, Callable[[dict], bool]] = {
+    "composed_heldout >= 0.60": lambda r: r["composed_heldout"] >= 0.60,
+    "baselines_heldout < 0.10": lambda r: max(r["anchor_heldout"], r["specialist_heldout"], r["lora_heldout"]) < 0.10,
+    "composed general loss within 2 % of m_B's": lambda r: r["composed_general_loss"] <= 1.02 * r["anchor_general_loss"],
+    "composed general exact match within 2 points of m_B's":
+        lambda r: r["composed_general_exact_match"] >= r["anchor_general_exact_match"] - 0.02,
+    "wall_s within budget": lambda r: r["wall_s"] <= (2100 if r["specialist_cached"] else 2700),
+}
+
+
+def targets_missed(r: dict) -> list[str]:
+    return [name for name, met in TARGETS.items() if not met(r)]

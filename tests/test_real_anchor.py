@@ -1,0 +1,96 @@
+"""The real-anchor experiment's data: a world whose answers are one SmolLM2 token each, D_C that asks
+only about its own people, ordinary text that is never what is scored, and m_A's own tokenizer."""
+
+import re
+
+import pytest
+
+from launcher.general_ability import PROSE_MODULES
+from launcher.real_anchor import data as world_data
+from launcher.real_anchor import world as w
+
+
+@pytest.fixture(scope="module")
+def world():
+    return w.make_world(0)
+
+
+def test_every_answer_is_one_anchor_token(smollm2):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    for attribute, values in w.ATTRIBUTES.items():
+        assert len(values) == len(set(values)) == 24, attribute
+        for value in values:
+            assert len(tokenizer(" " + value, add_special_tokens=False).input_ids) == 1, value
+
+
+def test_the_world_is_seeded_and_its_surnames_unique(world):
+    assert w.make_world(0) == world and w.make_world(1) != world
+    surnames = [p.surname for p in world.people]
+    assert len(set(surnames)) == len(surnames) == 2000
+    assert len(world.dc_people) == 400 and not set(world.dc_people) & set(world.heldout_people)
+
+
+def test_questions_ask_about_the_people_given_and_answer_with_their_attribute(world):
+    by_name = {p.name: p for p in world.people}
+    dc = w.questions(world, world.dc_people, None, seed=1)
+    assert len(dc) == 3 * len(world.dc_people)
+    for record in dc:
+        name = re.search(r"(?:does|of) (\w+ \w+)", record["prompt"]).group(1)
+        person = by_name[name]
+        assert person in world.dc_people
+        assert record["completion"] == " " + getattr(person, record["attribute"])
+
+
+def test_m_a_reads_statements_with_its_own_word_level_tokenizer(world):
+    tokenizer = w.specialist_tokenizer(world)
+    person = world.people[7]
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(f"{person.name} lives in {person.town}.").input_ids)
+    assert tokens == [person.first, person.surname, "lives", "in", person.town, "."]
+    statements = w.statements(world)
+    assert all("?" not in r["text"] for r in statements)  # never a question
+    assert sum(r["text"].count(person.surname) for r in statements) == 4 * len(w.STATEMENTS)
+
+
+def test_dc_holds_questions_about_its_people_and_ordinary_text_that_is_never_scored(world, tmp_path):
+    files = world_data.write_data(world, tmp_path, eval_questions=50, ordinary=100)
+    dc = world_data.read_jsonl(files["composition_train"])
+    assert len(dc) == 3 * len(world.dc_people) + 100
+    heldout_names = {p.name for p in world.heldout_people}
+    assert not any(name in r["prompt"] for r in dc for name in heldout_names)
+    heldout = world_data.read_jsonl(files[world_data.EVAL_SETS["heldout"]])
+    assert len(heldout) == 50 and all(any(n in r["prompt"] for n in heldout_names) for r in heldout)
+    assert not set(world_data.ORDINARY_MODULES) & set(PROSE_MODULES)
+
+
+def test_the_whole_experiment_runs_through_calm_train_and_calm_eval_on_a_stand_in_anchor(tmp_path, smollm2):
+    """Every step of `calm demo real` (m_A trained, `calm train` on 2 ZeRO-3 workers, `calm eval`, each
+    model alone, LoRA, general ability, the report) on a 2-layer stand-in with SmolLM2's tokenizer, a few
+    steps each: the pipeline, not the result (bench/real_anchor.py measures that)."""
+    from transformers import AutoTokenizer
+
+    from calm_dist.testing.tiny_models import tiny_model
+    from launcher.real_anchor.experiment import Design, run_experiment
+    from launcher.real_anchor.report import text_table, write_report
+    from launcher.real_anchor.specialist import SpecialistPlan
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    anchor = tmp_path / "stand-in"
+    tiny_model("llama", layers=2, width=32, heads=2, vocab=len(tokenizer), seed=0).save_pretrained(anchor)
+    tokenizer.save_pretrained(anchor)
+    design = Design(people=60, specialist=SpecialistPlan(width=32, heads=2, steps=3, batch_size=4), eval_questions=12,
+                    ordinary=12, training=(("composition.connections", [[0, 1, 0], [0, 1, 1]]), ("training.steps", 3),
+                                           ("training.micro_batch_size", 4), ("training.global_batch_size", 8),
+                                           ("training.log_every", 1), ("training.schedule.warmup_steps", 1)))
+    logs: list[str] = []
+    results = run_experiment(tmp_path / "root", 0, logs.append, design=design, anchor=anchor)
+
+    for prefix in ("composed", "anchor", "lora"):
+        assert {f"{prefix}_heldout", f"{prefix}_dc_people", f"{prefix}_general_loss", f"{prefix}_general_exact_match"} <= results.keys()
+    assert 0.0 <= results["specialist_heldout"] <= 1.0 and results["steps"] == 3 and results["dc_people"] == 12
+    assert results["lora_parameters"] > 0 and results["composition_parameters"] > 0
+    assert any(line.startswith("trained m_A") for line in logs)
+    paths = write_report(results, tmp_path / "results")
+    assert all(path.is_file() for path in paths.values())
+    assert "CALM m_A+m_B" in text_table(results)
