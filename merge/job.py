@@ -27,6 +27,7 @@ from merge.merge_config import MergeConfig
 from merge.merge_errors import ExamplesError, IncompatibleInputsError, OutputError
 from merge.planning.inputs import InputLayout, match_tensors
 from merge.planning.plan import build_tasks, default_weights, plan_tensors
+from merge.planning.slices import SlicePlan, plan_slices
 from merge.planning.vocab import (
     TOKENIZER_FILES,
     VocabPlan,
@@ -55,14 +56,21 @@ def run_merge(
     vocab = plan_vocabulary(cfg, checkpoints) if cfg.tokenizer else None
     if vocab is not None and cfg.tokenizer and cfg.tokenizer.source == "union":
         check_union_groups(cfg, vocab)
-    layout = match_tensors(checkpoints, cfg.vocab_policy, cfg.drop, vocab.rows if vocab else None)
-    if vocab is None:
-        check_same_vocabulary(checkpoints, layout.vocab_size)
-    if vocab is not None:
-        source = checkpoints[vocab.files_from]
+    # passthrough copies layer slices (merge.planning.slices); the other methods merge tensors matched by name.
+    layout: InputLayout | SlicePlan
+    if cfg.slices is not None:
+        layout = plan_slices(cfg, checkpoints)
+        source = checkpoints[layout.files_from]
     else:
-        source = checkpoints[cfg.index(cfg.output.copy_files_from) if cfg.output.copy_files_from else (cfg.base_index or 0)]
-    if layout.vocab_size is not None and source.vocab_size != layout.vocab_size:
+        layout = match_tensors(checkpoints, cfg.vocab_policy, cfg.drop, vocab.rows if vocab else None)
+        if vocab is None:
+            check_same_vocabulary(checkpoints, layout.vocab_size)
+        if vocab is not None:
+            source = checkpoints[vocab.files_from]
+        else:
+            source = checkpoints[cfg.index(cfg.output.copy_files_from) if cfg.output.copy_files_from
+                                 else (cfg.base_index or 0)]
+    if isinstance(layout, InputLayout) and layout.vocab_size is not None and source.vocab_size != layout.vocab_size:
         raise IncompatibleInputsError(
             f"output.copy_files_from: vocab_policy truncate keeps {layout.vocab_size} tokens, so config and "
             f"tokenizer must come from a model with that vocabulary; '{source.name}' has {source.vocab_size}"
@@ -89,8 +97,13 @@ def run_merge(
         weights, losses = cocktail_weights(cfg, checkpoints, log, address, start_ray)
     else:
         weights, losses = default_weights(cfg), None
-    tasks = build_tasks(cfg, plan_tensors(cfg, layout, weights))
-    aux = auxiliary_files(source, _config_changes(cfg, layout, source, vocab))
+    if isinstance(layout, SlicePlan):
+        tasks = build_tasks(cfg, list(layout.tensors))
+        changes = _config_changes(cfg, layout.ties_embeddings, source, None) | layout.config_changes
+    else:
+        tasks = build_tasks(cfg, plan_tensors(cfg, layout, weights))
+        changes = _config_changes(cfg, layout.ties_embeddings, source, vocab)
+    aux = auxiliary_files(source, changes)
     if vocab is not None and vocab.added:  # a union: the base's tokenizer files give way to the union's
         aux = {k: v for k, v in aux.items() if k not in TOKENIZER_FILES} | tokenizer_files(vocab, checkpoints)
     if weights:
@@ -189,7 +202,7 @@ def cocktail_weights(
     return weights_from_losses(spec, checkpoints, loss_of, len(examples), log)
 
 
-def _config_changes(cfg: MergeConfig, layout: InputLayout, source: Checkpoint, vocab: VocabPlan | None) -> dict[str, object]:
+def _config_changes(cfg: MergeConfig, ties: bool, source: Checkpoint, vocab: VocabPlan | None) -> dict[str, object]:
     """What the copied config.json must say differently about the merged weights."""
     changes: dict[str, object] = {}
     if vocab is not None and source.vocab_size != vocab.rows.rows:
@@ -201,6 +214,6 @@ def _config_changes(cfg: MergeConfig, layout: InputLayout, source: Checkpoint, v
     if cfg.output.dtype is not None:
         keys = [k for k in ("dtype", "torch_dtype") if k in (source.config or {})] or ["dtype"]
         changes.update(dict.fromkeys(keys, cfg.output.dtype))
-    if not layout.ties_embeddings and source.ties_embeddings:
+    if not ties and source.ties_embeddings:
         changes["tie_word_embeddings"] = False  # the output stores its own output embedding
     return changes

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
 
 from merge.merge_errors import ConfigError
 from merge.methods.specs import SPECS, MethodSpec
@@ -87,6 +87,19 @@ class TokenizerSpec(_Strict):
     )
 
 
+class SliceSource(_Strict):
+    model: str = Field(min_length=1, description="the model's name")
+    layer_range: tuple[NonNegativeInt, NonNegativeInt] = Field(
+        description="[start, end]: its decoder layers start to end - 1, as mergekit counts them"
+    )
+
+
+class LayerSlice(_Strict):
+    """passthrough: one run of consecutive decoder layers of one model (merge/planning/slices.py)."""
+
+    sources: list[SliceSource] = Field(min_length=1, description="exactly one: passthrough copies, it does not mix")
+
+
 class OutputSpec(_Strict):
     path: Path
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="default: the inputs'")
@@ -105,6 +118,9 @@ class MergeConfig(_Strict):
     integer_tensors_from: str | None = None
     vocab_policy: Literal["error", "truncate"] = "error"
     tokenizer: TokenizerSpec | None = None
+    slices: list[LayerSlice] | None = Field(
+        None, description="passthrough: the output's decoder layers, slice after slice, renumbered from 0"
+    )
     drop: list[str] = Field(
         [], description="shell-style globs: input tensors matching one are left out of the output (and listed "
                         "in merge_report.json); a tensor some inputs lack must be dropped by one"
@@ -239,6 +255,7 @@ def _check(cfg: MergeConfig) -> None:
         raise ValueError(f"base_model: {cfg.method} does not use a base model")
     _check_weights(cfg, method)
     _check_tokenizer(cfg)
+    _check_slices(cfg)
     for i, pattern in enumerate(cfg.drop):
         if not pattern:
             raise ValueError(f"drop[{i}]: an empty pattern matches nothing")
@@ -308,6 +325,50 @@ def _check_tokenizer(cfg: MergeConfig) -> None:
     if cfg.output.copy_files_from is not None:
         raise ValueError("output.copy_files_from: with tokenizer set, the output's tokenizer and config come "
                          "from tokenizer.source")
+
+
+# Settings that mix, remap or pick among the inputs' tensors: passthrough copies each from the one model
+# its slice (or mergekit's rule for the non-layer tensors) names, so each would be silently ignored.
+_NOT_WITH_SLICES = {
+    "overrides": "has no parameters to override",
+    "tokenizer": "copies the embeddings of one model, so it cannot remap vocabularies",
+    "vocab_policy": "copies the embeddings of one model, so it has no vocabularies to truncate",
+    "integer_tensors_from": "copies every tensor, integer ones too, from the model its slice names",
+    "output.copy_files_from": "writes the config and tokenizer of slices[0]'s model, whose embeddings it has",
+}
+
+
+def _check_slices(cfg: MergeConfig) -> None:
+    if cfg.method != "passthrough":
+        if cfg.slices is not None:
+            raise ValueError(f"slices: only passthrough takes layer slices; {cfg.method} merges whole models")
+        return
+    if not cfg.slices:
+        raise ValueError("slices: passthrough assembles the output from layer slices; give at least one, "
+                         "e.g. slices: [{sources: [{model: NAME, layer_range: [0, 4]}]}]")
+    given = {"overrides": bool(cfg.overrides), "tokenizer": cfg.tokenizer is not None,
+             "vocab_policy": cfg.vocab_policy != "error", "integer_tensors_from": cfg.integer_tensors_from is not None,
+             "output.copy_files_from": cfg.output.copy_files_from is not None}
+    for key, why in _NOT_WITH_SLICES.items():
+        if given[key]:
+            raise ValueError(f"{key}: not with passthrough, which {why}")
+    for i, piece in enumerate(cfg.slices):
+        if len(piece.sources) > 1:
+            raise ValueError(f"slices[{i}].sources: {len(piece.sources)} given; passthrough copies each slice from "
+                             "one model (mixing a slice's sources, as mergekit's other methods do, is not supported)")
+        source = piece.sources[0]
+        if source.model not in cfg.names:
+            raise ValueError(f"slices[{i}].sources[0].model: no model named {source.model!r} "
+                             f"(models: {', '.join(cfg.names)})")
+        start, end = source.layer_range
+        if start >= end:
+            raise ValueError(f"slices[{i}].sources[0].layer_range: [{start}, {end}] holds no layer; give "
+                             "[start, end] with start < end (end is not included)")
+    used = {piece.sources[0].model for piece in cfg.slices}
+    for i, name in enumerate(cfg.names):
+        if name not in used:
+            raise ValueError(f"models[{i}]: '{name}' is in no slice; passthrough copies only from the models its "
+                             "slices name")
 
 
 def _check_negative(cfg: MergeConfig, given: list[tuple[str, list[float] | None]]) -> None:

@@ -211,6 +211,7 @@ def merge_setup(cfg, inputs: list | None = None) -> tuple[MergeSetup, list]:
         largest_remap,
         plan_tensors,
     )
+    from merge.planning.slices import plan_slices
 
     checkpoints = [i.checkpoint for i in (plan_inputs(cfg) if inputs is None else inputs)]
     vocab = None
@@ -222,11 +223,14 @@ def merge_setup(cfg, inputs: list | None = None) -> tuple[MergeSetup, list]:
             vocab = plan_vocabulary(cfg, checkpoints).rows
         except CheckpointError:  # tokenizers not downloaded yet: size the memory by the largest vocabulary
             vocab = rows_bound(cfg, checkpoints)
-    layout = match_tensors(checkpoints, cfg.vocab_policy, cfg.drop, vocab)
-    weights = default_weights(cfg) or [1.0] * len(cfg.models)
-    if cfg.weights_from_examples:
-        weights = [1.0 / len(cfg.models)] * len(cfg.models)
-    tensors = plan_tensors(cfg, layout, weights)
+    if cfg.slices is not None:  # passthrough: copies of the tensors its slices name
+        tensors = list(plan_slices(cfg, checkpoints).tensors)
+    else:
+        layout = match_tensors(checkpoints, cfg.vocab_policy, cfg.drop, vocab)
+        weights = default_weights(cfg) or [1.0] * len(cfg.models)
+        if cfg.weights_from_examples:
+            weights = [1.0 / len(cfg.models)] * len(cfg.models)
+        tensors = plan_tensors(cfg, layout, weights)
     tasks = build_tasks(cfg, tensors)
     spec = cfg.weights_from_examples
     input_bytes = [sum(info.nbytes for info in c.tensors.values()) for c in checkpoints]
@@ -244,6 +248,8 @@ def merge_setup(cfg, inputs: list | None = None) -> tuple[MergeSetup, list]:
         loss_workers=spec.workers if spec else 1,
         loss_tokens=spec.batch_size * spec.max_length if spec else 0, vocab=vocab_size, method=cfg.method,
         remap_bytes=largest_remap(tensors),
+        tensor_sources=1 if cfg.slices is not None else 0,
+        sliced_read_bytes=sum(s.nbytes for t in tensors for s in t.sources) if cfg.slices is not None else 0,
     ), tasks
 
 
@@ -278,7 +284,7 @@ def describe_merge(cfg, setup: MergeSetup, tasks: list, disk_speed: str | None, 
         lines.append(f"    {'total':<{width}} {gib(plan.total)}"
                      + (f"   x {setup.workers} workers = {plan.total * setup.workers / GIB:.2f} GiB"
                         if plan.role == "merge worker" and setup.workers > 1 else ""))
-    lines.append(f"disk: read {setup.inputs * setup.input_bytes / GIB:.2f} GiB, write {setup.output_bytes / GIB:.2f} GiB "
+    lines.append(f"disk: read {setup.total_read_bytes / GIB:.2f} GiB, write {setup.output_bytes / GIB:.2f} GiB "
                  f"to {cfg.output.path} (shards written under temporary names, renamed when complete: no extra space)")
     if cfg.weights_from_examples and cfg.weights_from_examples.offload_folder:
         lines.append(f"  offload folder {cfg.weights_from_examples.offload_folder}: up to "

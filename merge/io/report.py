@@ -2,8 +2,10 @@
 
 Method, parameters, inputs, weights and losses, and the calm-dist version, so a blend can be traced
 back to how it was made; an account of every input tensor (merged, copied, not used, dropped: each
-dropped one with the rule that dropped it) and, with a `tokenizer:` setting, the vocabulary. It holds
-no timings, so a resumed merge writes the same bytes as an uninterrupted one.
+dropped one with the rule that dropped it) and, with a `tokenizer:` setting, the vocabulary; for
+passthrough, its slices, the input tensor each output tensor is copied from, and the input tensors no
+slice uses, each with its reason. It holds no timings, so a resumed merge writes the same bytes as an
+uninterrupted one.
 
 `calm merge --verify` lists the dropped tensors from it, and checks them against the inputs' headers
 where the inputs are still there (unaccounted)."""
@@ -18,8 +20,9 @@ from merge.io.checkpoint_folder import Checkpoint, checkpoint_tensors
 from merge.io.safetensors_file import read_header
 from merge.merge_config import MergeConfig
 from merge.merge_errors import MergeError
-from merge.planning.inputs import InputLayout
+from merge.planning.inputs import Dropped, InputLayout
 from merge.planning.plan import ShardTask, integer_source, shown_weights
+from merge.planning.slices import SlicePlan
 from merge.planning.vocab import VocabPlan
 
 REPORT = "merge_report.json"
@@ -66,7 +69,7 @@ def tensor_account(cfg: MergeConfig, checkpoints: list[Checkpoint], layout: Inpu
 
 def build_report(
     cfg: MergeConfig, checkpoints: list[Checkpoint], weights: list[float], losses: list[float | None] | None,
-    tasks: list[ShardTask], layout: InputLayout, vocab: VocabPlan | None = None,
+    tasks: list[ShardTask], layout: InputLayout | SlicePlan, vocab: VocabPlan | None = None,
 ) -> bytes:
     examples = cfg.weights_from_examples
     report = {
@@ -86,8 +89,8 @@ def build_report(
         "vocab_policy": cfg.vocab_policy,
         "tokenizer": vocab.report(cfg) if vocab is not None else None,
         "drop": cfg.drop,
-        "tensors": tensor_account(cfg, checkpoints, layout),
-        "dropped": [{"tensor": d.tensor, "models": list(d.models), "rule": d.rule} for d in layout.dropped],
+        "tensors": layout.account if isinstance(layout, SlicePlan) else tensor_account(cfg, checkpoints, layout),
+        "dropped": _listed(layout.dropped),
         "seed": cfg.seed,
         "output": {
             "dtype": cfg.output.dtype or "inputs'",
@@ -96,7 +99,15 @@ def build_report(
             "bytes": sum(t.nbytes for t in tasks),
         },
     }
+    if isinstance(layout, SlicePlan):  # which input tensor each output tensor is, and those no slice uses
+        report |= {"slices": [s.model_dump(mode="json") for s in cfg.slices or []],
+                   "not_used": _listed(layout.not_used),
+                   "copied_from": {out: list(source) for out, source in layout.copied_from.items()}}
     return (json.dumps(report, indent=1) + "\n").encode()
+
+
+def _listed(tensors: tuple[Dropped, ...]) -> list[dict]:
+    return [{"tensor": d.tensor, "models": list(d.models), "rule": d.rule} for d in tensors]
 
 
 def format_weights(cfg: MergeConfig, weights: list[float], losses: list[float | None] | None) -> str:
@@ -127,7 +138,14 @@ def unaccounted(out: Path, shards: list[str]) -> list[str]:
     if report is None:
         return []
     written = {info.name for name in shards if (out / name).exists() for info in read_header(out / name)}
-    recorded = {(d["tensor"], model) for d in report.get("dropped", []) for model in d["models"]}
+    recorded = {(d["tensor"], model) for d in report.get("dropped", []) + report.get("not_used", [])
+                for model in d["models"]}
+    # passthrough renames the layers it copies: an input tensor is in its output when an output tensor is
+    # copied from it, whatever the names.
+    copied = report.get("copied_from")
+    if copied is not None:
+        recorded |= {(tensor, model) for out_name, (model, tensor) in copied.items() if out_name in written}
+        written = set()
     problems = []
     for entry in report.get("inputs", []):
         try:

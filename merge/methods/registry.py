@@ -32,7 +32,14 @@ from merge.methods import della, exact, sparse, spherical
 from merge.methods.blocks import Block, Blocks, Method, Tensor
 from merge.methods.magnitude import kth_largest_abs
 from merge.methods.sparse import dare_keep
-from merge.methods.specs import SPECS, LinearParams, SlerpParams, SparseParams, TaskArithmeticParams
+from merge.methods.specs import (
+    SPECS,
+    LinearParams,
+    PassthroughParams,
+    SlerpParams,
+    SparseParams,
+    TaskArithmeticParams,
+)
 
 __all__ = ["METHODS", "Block", "Method", "dare_keep", "kth_largest_abs"]
 
@@ -113,6 +120,17 @@ def slerp(
     return xs[0] * c0 + xs[1] * c1
 
 
+def passthrough(
+    xs: Sequence[Tensor], weights: Sequence[float], params: PassthroughParams, stats: None, block: Block,
+    out: Tensor | None = None,
+) -> Tensor:
+    """The one input, as stored: a layer slice's copy (merge.planning.slices), converted only when the
+    output's dtype differs."""
+    if out is None:
+        return xs[0].to(block.out_dtype)
+    return out.copy_(xs[0])
+
+
 METHODS: dict[str, Method] = {
     "linear": Method(SPECS["linear"], linear),
     "task_arithmetic": Method(SPECS["task_arithmetic"], task_arithmetic),
@@ -129,4 +147,5 @@ METHODS: dict[str, Method] = {
     "nuslerp": Method(SPECS["nuslerp"], spherical.nuslerp, spherical.nuslerp_statistic),
     "karcher": Method(SPECS["karcher"], spherical.karcher, spherical.karcher_statistic),
     "slerp": Method(SPECS["slerp"], slerp, slerp_coefficients),
+    "passthrough": Method(SPECS["passthrough"], passthrough),
 }

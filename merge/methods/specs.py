@@ -106,6 +106,10 @@ class KarcherParams(_Params):
     tol: float = Field(1e-5, gt=0, allow_inf_nan=False, description="stop when the step is shorter")
 
 
+class PassthroughParams(_Params):
+    pass
+
+
 class SlerpParams(_Params):
     t: float = Field(ge=0, le=1, description="0 gives the first (base) model, 1 the second")
     dot_threshold: float = Field(0.9995, gt=0, le=1, description="above this |cos| fall back to linear interpolation")
@@ -195,6 +199,8 @@ SPECS: dict[str, MethodSpec] = {
     "multislerp": MethodSpec(MultiSlerpParams, False, True, (1, None), reads=2, base_optional=True, arrays_per_input=4),
     "nuslerp": MethodSpec(NuSlerpParams, False, True, (2, 2), reads=2, base_optional=True),
     "karcher": MethodSpec(KarcherParams, False, False, (1, None), reads=2),
+    # Copies layer slices (merge/planning/slices.py): every output tensor is one input tensor, no arithmetic.
+    "passthrough": MethodSpec(PassthroughParams, False, False, (1, None), any_range=True, arrays_per_input=0),
     # One pass for the angle between the two tensors.
     "slerp": MethodSpec(SlerpParams, True, False, (2, 2), reads=2),
 }

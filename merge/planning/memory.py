@@ -42,6 +42,14 @@ class MergeSetup:
     method: str | None = None
     # The largest vocabulary tensor remapped by token (tokenizer:), merged whole (merge.planning.plan.largest_remap).
     remap_bytes: int = 0
+    # passthrough copies each output tensor from one input, reading only the tensors its slices use:
+    # the inputs each chunk reads (0: all of them) and the bytes read in all (0: every input in full).
+    tensor_sources: int = 0
+    sliced_read_bytes: int = 0
+
+    @property
+    def total_read_bytes(self) -> int:
+        return self.sliced_read_bytes or self.inputs * self.input_bytes
 
 
 def merge_terms(setup: MergeSetup) -> WorkerPlan:
@@ -49,7 +57,7 @@ def merge_terms(setup: MergeSetup) -> WorkerPlan:
     # A buffer's pages are touched only as far as a chunk fills it: no further than the largest tensor.
     chunk = min(setup.chunk_elements, setup.largest_tensor)
     # Chunks share the buffers, so inputs smaller than them never touch all of their pages.
-    read_buffers = setup.read_slots * chunk * setup.inputs * setup.largest_input_itemsize
+    read_buffers = setup.read_slots * chunk * (setup.tensor_sources or setup.inputs) * setup.largest_input_itemsize
     terms = [
         Term("input read buffers", min(read_buffers, setup.read_bytes),
              f"{setup.read_slots} chunks of every input: the one computed and those read ahead"
@@ -71,6 +79,8 @@ def block_term(setup: MergeSetup) -> Term:
     if setup.method is None:
         return Term("fp32 block arithmetic", (setup.inputs + 2) * setup.block * 4,
                     f"{setup.inputs} inputs and the result, {setup.block:,} elements at a time")
+    if SPECS[setup.method].arrays_per_input == 0:
+        return Term("fp32 block arithmetic", 0, f"{setup.method}: copies, no arithmetic")
     arrays = SPECS[setup.method].arrays_per_input * setup.inputs + 2
     return Term("fp32 block arithmetic", COMPUTE_THREADS * arrays * setup.block * 4,
                 f"{setup.method}: {arrays} arrays of {setup.block:,} elements on each of {COMPUTE_THREADS} threads")
@@ -99,4 +109,4 @@ def loss_terms(setup: MergeSetup) -> WorkerPlan:
 
 def merge_seconds(setup: MergeSetup, read_bytes_per_s: float, write_bytes_per_s: float) -> float:
     """Reading every input and writing the output at the disk's speed (the merge overlaps its arithmetic)."""
-    return setup.inputs * setup.input_bytes / read_bytes_per_s + setup.output_bytes / write_bytes_per_s
+    return setup.total_read_bytes / read_bytes_per_s + setup.output_bytes / write_bytes_per_s
