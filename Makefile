@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) setuptools wheel
 	# deepspeed's isolated build env would pull its own torch; its ops are JIT-built on first use.
 	DS_BUILD_OPS=0 $(PIP) --no-build-isolation deepspeed
-	$(PIP) -e '.[dev]'
+	$(PIP) -e '.[dev,eval]'
 	touch $(STAMP)
 
 demo: $(STAMP)

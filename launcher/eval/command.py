@@ -1,6 +1,7 @@
 """`calm eval CONFIG_OR_COMPOSITION --data FILE`: score a composition, or one of its base models alone.
 
-Exact match and mean loss on prompt/completion (or plain text) data.
+Exact match and mean loss on prompt/completion (or plain text) data, or with --tasks lm-evaluation-harness
+tasks (launcher.eval.harness).
 
 Runs on the same kind of workers as training: Ray Train starts them, each loads the anchor straight into
 its DeepSpeed ZeRO-3 partition (so a 70B anchor can be scored on the GPUs that trained it), and greedy
@@ -18,8 +19,10 @@ import math
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from calm_dist.errors import CompositionError, InputError
 from launcher.base_model_flags import add_base_model_arguments
@@ -31,14 +34,23 @@ USER_ERRORS = (InputError,)  # the driver's checks and what a worker met alike
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", help="a training config (YAML; evaluates runs/NAME/composition) or a composition folder")
-    parser.add_argument("--data", required=True, nargs="+", metavar="FILE",
-                        help="evaluation records: JSONL, JSON, CSV or Parquet; several files are scored in one "
-                        "launch, the models loaded once")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", nargs="+", metavar="FILE",
+                      help="evaluation records: JSONL, JSON, CSV or Parquet; several files are scored in one "
+                      "launch, the models loaded once")
+    what.add_argument("--tasks", nargs="+", metavar="TASK",
+                      help="lm-evaluation-harness tasks instead: harness task names, or paths of task YAML files "
+                      "(needs pip install 'calm-dist[eval]')")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--anchor-only", action="store_true", help="score the anchor alone (baseline row)")
     which.add_argument("--augmenting-only", type=int, metavar="K", help="score augmenting model K alone (baseline row)")
-    parser.add_argument("--samples", type=int, help="evaluate only the first N records (default: all)")
-    parser.add_argument("--max-new-tokens", type=int, help="greedy decoding length (default: training.eval_max_new_tokens, else 32)")
+    parser.add_argument("--samples", type=int, help="evaluate only the first N records (default: all); with "
+                        "--tasks, the first N documents of each task")
+    parser.add_argument("--max-new-tokens", type=int, help="greedy decoding length (default: training.eval_max_new_tokens, "
+                        "else 32; with --tasks: where a task does not say, 256)")
+    parser.add_argument("--num-fewshot", type=int, help="with --tasks: few-shot examples (default: each task's)")
+    parser.add_argument("--log-samples", action="store_true",
+                        help="with --tasks: also write every document's requests and answers (samples_TASK_DATE.jsonl)")
     parser.add_argument("--workers", type=int, help="Ray Train workers sharing the anchor (default: ray.num_workers, else 1)")
     parser.add_argument("--micro-batch-size", type=int, help="sequences per worker per forward (default: training's, else 8)")
     add_base_model_arguments(parser, from_config=True)
@@ -47,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-field", help="default: the config's data.prompt_field, else 'prompt'")
     parser.add_argument("--completion-field", help="default: the config's data.completion_field, else 'completion'")
     parser.add_argument("--text-field", help="plain text data: loss only, no exact match")
-    parser.add_argument("--max-length", type=int, help="tokens per sequence (default: data.max_length, else 512)")
+    parser.add_argument("--max-length", type=int, help="tokens per sequence (default: data.max_length, else 512; with "
+                        "--tasks: the anchor's context length)")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker (a config says ray.use_gpu itself)")
     parser.add_argument("--address", help="Ray cluster address (default: the config's ray.address, else a local cluster)")
     parser.add_argument("--output-dir", help="where the JSON goes (default: the run folder's eval/)")
@@ -75,7 +88,8 @@ def _spec(path: str, key: str, dtype: str, trust_remote_code: bool = False) -> M
     return ModelSpec(path=str(folder.resolve()), dtype=dtype, trust_remote_code=trust_remote_code)
 
 
-def plan(target: str | Path, data: str | Path | list[str | Path], *, anchor_only: bool = False, augmenting_only: int | None = None,
+def plan(target: str | Path, data: str | Path | list[str | Path] | None, *, tasks: list[str] | None = None,
+         num_fewshot: int | None = None, log_samples: bool = False, anchor_only: bool = False, augmenting_only: int | None = None,
          samples: int | None = None, max_new_tokens: int | None = None, workers: int | None = None,
          micro_batch_size: int | None = None, anchor: str | None = None, augmenting: list[str] | None = None,
          tokenizer: str | None = None, augmenting_tokenizer: list[str] | None = None, dtype: str | None = None,
@@ -83,9 +97,16 @@ def plan(target: str | Path, data: str | Path | list[str | Path], *, anchor_only
          max_length: int | None = None, gpu: bool = False, address: str | None = None,
          output_dir: str | Path | None = None) -> Plan:
     """Resolve the target and flags and check them on the driver: ConfigError, DataError or
-    CompositionError name the file or flag at fault, before any worker starts."""
+    CompositionError name the file or flag at fault, before any worker starts. tasks: lm-evaluation-harness
+    tasks instead of data (launcher.eval.harness)."""
     from calm_dist.model.composition_checkpoint import MANIFEST, WEIGHTS, read_manifest
 
+    if (data is None) == (tasks is None):
+        raise ConfigError("give --data FILE... or --tasks TASK... (one of the two)")
+    # The harness's defaults are its own (the anchor's context length, its generation length), not the
+    # data's: only what the flags say goes to it.
+    harness_flags = dict(limit=samples, num_fewshot=num_fewshot, log_samples=log_samples, max_length=max_length,
+                         max_gen_toks=max_new_tokens)
     target = Path(target)
     if not target.exists():
         raise ConfigError(f"{target}: no such config file or composition folder")
@@ -170,14 +191,19 @@ def plan(target: str | Path, data: str | Path | list[str | Path], *, anchor_only
                         ("--micro-batch-size", micro_batch_size), ("--max-length", max_length)):
         if value is not None and value < 1:
             raise ConfigError(f"{name} {value}: must be at least 1")
-    files = [Path(d) for d in (data if isinstance(data, list | tuple) else [data])]
+    harness = None
+    if tasks is not None:
+        from launcher.eval.harness import check_tasks
+
+        harness = check_tasks(tasks, **harness_flags)
+    files = [] if data is None else [Path(d) for d in (data if isinstance(data, list | tuple) else [data])]
     for file in files:
         _check_data(file, fields, split)
     if len({f.stem for f in files}) < len(files):  # each result is written to STEM.MODEL.json
         raise ConfigError(f"--data: {', '.join(map(str, files))}: two files with the same name would write one result")
     job = EvalJob(model=model, augmenting_index=augmenting_only or 0, composition=str(composition.resolve()),
                   anchor=specs[0], augmenting=specs[1:], tokenizer=str(tokenizer),
-                  data=[str(f.resolve()) for f in files], split=split,
+                  data=[str(f.resolve()) for f in files], harness=harness, split=split,
                   prompt_field=fields[0], completion_field=fields[1], text_field=fields[2], max_length=max_length,
                   samples=samples, max_new_tokens=max_new_tokens, micro_batch_size=micro_batch_size,
                   zero_stage=zero_stage, use_gpu=use_gpu)
@@ -250,18 +276,19 @@ def evaluate_files(target: str | Path, files: list[str | Path], *, progress: boo
     return run_plan(plan(target, list(files), **flags), progress=progress)
 
 
-def run_plan(p: Plan, progress: bool = True) -> list[dict]:
+def launch(p: Plan, worker: Callable[[dict], None], progress_total: Callable[[], int] | None) -> Any:
+    """Run `worker` on the plan's Ray Train workers; what rank 0 put on the board comes back.
+    progress_total: the number of progress steps (asked once the workers are starting), or None for
+    no progress bar."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from launcher.eval.worker import eval_worker
     from launcher.runtime.process_group import torch_config
     from launcher.runtime.progress import ProgressBoard, follow
     from launcher.runtime.quiet import is_quiet
     from launcher.runtime.ray_start import start_ray, stop_ray
 
-    started = time.perf_counter()
     # Ray this call starts or connects to is shut down (or disconnected) at the end; Ray already running
     # in this process is left as it was.
     own_ray = not ray.is_initialized()
@@ -274,7 +301,7 @@ def run_plan(p: Plan, progress: bool = True) -> list[dict]:
     storage = (p.output_dir / ".ray").resolve()  # Ray Train's bookkeeping; removed after a success
     run_name = f"eval-{p.label}-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = TorchTrainer(
-        eval_worker,
+        worker,
         train_loop_config={"job": job.model_dump(mode="json"), "board": board_name},
         scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=job.use_gpu,
                                      resources_per_worker={"CPU": p.cpus_per_worker}),
@@ -291,12 +318,10 @@ def run_plan(p: Plan, progress: bool = True) -> list[dict]:
 
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
-    counts = [_record_count(job, file) for file in job.data]
-    if progress:
-        chunks = sum(math.ceil(math.ceil(count / job.micro_batch_size) / p.workers) for count in counts)
-        follow(board, chunks * (1 if job.text_field else 2), thread, desc=f"eval {p.label}", unit="batch")
+    if progress_total is not None:
+        follow(board, progress_total(), thread, desc=f"eval {p.label}", unit="batch")
     thread.join()
-    per_file = ray.get(board.get_result.remote()) if "error" not in outcome else None
+    result = ray.get(board.get_result.remote()) if "error" not in outcome else None
     ray.kill(board)
     if own_ray:
         stop_ray()
@@ -309,6 +334,24 @@ def run_plan(p: Plan, progress: bool = True) -> list[dict]:
     shutil.rmtree(storage / run_name, ignore_errors=True)
     with contextlib.suppress(OSError):
         storage.rmdir()  # only if no other evaluation is using it
+    return result
+
+
+def run_plan(p: Plan, progress: bool = True) -> list[dict]:
+    from launcher.eval.worker import eval_worker
+
+    started = time.perf_counter()
+    job = p.job
+    counts: list[int] = []
+
+    def total() -> int:
+        counts.extend(_record_count(job, file) for file in job.data)
+        chunks = sum(math.ceil(math.ceil(count / job.micro_batch_size) / p.workers) for count in counts)
+        return chunks * (1 if job.text_field else 2)
+
+    per_file = launch(p, eval_worker, total if progress else None)
+    if not counts:  # no progress bar asked for them
+        total()
     wall_s = round(time.perf_counter() - started, 1)  # the launch's, shared by its files
     results = []
     p.output_dir.mkdir(parents=True, exist_ok=True)
@@ -359,7 +402,8 @@ def table(rows: list[dict]) -> str:
 def run(args: argparse.Namespace) -> int:
     from launcher.runtime.quiet import log_path, quiet_output
 
-    p = plan(args.target, args.data, anchor_only=args.anchor_only, augmenting_only=args.augmenting_only,
+    p = plan(args.target, args.data, tasks=args.tasks, num_fewshot=args.num_fewshot, log_samples=args.log_samples,
+             anchor_only=args.anchor_only, augmenting_only=args.augmenting_only,
              samples=args.samples, max_new_tokens=args.max_new_tokens, workers=args.workers,
              micro_batch_size=args.micro_batch_size, anchor=args.anchor, augmenting=args.augmenting,
              tokenizer=args.tokenizer, augmenting_tokenizer=args.augmenting_tokenizer, dtype=args.dtype,
@@ -367,6 +411,13 @@ def run(args: argparse.Namespace) -> int:
              max_length=args.max_length,
              gpu=args.gpu, address=args.address, output_dir=args.output_dir)
     with quiet_output(log_path(p.output_dir, f"eval-{p.label}"), verbose=args.verbose):
+        if args.tasks:
+            from launcher.eval.harness import run_tasks
+
+            output, harness_table = run_tasks(p)
+            print(harness_table)
+            print(f"results: {output}")
+            return 0
         results = run_plan(p)
         print(table(results))
         for result in results:

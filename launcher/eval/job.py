@@ -13,6 +13,18 @@ from pydantic import Field
 from launcher.train_config import ModelSpec, Strict
 
 
+class HarnessTasks(Strict):
+    """`calm eval --tasks`: what the workers hand to lm-evaluation-harness (launcher.eval.harness)."""
+
+    tasks: list[str]  # harness task names, and task YAML files as absolute paths
+    builtin: bool = True  # whether a name refers to the harness's own tasks (else only files: a faster index)
+    limit: int | None = Field(None, ge=1)  # documents per task
+    num_fewshot: int | None = Field(None, ge=0)
+    log_samples: bool = False
+    max_length: int | None = Field(None, ge=2)  # tokens per forward; None: the anchor's, as the harness's hf model
+    max_gen_toks: int = Field(256, ge=1)  # when a task does not say
+
+
 class EvalJob(Strict):
     """Everything a worker needs, resolved and checked on the driver."""
 
@@ -23,6 +35,7 @@ class EvalJob(Strict):
     augmenting: list[ModelSpec]
     tokenizer: str
     data: list[str]  # scored one after the other by the same workers
+    harness: HarnessTasks | None = None  # instead of data: lm-evaluation-harness tasks
     split: str | None = None  # of a saved DatasetDict: a training config's data.split, else the default
     text_field: str | None = None
     prompt_field: str | None = None
