@@ -82,16 +82,6 @@ def _check_known(tasks: list[str], resolved: list[str], names: list[str], manage
                 raise ConfigError(f"--tasks: {task}: not a task the harness can load: {type(err).__name__}: {err}") from None
 
 
-def evaluate_tasks(lm, tasks: HarnessTasks) -> dict:
-    """The harness's results (its simple_evaluate) of `lm` on the tasks; "samples" too with log_samples."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks.tasks, num_fewshot=tasks.num_fewshot, limit=tasks.limit,
-                                   log_samples=tasks.log_samples, batch_size=lm.batch_size,
-                                   task_manager=TaskManager(include_defaults=tasks.builtin))
-
-
 def write_results(results: dict, output_dir: Path, label: str, model_args: dict) -> tuple[Path, str]:
     """Write the results as the harness's command line does, under output_dir/harness/label/, and the
     harness's table beside them: (the results JSON, the table)."""
@@ -117,7 +107,7 @@ def write_results(results: dict, output_dir: Path, label: str, model_args: dict)
 
 def run_tasks(p) -> tuple[Path, str]:
     """Launch the workers of plan `p` (launcher.eval.command.plan with tasks) and write what they found."""
-    from launcher.eval.command import launch
+    from launcher.eval.launch import launch
     from launcher.eval.worker import harness_worker
 
     results = launch(p, harness_worker, progress_total=None)

@@ -34,6 +34,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from launcher.eval.harness_runner import Runner
+from launcher.eval.job import HarnessTasks
 
 DEFAULT_MAX_LENGTH = 2048  # the harness's, for a model whose config names no context length
 
@@ -231,3 +232,12 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def evaluate_tasks(lm, tasks: HarnessTasks) -> dict:
+    """The harness's results (its simple_evaluate) of `lm` on the tasks; "samples" too with log_samples."""
+    from lm_eval.tasks import TaskManager
+
+    return lm_eval.simple_evaluate(model=lm, tasks=tasks.tasks, num_fewshot=tasks.num_fewshot, limit=tasks.limit,
+                                   log_samples=tasks.log_samples, batch_size=lm.batch_size,
+                                   task_manager=TaskManager(include_defaults=tasks.builtin))

@@ -111,8 +111,7 @@ def harness_worker(loop_config: dict) -> None:
     import ray.train
 
     from calm_dist.distributed.lockstep_eval import new_cache_for
-    from launcher.eval.harness import evaluate_tasks
-    from launcher.eval.harness_model import CalmLM
+    from launcher.eval.harness_model import CalmLM, evaluate_tasks
     from launcher.eval.harness_runner import Runner
 
     context = ray.train.get_context()

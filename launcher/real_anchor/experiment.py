@@ -120,7 +120,22 @@ def _answers(model, tokenizer, assets: Assets) -> dict[str, float]:
 
 def run_experiment(root: Path, seed: int, log: Log, config_path: Path = CONFIG, design: Design = Design(),
                    retrain: bool = False, anchor: Path | None = None) -> dict:
-    """Everything for one seed under root/seed-N; returns the flat results (see report.py)."""
+    """Everything for one seed under root/seed-N; returns the flat results (see report.py). The embedded
+    Ray cluster `calm train` starts is stopped at the end (a caller's own Ray is left running)."""
+    import ray
+
+    from launcher.runtime.ray_start import stop_ray
+
+    ours = not ray.is_initialized()
+    try:
+        return _run(root, seed, log, config_path, design, retrain, anchor)
+    finally:
+        if ours:
+            stop_ray()
+
+
+def _run(root: Path, seed: int, log: Log, config_path: Path, design: Design, retrain: bool,
+         anchor: Path | None) -> dict:
     from launcher.eval.command import evaluate_files
     from launcher.general_ability import general_scores
     from launcher.kv_arithmetic.lora_baseline import train_lora
