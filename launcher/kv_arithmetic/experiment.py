@@ -151,7 +151,7 @@ def _pretrain(name: str, plan: BaseModelPlan, rows: list[dict], vocab: int, seed
 
     model = _new_model(plan, vocab, seed)
     start = time.perf_counter()
-    with tqdm(total=plan.steps, desc=f"pretraining {name}", unit="step", leave=False, dynamic_ncols=True,
+    with tqdm(total=plan.steps, desc=f"pretraining {name}", unit="step", leave=False, dynamic_ncols=True, disable=None,
               file=sys.stdout) as bar:  # stdout: quiet mode sends stderr to the log
         def on_step(step: int, loss: float) -> None:
             bar.update(1)

@@ -58,7 +58,7 @@ def train_lora(anchor: nn.Module, rows: list[dict], training, parameters: int, s
     torch.manual_seed(seed)
     model = with_lora(anchor, rank)
     start = time.perf_counter()
-    with tqdm(total=training.steps, desc="LoRA baseline", unit="step", leave=False, dynamic_ncols=True,
+    with tqdm(total=training.steps, desc="LoRA baseline", unit="step", leave=False, dynamic_ncols=True, disable=None,
               file=sys.stdout) as bar:  # stdout: quiet mode sends stderr to the log
         model.train()
         local_training.train(local_training.lm_loss(model), model.parameters(),

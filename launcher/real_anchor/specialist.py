@@ -47,7 +47,7 @@ def train_specialist(plan: SpecialistPlan, records: list[dict], tokenizer, seed:
     rows = list(tokenize_records(datasets.Dataset.from_list(records), tokenizer, max_length=128, text_field="text"))
     model = new_model(plan, tokenizer, seed)
     start = time.perf_counter()
-    with tqdm(total=plan.steps, desc="training m_A", unit="step", leave=False, dynamic_ncols=True,
+    with tqdm(total=plan.steps, desc="training m_A", unit="step", leave=False, dynamic_ncols=True, disable=None,
               file=sys.stdout) as bar:  # stdout: quiet mode sends stderr to the log
         loss = local_training.train(local_training.lm_loss(model), model.parameters(),
                                     local_training.batches(rows, plan.batch_size, seed, tokenizer.pad_token_id),

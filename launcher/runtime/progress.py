@@ -64,7 +64,8 @@ def follow(board, total_steps: int, training: threading.Thread, interval: float 
            unit: str = "step", line: Callable[[dict], str] = _line) -> dict:
     """Draw progress until the training thread ends; return the last metrics seen."""
     seen, last = 0, {}
-    with tqdm(total=total_steps, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stdout) as bar:
+    # disable=None: no bar when stdout is not a terminal (a log file gets the step lines alone).
+    with tqdm(total=total_steps, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stdout, disable=None) as bar:
         while True:
             done = not training.is_alive()
             try:
