@@ -27,8 +27,8 @@ def train_steps(model, steps: int = 5, batch: int = 4, length: int = 12, lr: flo
 @pytest.fixture(params=["every_n", "into_input", "recency_and_null"])
 def trained_pair(request):
     """A composed Llama pair (anchor 4x64, augmenting 4x32) with a trained, non-zero composition:
-    the paper's every-n layout, one that also connects into the anchor's input embeddings, or that
-    one with the cross-attention's recency bias and null key."""
+    the paper's every-n layout, one that also connects into the anchor's input embeddings and reads
+    the augmenting model's token embeddings, or one with the cross-attention's recency bias and null key."""
     from calm_dist.model.composed import compose
     from calm_dist.model.connections import INPUT, Connection
     from calm_dist.testing.tiny_models import tiny_model
@@ -37,7 +37,8 @@ def trained_pair(request):
     aug = tiny_model("llama", layers=4, width=32, heads=2, seed=1)
     if request.param == "every_n":
         return train_steps(compose(anchor, aug, every_n=2))
-    return train_steps(compose(anchor, aug, connections=[Connection(0, 3, INPUT), Connection(0, 1, 2)],
+    source = INPUT if request.param == "into_input" else 1
+    return train_steps(compose(anchor, aug, connections=[Connection(0, 3, INPUT), Connection(0, source, 2)],
                                recency_bias=request.param == "recency_and_null",
                                null_attention=request.param == "recency_and_null"))
 

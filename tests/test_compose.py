@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from calm_dist.errors import CompositionError
+from calm_dist.model.augmenting import augmenting_states
 from calm_dist.model.composed import compose
 from calm_dist.model.connections import INPUT, Connection, every_n
 from calm_dist.model.cross_attention import CrossAttention
@@ -315,6 +316,23 @@ def test_connection_into_the_input_embeddings(family):
     train_steps(model)
     assert not torch.allclose(model(ids).logits, anchor(ids).logits)
     assert torch.equal(anchor(ids).logits, tiny_model(family, layers=3, width=64, heads=4, seed=0)(ids).logits)
+
+
+def test_a_connection_from_the_augmenting_token_embeddings_reads_exactly_them():
+    """Augmenting layer -1: the states the cross-attention reads are the augmenting model's token
+    embeddings of the ids (what its first layer reads), alone or beside a layer's output."""
+    aug = tiny_model("llama", layers=2, width=32, heads=2, seed=1)
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    connections = [Connection(0, INPUT, 1), Connection(0, 0, 2)]
+    states = augmenting_states([aug], connections, ids)
+    hidden = aug(ids, output_hidden_states=True).hidden_states  # embeddings, then each layer's output
+    assert torch.equal(states[(0, INPUT)], hidden[0])
+    assert torch.equal(states[(0, INPUT)], aug.get_input_embeddings()(ids))
+    assert torch.equal(states[(0, 0)], hidden[1])
+    model = compose(tiny_model("llama", layers=3, width=64, heads=4, seed=0), aug, connections=connections)
+    assert list(model.composition) == ["aug0_input_to_anchor_l1", "aug0_l0_to_anchor_l2"]
+    with pytest.raises(CompositionError, match="and -1 for its token embeddings"):
+        compose(tiny_model("llama", layers=3, width=64, heads=4, seed=0), aug, connections=[Connection(0, -2, 1)])
 
 
 def test_dropout_acts_in_training_mode_only():

@@ -13,7 +13,7 @@ from transformers import DynamicCache
 
 from calm_dist.model.alignment import AugmentingView
 from calm_dist.model.architectures import backbone, decoder_layers, model_dims
-from calm_dist.model.connections import Connection
+from calm_dist.model.connections import INPUT, Connection
 from calm_dist.model.masks import positions_from_mask
 
 
@@ -56,9 +56,11 @@ def augmenting_states(
 
 def _run_capturing(states: dict, model: nn.Module, wanted: list[int], k: int, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache | None) -> None:
-    """Run augmenting model k's backbone, keeping the outputs of its `wanted` layers in states[(k, layer)]."""
+    """Run augmenting model k's backbone, keeping the outputs of its `wanted` layers in states[(k, layer)]
+    (layer INPUT: its token embeddings, as its first decoder layer reads them)."""
     layers = decoder_layers(model)
-    handles = [layers[i].register_forward_hook(_capture(states, (k, i))) for i in wanted]
+    handles = [layers[0].register_forward_pre_hook(_capture_input(states, (k, i)), with_kwargs=True) if i == INPUT
+               else layers[i].register_forward_hook(_capture(states, (k, i))) for i in wanted]
     try:
         backbone(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                         past_key_values=cache, use_cache=cache is not None)
@@ -83,5 +85,12 @@ def _own_states(states: dict, model: nn.Module, wanted: list[int], k: int, view:
 def _capture(store: dict, key: tuple[int, int]):
     def hook(module, args, output):
         store[key] = output[0] if isinstance(output, tuple) else output
+
+    return hook
+
+
+def _capture_input(store: dict, key: tuple[int, int]):
+    def hook(module, args, kwargs):
+        store[key] = args[0] if args else kwargs["hidden_states"]
 
     return hook

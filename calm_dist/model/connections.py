@@ -7,6 +7,11 @@ layer j, and the result is added to the anchor's residual stream before layer j 
 Anchor layer -1 (INPUT) stands for the anchor's input embeddings: the cross-attention then reads and
 changes the input of the anchor's first decoder layer. That lets an augmenting model supply what an
 input token means to the anchor (a key's value, say) before any anchor layer has run.
+
+Augmenting layer -1 (INPUT too) stands for the augmenting model's token embeddings, what its first
+decoder layer reads. A small model trained on facts about names keeps them in the names' embeddings,
+linearly readable there; each layer above adds what it predicts next, which hides them from a
+projection trained on a few examples.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass
 
 from calm_dist.errors import CompositionError
 
-INPUT = -1  # anchor_layer of a connection into the anchor's input embeddings
+INPUT = -1  # anchor_layer into the anchor's input embeddings; aug_layer from the augmenting model's
 
 
 @dataclass(frozen=True, order=True)
@@ -28,8 +33,9 @@ class Connection:
     @property
     def name(self) -> str:
         """Stable name used for parameter keys in checkpoints."""
+        source = "input" if self.aug_layer == INPUT else f"l{self.aug_layer}"
         target = "input" if self.anchor_layer == INPUT else f"l{self.anchor_layer}"
-        return f"aug{self.augmenting}_l{self.aug_layer}_to_anchor_{target}"
+        return f"aug{self.augmenting}_{source}_to_anchor_{target}"
 
 
 def every_n(aug_num_layers: int, anchor_num_layers: int, n: int = 4, augmenting: int = 0) -> list[Connection]:
@@ -85,10 +91,10 @@ def validate(connections: Sequence[Connection], aug_num_layers: Sequence[int], a
                 f"connection {c}: augmenting model {c.augmenting} does not exist "
                 f"({len(aug_num_layers)} augmenting model(s) given)"
             )
-        if not 0 <= c.aug_layer < aug_num_layers[c.augmenting]:
+        if not INPUT <= c.aug_layer < aug_num_layers[c.augmenting]:
             raise CompositionError(
-                f"connection {c}: augmenting layer {c.aug_layer} is out of range "
-                f"(augmenting model {c.augmenting} has layers 0..{aug_num_layers[c.augmenting] - 1})"
+                f"connection {c}: augmenting layer {c.aug_layer} is out of range (augmenting model "
+                f"{c.augmenting} has layers 0..{aug_num_layers[c.augmenting] - 1}, and {INPUT} for its token embeddings)"
             )
         if not INPUT <= c.anchor_layer < anchor_num_layers:
             raise CompositionError(
