@@ -89,6 +89,16 @@ def test_lora_rank_matches_the_composition_parameters():
     assert trainable_parameters(lora) == rank * per_rank
 
 
+def test_lora_on_chosen_layers_adapts_only_those():
+    anchor = tiny_model("llama", layers=4, width=128, heads=4, vocab=64, seed=0)
+    per_rank = parameters_per_rank(anchor, layers={2, 3})
+    assert per_rank * 2 == parameters_per_rank(anchor)  # equal layers: half of them, half the parameters
+    lora = with_lora(anchor, 3, layers={2, 3})
+    adapted = {name.split(".layers.")[1].split(".")[0] for name, p in lora.named_parameters() if p.requires_grad}
+    assert adapted == {"2", "3"}
+    assert trainable_parameters(lora) == 3 * per_rank
+
+
 def test_the_cross_tokenizer_variant_reads_keys_as_characters_after_whitespace(task):
     """The records of the cross-tokenizer variant: spaced, word level for the anchor (the same ids as the
     unspaced task), one token per character for m_A; the anchor's decoding puts a space after each

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Collection
 
 import torch
 from torch import nn
@@ -13,30 +14,42 @@ from torch import nn
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _targets(model: nn.Module, target_modules: tuple[str, ...]) -> list[nn.Linear]:
-    found = [m for name, m in model.named_modules()
-             if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in target_modules]
+def _targets(model: nn.Module, target_modules: tuple[str, ...], layers: Collection[int] | None = None,
+             ) -> dict[str, nn.Linear]:
+    """{full name: module} of the linear maps to adapt: those named in target_modules, in the decoder
+    layers whose indices are in `layers` (every layer when None)."""
+    from calm_dist.model.architectures import decoder_layers
+
+    names = {id(m): name for name, m in model.named_modules()}
+    blocks = [block for i, block in enumerate(decoder_layers(model)) if layers is None or i in layers]
+    found = {names[id(m)]: m for block in blocks for name, m in block.named_modules()
+             if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in target_modules}
     if not found:
-        raise ValueError(f"{type(model).__name__} has no linear layer named any of {target_modules}")
+        raise ValueError(f"{type(model).__name__} has no linear layer named any of {target_modules}"
+                         + ("" if layers is None else f" in decoder layers {sorted(layers)}"))
     return found
 
 
-def parameters_per_rank(model: nn.Module, target_modules: tuple[str, ...] = TARGET_MODULES) -> int:
+def parameters_per_rank(model: nn.Module, target_modules: tuple[str, ...] = TARGET_MODULES,
+                        layers: Collection[int] | None = None) -> int:
     """LoRA adds r * (in + out) parameters to each adapted linear layer."""
-    return sum(m.in_features + m.out_features for m in _targets(model, target_modules))
+    return sum(m.in_features + m.out_features for m in _targets(model, target_modules, layers).values())
 
 
-def matched_rank(model: nn.Module, parameters: int, target_modules: tuple[str, ...] = TARGET_MODULES) -> int:
+def matched_rank(model: nn.Module, parameters: int, target_modules: tuple[str, ...] = TARGET_MODULES,
+                 layers: Collection[int] | None = None) -> int:
     """The rank whose adapter parameter count is nearest to `parameters` (at least 1)."""
-    return max(1, round(parameters / parameters_per_rank(model, target_modules)))
+    return max(1, round(parameters / parameters_per_rank(model, target_modules, layers)))
 
 
-def with_lora(model: nn.Module, rank: int, target_modules: tuple[str, ...] = TARGET_MODULES) -> nn.Module:
-    """The model wrapped by PEFT with LoRA adapters (alpha = rank, no dropout); only adapters train."""
+def with_lora(model: nn.Module, rank: int, target_modules: tuple[str, ...] = TARGET_MODULES,
+              layers: Collection[int] | None = None) -> nn.Module:
+    """The model wrapped by PEFT with LoRA adapters (alpha = rank, no dropout) on target_modules in the
+    given decoder layers (all when None); only adapters train."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(target_modules),
-                        bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                        target_modules=sorted(_targets(model, target_modules, layers)))
     return get_peft_model(model, config)
 
 
@@ -45,18 +58,18 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 def train_lora(anchor: nn.Module, rows: list[dict], training, parameters: int, seed: int, pad_token_id: int,
-               ) -> tuple[nn.Module, int, int, float]:
-    """LoRA on `anchor`, its rank matched to `parameters`, trained on tokenized `rows` as the composition
-    was (`training`: a TrainConfig's training section; same steps, global batch, learning rate, warm-up
-    and weight decay) in one process. Returns the model in eval mode, its rank, its trainable parameter
-    count and the seconds it took."""
+               layers: Collection[int] | None = None) -> tuple[nn.Module, int, int, float]:
+    """LoRA on `anchor` (in the given decoder layers, else all), its rank matched to `parameters`,
+    trained on tokenized `rows` as the composition was (`training`: a TrainConfig's training section;
+    same steps, global batch, learning rate, warm-up and weight decay) in one process. Returns the model
+    in eval mode, its rank, its trainable parameter count and the seconds it took."""
     from tqdm import tqdm
 
     from launcher.kv_arithmetic import pretraining as local_training
 
-    rank = matched_rank(anchor, parameters)
+    rank = matched_rank(anchor, parameters, layers=layers)
     torch.manual_seed(seed)
-    model = with_lora(anchor, rank)
+    model = with_lora(anchor, rank, layers=layers)
     start = time.perf_counter()
     with tqdm(total=training.steps, desc="LoRA baseline", unit="step", leave=False, dynamic_ncols=True, disable=None,
               file=sys.stdout) as bar:  # stdout: quiet mode sends stderr to the log
