@@ -7,26 +7,32 @@ For each size (1x; 2x doubles the layers and the vocabulary) it:
    merge does), before the first merge and after each; the fastest read plus the fastest write is
    the limit,
 3. `--rounds` times: drops caches, loads torch once (its libraries are not the merge's I/O), and times
-   `calm merge` (uniform linear) as a subprocess, sampling the total RSS and the anonymous memory
-   (RssAnon + RssShmem: its own buffers, private or shared, not file pages the kernel can drop) of
-   the process and its children every 20 ms; the fastest merge counts, the largest memory,
+   `calm merge` (`--method`, default uniform linear; METHODS gives each method's inputs and parameters)
+   as a subprocess, sampling the total RSS and the anonymous memory (RssAnon + RssShmem: its own
+   buffers, private or shared, not file pages the kernel can drop) of the process and its children
+   every 20 ms; the fastest merge counts, the largest memory,
 4. when mergekit is installed (`--mergekit PATH` to its mergekit-yaml, else found on PATH; never a
-   dependency of this project), drops caches and times it on the same inputs the same way,
-5. checks every output tensor is bit-identical to the exact result: the mean of the inputs rounded
-   once to bf16 (ties to even). The inputs' exponents lie in [-7, 0], so their sum is exact in
-   float64 and one float64 division by 3 lands on a rounding boundary only when the mean does.
+   dependency of this project) and the method is linear, times it in the same rounds, interleaved with
+   calm merge (caches dropped before each), and compares the medians,
+5. linear: checks every output tensor is bit-identical to the exact result: the mean of the inputs
+   rounded once to bf16 (ties to even). The inputs' exponents lie in [-7, 0], so their sum is exact in
+   float64 and one float64 division by 3 lands on a rounding boundary only when the mean does. Every
+   other method (its exactness is tested against mergekit's fixtures in tests/): every round's output
+   is the same, bit for bit (the seeded methods included).
 The machine is shared: the load average is recorded at the start and end of each size.
 
-Quick run: python bench/merge_throughput.py --layers 4 --vocab 8000 --sizes 1
+Quick run: python bench/merge_throughput.py --layers 4 --vocab 8000 --sizes 1 --method ties
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import mmap
 import os
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -39,6 +45,28 @@ import torch
 from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Each method as this bench runs it: how many inputs (the base, for a method that takes one, is the first),
+# and the parameters its mergekit documentation's examples use. Weights, for a method that takes them, are
+# equal; passthrough assembles the output's layers from the first half of in0's and the second of in1's.
+METHODS: dict[str, dict] = {
+    "linear": {},
+    "task_arithmetic": {"base": True, "parameters": {"lambda": 1.0}},
+    "ties": {"base": True, "parameters": {"density": 0.5}},
+    "dare_linear": {"base": True, "parameters": {"density": 0.5}},
+    "dare_ties": {"base": True, "parameters": {"density": 0.5}},
+    "della": {"base": True, "parameters": {"density": 0.5, "epsilon": 0.15}},
+    "della_linear": {"base": True, "parameters": {"density": 0.5, "epsilon": 0.15}},
+    "breadcrumbs": {"base": True, "parameters": {"density": 0.9, "gamma": 0.01}},
+    "breadcrumbs_ties": {"base": True, "parameters": {"density": 0.9, "gamma": 0.01}},
+    "sce": {"base": True, "weights": False, "parameters": {"select_topk": 0.5}},
+    "model_stock": {"base": True, "weights": False, "models": 4},
+    "multislerp": {},
+    "nuslerp": {"models": 2},
+    "karcher": {"weights": False},
+    "slerp": {"base": True, "weights": False, "models": 2, "parameters": {"t": 0.5}},
+    "passthrough": {"weights": False, "models": 2, "slices": True},
+}
 
 
 def drop_caches() -> bool:
@@ -203,11 +231,44 @@ def timed_mergekit(mergekit: str, inputs: list[Path], work: Path) -> dict:
         "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in inputs],
     }))
     out = work / "mergekit-out"
+    shutil.rmtree(out, ignore_errors=True)
     drop_caches()
     subprocess.run([mergekit, "--help"], capture_output=True, check=False)  # its libraries, as for calm merge
     result = timed([mergekit, str(config), str(out), "--lazy-unpickle", "--no-copy-tokenizer"])
     shutil.rmtree(out, ignore_errors=True)
-    return {"mergekit_wall_s": result["wall_s"], "mergekit_peak_anon_gib": round(result["peak_anon_bytes"] / 2**30, 3)}
+    return result
+
+
+def merge_config(method: str, inputs: list[Path], layers: int, out: Path, args: argparse.Namespace) -> dict:
+    """calm merge's config for `method` over inputs, as METHODS says."""
+    preset = METHODS[method]
+    names = [p.name for p in inputs]
+    config: dict = {"method": method, "models": [{"path": str(p), "name": p.name} for p in inputs],
+                    "output": {"path": str(out), "max_shard_size": args.output_shard_size},
+                    "workers": args.workers, "memory_budget": args.memory_budget}
+    if preset.get("base"):
+        config["base_model"] = names[0]
+    merged = len(inputs) - (1 if preset.get("base") else 0)
+    if preset.get("weights", True):
+        config["weights"] = [1.0 / merged] * merged
+    if preset.get("parameters"):
+        config["parameters"] = preset["parameters"]
+    if preset.get("slices"):
+        half = layers // 2
+        config["slices"] = [{"sources": [{"model": names[0], "layer_range": [0, half]}]},
+                            {"sources": [{"model": names[1], "layer_range": [half, layers]}]}]
+    return config
+
+
+def output_digest(out: Path) -> str:
+    """sha256 over the output's tensors, by name: equal outputs give equal digests."""
+    digest = hashlib.sha256()
+    for path in sorted(out.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            for name in sorted(f.keys()):
+                digest.update(name.encode())
+                digest.update(f.get_tensor(name).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def round_to_bf16(values: torch.Tensor) -> torch.Tensor:
@@ -245,41 +306,44 @@ def check_exact(inputs: list[Path], out: Path) -> bool:
 
 
 def run_size(args: argparse.Namespace, scale: int, work: Path) -> dict:
-    shapes = llama_shapes(args.layers * scale, args.hidden, args.intermediate, args.vocab * scale, args.kv_heads, args.hidden // args.heads)
+    layers = args.layers * scale
+    shapes = llama_shapes(layers, args.hidden, args.intermediate, args.vocab * scale, args.kv_heads, args.hidden // args.heads)
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.hidden,
-        "intermediate_size": args.intermediate, "num_hidden_layers": args.layers * scale, "num_attention_heads": args.heads,
+        "intermediate_size": args.intermediate, "num_hidden_layers": layers, "num_attention_heads": args.heads,
         "num_key_value_heads": args.kv_heads, "vocab_size": args.vocab * scale, "tie_word_embeddings": False, "dtype": "bfloat16",
     }
+    models = METHODS[args.method].get("models", args.models)
     if work.exists():
         shutil.rmtree(work)
     inputs = []
-    for k in range(args.models):
+    for k in range(models):
         write_checkpoint(work / f"in{k}", shapes, config, int(args.input_shard_bytes), seed=k)
         inputs.append(work / f"in{k}")
     out = work / "out"
-    weights = [1.0 / args.models] * args.models
     cfg = work / "merge.yaml"
-    cfg.write_text(json.dumps({
-        "method": "linear", "models": [{"path": str(p)} for p in inputs], "weights": weights,
-        "output": {"path": str(out), "max_shard_size": args.output_shard_size},
-        "workers": args.workers, "memory_budget": args.memory_budget,
-    }))
+    cfg.write_text(json.dumps(merge_config(args.method, inputs, layers, out, args)))
     files = sorted(p for folder in inputs for p in folder.glob("*.safetensors"))
     params = sum(int(np.prod(s)) for s in shapes.values())
+    mergekit = (args.mergekit or shutil.which("mergekit-yaml")) if args.method == "linear" else None
     # The disk is shared and noisy (the same read took 4.6 s and 14.8 s minutes apart): measure its
     # limit before and after each of `rounds` merges, and keep the fastest read and the fastest write
-    # of any measurement, by either way of doing them, and the fastest merge.
+    # of any measurement, by either way of doing them, and the fastest merge. mergekit, when timed, runs
+    # in the same rounds, right after calm merge: a slow stretch of the disk meets both.
     dropped = drop_caches()
-    result = {"scale": scale, "models": args.models, "params_per_model": params,
+    result = {"method": args.method, "scale": scale, "models": models, "params_per_model": params,
               "input_bytes": sum(p.stat().st_size for p in files), "caches_dropped": dropped,
               "loadavg_start": Path("/proc/loadavg").read_text().strip()}
     runs = [disk_limit(files, 2 * params, work / "scratch.bin")]
-    merges = []
+    merges, digests, mergekits = [], [], []
     for _ in range(args.rounds):
         shutil.rmtree(out, ignore_errors=True)
         drop_caches()
         merges.append(timed_merge(cfg))
+        if args.method != "linear":
+            digests.append(output_digest(out))
+        if mergekit:
+            mergekits.append(timed_mergekit(mergekit, inputs, work))
         runs.append(disk_limit(files, 2 * params, work / "scratch.bin"))
     result |= min(merges, key=lambda m: m["merge_wall_s"])
     result["merge_walls_s"] = [m["merge_wall_s"] for m in merges]
@@ -292,13 +356,17 @@ def run_size(args: argparse.Namespace, scale: int, work: Path) -> dict:
     result["wall_over_disk_limit"] = round(result["merge_wall_s"] / result["disk_limit_s"], 2)
     result["peak_rss_gib"] = round(result["peak_rss_bytes"] / 2**30, 3)
     result["peak_anon_gib"] = round(result["peak_anon_bytes"] / 2**30, 3)
-    if not args.no_check:
+    if args.method == "linear" and not args.no_check:
         result["bit_identical"] = check_exact(inputs, out)
-    mergekit = args.mergekit or shutil.which("mergekit-yaml")
-    if mergekit:
-        shutil.rmtree(out)
-        result |= timed_mergekit(mergekit, inputs, work)
-        result["mergekit_over_calm"] = round(result["mergekit_wall_s"] / result["merge_wall_s"], 2)
+    if digests:
+        result["rounds_bit_identical"] = len(set(digests)) == 1
+    if mergekits:
+        calm_median = statistics.median(result["merge_walls_s"])
+        result |= {"merge_median_s": round(calm_median, 2),
+                   "mergekit_walls_s": [m["wall_s"] for m in mergekits],
+                   "mergekit_median_s": round(statistics.median(m["wall_s"] for m in mergekits), 2),
+                   "mergekit_peak_anon_gib": round(max(m["peak_anon_bytes"] for m in mergekits) / 2**30, 3)}
+        result["mergekit_over_calm_medians"] = round(result["mergekit_median_s"] / calm_median, 2)
     result["loadavg_end"] = Path("/proc/loadavg").read_text().strip()
     if not args.keep:
         shutil.rmtree(work)
@@ -307,7 +375,8 @@ def run_size(args: argparse.Namespace, scale: int, work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", type=int, default=3)
+    parser.add_argument("--models", type=int, default=3, help="inputs, for a method whose count METHODS leaves open")
+    parser.add_argument("--method", default="linear", choices=sorted(METHODS))
     # TinyLlama-1.1B's shapes.
     parser.add_argument("--layers", type=int, default=22)
     parser.add_argument("--hidden", type=int, default=2048)
@@ -319,7 +388,8 @@ def main() -> None:
     parser.add_argument("--input-shard-bytes", type=float, default=1e9)
     parser.add_argument("--output-shard-size", default="1GB")
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=2, help="merges per size (the fastest counts), each between disk measurements")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="merges per size (the fastest counts; with mergekit, medians), each between disk measurements")
     parser.add_argument("--memory-budget", default="2GB")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/calm-merge-bench"))
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints and output")
