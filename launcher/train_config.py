@@ -77,6 +77,10 @@ class CompositionConfig(Strict):
         False, description="a zero key and value every query may attend to, so that the cross-attention can "
         "add nothing where the augmenting model has nothing to add; not in the paper"
     )
+    residual_scale: bool = Field(
+        False, description="scale each cross-attention output by the RMS of the anchor state it joins, so it "
+        "learns as fast on a real anchor (residual RMS 10-30) as on a toy (near 1); not in the paper"
+    )
     dropout: float = Field(
         0.0, ge=0, lt=1, description="training only: drop this share of the augmenting states the cross-attention "
         "reads (a regulariser against memorising D_C; decoding, eval and checkpoints are unaffected); not in the paper"

@@ -24,11 +24,12 @@ def train_steps(model, steps: int = 5, batch: int = 4, length: int = 12, lr: flo
     return model
 
 
-@pytest.fixture(params=["every_n", "into_input", "recency_and_null"])
+@pytest.fixture(params=["every_n", "into_input", "recency_null_scaled"])
 def trained_pair(request):
     """A composed Llama pair (anchor 4x64, augmenting 4x32) with a trained, non-zero composition:
     the paper's every-n layout, one that also connects into the anchor's input embeddings and reads
-    the augmenting model's token embeddings, or one with the cross-attention's recency bias and null key."""
+    the augmenting model's token embeddings, or one with the cross-attention's recency bias, null key and
+    output scaled to the residual stream."""
     from calm_dist.model.composed import compose
     from calm_dist.model.connections import INPUT, Connection
     from calm_dist.testing.tiny_models import tiny_model
@@ -39,8 +40,9 @@ def trained_pair(request):
         return train_steps(compose(anchor, aug, every_n=2))
     source = INPUT if request.param == "into_input" else 1
     return train_steps(compose(anchor, aug, connections=[Connection(0, 3, INPUT), Connection(0, source, 2)],
-                               recency_bias=request.param == "recency_and_null",
-                               null_attention=request.param == "recency_and_null"))
+                               recency_bias=request.param == "recency_null_scaled",
+                               null_attention=request.param == "recency_null_scaled",
+                               residual_scale=request.param == "recency_null_scaled"))
 
 
 @pytest.fixture(scope="session")

@@ -335,6 +335,19 @@ def test_a_connection_from_the_augmenting_token_embeddings_reads_exactly_them():
         compose(tiny_model("llama", layers=3, width=64, heads=4, seed=0), aug, connections=[Connection(0, -2, 1)])
 
 
+def test_residual_scale_multiplies_the_output_by_the_anchor_states_rms():
+    """residual_scale: the output, in units of the RMS of the anchor state it joins (per position)."""
+    torch.manual_seed(0)
+    plain = CrossAttention(24, 32, 4, null_attention=True).double()
+    scaled = CrossAttention(24, 32, 4, null_attention=True, residual_scale=True).double()
+    torch.nn.init.normal_(plain.out.weight)  # non-zero, as after training
+    scaled.load_state_dict(plain.state_dict())
+    anchor_states = 20 * torch.randn(2, 5, 32, dtype=torch.float64)
+    keys, values = plain.keys_values(torch.randn(2, 5, 24, dtype=torch.float64))
+    rms = anchor_states.pow(2).mean(-1, keepdim=True).add(plain.eps).sqrt()
+    assert torch.equal(scaled(anchor_states, keys, values, None), plain(anchor_states, keys, values, None) * rms)
+
+
 def test_dropout_acts_in_training_mode_only():
     """composition.dropout drops augmenting states the cross-attention reads while training; in eval
     mode (decoding, calm eval) the block is exactly the one without dropout."""

@@ -97,7 +97,8 @@ class ComposedModel(nn.Module):
                 {
                     c.name: CrossAttention(self.augmenting_dims[c.augmenting].hidden_size, width,
                                            self.options.num_heads, recency_bias=self.options.recency_bias,
-                                           null_attention=self.options.null_attention, dropout=self.options.dropout)
+                                           null_attention=self.options.null_attention, dropout=self.options.dropout,
+                                           residual_scale=self.options.residual_scale)
                     for c in self.connections
                 }
             ).to(device=device, dtype=self.options.dtype)

@@ -86,7 +86,8 @@ class CrossAttention(nn.Module):
     has nothing to say (the anchor's own skill), whatever it reads there is added to the anchor."""
 
     def __init__(self, aug_dim: int, anchor_dim: int, num_heads: int, eps: float = 1e-6,
-                 recency_bias: bool = False, null_attention: bool = False, dropout: float = 0.0):
+                 recency_bias: bool = False, null_attention: bool = False, dropout: float = 0.0,
+                 residual_scale: bool = False):
         super().__init__()
         if anchor_dim % num_heads:
             raise ValueError(f"anchor width {anchor_dim} is not divisible by {num_heads} heads")
@@ -100,6 +101,8 @@ class CrossAttention(nn.Module):
         self.recency = RecencyBias(num_heads) if recency_bias else None
         self.null_attention = null_attention
         self.dropout = dropout  # on the augmenting states, in training mode only
+        # Output in units of the anchor state's RMS (a constant to the optimizer: no gradient through it).
+        self.residual_scale = residual_scale
 
     @staticmethod
     def parameter_count(aug_dim: int, anchor_dim: int, num_heads: int = 0, recency_bias: bool = False) -> int:
@@ -135,14 +138,18 @@ class CrossAttention(nn.Module):
             return anchor_states.new_zeros(anchor_states.shape, dtype=self.q.weight.dtype)
         query = self._split_heads(self.q(_rms(anchor_states.to(self.q.weight.dtype), self.eps)))
         if self.recency is not None or self.null_attention:
-            return self._out(self._attend_with_bias(query, keys, values, allowed))
-        if allowed is None:
+            attended = self._attend_with_bias(query, keys, values, allowed)
+        elif allowed is None:
             attended = F.scaled_dot_product_attention(query, keys, values, is_causal=True)
         else:
             has_key = allowed.any(dim=-1, keepdim=True)
             attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed | ~has_key)
             attended = attended * has_key
-        return self._out(attended)
+        out = self._out(attended)
+        if self.residual_scale:
+            scale = anchor_states.detach().to(out.dtype).pow(2).mean(-1, keepdim=True).add(self.eps).sqrt()
+            out = out * scale
+        return out
 
     def _attend_with_bias(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                           allowed: torch.Tensor | None) -> torch.Tensor:

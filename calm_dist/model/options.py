@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 
 # Options a composition checkpoint records: what the trained weights mean. dropout is training-only.
-SAVED = ("num_heads", "recency_bias", "null_attention", "dtype")
+SAVED = ("num_heads", "recency_bias", "null_attention", "residual_scale", "dtype")
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,10 @@ class CompositionOptions:
     null_attention: bool = False
     """A zero key and value every query may attend to, so the cross-attention can add nothing; not in the
     paper."""
+    residual_scale: bool = False
+    """Scale each cross-attention output by the RMS of the anchor state it is added to, so that a step of
+    the optimizer changes a real anchor's residual stream (RMS 10-30 in SmolLM2's upper layers) as much as
+    a toy's (RMS near 1); not in the paper."""
     dropout: float = 0.0
     """Training only: drop this share of the augmenting states the cross-attention reads; not in the paper."""
 
@@ -44,7 +48,8 @@ class CompositionOptions:
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> CompositionOptions:
-        # Compositions saved before recency_bias and null_attention existed have neither: off.
+        # Compositions saved before an option existed do not have it: off.
         return cls(num_heads=manifest["num_heads"], dtype=getattr(torch, manifest["dtype"]),
                    recency_bias=manifest.get("recency_bias", False),
-                   null_attention=manifest.get("null_attention", False))
+                   null_attention=manifest.get("null_attention", False),
+                   residual_scale=manifest.get("residual_scale", False))
