@@ -21,7 +21,8 @@ For each size (1x; 2x doubles the layers and the vocabulary) it:
    is the same, bit for bit (the seeded methods included).
 The machine is shared: the load average is recorded at the start and end of each size.
 
-Quick run: python bench/merge_throughput.py --layers 4 --vocab 8000 --sizes 1 --method ties
+Quick run: python bench/merge_throughput.py --layers 4 --vocab 8000 --sizes 1 --method ties,slerp
+Every method: python bench/merge_throughput.py --sizes 1 --method all
 """
 
 from __future__ import annotations
@@ -305,7 +306,8 @@ def check_exact(inputs: list[Path], out: Path) -> bool:
     return True
 
 
-def run_size(args: argparse.Namespace, scale: int, work: Path) -> dict:
+def run_size(args: argparse.Namespace, scale: int, work: Path) -> list[dict]:
+    """Every method of --method on one set of inputs (written once: as many as the methods need)."""
     layers = args.layers * scale
     shapes = llama_shapes(layers, args.hidden, args.intermediate, args.vocab * scale, args.kv_heads, args.hidden // args.heads)
     config = {
@@ -313,25 +315,36 @@ def run_size(args: argparse.Namespace, scale: int, work: Path) -> dict:
         "intermediate_size": args.intermediate, "num_hidden_layers": layers, "num_attention_heads": args.heads,
         "num_key_value_heads": args.kv_heads, "vocab_size": args.vocab * scale, "tie_word_embeddings": False, "dtype": "bfloat16",
     }
-    models = METHODS[args.method].get("models", args.models)
+    methods = args.method.split(",")
     if work.exists():
         shutil.rmtree(work)
     inputs = []
-    for k in range(models):
+    for k in range(max(METHODS[m].get("models", args.models) for m in methods)):
         write_checkpoint(work / f"in{k}", shapes, config, int(args.input_shard_bytes), seed=k)
         inputs.append(work / f"in{k}")
+    params = sum(int(np.prod(s)) for s in shapes.values())
+    results = []
+    for method in methods:
+        results.append(run_method(args, method, inputs[: METHODS[method].get("models", args.models)], layers, params, work))
+        results[-1]["scale"] = scale
+        print(f"size {scale}x, {method}: {json.dumps(results[-1])}", file=sys.stderr, flush=True)  # if a later one fails
+    if not args.keep:
+        shutil.rmtree(work)
+    return results
+
+
+def run_method(args: argparse.Namespace, method: str, inputs: list[Path], layers: int, params: int, work: Path) -> dict:
     out = work / "out"
     cfg = work / "merge.yaml"
-    cfg.write_text(json.dumps(merge_config(args.method, inputs, layers, out, args)))
+    cfg.write_text(json.dumps(merge_config(method, inputs, layers, out, args)))
     files = sorted(p for folder in inputs for p in folder.glob("*.safetensors"))
-    params = sum(int(np.prod(s)) for s in shapes.values())
-    mergekit = (args.mergekit or shutil.which("mergekit-yaml")) if args.method == "linear" else None
+    mergekit = (args.mergekit or shutil.which("mergekit-yaml")) if method == "linear" else None
     # The disk is shared and noisy (the same read took 4.6 s and 14.8 s minutes apart): measure its
     # limit before and after each of `rounds` merges, and keep the fastest read and the fastest write
     # of any measurement, by either way of doing them, and the fastest merge. mergekit, when timed, runs
     # in the same rounds, right after calm merge: a slow stretch of the disk meets both.
     dropped = drop_caches()
-    result = {"method": args.method, "scale": scale, "models": models, "params_per_model": params,
+    result = {"method": method, "models": len(inputs), "params_per_model": params,
               "input_bytes": sum(p.stat().st_size for p in files), "caches_dropped": dropped,
               "loadavg_start": Path("/proc/loadavg").read_text().strip()}
     runs = [disk_limit(files, 2 * params, work / "scratch.bin")]
@@ -340,7 +353,7 @@ def run_size(args: argparse.Namespace, scale: int, work: Path) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         drop_caches()
         merges.append(timed_merge(cfg))
-        if args.method != "linear":
+        if method != "linear":
             digests.append(output_digest(out))
         if mergekit:
             mergekits.append(timed_mergekit(mergekit, inputs, work))
@@ -356,7 +369,7 @@ def run_size(args: argparse.Namespace, scale: int, work: Path) -> dict:
     result["wall_over_disk_limit"] = round(result["merge_wall_s"] / result["disk_limit_s"], 2)
     result["peak_rss_gib"] = round(result["peak_rss_bytes"] / 2**30, 3)
     result["peak_anon_gib"] = round(result["peak_anon_bytes"] / 2**30, 3)
-    if args.method == "linear" and not args.no_check:
+    if method == "linear" and not args.no_check:
         result["bit_identical"] = check_exact(inputs, out)
     if digests:
         result["rounds_bit_identical"] = len(set(digests)) == 1
@@ -368,15 +381,15 @@ def run_size(args: argparse.Namespace, scale: int, work: Path) -> dict:
                    "mergekit_peak_anon_gib": round(max(m["peak_anon_bytes"] for m in mergekits) / 2**30, 3)}
         result["mergekit_over_calm_medians"] = round(result["mergekit_median_s"] / calm_median, 2)
     result["loadavg_end"] = Path("/proc/loadavg").read_text().strip()
-    if not args.keep:
-        shutil.rmtree(work)
+    shutil.rmtree(out, ignore_errors=True)
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=int, default=3, help="inputs, for a method whose count METHODS leaves open")
-    parser.add_argument("--method", default="linear", choices=sorted(METHODS))
+    parser.add_argument("--method", default="linear", type=_methods,
+                        help=f"comma-separated, on the same inputs, or 'all': {', '.join(METHODS)}")
     # TinyLlama-1.1B's shapes.
     parser.add_argument("--layers", type=int, default=22)
     parser.add_argument("--hidden", type=int, default=2048)
@@ -398,12 +411,20 @@ def main() -> None:
     args = parser.parse_args()
     results = []
     for scale in args.sizes.split(","):
-        results.append(run_size(args, int(scale), args.workdir / f"x{scale}"))
-        print(f"size {scale}x: {json.dumps(results[-1])}", file=sys.stderr, flush=True)  # in case a later size fails
+        results += run_size(args, int(scale), args.workdir / f"x{scale}")
     summary: dict = {"runs": results}
-    if len(results) > 1:
-        summary["anon_growth_vs_1x"] = round(results[-1]["peak_anon_bytes"] / results[0]["peak_anon_bytes"], 3)
+    linear = [r for r in results if r["method"] == "linear"]
+    if len(linear) > 1:
+        summary["anon_growth_vs_1x"] = round(linear[-1]["peak_anon_bytes"] / linear[0]["peak_anon_bytes"], 3)
     print(json.dumps(summary, indent=1))
+
+
+def _methods(value: str) -> str:
+    names = list(METHODS) if value == "all" else value.split(",")
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    return ",".join(names)
 
 
 if __name__ == "__main__":
