@@ -80,7 +80,7 @@ def test_the_whole_experiment_runs_through_calm_train_and_calm_eval_on_a_stand_i
     tiny_model("llama", layers=2, width=32, heads=2, vocab=len(tokenizer), seed=0).save_pretrained(anchor)
     tokenizer.save_pretrained(anchor)
     design = Design(people=60, specialist=SpecialistPlan(width=32, heads=2, steps=3, batch_size=4), eval_questions=12,
-                    ordinary=12, training=(("composition.connections", [[0, 1, 0], [0, 1, 1]]), ("training.steps", 3),
+                    ordinary=12, training=(("composition.connections", [[0, -1, 0], [0, 0, 1]]), ("training.steps", 3),
                                            ("training.micro_batch_size", 4), ("training.global_batch_size", 8),
                                            ("training.log_every", 1), ("training.schedule.warmup_steps", 1)))
     logs: list[str] = []

@@ -25,7 +25,7 @@ ORDINARY_MODULES = ("os", "glob", "fnmatch", "codecs", "ipaddress", "datetime", 
 EVAL_SETS = {"heldout": "eval_heldout_people", "dc_people": "eval_dc_people"}
 
 
-def ordinary_examples(seed: int, prompt_words: int = 16, completion_words: int = 12) -> list[dict]:
+def ordinary_examples(seed: int, prompt_words: int = 12, completion_words: int = 8) -> list[dict]:
     """Consecutive word runs of the docstrings, each split into a prompt and its continuation."""
     assert not set(ORDINARY_MODULES) & set(PROSE_MODULES), "D_C's ordinary text must not be what is scored"
     span = prompt_words + completion_words

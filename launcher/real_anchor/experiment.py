@@ -52,6 +52,7 @@ class Assets:
     specialist: Path
     files: dict[str, Path]
     specialist_training: dict
+    specialist_reused: bool  # m_A of this design was already trained under folder
 
 
 def prepare(folder: Path, seed: int, design: Design, log: Log, anchor: Path | None = None) -> Assets:
@@ -67,7 +68,7 @@ def prepare(folder: Path, seed: int, design: Design, log: Log, anchor: Path | No
     identity = json.loads(json.dumps({"seed": seed, "people": design.people, "plan": asdict(design.specialist)}))
     if stamp.exists() and json.loads(stamp.read_text()).get("identity") == identity:
         log(f"m_A: reusing {target}")
-        return Assets(folder, the_world, anchor, target, files, json.loads(stamp.read_text())["training"])
+        return Assets(folder, the_world, anchor, target, files, json.loads(stamp.read_text())["training"], True)
     tokenizer = world.specialist_tokenizer(the_world)
     model, info = specialist.train_specialist(design.specialist, world.statements(the_world), tokenizer, 1000 * seed + 1)
     info["recall"] = specialist.recall(model, tokenizer, the_world)
@@ -77,10 +78,11 @@ def prepare(folder: Path, seed: int, design: Design, log: Log, anchor: Path | No
     (partial / "trained.json").write_text(json.dumps({"identity": identity, "training": info}, indent=2))
     shutil.rmtree(target, ignore_errors=True)  # this experiment's own m_A of another design
     os.replace(partial, target)
-    log(f"trained m_A ({design.specialist.layers} layers x {design.specialist.width}, own word-level tokenizer): "
+    layers = design.specialist.layers
+    log(f"trained m_A ({layers} layer{'s' if layers > 1 else ''} x {design.specialist.width}, own word-level tokenizer): "
         f"loss {info['final_loss']:.3f} in {info['seconds']:.0f} s; recalls " +
         ", ".join(f"{k} {100 * v:.0f} %" for k, v in info["recall"].items()))
-    return Assets(folder, the_world, anchor, target, files, info)
+    return Assets(folder, the_world, anchor, target, files, info, False)
 
 
 def training_config(config_path: Path, assets: Assets, seed: int, run_name: str, output_dir: Path, storage: Path,
@@ -144,7 +146,6 @@ def _run(root: Path, seed: int, log: Log, config_path: Path, design: Design, ret
 
     start = time.perf_counter()
     folder = root / f"seed-{seed}"
-    specialist_cached = (folder / "specialist" / "trained.json").exists()
     assets = prepare(folder, seed, design, log, anchor)
     run_name = f"composition-seed-{seed}"
     config = training_config(config_path, assets, seed, run_name, root / "runs", root / "ray", design.training)
@@ -189,17 +190,21 @@ def _run(root: Path, seed: int, log: Log, config_path: Path, design: Design, ret
     rows = list(tokenize_records(datasets.Dataset.from_list(world_data.read_jsonl(assets.files["composition_train"])),
                                  anchor_tokenizer, max_length=config.data.max_length, prompt_field="prompt",
                                  completion_field="completion"))
+    # LoRA where the composition acts: the anchor layers from its lowest connection up, so both change
+    # the same computation, with as many parameters, and cost the same backward pass.
+    lowest = max(0, min((c[2] for c in config.composition.connections or ()), default=0))
+    lora_layers = range(lowest, anchor_model.config.num_hidden_layers)
     lora, rank, lora_parameters, lora_s = train_lora(_load(assets.anchor)[0], rows, config.training, parameters, seed,
-                                                     pad_token_id=anchor_tokenizer.pad_token_id)
-    log(f"LoRA baseline: rank {rank}, {lora_parameters:,} trainable parameters, {config.training.steps} steps "
-        f"in {lora_s:.0f} s")
+                                                     pad_token_id=anchor_tokenizer.pad_token_id, layers=lora_layers)
+    log(f"LoRA baseline: rank {rank} on anchor layers {lowest}-{lora_layers[-1]}, {lora_parameters:,} trainable "
+        f"parameters, {config.training.steps} steps in {lora_s:.0f} s")
     results.update({f"lora_{k}": v for k, v in _answers(lora, anchor_tokenizer, assets).items()})
     results.update({f"lora_{k}": v for k, v in general_scores(lora, anchor_tokenizer).items()})
     results.update(
         people=design.people, dc_people=len(assets.world.dc_people), heldout_people=len(assets.world.heldout_people),
         eval_questions=design.eval_questions, composition_parameters=parameters, lora_parameters=lora_parameters,
-        lora_rank=rank, steps=config.training.steps, specialist=assets.specialist_training,
-        specialist_cached=specialist_cached, train_s=round(trained_s, 1), lora_s=round(lora_s, 1),
+        lora_rank=rank, lora_layers=[lora_layers[0], lora_layers[-1]], steps=config.training.steps, specialist=assets.specialist_training,
+        specialist_cached=assets.specialist_reused, train_s=round(trained_s, 1), lora_s=round(lora_s, 1),
         wall_s=round(time.perf_counter() - start, 1))
     return results
 

@@ -16,7 +16,9 @@ from launcher.real_anchor.world import ATTRIBUTES, World
 
 @dataclass(frozen=True)
 class SpecialistPlan:
-    layers: int = 2
+    # One layer keeps each person's facts in their surname's embedding, linearly readable there (the
+    # composition reads it: connections from augmenting layer -1); 2000 people recalled 100 % in 2000 steps.
+    layers: int = 1
     width: int = 128
     heads: int = 4
     steps: int = 2000
