@@ -57,7 +57,7 @@ def test_every_n_matches_the_paper_layout():
         (Connection(0, 4, 0), "augmenting layer 4 is out of range"),
         (Connection(0, 0, 9), "anchor layer 9 is out of range"),
         (Connection(2, 0, 0), "augmenting model 2 does not exist"),
-        (Connection(0, -1, 0), "augmenting layer -1 is out of range"),
+        (Connection(0, -2, 0), "augmenting layer -2 is out of range"),
         (Connection(0, 0, -2), "anchor layer -2 is out of range"),
     ],
 )
