@@ -306,7 +306,8 @@ def test_an_unloadable_tokenizer(folders, tmp_path):
 def test_an_out_of_range_connection(folders):
     message = failure(make(folders, {"composition": {"connections": [[0, 9, 1]]}}))
     assert message == ("composition.connections: connection Connection(augmenting=0, aug_layer=9, anchor_layer=1): "
-                       "augmenting layer 9 is out of range (augmenting model 0 has layers 0..3)")
+                       "augmenting layer 9 is out of range (augmenting model 0 has layers 0..3, and -1 for its "
+                       "token embeddings)")
 
 
 def test_a_connection_to_an_augmenting_model_not_given(folders):
