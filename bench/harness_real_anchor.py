@@ -22,6 +22,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from launcher.eval.harness import local_task  # noqa: E402
 
 GENERAL = [
     ("The capital of France is", [" Paris", " Berlin", " Rome", " Madrid"], 0),
@@ -51,26 +54,17 @@ GENERAL = [
 ]
 
 
-def task_yaml(folder: Path, name: str, records: list[dict], body: str) -> Path:
-    """A harness task over a local JSON file (no download)."""
-    (folder / f"{name}.json").write_text(json.dumps(records))
-    path = folder / f"{name}.yaml"
-    path.write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / name}.json\n"
-                    f"test_split: test\n{body}")
-    return path
-
-
 def write_tasks(folder: Path, heldout: Path) -> list[Path]:
     questions = [json.loads(line) for line in heldout.read_text().splitlines() if line]
     world = [{"question": r["prompt"], "answer": r["completion"].strip()} for r in questions]
     general = [{"question": q, "choices": choices, "answer": answer} for q, choices, answer in GENERAL]
     return [
-        task_yaml(folder, "world_heldout", world, 'output_type: generate_until\ndoc_to_text: "{{question}}"\n'
+        local_task(folder, "world_heldout", world, 'output_type: generate_until\ndoc_to_text: "{{question}}"\n'
                   'doc_to_target: "{{answer}}"\ngeneration_kwargs:\n  until: ["\\n", ".", ","]\n  max_gen_toks: 4\n'
                   '  do_sample: false\nfilter_list:\n  - name: strip\n    filter:\n      - function: regex\n'
                   '        regex_pattern: "(\\\\w+)"\n      - function: take_first\nmetric_list:\n'
                   '  - metric: exact_match\n'),
-        task_yaml(folder, "general_mc", general, 'output_type: multiple_choice\ndoc_to_text: "{{question}}"\n'
+        local_task(folder, "general_mc", general, 'output_type: multiple_choice\ndoc_to_text: "{{question}}"\n'
                   'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n'
                   '  - metric: acc_norm\n'),
     ]

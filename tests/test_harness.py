@@ -12,6 +12,7 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
 
+from launcher.eval.harness import local_task  # noqa: E402
 from launcher.eval.harness_model import CalmLM  # noqa: E402  (registers `calm`; needs lm_eval)
 from tests.distributed.runs import ENV, ROOT  # noqa: E402
 from tests.test_eval import noise_in, terminal_lines  # noqa: E402
@@ -31,15 +32,6 @@ GENERATION = [
 TEXTS = [{"text": "The quick brown fox jumps over the lazy dog."}, {"text": "Paris is the capital of France."}]
 
 
-def task_yaml(folder: Path, name: str, records: list[dict], body: str) -> Path:
-    """A harness task over a local JSON file (no download)."""
-    (folder / f"{name}.json").write_text(json.dumps(records))
-    path = folder / f"{name}.yaml"
-    path.write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / name}.json\n"
-                    f"test_split: test\n{body}")
-    return path
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, smollm2):
     """Three local tasks; init compositions with SmolLM2 as anchor and a small augmenting model that
@@ -54,13 +46,13 @@ def assets(tmp_path_factory, smollm2):
 
     folder = tmp_path_factory.mktemp("harness")
     tasks = {
-        "mc": task_yaml(folder, "calm_mc", MULTIPLE_CHOICE, 'output_type: multiple_choice\ndoc_to_text: "{{question}}"\n'
+        "mc": local_task(folder, "calm_mc", MULTIPLE_CHOICE, 'output_type: multiple_choice\ndoc_to_text: "{{question}}"\n'
                         'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n'),
-        "gen": task_yaml(folder, "calm_gen", GENERATION, 'output_type: generate_until\n'
+        "gen": local_task(folder, "calm_gen", GENERATION, 'output_type: generate_until\n'
                          'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_target: "{{answer}}"\n'
                          'generation_kwargs:\n  until: ["\\n", "."]\n  max_gen_toks: 10\n  do_sample: false\n'
                          'metric_list:\n  - metric: exact_match\n    ignore_case: true\n'),
-        "rolling": task_yaml(folder, "calm_rolling", TEXTS, 'output_type: loglikelihood_rolling\ndoc_to_text: ""\n'
+        "rolling": local_task(folder, "calm_rolling", TEXTS, 'output_type: loglikelihood_rolling\ndoc_to_text: ""\n'
                              'doc_to_target: "{{text}}"\nmetric_list:\n  - metric: word_perplexity\n'),
     }
     anchor = AutoModelForCausalLM.from_pretrained(smollm2)

@@ -21,6 +21,18 @@ from launcher.eval.job import HarnessTasks
 from launcher.train_config import ConfigError
 
 
+def local_task(folder: Path, name: str, records: list[dict], body: str) -> Path:
+    """A harness task YAML over records written as a local JSON file beside it (no download); body: the
+    task's settings after its data (output_type, doc_to_text, metric_list, ...)."""
+    import json
+
+    (folder / f"{name}.json").write_text(json.dumps(records))
+    path = folder / f"{name}.yaml"
+    path.write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / name}.json\n"
+                    f"test_split: test\n{body}")
+    return path
+
+
 def _is_file_spec(task: str) -> bool:
     return task.endswith((".yaml", ".yml")) or Path(task).is_file()
 
