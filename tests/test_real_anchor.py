@@ -5,8 +5,9 @@ import re
 
 import pytest
 
-from launcher.general_ability import PROSE_MODULES
+from launcher.general_ability import GENERAL_PROMPTS, PROSE_MODULES, docstrings
 from launcher.real_anchor import data as world_data
+from launcher.real_anchor import ordinary
 from launcher.real_anchor import world as w
 
 
@@ -54,14 +55,36 @@ def test_m_a_reads_statements_with_its_own_word_level_tokenizer(world):
 
 
 def test_dc_holds_questions_about_its_people_and_ordinary_text_that_is_never_scored(world, tmp_path):
-    files = world_data.write_data(world, tmp_path, eval_questions=50, ordinary=100)
+    answers = [{"prompt": p, "completion": " x"} for p in ordinary.factual_prompts()]
+    files = world_data.write_data(world, tmp_path, eval_questions=50, prose=100, anchor_answers=answers)
     dc = world_data.read_jsonl(files["composition_train"])
-    assert len(dc) == 3 * len(world.dc_people) + 100
+    assert len(dc) == 3 * len(world.dc_people) + 100 + len(answers)
     heldout_names = {p.name for p in world.heldout_people}
-    assert not any(name in r["prompt"] for r in dc for name in heldout_names)
+    assert not any(name in r["prompt"] + r["completion"] for r in dc for name in heldout_names)
     heldout = world_data.read_jsonl(files[world_data.EVAL_SETS["heldout"]])
     assert len(heldout) == 50 and all(any(n in r["prompt"] for n in heldout_names) for r in heldout)
-    assert not set(world_data.ORDINARY_MODULES) & set(PROSE_MODULES)
+    # Prose is trained on every token (no prompt), from docstrings the prose loss never reads.
+    prose = [r for r in dc if r["prompt"] == ""]
+    assert len(prose) == 100 and all(len(r["completion"].split()) == 40 for r in prose)
+    scored = " ".join(docstrings())
+    assert not any(r["completion"] in scored for r in prose)
+    assert not set(ordinary.ORDINARY_MODULES) & set(PROSE_MODULES)
+    assert not set(ordinary.factual_prompts()) & {p for p, _ in GENERAL_PROMPTS}
+
+
+def test_the_anchors_own_answers_are_its_greedy_continuations(smollm2):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from calm_dist.model.decoding import prompt_ids
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(smollm2), AutoTokenizer.from_pretrained(smollm2)
+    answers = ordinary.anchor_answers(model, tokenizer, max_new_tokens=3)
+    assert [r["prompt"] for r in answers] == ordinary.factual_prompts()
+    for record in answers[:: len(answers) // 4]:  # a few, each decoded alone by Hugging Face's generate
+        ids = torch.tensor(prompt_ids(tokenizer, [record["prompt"]]))
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+        assert record["completion"] == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 def test_the_whole_experiment_runs_through_calm_train_and_calm_eval_on_a_stand_in_anchor(tmp_path, smollm2):
@@ -80,9 +103,10 @@ def test_the_whole_experiment_runs_through_calm_train_and_calm_eval_on_a_stand_i
     tiny_model("llama", layers=2, width=32, heads=2, vocab=len(tokenizer), seed=0).save_pretrained(anchor)
     tokenizer.save_pretrained(anchor)
     design = Design(people=60, specialist=SpecialistPlan(width=32, heads=2, steps=3, batch_size=4), eval_questions=12,
-                    ordinary=12, training=(("composition.connections", [[0, -1, 0], [0, 0, 1]]), ("training.steps", 3),
+                    prose=12, answer_tokens=2, training=(("composition.connections", [[0, -1, 0], [0, 0, 1]]), ("training.steps", 3),
                                            ("training.micro_batch_size", 4), ("training.global_batch_size", 8),
-                                           ("training.log_every", 1), ("training.schedule.warmup_steps", 1)))
+                                           ("training.log_every", 1), ("training.schedule.warmup_steps", 1),
+                                           ("ray.num_workers", 2), ("ray.cpus_per_worker", 1)))
     logs: list[str] = []
     results = run_experiment(tmp_path / "root", 0, logs.append, design=design, anchor=anchor)
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -39,7 +40,8 @@ class Design:
     dc_fraction: float = 0.2
     specialist: SpecialistPlan = field(default_factory=SpecialistPlan)
     eval_questions: int = 300
-    ordinary: int = 600  # D_C's ordinary prompt/completion pairs, beside its 3 questions per D_C person
+    prose: int = 480  # D_C's prose passages (launcher.real_anchor.ordinary), beside its 3 questions per D_C person
+    answer_tokens: int = 32  # how far the anchor continues each factual prompt of D_C (its own answers)
     # `calm train` settings that differ from configs/real-anchor.yaml: (dotted key, value) pairs.
     training: tuple[tuple[str, object], ...] = ()
 
@@ -61,8 +63,13 @@ def prepare(folder: Path, seed: int, design: Design, log: Log, anchor: Path | No
     from launcher.real_anchor import specialist, world
 
     anchor = anchor or smollm2()
+    link = folder.parent / "smollm2"  # where configs/real-anchor.yaml finds the anchor, for `calm train` by hand
+    if not link.exists() and not link.is_symlink():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(anchor, target_is_directory=True)
     the_world = world.make_world(seed, design.people, dc_fraction=design.dc_fraction)
-    files = world_data.write_data(the_world, folder / "data", design.eval_questions, design.ordinary)
+    answers = _anchor_answers(folder.parent / "anchor-answers.json", anchor, design.answer_tokens, log)
+    files = world_data.write_data(the_world, folder / "data", design.eval_questions, design.prose, answers)
     target = folder / "specialist"
     stamp = target / "trained.json"
     identity = json.loads(json.dumps({"seed": seed, "people": design.people, "plan": asdict(design.specialist)}))
@@ -83,6 +90,24 @@ def prepare(folder: Path, seed: int, design: Design, log: Log, anchor: Path | No
         f"loss {info['final_loss']:.3f} in {info['seconds']:.0f} s; recalls " +
         ", ".join(f"{k} {100 * v:.0f} %" for k, v in info["recall"].items()))
     return Assets(folder, the_world, anchor, target, files, info, False)
+
+
+def _anchor_answers(cache: Path, anchor: Path, max_new_tokens: int, log: Log) -> list[dict]:
+    """The anchor's own continuations of D_C's factual prompts: the same for every seed, so computed
+    once per anchor and kept in `cache`."""
+    from launcher.real_anchor.ordinary import anchor_answers, factual_prompts
+
+    identity = {"anchor": str(anchor), "prompts": factual_prompts(), "max_new_tokens": max_new_tokens}
+    if cache.exists() and json.loads(cache.read_text())["identity"] == identity:
+        return json.loads(cache.read_text())["records"]
+    start = time.perf_counter()
+    records = anchor_answers(*_load(anchor), max_new_tokens)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_suffix(".partial")
+    partial.write_text(json.dumps({"identity": identity, "records": records}))
+    os.replace(partial, cache)
+    log(f"the anchor's own answers to {len(records)} factual prompts, for D_C: {time.perf_counter() - start:.0f} s")
+    return records
 
 
 def training_config(config_path: Path, assets: Assets, seed: int, run_name: str, output_dir: Path, storage: Path,
@@ -150,13 +175,18 @@ def _run(root: Path, seed: int, log: Log, config_path: Path, design: Design, ret
     run_name = f"composition-seed-{seed}"
     config = training_config(config_path, assets, seed, run_name, root / "runs", root / "ray", design.training)
     composition = Path(config.output_dir) / run_name / "composition"
-    done = composition / "composition.json"
-    if retrain or not (done.exists() and json.loads(done.read_text()).get("trained_steps") == config.training.steps):
+    # The composition is reused only if trained on this very D_C with this very config.
+    identity = {"config": config.model_dump(mode="json"),
+                "data": hashlib.sha256(assets.files["composition_train"].read_bytes()).hexdigest()}
+    stamp = Path(config.output_dir) / run_name / "experiment.json"
+    if retrain or not ((composition / "composition.json").exists() and stamp.exists()
+                       and json.loads(stamp.read_text()) == identity):
         for old in (Path(config.output_dir) / run_name, Path(config.ray.storage_path) / run_name):
             shutil.rmtree(old, ignore_errors=True)  # this seed's earlier run belongs to the experiment
         preflight(config)  # bad input fails here, in one line, before any worker starts
         if train(config) != 0:
             raise RuntimeError(f"composition training failed; see {Path(config.output_dir) / run_name}")
+        stamp.write_text(json.dumps(identity))
     else:
         log(f"composition: reusing {composition} (pass --retrain to train it again)")
     trained_s = time.perf_counter() - start
