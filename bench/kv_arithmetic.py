@@ -4,6 +4,7 @@ evaluation of every model, and the equal-parameter LoRA baseline. Prints one JSO
 
 Targets (issue #7), for every seed: composed_heldout >= 0.70; augmenting_heldout, anchor_heldout and
 lora_heldout < 0.10; composed_numeric >= anchor_numeric - 0.05; wall_s <= 600 on a 2-core machine.
+Issue #23: composed_substitution >= 0.80 (KV-Substitution on held-out keys, its own prompt form).
 
 With --augmenting-tokenizer characters (issue #10), m_A reads the text through a tokenizer of its own,
 one token per character, so a key is 2-4 of its tokens: composed_heldout >= 0.50 with the same
@@ -31,6 +32,7 @@ TARGETS = {
         "composed_heldout >= 0.70": lambda r: r["composed_heldout"] >= 0.70,
         "baselines_heldout < 0.10": BASELINES,
         "composed_numeric >= anchor_numeric - 0.05": lambda r: r["composed_numeric"] >= r["anchor_numeric"] - 0.05,
+        "composed_substitution >= 0.80": lambda r: r["composed_substitution"] >= 0.80,
         "wall_s <= 600": lambda r: r["wall_s"] <= 600,
     },
     "characters": {

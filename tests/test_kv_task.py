@@ -60,6 +60,16 @@ def test_anchor_data_holds_no_key_and_augmenting_data_no_result(task):
             assert task.values[key] == int(value)
 
 
+def test_each_task_has_its_own_prompt_form(task):
+    """One prompt never expects two answers: a substitution prompt is never an arithmetic prompt."""
+    substitutions = kv_task.kv_substitution(task, task.keys, 300, seed=0)
+    arithmetic = kv_task.kv_arithmetic(task, task.keys, 300, seed=0) + kv_task.numeric_arithmetic(task, 300, seed=0)
+    assert all(r["prompt"].endswith(":") for r in substitutions)
+    assert all(r["prompt"].endswith("=") for r in arithmetic)
+    tokenizer = kv_task.kv_tokenizer(task)
+    assert tokenizer.convert_tokens_to_ids(":") != tokenizer.unk_token_id
+
+
 def test_answers_are_exact(task):
     for record in kv_task.kv_arithmetic(task, task.keys, 300, seed=2):
         substituted = kv_task.substitute(task, record["prompt"][:-1])

@@ -67,6 +67,7 @@ class Design:
     anchor_examples: int = 8000
     dc_kv_examples: int = 4000  # D_C: KV-arithmetic over the training keys...
     dc_numeric_examples: int = 2000  # ...with numeric examples mixed in, so m_B's skill is kept (1000 kept less of it)
+    dc_substitution_examples: int = 1000  # ...and substitutions over the training keys, m_A's skill
     eval_examples: int = 500
     max_new_tokens: int = 6  # greedy decoding length of every evaluation in the anchor's tokens
     # "same": m_A reads the anchor's word-level tokens (a key is one token). "characters": m_A has a
@@ -196,7 +197,8 @@ def prepare(folder: Path, seed: int, design: Design, log: Log) -> Assets:
         + form(kv_task.kv_substitution(task, task.keys, design.augmenting_substitutions, 1)),
         "anchor_train": form(kv_task.numeric_arithmetic(task, design.anchor_examples, 2)),
         "composition_train": form(kv_task.kv_arithmetic(task, task.train_keys, design.dc_kv_examples, 3)
-                                  + kv_task.numeric_arithmetic(task, design.dc_numeric_examples, 4)),
+                                  + kv_task.numeric_arithmetic(task, design.dc_numeric_examples, 4)
+                                  + kv_task.kv_substitution(task, task.train_keys, design.dc_substitution_examples, 9)),
         EVAL_SETS["heldout"]: form(kv_task.kv_arithmetic(task, task.heldout_keys, design.eval_examples, 5)),
         EVAL_SETS["train_keys"]: form(kv_task.kv_arithmetic(task, task.train_keys, design.eval_examples, 6)),
         EVAL_SETS["substitution"]: form(kv_task.kv_substitution(task, task.heldout_keys, design.eval_examples, 7)),

@@ -1,10 +1,13 @@
 """The key-value arithmetic task of the CALM paper (Table 1), small enough for a laptop.
 
 A seeded map from keys (short lowercase strings, one token each) to values 0-9. Three skills:
-- KV-substitution, the augmenting model's: `qzx+ab-mno=` -> `3+5-1`;
+- KV-substitution, the augmenting model's: `qzx+ab-mno:` -> `3+5-1`;
 - numeric arithmetic, the anchor's: `3+5-1=` -> `7`;
 - KV-arithmetic, the composition's: `qzx+ab-mno=` -> `7`, learned from examples over only
   `train_key_fraction` of the keys and evaluated on the keys it never saw.
+
+Each task has its own prompt form (`:` asks for the values, `=` for the result), so one model can
+score on every task: with one form, `qzx+ab-mno=` would expect `3+5-1` in one set and `7` in another.
 
 The augmenting model also reads key-value streams (`qzx3ab5mno1`), in which each key is immediately
 followed by its value, so that its state at a key predicts that key's value. Everything here is pure
@@ -22,7 +25,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-SYMBOLS = list(string.digits) + ["+", "-", "="]
+# `=` ends an arithmetic prompt (the result follows), `:` a substitution prompt (the values follow).
+SYMBOLS = list(string.digits) + ["+", "-", "=", ":"]
 
 
 @dataclass(frozen=True)
@@ -137,9 +141,9 @@ def kv_arithmetic(task: KVTask, keys: tuple[str, ...], count: int, seed: int,
 
 def kv_substitution(task: KVTask, keys: tuple[str, ...], count: int, seed: int,
                     terms: tuple[int, int] = (2, 3)) -> list[dict]:
-    """`qzx+ab-mno=` -> `3+5-1`."""
+    """`qzx+ab-mno:` -> `3+5-1`."""
     rng = random.Random(f"kv-substitution-{task.seed}-{seed}")
-    return [{"prompt": e + "=", "completion": substitute(task, e)}
+    return [{"prompt": e + ":", "completion": substitute(task, e)}
             for e in _key_expressions(task, keys, count, rng, terms)]
 
 
