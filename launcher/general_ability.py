@@ -4,8 +4,9 @@ task is not (LM-Cocktail's and the real-anchor CALM experiment's general columns
 - English prose the project did not write: the docstrings of Python's standard library, read from the
   interpreter's own source files (present on every Python install), scored as mean token loss;
 - general prompts the base model completes correctly ("The capital of France is" -> "Paris"), scored
-  as exact match of the first word generated. The list was kept to prompts SmolLM2-135M-Instruct gets
-  right, so the base model scores 100 % and a drop is forgetting.
+  as exact match of the first word generated. The list was drawn up as prompts SmolLM2-135M-Instruct
+  gets right, but through the decoding loop every score here uses it answers 72.9 % of them (measured
+  2026-12-06): a model is compared with the anchor's own score, not with 100 %.
 """
 
 from __future__ import annotations
