@@ -98,8 +98,9 @@ def _anchor_answers(cache: Path, anchor: Path, max_new_tokens: int, log: Log) ->
     from launcher.real_anchor.ordinary import anchor_answers, factual_prompts
 
     identity = {"anchor": str(anchor), "prompts": factual_prompts(), "max_new_tokens": max_new_tokens}
-    if cache.exists() and json.loads(cache.read_text())["identity"] == identity:
-        return json.loads(cache.read_text())["records"]
+    cached = json.loads(cache.read_text()) if cache.exists() else {}
+    if cached.get("identity") == identity:
+        return cached["records"]
     start = time.perf_counter()
     records = anchor_answers(*_load(anchor), max_new_tokens)
     cache.parent.mkdir(parents=True, exist_ok=True)
