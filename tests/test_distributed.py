@@ -161,3 +161,18 @@ def test_offload_and_every_zero_stage_train_as_zero3_does(tmp_path):
     for run in ("optimizer", "parameters", "stage 2", "stage 0"):
         assert losses[run] == pytest.approx(losses["none"], rel=1e-6), run
 
+
+
+def test_one_zero3_rank_keeps_every_parameter_whole_unless_offloaded():
+    """With one rank a partition is the whole model: gathering per module would only cost time. Offloaded
+    parameters and several ranks keep DeepSpeed's default (small tensors persist, the rest is gathered)."""
+    from calm_dist.distributed.engine import deepspeed_config
+
+    def threshold(**kwargs):
+        config = deepspeed_config(micro_batch_size=2, gradient_accumulation_steps=1, **kwargs)
+        return config["zero_optimization"].get("stage3_param_persistence_threshold")
+
+    assert threshold(data_parallel_size=1) >= 2**62
+    assert threshold(data_parallel_size=2) is None
+    assert threshold(data_parallel_size=1, offload_params=True) is None
+    assert threshold(data_parallel_size=1, zero_stage=2) is None

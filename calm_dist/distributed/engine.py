@@ -24,6 +24,11 @@ def deepspeed_config(
     extra: dict | None = None,
 ) -> dict:
     zero: dict = {"stage": zero_stage}
+    if zero_stage == 3 and data_parallel_size == 1 and not offload_params:
+        # One rank's partition is the whole model: gathering and releasing each module around its use
+        # frees nothing and cost 7 % of a step (SmolLM2 on a 2-core CPU worker: 2.1 against 2.25 s/step,
+        # the same losses bit for bit). Every parameter persists instead.
+        zero["stage3_param_persistence_threshold"] = 2**62
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if offload_params and zero_stage == 3:
