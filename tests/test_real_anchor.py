@@ -118,3 +118,16 @@ def test_the_whole_experiment_runs_through_calm_train_and_calm_eval_on_a_stand_i
     paths = write_report(results, tmp_path / "results")
     assert all(path.is_file() for path in paths.values())
     assert "CALM m_A+m_B" in text_table(results)
+
+
+def test_a_result_is_reused_only_for_the_identity_that_made_it(tmp_path):
+    """m_A, the anchor's answers and the composition are reused by stamp: tuples in an identity match
+    after the JSON round trip, any other difference (or no stamp) means computing again."""
+    from launcher.real_anchor.experiment import _stamped, _write_stamp
+
+    stamp, identity = tmp_path / "run" / "stamp.json", {"plan": (1, 2), "steps": 400}
+    assert _stamped(stamp, identity) is None
+    _write_stamp(stamp, identity, training={"seconds": 3.0})
+    assert _stamped(stamp, identity) == {"identity": {"plan": [1, 2], "steps": 400}, "training": {"seconds": 3.0}}
+    assert _stamped(stamp, {**identity, "steps": 300}) is None
+    assert not stamp.with_suffix(".partial").exists()

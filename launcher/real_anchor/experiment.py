@@ -71,18 +71,17 @@ def prepare(folder: Path, seed: int, design: Design, log: Log, anchor: Path | No
     answers = _anchor_answers(folder.parent / "anchor-answers.json", anchor, design.answer_tokens, log)
     files = world_data.write_data(the_world, folder / "data", design.eval_questions, design.prose, answers)
     target = folder / "specialist"
-    stamp = target / "trained.json"
-    identity = json.loads(json.dumps({"seed": seed, "people": design.people, "plan": asdict(design.specialist)}))
-    if stamp.exists() and json.loads(stamp.read_text()).get("identity") == identity:
+    identity = {"seed": seed, "people": design.people, "plan": asdict(design.specialist)}
+    if (stamp := _stamped(target / "trained.json", identity)) is not None:
         log(f"m_A: reusing {target}")
-        return Assets(folder, the_world, anchor, target, files, json.loads(stamp.read_text())["training"], True)
+        return Assets(folder, the_world, anchor, target, files, stamp["training"], True)
     tokenizer = world.specialist_tokenizer(the_world)
     model, info = specialist.train_specialist(design.specialist, world.statements(the_world), tokenizer, 1000 * seed + 1)
     info["recall"] = specialist.recall(model, tokenizer, the_world)
     partial = folder / "specialist.partial"  # renamed into place whole: never half a model at `target`
     shutil.rmtree(partial, ignore_errors=True)
     specialist.save(model, tokenizer, partial)
-    (partial / "trained.json").write_text(json.dumps({"identity": identity, "training": info}, indent=2))
+    _write_stamp(partial / "trained.json", identity, training=info)
     shutil.rmtree(target, ignore_errors=True)  # this experiment's own m_A of another design
     os.replace(partial, target)
     layers = design.specialist.layers
@@ -98,17 +97,31 @@ def _anchor_answers(cache: Path, anchor: Path, max_new_tokens: int, log: Log) ->
     from launcher.real_anchor.ordinary import anchor_answers, factual_prompts
 
     identity = {"anchor": str(anchor), "prompts": factual_prompts(), "max_new_tokens": max_new_tokens}
-    cached = json.loads(cache.read_text()) if cache.exists() else {}
-    if cached.get("identity") == identity:
+    if (cached := _stamped(cache, identity)) is not None:
         return cached["records"]
     start = time.perf_counter()
     records = anchor_answers(*_load(anchor), max_new_tokens)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache.with_suffix(".partial")
-    partial.write_text(json.dumps({"identity": identity, "records": records}))
-    os.replace(partial, cache)
+    _write_stamp(cache, identity, records=records)
     log(f"the anchor's own answers to {len(records)} factual prompts, for D_C: {time.perf_counter() - start:.0f} s")
     return records
+
+
+def _stamped(stamp: Path, identity: dict) -> dict | None:
+    """What `stamp` holds, if it was written for this identity (m_A, the anchor's answers and the
+    composition are each reused only when what made them is unchanged); else None."""
+    identity = json.loads(json.dumps(identity))  # tuples as lists, as read back
+    if not stamp.exists():
+        return None
+    held = json.loads(stamp.read_text())
+    return held if held.get("identity") == identity else None
+
+
+def _write_stamp(stamp: Path, identity: dict, **payload: object) -> None:
+    """Written whole (renamed into place), so a stamp never describes half a result."""
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    partial = stamp.with_suffix(".partial")
+    partial.write_text(json.dumps({"identity": identity, **payload}, indent=1))
+    os.replace(partial, stamp)
 
 
 def training_config(config_path: Path, assets: Assets, seed: int, run_name: str, output_dir: Path, storage: Path,
@@ -180,14 +193,13 @@ def _run(root: Path, seed: int, log: Log, config_path: Path, design: Design, ret
     identity = {"config": config.model_dump(mode="json"),
                 "data": hashlib.sha256(assets.files["composition_train"].read_bytes()).hexdigest()}
     stamp = Path(config.output_dir) / run_name / "experiment.json"
-    if retrain or not ((composition / "composition.json").exists() and stamp.exists()
-                       and json.loads(stamp.read_text()) == identity):
+    if retrain or not (composition / "composition.json").exists() or _stamped(stamp, identity) is None:
         for old in (Path(config.output_dir) / run_name, Path(config.ray.storage_path) / run_name):
             shutil.rmtree(old, ignore_errors=True)  # this seed's earlier run belongs to the experiment
         preflight(config)  # bad input fails here, in one line, before any worker starts
         if train(config) != 0:
             raise RuntimeError(f"composition training failed; see {Path(config.output_dir) / run_name}")
-        stamp.write_text(json.dumps(identity))
+        _write_stamp(stamp, identity)
     else:
         log(f"composition: reusing {composition} (pass --retrain to train it again)")
     trained_s = time.perf_counter() - start
