@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from merge.methods.blocks import Block, Blocks, Tensor, block_uniform
-from merge.methods.sparse import Masking, l1_ratios, mix, rescaled
+from merge.methods.sparse import Masking, random_mask_mix, random_mask_ratios
 from merge.methods.specs import DellaParams, row_length
 
 
@@ -48,20 +48,12 @@ def _masked(params: DellaParams) -> Masking:
 
 
 def della_statistic(blocks: Blocks, numel: int, params: DellaParams, weights: Sequence[float]) -> list[Tensor | None] | None:
-    """Each task vector's L1 rescale factor (None: density 1 keeps everything, unscaled)."""
-    if params.density >= 1 or not params.rescale:
-        return None
-    return l1_ratios(blocks, _masked(params), len(weights))
+    return random_mask_ratios(blocks, _masked(params), params, len(weights))
 
 
 def _della(xs: Sequence[Tensor], weights: Sequence[float], params: DellaParams, ratios: list | None, block: Block,
            ties: bool) -> Tensor:
-    base = xs[0]
-    tvs = [x - base for x in xs[1:]]
-    if params.density < 1:
-        masked = _masked(params)
-        tvs = [rescaled(masked(block, i, d), ratios[i - 1] if ratios else None) for i, d in enumerate(tvs, start=1)]
-    return mix(base, tvs, weights, ties, params.normalize, params.scale)
+    return random_mask_mix(xs, weights, params, _masked(params), ratios, block, ties)
 
 
 def della(xs: Sequence[Tensor], weights: Sequence[float], params: DellaParams, ratios: list | None, block: Block) -> Tensor:

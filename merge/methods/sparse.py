@@ -22,7 +22,7 @@ import torch
 
 from merge.methods.blocks import Block, Blocks, Tensor, block_uniform
 from merge.methods.magnitude import kth_largest_abs
-from merge.methods.specs import BreadcrumbsParams, DareParams, SceParams
+from merge.methods.specs import BreadcrumbsParams, DareParams, DellaParams, SceParams
 
 # mergekit's RescaleNorm.l1 leaves a task vector unscaled when either norm is below this.
 RESCALE_EPS = 1e-7
@@ -103,21 +103,31 @@ def _dare_masked(params: DareParams) -> Masking:
     return masked
 
 
-def dare_statistic(blocks: Blocks, numel: int, params: DareParams, weights: Sequence[float]) -> list[Tensor | None] | None:
-    """Each task vector's L1 rescale factor (None: density 1 keeps everything, unscaled)."""
+def random_mask_ratios(blocks: Blocks, masked: Masking, params: DareParams | DellaParams, count: int) -> list[Tensor | None] | None:
+    """A randomly masked method's statistic (DARE, DELLA): each task vector's L1 rescale factor, or
+    None where density 1 keeps everything or rescaling is off."""
     if params.density >= 1 or not params.rescale:
         return None
-    return l1_ratios(blocks, _dare_masked(params), len(weights))
+    return l1_ratios(blocks, masked, count)
+
+
+def random_mask_mix(xs: Sequence[Tensor], weights: Sequence[float], params: DareParams | DellaParams, masked: Masking,
+                    ratios: list | None, block: Block, ties: bool) -> Tensor:
+    """Each task vector masked (below density 1) and rescaled by its ratio, then mixed."""
+    base = xs[0]
+    tvs = [x - base for x in xs[1:]]
+    if params.density < 1:
+        tvs = [rescaled(masked(block, i, d), ratios[i - 1] if ratios else None) for i, d in enumerate(tvs, start=1)]
+    return mix(base, tvs, weights, ties, params.normalize, params.scale)
+
+
+def dare_statistic(blocks: Blocks, numel: int, params: DareParams, weights: Sequence[float]) -> list[Tensor | None] | None:
+    return random_mask_ratios(blocks, _dare_masked(params), params, len(weights))
 
 
 def _dare(xs: Sequence[Tensor], weights: Sequence[float], params: DareParams, ratios: list | None, block: Block,
           ties: bool) -> Tensor:
-    base = xs[0]
-    tvs = [x - base for x in xs[1:]]
-    if params.density < 1:
-        masked = _dare_masked(params)
-        tvs = [rescaled(masked(block, i, d), ratios[i - 1] if ratios else None) for i, d in enumerate(tvs, start=1)]
-    return mix(base, tvs, weights, ties, params.normalize, params.scale)
+    return random_mask_mix(xs, weights, params, _dare_masked(params), ratios, block, ties)
 
 
 def dare_linear(xs: Sequence[Tensor], weights: Sequence[float], params: DareParams, ratios: list | None, block: Block) -> Tensor:
