@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from merge_fixtures import BIG_SHAPES, folder_bytes, random_tensors, raw_checkpoint
+from merge_fixtures import BIG_SHAPES, budget_for_blocks, folder_bytes, random_tensors, raw_checkpoint
 
 from merge.io import reader
 from merge.io import safetensors_file as safetensors_io
@@ -238,6 +238,38 @@ def test_merge_output_is_the_same_either_way(tmp_path, monkeypatch):
     monkeypatch.setattr(reader, "DIRECT", 0)
     monkeypatch.setattr(safetensors_io, "DIRECT", 0)
     assert merged("buffered") == direct
+
+
+def test_a_tensor_of_one_chunk_is_read_once_for_every_pass_of_its_method(tmp_path, monkeypatch):
+    """TIES reads its inputs three times (two threshold passes, then the merge). A tensor that fits one
+    chunk is read once, directly, and held; one of several chunks is read per pass, through the page
+    cache. Either way the output is the one a single chunk per tensor gives."""
+    root = tmp_path / "in"
+    for seed in range(3):
+        raw_checkpoint(root / f"m{seed}", random_tensors(seed, BIG_SHAPES), shards=1)
+
+    def merged(name: str, blocks: int) -> dict[str, bytes]:
+        cfg = validate_config({
+            "method": "ties", "models": [{"path": str(root / f"m{k}")} for k in range(3)], "base_model": "m0",
+            "parameters": {"density": 0.5}, "output": {"path": str(tmp_path / name)},
+            "memory_budget": budget_for_blocks(blocks, 18),  # bf16: 3 x 2 bytes out, 2 x 3 x 2 in
+        })
+        run_merge(cfg, show_progress=False, log=lambda _: None)
+        return folder_bytes(tmp_path / name)
+
+    whole = merged("whole", 8)
+    reads: list[tuple[str, int, bool]] = []
+    start = InputFiles._start
+
+    def record(self, chunk, slot):
+        reads.append((chunk.sources[0].name, chunk.start, chunk.cached))
+        return start(self, chunk, slot)
+
+    monkeypatch.setattr(InputFiles, "_start", record)
+    assert merged("chunked", 2) == whole
+    embed = [r for r in reads if r[0] == "embed.weight"]
+    assert len(embed) == 3 * 2 and all(cached for _, _, cached in embed)  # 700,000 elements: 2 chunks
+    assert [r for r in reads if r[0] == "layer.weight"] == [("layer.weight", 0, False)]  # 300,000: 1 chunk
 
 
 def test_shards_in_one_process_read_the_next_shard_before_committing_this_one(tmp_path, monkeypatch):

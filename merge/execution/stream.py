@@ -11,16 +11,17 @@ per chunk is bounded twice: output buffers come from a fixed pool, inputs from a
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from merge.execution.vocab_rows import merge_rows
-from merge.io.reader import Chunk, InputFiles, tensor_chunks
+from merge.io.reader import Chunk, InputFiles, held, tensor_chunks
 from merge.io.safetensors_file import ITEMSIZE, TensorInfo
 from merge.methods.registry import METHODS, Block, Method
 from merge.methods.specs import BLOCK
@@ -61,6 +62,9 @@ def _blocks(files: InputFiles, sources: Sequence[TensorInfo], start: int, stop: 
         yield begin, [_view(files, s, begin, end).float() for s in sources]
 
 
+Walk = Callable[[], Iterator[Chunk]]
+
+
 def _walk(files: InputFiles, chunks: list[Chunk]) -> Iterator[Chunk]:
     """One pass over the chunks, each readable while it is computed."""
     for chunk in chunks:
@@ -68,17 +72,19 @@ def _walk(files: InputFiles, chunks: list[Chunk]) -> Iterator[Chunk]:
             yield chunk
 
 
-def _statistic(method: Method, files: InputFiles, chunks: list[Chunk], tensor: OutputTensor, params: Any) -> Any:
-    """The method's whole-tensor statistic, from up to `spec.reads - 1` passes over the tensor's blocks.
-    The reader has those passes queued; whatever the statistic leaves unread (TIES keeping nothing
-    needs no pass at all) is stepped through uncomputed, so the merge pass finds its chunks next."""
+def _statistic(method: Method, files: InputFiles, walk: Walk, chunks: list[Chunk], tensor: OutputTensor, params: Any,
+               held: bool) -> Any:
+    """The method's whole-tensor statistic, from up to `spec.reads - 1` passes (`walk()`) over the
+    tensor's blocks. Unless the tensor is held (one chunk, read once), the reader has those passes
+    queued; whatever the statistic leaves unread (TIES keeping nothing needs no pass at all) is
+    stepped through uncomputed, so the merge pass finds its chunks next."""
     planned = (method.spec.reads - 1) * len(chunks)
     walked = 0
     passes: list[Iterator[tuple[Block, list[torch.Tensor]]]] = []
 
     def blocks() -> Iterator[tuple[Block, list[torch.Tensor]]]:
         nonlocal walked
-        for chunk in _walk(files, chunks):
+        for chunk in walk():
             walked += 1
             for begin, xs in _blocks(files, chunk.sources, chunk.start, chunk.stop, tensor.block):
                 yield _block(tensor, begin, begin + len(xs[0])), xs
@@ -90,8 +96,9 @@ def _statistic(method: Method, files: InputFiles, chunks: list[Chunk], tensor: O
     stats = method.prepare(new_pass, tensor.numel, params, tensor.weights)
     for started in passes:
         started.close()  # one left midway gives its chunk back
-    for _ in _walk(files, list(itertools.islice(itertools.cycle(chunks), walked, planned))):
-        pass
+    if not held:
+        for _ in _walk(files, list(itertools.islice(itertools.cycle(chunks), walked, planned))):
+            pass
     return stats
 
 
@@ -100,7 +107,7 @@ def merge_tensor(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The output tensor's data in order, as (pool buffer, output-dtype view of it) per chunk; the
     consumer gives each buffer back to the pool once written."""
-    numel, sources = tensor.numel, tensor.sources
+    numel = tensor.numel
     dtype = TORCH_DTYPES[tensor.dtype]
     if tensor.rows is not None:  # remapped by token: merged whole, then written out chunk by chunk
         whole = merge_rows(tensor, dtype)
@@ -113,13 +120,23 @@ def merge_tensor(
         return
     method = METHODS.get(tensor.method)
     params = method.spec.params.model_validate(tensor.params) if method else None
+    chunks = tensor_chunks(tensor, chunk_elems)
+    one_read = held(tensor, chunks)
+    with files.reading(chunks[0]) if one_read else contextlib.nullcontext():
+        walk: Walk = (lambda: iter(chunks)) if one_read else (lambda: _walk(files, chunks))
+        stats = None
+        if method is not None and method.prepare is not None and numel > 0:
+            stats = _statistic(method, files, walk, chunks, tensor, params, one_read)
+        yield from _merge_chunks(tensor, files, walk(), method, params, stats, pool)
+
+
+def _merge_chunks(tensor: OutputTensor, files: InputFiles, chunks: Iterator[Chunk], method: Method | None, params: Any,
+                  stats: Any, pool: BufferPool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The merge pass: each chunk computed into a pool buffer, in order."""
+    sources, dtype = tensor.sources, TORCH_DTYPES[tensor.dtype]
     # A method that takes any range gets one piece per thread, as stored; others get fp32 blocks.
     any_range = method is not None and method.spec.any_range
-    chunks = tensor_chunks(tensor, chunk_elems)
-    stats = None
-    if method is not None and method.prepare is not None and numel > 0:
-        stats = _statistic(method, files, chunks, tensor, params)
-    for _, start, stop, _ in _walk(files, chunks):
+    for _, start, stop, _ in chunks:
         buffer = pool.take()
         out = buffer[: (stop - start) * ITEMSIZE[tensor.dtype]].view(dtype)
         if tensor.method == COPY:

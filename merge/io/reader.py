@@ -5,9 +5,10 @@ Free of torch: `calm merge` starts reading before torch has loaded.
 Reads bypass the page cache (O_DIRECT) where the filesystem allows it: the disk writes straight into
 our buffers. Through the page cache every byte costs a kernel copy and fresh cache pages; on a 2-core
 VM, reading 6.6 GB took 10-11 s of CPU that way and 0.4-0.7 s direct, and a merge reads every input
-byte once, so the cache gains nothing. Exceptions: tensors that a method reads more than once (a
-whole-tensor statistic first) are read through the cache, so later passes find them in memory; and
-where O_DIRECT is refused (tmpfs, some network filesystems) every read is buffered.
+byte once, so the cache gains nothing. A tensor a method reads more than once (a whole-tensor
+statistic first) is read once and held for every pass when it fits one chunk; one of several chunks
+is read through the cache, so later passes find it in memory. Where O_DIRECT is refused (tmpfs, some
+network filesystems) every read is buffered.
 """
 
 from __future__ import annotations
@@ -51,19 +52,27 @@ def passes(tensor: OutputTensor) -> int:
 
 
 def tensor_chunks(tensor: OutputTensor, chunk_elems: int) -> list[Chunk]:
-    """One pass over an output tensor's inputs, in chunks of whole blocks of its method. A tensor read
-    more than once goes through the page cache, so the later passes find it in memory."""
-    cached = passes(tensor) > 1
+    """One pass over an output tensor's inputs, in chunks of whole blocks of its method. A tensor of
+    several chunks read more than once goes through the page cache, so the later passes find it in
+    memory; one of a single chunk is read once, directly, and held for every pass (held())."""
     ranges = chunk_ranges(tensor.numel, tensor.chunk(chunk_elems))
+    cached = passes(tensor) > 1 and len(ranges) > 1
     return [Chunk(tuple(tensor.sources), start, stop, cached) for start, stop in ranges]
 
 
+def held(tensor: OutputTensor, chunks: Sequence[Chunk]) -> bool:
+    """Whether the tensor's passes all read its one chunk, held in its buffer: read once, no copy
+    through the page cache (which costs more CPU than the arithmetic of most methods' passes)."""
+    return passes(tensor) > 1 and len(chunks) == 1
+
+
 def reading_order(tasks: Sequence[ShardTask]) -> Iterator[Chunk]:
-    """Every chunk the shards will read, in order: each tensor once per pass of its method. Vocabulary
-    tensors remapped by token are read whole, apart (merge.execution.vocab_rows)."""
+    """Every chunk the shards will read, in order: each tensor once per pass of its method, or once
+    when held. Vocabulary tensors remapped by token are read whole, apart (merge.execution.vocab_rows)."""
     for task in tasks:
         for tensor in (t for t in task.tensors if t.rows is None):
-            yield from tensor_chunks(tensor, task.chunk_elems) * passes(tensor)
+            chunks = tensor_chunks(tensor, task.chunk_elems)
+            yield from chunks if held(tensor, chunks) else chunks * passes(tensor)
 
 
 def slot_bytes(sources: Sequence[TensorInfo], elements: int) -> int:
