@@ -92,7 +92,8 @@ def statistic_terms(setup: MergeSetup) -> list[Term]:
         return []
     spec = SPECS[setup.method]
     return [Term("whole-tensor statistic", spec.statistic_bytes_per_input * setup.inputs,
-                 f"{spec.reads - 1} pass(es) over each tensor before its merge pass, read through the page cache")]
+                 f"{spec.reads - 1} pass(es) over each tensor before its merge pass: a tensor of one chunk is read "
+                 "once and held, one of several is read again through the page cache")]
 
 
 def loss_terms(setup: MergeSetup) -> WorkerPlan:
