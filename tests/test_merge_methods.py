@@ -251,3 +251,16 @@ def test_kth_largest_abs_is_exact_with_ties_and_any_blocking():
     for k in (1, 2, 137, 5000, 10_000):
         expected = [s.abs().kthvalue(len(s) - k + 1).values.item() for s in series]
         assert kth_largest_abs(blocks, k) == expected
+
+
+@pytest.mark.parametrize("models", [1, 2, 3, 5])
+def test_sce_variance_is_torch_var_bit_for_bit(models):
+    """SCE's variance across task vectors is mergekit's torch.var(stack, dim=0, unbiased=False) to the
+    bit, infinities and NaNs included, computed by whole-block ops instead of torch's per-element loop."""
+    from merge.methods.sparse import _variance
+
+    generator = torch.Generator().manual_seed(models)
+    tvs = [torch.randn(100_000, generator=generator) * scale for scale in torch.rand(models, generator=generator)]
+    tvs[0][3], tvs[-1][4] = math.inf, math.nan
+    expected = torch.var(torch.stack(tvs), dim=0, unbiased=False)
+    assert torch.equal(_variance(tvs).view(torch.int32), expected.view(torch.int32))

@@ -200,7 +200,17 @@ class SceStatistic(NamedTuple):
 
 
 def _variance(tvs: Sequence[Tensor]) -> Tensor:
-    return torch.var(torch.stack(list(tvs)), dim=0, unbiased=False)
+    """mergekit's torch.var(torch.stack(tvs), dim=0, unbiased=False), bit for bit: the CPU kernel's
+    Welford recurrence in float64, element by element over the models, written as whole-block ops.
+    torch's own loop over so short a dimension cost ~140 ns per element (sce took 74x the disk's time)."""
+    mean = torch.zeros(tvs[0].shape, dtype=torch.float64)
+    m2 = torch.zeros_like(mean)
+    for count, tv in enumerate(tvs, start=1):
+        x = tv.double()
+        delta = x - mean
+        mean += delta / count
+        m2 += delta * (x - mean)
+    return (m2 / len(tvs)).to(tvs[0].dtype)
 
 
 def sce_statistic(blocks: Blocks, numel: int, params: SceParams, weights: Sequence[float]) -> SceStatistic:
