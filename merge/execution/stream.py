@@ -73,7 +73,7 @@ def _walk(files: InputFiles, chunks: list[Chunk]) -> Iterator[Chunk]:
 
 
 def _statistic(method: Method, files: InputFiles, walk: Walk, chunks: list[Chunk], tensor: OutputTensor, params: Any,
-               held: bool) -> Any:
+               one_read: bool) -> Any:
     """The method's whole-tensor statistic, from up to `spec.reads - 1` passes (`walk()`) over the
     tensor's blocks. Unless the tensor is held (one chunk, read once), the reader has those passes
     queued; whatever the statistic leaves unread (TIES keeping nothing needs no pass at all) is
@@ -96,7 +96,7 @@ def _statistic(method: Method, files: InputFiles, walk: Walk, chunks: list[Chunk
     stats = method.prepare(new_pass, tensor.numel, params, tensor.weights)
     for started in passes:
         started.close()  # one left midway gives its chunk back
-    if not held:
+    if not one_read:
         for _ in _walk(files, list(itertools.islice(itertools.cycle(chunks), walked, planned))):
             pass
     return stats
