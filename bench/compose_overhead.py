@@ -19,7 +19,8 @@ import time
 import torch
 
 from calm_dist.model.architectures import decoder_layers
-from calm_dist.model.composed import compose, next_token_loss
+from calm_dist.model.composed import compose
+from calm_dist.model.objectives import next_token_loss
 from calm_dist.testing.tiny_models import tiny_model
 
 

@@ -246,7 +246,8 @@ def _records(config: TrainConfig, which: str, tokenizer):
         # default split.
         records = load_records(path, data.split if which == "train" else None)
         check_fields(records, path, text_field=data.text_field, prompt_field=data.prompt_field,
-                     completion_field=data.completion_field)
+                     completion_field=data.completion_field,
+                     keep_anchor_field=data.keep_anchor_field if which == "train" else None)
         _check_something_to_predict(config, records, tokenizer, path)
     except DataError as err:
         raise ConfigError(f"data.{which}: {err}") from None

@@ -126,6 +126,10 @@ class DataConfig(Strict):
     text_field: str | None = None
     prompt_field: str | None = None
     completion_field: str | None = None
+    keep_anchor_field: str | None = Field(None, description=(
+        "a true/false field of the training records: where true, the record's tokens are trained to keep "
+        "the anchor's own next-token distribution (KL to the anchor alone) instead of their labels; for "
+        "ordinary text, where the augmenting models have nothing to add"))
     max_length: int = Field(512, ge=2)
 
     @model_validator(mode="after")

@@ -22,7 +22,8 @@ def collate(
 
     `labels` are optional (evaluation prompts may have none) but must be given for all examples or none.
     Augmenting tokens of models with a tokenizer of their own (tokenize_records with an aligner) are
-    padded with augmenting_pad_ids[k] and come with their attention mask and visibility.
+    padded with augmenting_pad_ids[k] and come with their attention mask and visibility. Examples with
+    `keep_anchor` (tokenize_records with keep_anchor_field) give `keep_anchor`, bool [B].
     """
     if not examples:
         raise ValueError("collate needs at least one example")
@@ -44,6 +45,8 @@ def collate(
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     if with_labels[0]:
         batch["labels"] = labels
+    if "keep_anchor" in examples[0]:
+        batch["keep_anchor"] = torch.tensor([bool(e["keep_anchor"]) for e in examples])
     if augmenting_pad_ids:
         batch.update(collate_views(examples, len(augmenting_pad_ids), augmenting_pad_ids, length))
     return batch
@@ -130,7 +133,7 @@ class ShardedBatches:
     def _examples(self, indices: list[int]) -> list[Mapping[str, Any]]:
         if isinstance(self.dataset, datasets.Dataset):
             # One Arrow read per batch rather than one per record, of the columns collate uses.
-            wanted = [c for c in self.dataset.column_names if c in ("input_ids", "labels") or c.startswith("augmenting")]
+            wanted = [c for c in self.dataset.column_names if c in ("input_ids", "labels", "keep_anchor") or c.startswith("augmenting")]
             columns = self.dataset.select_columns(wanted)[indices]
             rows = zip(*columns.values(), strict=True)
             return [dict(zip(columns, values, strict=True)) for values in rows]

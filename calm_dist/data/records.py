@@ -156,11 +156,12 @@ def check_fields(
     text_field: str | None,
     prompt_field: str | None,
     completion_field: str | None,
+    keep_anchor_field: str | None = None,
 ) -> None:
     """Checks that exactly one mode is asked for and that its fields exist and hold strings.
 
     Modes: `text_field` (loss on every token) or `prompt_field` + `completion_field` (loss on the
-    completion only).
+    completion only). `keep_anchor_field`, in either mode, holds true/false (a record without it: false).
     """
     if text_field is not None and (prompt_field is not None or completion_field is not None):
         raise DataError(f"{path}: give either text_field ({text_field!r}) or prompt_field + completion_field "
@@ -185,3 +186,10 @@ def check_fields(
         if column.null_count:  # Arrow keeps the count: free to ask, and only then is the column scanned
             first = pyarrow.compute.index(pyarrow.compute.is_null(column), True).as_py()
             raise DataError(f"{path}: {where_is(path, first)} has no value (null) in field {field!r} (the {role})")
+    if keep_anchor_field is not None:
+        if keep_anchor_field not in fields:
+            raise DataError(f"{path}: no field {keep_anchor_field!r} (the keep_anchor_field); its fields are {fields}")
+        feature = dataset.features[keep_anchor_field]
+        if not (isinstance(feature, datasets.Value) and feature.dtype == "bool"):
+            raise DataError(f"{path}: field {keep_anchor_field!r} (the keep_anchor_field) holds {feature}, "
+                            "not true/false")

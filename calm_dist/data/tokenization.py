@@ -31,6 +31,7 @@ def tokenize_records(
     completion_field: str | None = None,
     add_eos: bool = True,
     aligner: Aligner | None = None,
+    keep_anchor_field: str | None = None,
 ) -> datasets.Dataset:
     """A dataset of `input_ids` and `labels` (int32 lists), one row per kept record, in record order.
 
@@ -46,9 +47,13 @@ def tokenize_records(
     With an aligner whose augmenting model k has a tokenizer of its own, each row also holds that
     model's settled tokens of the row's text and, per anchor position, how many it sees
     (`augmenting{k}_input_ids`, `augmenting{k}_visible`; calm_dist.model.alignment).
+
+    With `keep_anchor_field`, each row also holds `keep_anchor`: its record's value of that field (a
+    missing value: False), which trains the row to keep the anchor's predictions
+    (calm_dist.model.objectives).
     """
     check_fields(dataset, "the dataset", text_field=text_field, prompt_field=prompt_field,
-                 completion_field=completion_field)
+                 completion_field=completion_field, keep_anchor_field=keep_anchor_field)
     if max_length < 2:
         raise DataError(f"max_length={max_length}: a sequence needs at least 2 tokens to predict one")
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -66,16 +71,21 @@ def tokenize_records(
                     raise DataError(f"record {index} has no value (null) in field {field!r}")
         # verbose=False: the "longer than model_max_length" warning is moot, truncation comes below.
         pieces = [tokenizer(batch[f], add_special_tokens=False, verbose=False)["input_ids"] for f in fields]
-        out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
+        out: dict[str, list] = {"input_ids": [], "labels": []}
         for k in cross:
             out[batch_key(k, "input_ids")], out[batch_key(k, "visible")] = [], []
-        for parts in zip(*pieces, strict=True):
+        keeps = batch[keep_anchor_field] if keep_anchor_field is not None else [None] * len(indices)
+        if keep_anchor_field is not None:
+            out["keep_anchor"] = []
+        for keep, parts in zip(keeps, zip(*pieces, strict=True), strict=True):
             masked = len(bos) + len(parts[0]) if prompt_field is not None else 0
             ids = (bos + [t for part in parts for t in part] + eos)[:max_length]
             labels = [IGNORE_INDEX] * min(masked, len(ids)) + ids[masked:]
             if any(label != IGNORE_INDEX for label in labels[1:]):
                 out["input_ids"].append(ids)
                 out["labels"].append(labels)
+                if keep_anchor_field is not None:
+                    out["keep_anchor"].append(bool(keep))
                 for k, (aug_ids, visible) in (aligner.align_ids(ids) if cross else {}).items():
                     out[batch_key(k, "input_ids")].append(aug_ids)
                     out[batch_key(k, "visible")].append(visible)
@@ -83,14 +93,15 @@ def tokenize_records(
 
     token_list = datasets.List(datasets.Value("int32"))
     features = datasets.Features({"input_ids": token_list, "labels": token_list,
-                                  **{batch_key(k, name): token_list for k in cross for name in ("input_ids", "visible")}})
+                                  **{batch_key(k, name): token_list for k in cross for name in ("input_ids", "visible")},
+                                  **({"keep_anchor": datasets.Value("bool")} if keep_anchor_field is not None else {})})
     tokenized = dataset.map(
         encode, batched=True, with_indices=True, remove_columns=dataset.column_names, features=features,
         keep_in_memory=True, load_from_cache_file=False, desc="tokenizing",
         # A given fingerprint spares datasets from hashing `encode` (its closure holds the tokenizer),
         # which is slow and, in Ray workers, dumps bytecode into the logs.
         new_fingerprint=hashlib.sha256(
-            f"{dataset._fingerprint}/{max_length}/{text_field}/{prompt_field}/{completion_field}/{add_eos}/"
+            f"{dataset._fingerprint}/{max_length}/{text_field}/{prompt_field}/{completion_field}/{keep_anchor_field}/{add_eos}/"
             f"{tokenizer.name_or_path}/{len(tokenizer)}/{tokenizers}".encode()
         ).hexdigest()[:32],
     )

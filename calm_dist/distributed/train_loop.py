@@ -54,7 +54,7 @@ def run(
             with engine.module.attached():
                 loss = engine(
                     batch["input_ids"], batch["attention_mask"], labels=batch["labels"], augmenting_states=states,
-                    augmenting_views=views_from_batch(batch),
+                    augmenting_views=views_from_batch(batch), keep_anchor=batch.get("keep_anchor"),
                 ).loss
                 engine.backward(loss)
             engine.step()  # DeepSpeed applies the update only at the accumulation boundary

@@ -95,7 +95,8 @@ class Trainer:
             self.model, ds_config, lr=opt.lr, weight_decay=opt.weight_decay, betas=opt.betas, eps=opt.eps,
             schedule=lr_lambda(train.schedule.kind, train.schedule.warmup_steps, train.steps,
                                train.schedule.min_lr_ratio))
-        self.batches = ShardedBatches(self._tokenized(load_records(config.data.train, config.data.split)),
+        self.batches = ShardedBatches(self._tokenized(load_records(config.data.train, config.data.split),
+                                                      config.data.keep_anchor_field),
                                       micro_batch_size=train.micro_batch_size, rank=rank, world_size=self.data_world,
                                       seed=train.seed, pad_token_id=self.pad, augmenting_pad_ids=self.augmenting_pads)
         if exchange is not None:
@@ -106,11 +107,11 @@ class Trainer:
             self.augmenting = Colocated(load_whole(config.models.augmenting, device), self.connections)
         self.step = 0
 
-    def _tokenized(self, records):
+    def _tokenized(self, records, keep_anchor_field: str | None = None):
         data = self.config.data
         return tokenize_records(records, self.tokenizer, max_length=data.max_length, aligner=self.aligner,
                                 text_field=data.text_field, prompt_field=data.prompt_field,
-                                completion_field=data.completion_field)
+                                completion_field=data.completion_field, keep_anchor_field=keep_anchor_field)
 
     def resume(self, directory: str | Path, name: str | None = None) -> None:
         """Continue from a training checkpoint folder (`name`: how to call it in an error)."""

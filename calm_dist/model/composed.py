@@ -13,7 +13,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
@@ -26,6 +25,7 @@ from calm_dist.model.cache import ComposedCache
 from calm_dist.model.connections import Connection
 from calm_dist.model.cross_attention import CrossAttention
 from calm_dist.model.masks import cross_attention_mask, positions_from_mask
+from calm_dist.model.objectives import keep_anchor_loss, next_token_loss
 from calm_dist.model.options import CompositionOptions
 
 # (augmenting model index, augmenting layer) -> hidden states [batch, len, aug_dim]
@@ -36,13 +36,6 @@ AugmentingStates = Mapping[tuple[int, int], torch.Tensor]
 class ComposedOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
-
-
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting labels[t+1] from position t; label -100 is ignored."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
-    )
 
 
 class ComposedModel(nn.Module):
@@ -184,8 +177,13 @@ class ComposedModel(nn.Module):
         augmenting_states: AugmentingStates | None = None,
         cache: ComposedCache | None = None,
         augmenting_views: Sequence[AugmentingView | None] | None = None,
+        keep_anchor: torch.Tensor | None = None,
     ) -> ComposedOutput:
         """Composed logits (and next-token loss if labels are given).
+
+        keep_anchor [B] (bool, with labels): rows whose loss is the KL divergence from the anchor
+        alone's predictions rather than their labels' cross-entropy (calm_dist.model.objectives); the
+        anchor runs once more, without gradients, on those rows.
 
         With a cache, input_ids are only the new tokens and attention_mask covers past and new tokens,
         as in Hugging Face models; the cache is updated in place. augmenting_views: for augmenting
@@ -214,6 +212,10 @@ class ComposedModel(nn.Module):
                     cache.augmenting_masks[k] = full
                 visible_masks[k] = settled_mask(full, view.visible)
 
+        anchor_logits = None
+        if labels is not None and keep_anchor is not None and keep_anchor.any():
+            anchor_logits = self._anchor_alone(input_ids, attention_mask, position_ids, keep_anchor)
+
         keys_values = {}
         for c in self.connections:
             crossing = self.composition[c.name]
@@ -240,8 +242,23 @@ class ComposedModel(nn.Module):
             finally:
                 if self._attach_depth == 1:
                     self._step = None
-        loss = next_token_loss(logits, labels) if labels is not None else None
+        if labels is None:
+            loss = None
+        elif anchor_logits is None:
+            loss = next_token_loss(logits, labels)
+        else:
+            loss = keep_anchor_loss(logits, labels, keep_anchor, anchor_logits)
         return ComposedOutput(logits=logits, loss=loss)
+
+    @torch.no_grad()
+    def _anchor_alone(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                      rows: torch.Tensor) -> torch.Tensor:
+        """The plain anchor's logits for the rows selected by the bool mask `rows` (composition hooks,
+        if a caller holds them attached, pass through while no composed step is running)."""
+        assert self._step is None, "the anchor alone runs outside a composed step"
+        rows = rows.to(device=input_ids.device, dtype=torch.bool)
+        return self.anchor(input_ids=input_ids[rows], attention_mask=attention_mask[rows],
+                           position_ids=position_ids[rows]).logits
 
     def _align(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: ComposedCache | None

@@ -15,8 +15,9 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from calm_dist.model.cache import ComposedCache
-from calm_dist.model.composed import ComposedOutput, next_token_loss
+from calm_dist.model.composed import ComposedOutput
 from calm_dist.model.masks import positions_from_mask
+from calm_dist.model.objectives import next_token_loss
 
 # (every token id so far [batch, length], their attention mask, step) -> the last position's logits
 NextLogits = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]

@@ -57,10 +57,30 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def keep_anchor_lm_loss(model: nn.Module):
+    """A PEFT model's training loss on a collated batch: next-token cross-entropy, and in rows marked
+    keep_anchor the KL divergence from the base model alone (adapters off), as the composition is
+    trained (calm_dist.model.objectives)."""
+    from calm_dist.model.objectives import keep_anchor_loss
+
+    def loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        keep = batch.get("keep_anchor")
+        if keep is None or not keep.any():  # the model's own loss, as before keep_anchor existed
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"]).loss
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with torch.no_grad(), model.disable_adapter():
+            anchor_logits = model(input_ids=batch["input_ids"][keep], attention_mask=batch["attention_mask"][keep]).logits
+        return keep_anchor_loss(logits, batch["labels"], keep, anchor_logits)
+
+    return loss
+
+
 def train_lora(anchor: nn.Module, rows: list[dict], training, parameters: int, seed: int, pad_token_id: int,
                layers: Collection[int] | None = None) -> tuple[nn.Module, int, int, float]:
     """LoRA on `anchor` (in the given decoder layers, else all), its rank matched to `parameters`,
-    trained on tokenized `rows` as the composition was (`training`: a TrainConfig's training section;
+    trained on tokenized `rows` as the composition was (rows with keep_anchor keep the base model's
+    predictions; `training`: a TrainConfig's training section;
     same steps, global batch, learning rate, warm-up and weight decay) in one process. Returns the model
     in eval mode, its rank, its trainable parameter count and the seconds it took."""
     from tqdm import tqdm
@@ -74,7 +94,7 @@ def train_lora(anchor: nn.Module, rows: list[dict], training, parameters: int, s
     with tqdm(total=training.steps, desc="LoRA baseline", unit="step", leave=False, dynamic_ncols=True, disable=None,
               file=sys.stdout) as bar:  # stdout: quiet mode sends stderr to the log
         model.train()
-        local_training.train(local_training.lm_loss(model), model.parameters(),
+        local_training.train(keep_anchor_lm_loss(model), model.parameters(),
                              local_training.batches(rows, training.global_batch_size, seed, pad_token_id),
                              training.steps, lr=training.optimizer.lr, warmup_steps=training.schedule.warmup_steps,
                              weight_decay=training.optimizer.weight_decay, on_step=lambda step, loss: bar.update(1))

@@ -232,7 +232,7 @@ def _run(root: Path, seed: int, log: Log, config_path: Path, design: Design, ret
 
     rows = list(tokenize_records(datasets.Dataset.from_list(world_data.read_jsonl(assets.files["composition_train"])),
                                  anchor_tokenizer, max_length=config.data.max_length, prompt_field="prompt",
-                                 completion_field="completion"))
+                                 completion_field="completion", keep_anchor_field=config.data.keep_anchor_field))
     # LoRA where the composition acts: the anchor layers from its lowest connection up, so both change
     # the same computation, with as many parameters, and cost the same backward pass.
     lowest = max(0, min((c[2] for c in config.composition.connections or ()), default=0))
