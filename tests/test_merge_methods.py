@@ -243,7 +243,18 @@ def test_overrides_change_weights_for_matching_tensors_only(inputs, tmp_path):
     assert torch.equal(out["layer.weight"], expected)
 
 
-def test_kth_largest_abs_is_exact_with_ties_and_any_blocking():
+@pytest.fixture(params=["compiled", "torch"])
+def histograms(request, monkeypatch):
+    """merge/methods/fast_pass.c's magnitude histograms, or the torch ops used where no C compiler is."""
+    from merge.methods import fast_kernel
+
+    if request.param == "torch":
+        monkeypatch.setattr(fast_kernel, "library", lambda: None)
+    elif fast_kernel.library() is None:
+        pytest.skip("no C compiler here: the compiled histograms could not be built")
+
+
+def test_kth_largest_abs_is_exact_with_ties_and_any_blocking(histograms):
     generator = torch.Generator().manual_seed(0)
     series = [torch.randint(-50, 50, (10_000,), generator=generator).float() / 7, torch.randn(10_000, generator=generator)]
     cuts = [0, 1, 999, 5000, 5001, 10_000]
@@ -251,6 +262,23 @@ def test_kth_largest_abs_is_exact_with_ties_and_any_blocking():
     for k in (1, 2, 137, 5000, 10_000):
         expected = [s.abs().kthvalue(len(s) - k + 1).values.item() for s in series]
         assert kth_largest_abs(blocks, k) == expected
+
+
+def test_kth_largest_abs_of_large_blocks_with_signed_zeros_infinities_and_subnormals(histograms):
+    """Blocks beyond 65536 elements (the compiled count's interleaved histograms), ranks counted among
+    the nonzero elements as SCE counts them, -0.0 a zero."""
+    generator = torch.Generator().manual_seed(1)
+    values = torch.randn(200_003, generator=generator) * torch.rand(200_003, generator=generator) ** 4
+    values[::7] = 0.0
+    values[1::7] = -0.0
+    values[2::1009] = -math.inf
+    values[3::997] = 1e-42  # subnormal
+    nonzero = int((values != 0).sum())
+    blocks = lambda: ([values[a:a + 70_000]] for a in range(0, len(values), 70_000))  # noqa: E731
+    for share in (0.001, 0.3, 1.0):
+        (found,) = kth_largest_abs(blocks, lambda count, share=share: int(count * share))
+        rank = int(nonzero * share)
+        assert found == values.abs().kthvalue(len(values) - rank + 1).values.item()
 
 
 @pytest.mark.parametrize("models", [1, 2, 3, 5])

@@ -1,4 +1,5 @@
-"""merge/methods/fast_pass.c, compiled on first use with the system's C compiler and loaded with ctypes.
+"""merge/methods/fast_pass.c, compiled on first use with the system's C compiler and loaded with ctypes:
+the exact fast pass of merge.methods.exact, and the magnitude histograms of merge.methods.magnitude.
 
 Why compiled: the fast pass in torch is ~17 ops, each a pass over memory, and on a 2-core machine it
 cost as much CPU as reading and writing the files; fused it is one pass. Why at run time: the C is
@@ -43,6 +44,10 @@ SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
     "fast_pass_float": (_I64, (*_CONSTANTS, _INT, _P, _I64, _P, _P, _P)),
     # ..., out, n, where, low, estimate
     "fast_pass_double": (_I64, (*_CONSTANTS, _P, _I64, _P, _P, _P)),
+    # values, n, hist -> nonzero count
+    "magnitude_high_histogram": (_I64, (_P, _I64, _P)),
+    # values, n, high, hist -> count in that high bin
+    "magnitude_low_histogram": (_I64, (_P, _I64, _INT, _P)),
 }
 _LOCK = threading.Lock()
 _LOADED: list[ctypes.CDLL | None] = []  # empty until the first try
@@ -147,3 +152,8 @@ def compiled_pass(plan: Any, ys: Sequence[torch.Tensor], out: torch.Tensor, fast
         return None
     lib = library()
     return CompiledPass(lib, plan, [y.dtype for y in ys], out.dtype, fast) if lib is not None else None
+
+
+def magnitude_histograms(lib: ctypes.CDLL | None, values: torch.Tensor) -> bool:
+    """Whether the compiled magnitude histograms can count `values` (a contiguous float32 tensor)."""
+    return lib is not None and values.dtype == torch.float32 and values.is_contiguous()

@@ -11,6 +11,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 enum { BF16 = 0, F16 = 1, F32 = 2 }; /* dtype codes, as merge/methods/fast_kernel.py passes them */
@@ -295,4 +296,62 @@ int64_t fast_pass_double(int k, const void *const *ys, const int *codes, const d
         }
     }
     return unsure;
+}
+
+/* Magnitude histograms for merge/methods/magnitude.py: the bits of |v| (sign cleared) order like the
+ * value, so counting their high 16 bits, then the low 16 bits of those in one high bin, finds the k-th
+ * largest |v| exactly. Four interleaved sub-histograms: neighbouring weights share a bin so often that
+ * one histogram would wait on its own last increment. Each call adds to `hist` (65536 counters). */
+enum { BINS = 1 << 16, WAYS = 4 };
+
+static void add_ways(uint32_t (*ways)[BINS], int64_t *hist) {
+    for (int w = 0; w < WAYS; w++)
+        for (int b = 0; b < BINS; b++) hist[b] += ways[w][b];
+}
+
+/* Adds the high-bits histogram of |v[0..n)| to hist; returns how many |v[i]| are not zero (NaN counts). */
+MULTIVERSION
+int64_t magnitude_high_histogram(const float *v, int64_t n, int64_t *hist) {
+    const uint32_t *bits = (const uint32_t *)v;
+    int64_t zeros = 0;
+    uint32_t (*ways)[BINS] = n < BINS ? NULL : calloc(WAYS, sizeof *ways); /* 1 MiB: worth it on large n */
+    if (ways == NULL) { /* a small tensor, or no memory: one histogram */
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t a = bits[i] & 0x7fffffffu;
+            hist[a >> 16]++;
+            zeros += a == 0;
+        }
+        return n - zeros;
+    }
+    for (int64_t start = 0; start < n; start += (int64_t)1 << 30) { /* <= 2**30 a way: no counter overflows */
+        int64_t end = n - start < ((int64_t)1 << 30) ? n : start + ((int64_t)1 << 30);
+        int64_t i = start;
+        for (; i + WAYS <= end; i += WAYS)
+            for (int w = 0; w < WAYS; w++) {
+                uint32_t a = bits[i + w] & 0x7fffffffu;
+                ways[w][a >> 16]++;
+                zeros += a == 0;
+            }
+        for (; i < end; i++) {
+            uint32_t a = bits[i] & 0x7fffffffu;
+            ways[0][a >> 16]++;
+            zeros += a == 0;
+        }
+        add_ways(ways, hist);
+        memset(ways, 0, WAYS * sizeof *ways);
+    }
+    free(ways);
+    return n - zeros;
+}
+
+/* Adds the low-bits histogram of the |v[i]| whose high 16 bits are `high` to hist; returns their count. */
+MULTIVERSION
+int64_t magnitude_low_histogram(const float *v, int64_t n, int high, int64_t *hist) {
+    const uint32_t *bits = (const uint32_t *)v;
+    int64_t found = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t a = bits[i] & 0x7fffffffu;
+        if ((a >> 16) == (uint32_t)high) hist[a & 0xffffu]++, found++;
+    }
+    return found;
 }
