@@ -1,5 +1,6 @@
 """merge/methods/fast_pass.c, compiled on first use with the system's C compiler and loaded with ctypes:
-the exact fast pass of merge.methods.exact, and the magnitude histograms of merge.methods.magnitude.
+the exact fast pass of merge.methods.exact, the magnitude histograms of merge.methods.magnitude, and
+the last pass of the sign-electing merges (TIES, and mergekit's task arithmetic after sparsification).
 
 Why compiled: the fast pass in torch is ~17 ops, each a pass over memory, and on a 2-core machine it
 cost as much CPU as reading and writing the files; fused it is one pass. Why at run time: the C is
@@ -36,7 +37,7 @@ CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 # The functions fast_pass.c exports, as ctypes sees them: name -> (return type, argument types), in the
 # order of the C prototypes (tests/test_exact.py checks this table against the source). Pointers are
 # c_void_p: every array is a tensor's data_ptr() or a ctypes array.
-_P, _INT, _I64, _F64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_double
+_P, _INT, _I64, _F32, _F64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_double
 # k, ys, codes, scaled, factor, absolute, overflow_risk, parts, counts, positive
 _CONSTANTS = (_INT, _P, _P, _P, _F64, _F64, _F64, _P, _P, _INT)
 SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
@@ -48,7 +49,12 @@ SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
     "magnitude_high_histogram": (_I64, (_P, _I64, _P)),
     # values, n, high, hist -> count in that high bin
     "magnitude_low_histogram": (_I64, (_P, _I64, _INT, _P)),
+    # k, xs (base first), thresholds, weights, scale, n, out
+    "ties_merge": (None, (_INT, _P, _P, _P, _F32, _I64, _P)),
+    # k, base, tvs, weights, ties, normalize, divisor, scale, n, out
+    "mix_merge": (None, (_INT, _P, _P, _P, _INT, _INT, _F32, _F32, _I64, _P)),
 }
+MAX_MODELS = 8  # fast_pass.c's bound on the task vectors of ties_merge and mix_merge
 _LOCK = threading.Lock()
 _LOADED: list[ctypes.CDLL | None] = []  # empty until the first try
 
@@ -157,3 +163,37 @@ def compiled_pass(plan: Any, ys: Sequence[torch.Tensor], out: torch.Tensor, fast
 def magnitude_histograms(lib: ctypes.CDLL | None, values: torch.Tensor) -> bool:
     """Whether the compiled magnitude histograms can count `values` (a contiguous float32 tensor)."""
     return lib is not None and values.dtype == torch.float32 and values.is_contiguous()
+
+
+def _floats(tensors: Sequence[torch.Tensor]) -> bool:
+    return all(t.dtype == torch.float32 and t.is_contiguous() and t.numel() == tensors[0].numel() for t in tensors)
+
+
+def _pointers(tensors: Sequence[torch.Tensor]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+
+
+def ties_merge(xs: Sequence[torch.Tensor], thresholds: Sequence[float], weights: Sequence[float], scale: float
+               ) -> torch.Tensor | None:
+    """merge.methods.registry.ties's result for fp32 blocks xs (base first), to the bit; None where the
+    compiled pass is not built or does not apply (then the torch code runs)."""
+    lib, k = library(), len(xs) - 1
+    if lib is None or not 1 <= k <= MAX_MODELS or not _floats(xs):
+        return None
+    out = torch.empty_like(xs[0])
+    lib.ties_merge(k, _pointers(xs), (ctypes.c_float * k)(*thresholds), (ctypes.c_float * k)(*weights), scale,
+                   out.numel(), out.data_ptr())
+    return out
+
+
+def mix_merge(base: torch.Tensor, tvs: Sequence[torch.Tensor], weights: Sequence[float], ties: bool, normalize: bool,
+              divisor: float, scale: float) -> torch.Tensor | None:
+    """merge.methods.sparse.mix's result, to the bit (`divisor`: the weights' fp32 sum as mix uses it
+    without ties); None where the compiled pass is not built or does not apply."""
+    lib, k = library(), len(tvs)
+    if lib is None or not 1 <= k <= MAX_MODELS or not _floats([base, *tvs]):
+        return None
+    out = torch.empty_like(base)
+    lib.mix_merge(k, base.data_ptr(), _pointers(tvs), (ctypes.c_float * k)(*weights), int(ties), int(normalize), divisor,
+                  scale, out.numel(), out.data_ptr())
+    return out

@@ -355,3 +355,81 @@ int64_t magnitude_low_histogram(const float *v, int64_t n, int high, int64_t *hi
     }
     return found;
 }
+
+/* The sign-electing merges' last pass, op for op in fp32 as the torch code they replace (which is
+ * mergekit's order), so the result is the same to the bit; the torch code stays where there is no
+ * compiler or more than MAX_MODELS task vectors. A torch reduction over a stack adds from +0.0 in
+ * model order; torch.sign(NaN) is 0. */
+enum { MAX_MODELS = 8 };
+
+static inline float sign_of(float x) { return (float)((x > 0) - (x < 0)); }
+
+/* x where cond, else +0.0: a mask of bits, no branch (random data would mispredict half of them). */
+static inline float kept(int cond, float x) { return float_of(bits_of(x) & (0u - (uint32_t)cond)); }
+
+/* merge.methods.registry.ties: base + scale * the disjoint mean of the task vectors x_j - base kept
+ * where |x_j - base| >= threshold_j. xs: base, then the k models. */
+MULTIVERSION
+void ties_merge(int k, const float *const *xs, const float *thresholds, const float *weights, float scale,
+                int64_t n, float *out) {
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int count = n - start < BLOCK ? (int)(n - start) : BLOCK;
+        const float *base = xs[0] + start;
+        float trimmed[MAX_MODELS][BLOCK], weighted[MAX_MODELS][BLOCK], sum[BLOCK], num[BLOCK], den[BLOCK];
+        for (int j = 0; j < k; j++) {
+            const float *x = xs[j + 1] + start;
+            for (int i = 0; i < count; i++) {
+                float d = x[i] - base[i];
+                trimmed[j][i] = kept(fabsf(d) >= thresholds[j], d);
+                weighted[j][i] = trimmed[j][i] * weights[j];
+            }
+        }
+        for (int i = 0; i < count; i++) sum[i] = weighted[0][i], num[i] = 0.0f, den[i] = 0.0f;
+        for (int j = 1; j < k; j++)
+            for (int i = 0; i < count; i++) sum[i] = sum[i] + weighted[j][i];
+        for (int j = 0; j < k; j++)
+            for (int i = 0; i < count; i++) {
+                int agree = (sign_of(trimmed[j][i]) == sign_of(sum[i])) & (trimmed[j][i] != 0.0f);
+                num[i] = num[i] + kept(agree, weighted[j][i]);
+                den[i] = den[i] + kept(agree, weights[j]);
+            }
+        for (int i = 0; i < count; i++) out[start + i] = base[i] + kept(den[i] != 0.0f, num[i] / den[i]) * scale;
+    }
+}
+
+/* merge.methods.sparse.mix: base + the weighted task vectors' sum (with TIES's election where `ties`:
+ * over those agreeing with the sign of the sum, a zero sum positive), divided by the weights' sum where
+ * `normalize` (`divisor`, the same for every element, without ties), times scale where scale != 1. */
+MULTIVERSION
+void mix_merge(int k, const float *base, const float *const *tvs, const float *weights, int ties, int normalize,
+               float divisor, float scale, int64_t n, float *out) {
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int count = n - start < BLOCK ? (int)(n - start) : BLOCK;
+        float weighted[MAX_MODELS][BLOCK], mixed[BLOCK], den[BLOCK];
+        for (int j = 0; j < k; j++)
+            for (int i = 0; i < count; i++) weighted[j][i] = tvs[j][start + i] * weights[j];
+        for (int i = 0; i < count; i++) mixed[i] = 0.0f, den[i] = 0.0f;
+        if (ties) {
+            float majority[BLOCK];
+            for (int j = 0; j < k; j++)
+                for (int i = 0; i < count; i++) mixed[i] = mixed[i] + weighted[j][i];
+            for (int i = 0; i < count; i++) majority[i] = mixed[i] >= 0.0f ? 1.0f : -1.0f, mixed[i] = 0.0f;
+            for (int j = 0; j < k; j++)
+                for (int i = 0; i < count; i++) {
+                    float agree = sign_of(weighted[j][i]) == majority[i] ? 1.0f : 0.0f;
+                    mixed[i] = mixed[i] + weighted[j][i] * agree;
+                    den[i] = den[i] + weights[j] * agree;
+                }
+            for (int i = 0; i < count; i++) den[i] = den[i] == 0.0f ? 1.0f : den[i];
+        } else {
+            for (int j = 0; j < k; j++)
+                for (int i = 0; i < count; i++) mixed[i] = mixed[i] + weighted[j][i];
+            for (int i = 0; i < count; i++) den[i] = divisor;
+        }
+        if (normalize)
+            for (int i = 0; i < count; i++) mixed[i] = mixed[i] / den[i];
+        if (scale != 1.0f)
+            for (int i = 0; i < count; i++) mixed[i] = mixed[i] * scale;
+        for (int i = 0; i < count; i++) out[start + i] = base[start + i] + mixed[i];
+    }
+}

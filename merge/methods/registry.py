@@ -28,7 +28,7 @@ from functools import reduce
 
 import torch
 
-from merge.methods import della, exact, sparse, spherical
+from merge.methods import della, exact, fast_kernel, sparse, spherical
 from merge.methods.blocks import Block, Blocks, Method, Tensor
 from merge.methods.magnitude import kth_largest_abs
 from merge.methods.sparse import dare_keep
@@ -85,6 +85,9 @@ def ties_thresholds(blocks: Blocks, numel: int, params: SparseParams, weights: S
 
 
 def ties(xs: Sequence[Tensor], weights: Sequence[float], params: SparseParams, stats: list[float], block: Block) -> Tensor:
+    compiled = fast_kernel.ties_merge(xs, stats, weights, params.scale)  # the same ops in one pass
+    if compiled is not None:
+        return compiled
     base = xs[0]
     trimmed = [torch.where((x - base).abs() >= threshold, x - base, 0.0) for x, threshold in zip(xs[1:], stats, strict=True)]
     return base + disjoint_mean(trimmed, weights) * params.scale

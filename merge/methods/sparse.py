@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import torch
 
+from merge.methods import fast_kernel
 from merge.methods.blocks import Block, Blocks, Tensor, block_uniform
 from merge.methods.magnitude import kth_largest_abs
 from merge.methods.specs import BreadcrumbsParams, DareParams, DellaParams, SceParams
@@ -52,6 +53,11 @@ def mix(base: Tensor, tvs: Sequence[Tensor], weights: Sequence[float], ties: boo
     """mergekit's generalized task arithmetic after sparsification: base + lambda * the weighted task
     vectors' sum (over those agreeing in sign, for TIES), divided by the weights' sum if normalize."""
     w = torch.tensor(list(weights), dtype=torch.float32).unsqueeze(-1)
+    total = w.sum(dim=0)
+    divisor = 1.0 if total.abs() < 1e-8 else total.item()
+    compiled = fast_kernel.mix_merge(base, tvs, weights, ties, normalize, divisor, scale)
+    if compiled is not None:  # the same ops in one pass
+        return compiled
     weighted = torch.stack(list(tvs)) * w
     if ties:
         agree = sign_consensus(weighted)
@@ -60,8 +66,6 @@ def mix(base: Tensor, tvs: Sequence[Tensor], weights: Sequence[float], ties: boo
         divisor[divisor == 0] = 1
     else:
         mixed = weighted.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
     if normalize:
         mixed /= divisor
     if scale != 1:
