@@ -10,9 +10,13 @@ import torch
 from calm_dist.data.batches import ShardedBatches, collate
 from calm_dist.data.records import DataError
 from calm_dist.data.tokenization import tokenize_records
+from calm_dist.model.anchor_alone import AnchorAlone
+from calm_dist.model.architectures import decoder_layers
 from calm_dist.model.composed import compose
+from calm_dist.model.connections import Connection
+from calm_dist.model.masks import positions_from_mask
 from calm_dist.model.objectives import keep_anchor_loss, next_token_loss
-from calm_dist.testing.tiny_models import tiny_model
+from calm_dist.testing.tiny_models import FAMILIES, tiny_model
 from calm_dist.testing.tokenizers import tiny_tokenizer
 from tests.test_preflight import failure, folders, make  # noqa: F401 (folders: the module fixture)
 
@@ -91,6 +95,55 @@ def test_kept_rows_pull_a_trained_composition_back_towards_the_anchor():
         composed(ids, mask, labels=labels, keep_anchor=keep).loss.backward()
         optimizer.step()
     assert divergence() < before
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("fork", [2, 0, -1])
+def test_the_anchor_alone_from_the_lowest_connection_is_the_anchor(family, fork):
+    """Run from the fork layer's output in the composed forward, it is the whole anchor on those rows
+    (padding and position ids included), and the anchor's layers are its own again afterwards."""
+    anchor = tiny_model(family, layers=4, width=64, seed=0)
+    composed = compose(anchor, tiny_model(family, layers=4, width=32, heads=2, seed=1),
+                       connections=[Connection(0, 1, fork), Connection(0, 3, 3)])
+    for p in composed.composition_parameters():  # the composition changes every layer from the fork up
+        torch.nn.init.normal_(p, std=0.2, generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(3, 128, (3, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[2, :3] = 0
+    positions = positions_from_mask(mask)
+    keep = torch.tensor([True, False, True])
+    layers = list(decoder_layers(anchor))
+    alone = AnchorAlone(anchor, fork)
+    with composed.attached(), alone.capturing(keep):
+        composed(ids, mask)
+    found = alone.logits(ids[keep], mask[keep], positions[keep])
+    expected = anchor(ids[keep], attention_mask=mask[keep], position_ids=positions[keep]).logits
+    assert list(decoder_layers(anchor)) == layers
+    assert not torch.allclose(composed(ids, mask).logits[keep], expected, atol=1e-3)
+    torch.testing.assert_close(found[mask[keep] == 1], expected[mask[keep] == 1], rtol=1e-5, atol=1e-5)
+
+
+def test_lora_keeps_its_base_model_the_same_way():
+    """The LoRA baseline's loss on kept rows: the KL divergence from the base model with the adapters
+    off, run again only from the lowest adapted layer."""
+    from launcher.kv_arithmetic.lora_baseline import keep_anchor_lm_loss, with_lora
+
+    model = with_lora(tiny_model("llama", layers=4, width=64, seed=0), rank=4, layers=[2, 3])
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # zero at init: the adapters would change nothing
+            torch.nn.init.normal_(p, std=0.3, generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(3, 128, (3, 9), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    keep = torch.tensor([True, True, False])
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "keep_anchor": keep}
+    found = keep_anchor_lm_loss(model, layers=[2, 3])(batch)
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=ids[keep], attention_mask=mask[keep]).logits
+    expected = keep_anchor_loss(model(input_ids=ids, attention_mask=mask).logits, labels, keep, base)
+    assert found.item() > 0
+    torch.testing.assert_close(found, expected, rtol=1e-5, atol=0)
 
 
 RECORDS = [{"prompt": "ab", "completion": "cd", "keep": True}, {"prompt": "b", "completion": "ca", "keep": False},

@@ -19,6 +19,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 from calm_dist.errors import CompositionError
 from calm_dist.model import connections as conn
 from calm_dist.model.alignment import Aligner, AugmentingView, RowState, settled_mask
+from calm_dist.model.anchor_alone import AnchorAlone
 from calm_dist.model.architectures import ModelDims, decoder_layers, model_dims
 from calm_dist.model.augmenting import augmenting_states
 from calm_dist.model.cache import ComposedCache
@@ -183,7 +184,8 @@ class ComposedModel(nn.Module):
 
         keep_anchor [B] (bool, with labels): rows whose loss is the KL divergence from the anchor
         alone's predictions rather than their labels' cross-entropy (calm_dist.model.objectives); the
-        anchor runs once more, without gradients, on those rows.
+        anchor's layers above the lowest connection run once more, without gradients, on those rows
+        (calm_dist.model.anchor_alone).
 
         With a cache, input_ids are only the new tokens and attention_mask covers past and new tokens,
         as in Hugging Face models; the cache is updated in place. augmenting_views: for augmenting
@@ -212,9 +214,10 @@ class ComposedModel(nn.Module):
                     cache.augmenting_masks[k] = full
                 visible_masks[k] = settled_mask(full, view.visible)
 
-        anchor_logits = None
+        alone = None
         if labels is not None and keep_anchor is not None and keep_anchor.any():
-            anchor_logits = self._anchor_alone(input_ids, attention_mask, position_ids, keep_anchor)
+            keep_anchor = keep_anchor.to(device=input_ids.device, dtype=torch.bool)
+            alone = AnchorAlone(self.anchor, self.connections[0].anchor_layer)  # sorted: the lowest first
 
         keys_values = {}
         for c in self.connections:
@@ -232,33 +235,31 @@ class ComposedModel(nn.Module):
         with self.attached():
             self._step = {"keys_values": keys_values, "allowed": allowed}
             try:
-                logits = self.anchor(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    past_key_values=cache.anchor if cache is not None else None,
-                    use_cache=cache is not None,
-                ).logits
+                with alone.capturing(keep_anchor) if alone is not None else contextlib.nullcontext():
+                    logits = self.anchor(
+                        input_ids=input_ids,
+                        attention_mask=attention_mask,
+                        position_ids=position_ids,
+                        past_key_values=cache.anchor if cache is not None else None,
+                        use_cache=cache is not None,
+                    ).logits
             finally:
                 if self._attach_depth == 1:
                     self._step = None
         if labels is None:
             loss = None
-        elif anchor_logits is None:
+        elif alone is None:
             loss = next_token_loss(logits, labels)
         else:
+            # A caller holding attached() open keeps this step's state for backward; the anchor alone
+            # must meet pass-through hooks.
+            step, self._step = self._step, None
+            try:
+                anchor_logits = alone.logits(input_ids[keep_anchor], attention_mask[keep_anchor], position_ids[keep_anchor])
+            finally:
+                self._step = step
             loss = keep_anchor_loss(logits, labels, keep_anchor, anchor_logits)
         return ComposedOutput(logits=logits, loss=loss)
-
-    @torch.no_grad()
-    def _anchor_alone(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                      rows: torch.Tensor) -> torch.Tensor:
-        """The plain anchor's logits for the rows selected by the bool mask `rows` (composition hooks,
-        if a caller holds them attached, pass through while no composed step is running)."""
-        assert self._step is None, "the anchor alone runs outside a composed step"
-        rows = rows.to(device=input_ids.device, dtype=torch.bool)
-        return self.anchor(input_ids=input_ids[rows], attention_mask=attention_mask[rows],
-                           position_ids=position_ids[rows]).logits
 
     def _align(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: ComposedCache | None

@@ -57,20 +57,26 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def keep_anchor_lm_loss(model: nn.Module):
+def keep_anchor_lm_loss(model: nn.Module, layers: Collection[int] | None = None):
     """A PEFT model's training loss on a collated batch: next-token cross-entropy, and in rows marked
     keep_anchor the KL divergence from the base model alone (adapters off), as the composition is
-    trained (calm_dist.model.objectives)."""
+    trained (calm_dist.model.objectives). `layers`: the adapted decoder layers (all when None); the base
+    model alone runs again only from the lowest of them up (calm_dist.model.anchor_alone)."""
+    from calm_dist.model.anchor_alone import AnchorAlone
     from calm_dist.model.objectives import keep_anchor_loss
+
+    alone = AnchorAlone(model.get_base_model(), min(layers, default=0) - 1 if layers is not None else -1)
 
     def loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         keep = batch.get("keep_anchor")
         if keep is None or not keep.any():  # the model's own loss, as before keep_anchor existed
             return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          labels=batch["labels"]).loss
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        with torch.no_grad(), model.disable_adapter():
-            anchor_logits = model(input_ids=batch["input_ids"][keep], attention_mask=batch["attention_mask"][keep]).logits
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        with alone.capturing(keep):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        with model.disable_adapter():
+            anchor_logits = alone.logits(ids[keep], mask[keep])
         return keep_anchor_loss(logits, batch["labels"], keep, anchor_logits)
 
     return loss
@@ -94,7 +100,7 @@ def train_lora(anchor: nn.Module, rows: list[dict], training, parameters: int, s
     with tqdm(total=training.steps, desc="LoRA baseline", unit="step", leave=False, dynamic_ncols=True, disable=None,
               file=sys.stdout) as bar:  # stdout: quiet mode sends stderr to the log
         model.train()
-        local_training.train(keep_anchor_lm_loss(model), model.parameters(),
+        local_training.train(keep_anchor_lm_loss(model, layers), model.parameters(),
                              local_training.batches(rows, training.global_batch_size, seed, pad_token_id),
                              training.steps, lr=training.optimizer.lr, warmup_steps=training.schedule.warmup_steps,
                              weight_decay=training.optimizer.weight_decay, on_step=lambda step, loss: bar.update(1))
