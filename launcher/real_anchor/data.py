@@ -2,8 +2,8 @@
 
 - D_C: every question about the D_C people (3 per person), plus ordinary records that keep the anchor's
   behaviour where m_A has nothing to say (launcher.real_anchor.ordinary): prose, and the anchor's own
-  answers to short factual prompts, marked `keep_anchor` (trained to the anchor's own distribution at
-  each of their tokens, not to their text); never what is scored.
+  answers to short factual prompts, marked `keep_anchor` (with data.keep_anchor_field, trained to the
+  anchor's own distribution at each of their tokens, not to their text); never what is scored.
 - eval sets: questions about held-out people, and about D_C people (memorised or read, for contrast).
 """
 
@@ -36,8 +36,8 @@ def write_data(world: World, folder: Path, eval_questions: int, prose: int, anch
     passages = prose_passages(world.seed)
     if len(passages) < prose:
         raise ValueError(f"the standard library's docstrings give {len(passages)} prose passages, fewer than {prose}")
-    # The ordinary records keep the anchor's predictions (KL to it; configs/real-anchor.yaml's
-    # data.keep_anchor_field), the questions are learned.
+    # The ordinary records are marked keep_anchor, for a config with data.keep_anchor_field (trained to
+    # the anchor alone's predictions; configs/real-anchor.yaml says why it trains on their text).
     dc = ([{**q, "keep_anchor": False} for q in questions(world, world.dc_people, None, 1)]
           + [{**r, "keep_anchor": True} for r in passages[:prose] + anchor_answers])
     random.Random(f"real-anchor-dc-{world.seed}").shuffle(dc)
