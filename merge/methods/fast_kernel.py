@@ -162,11 +162,12 @@ def compiled_pass(plan: Any, ys: Sequence[torch.Tensor], out: torch.Tensor, fast
 
 def magnitude_histograms(lib: ctypes.CDLL | None, values: torch.Tensor) -> bool:
     """Whether the compiled magnitude histograms can count `values` (a contiguous float32 tensor)."""
-    return lib is not None and values.dtype == torch.float32 and values.is_contiguous()
+    return lib is not None and values.dtype == torch.float32 and values.is_contiguous() and values.device.type == "cpu"
 
 
 def _floats(tensors: Sequence[torch.Tensor]) -> bool:
-    return all(t.dtype == torch.float32 and t.is_contiguous() and t.numel() == tensors[0].numel() for t in tensors)
+    return all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" and t.numel() == tensors[0].numel()
+               for t in tensors)
 
 
 def _pointers(tensors: Sequence[torch.Tensor]) -> ctypes.Array:
