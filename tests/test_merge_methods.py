@@ -281,6 +281,23 @@ def test_kth_largest_abs_of_large_blocks_with_signed_zeros_infinities_and_subnor
         assert found == values.abs().kthvalue(len(values) - rank + 1).values.item()
 
 
+def test_a_difference_counts_as_the_task_vector_it_stands_for(histograms):
+    """kth_largest_abs of Difference(x, base) blocks (counted without making x - base) equals it of the
+    materialised differences, infinities (inf - inf: NaN) included."""
+    from merge.methods.magnitude import Difference
+
+    generator = torch.Generator().manual_seed(2)
+    base, x = torch.randn(2, 150_001, generator=generator) * 0.02
+    x[::9] = base[::9]  # zero task-vector elements
+    base[1::1001], x[1::1001] = torch.inf, torch.inf
+    x[2::997] = -torch.inf
+    cuts = list(range(0, len(x), 66_000)) + [len(x)]
+    pairs = lambda: ([Difference(x[a:b], base[a:b])] for a, b in zip(cuts, cuts[1:], strict=False))  # noqa: E731
+    made = lambda: ([x[a:b] - base[a:b]] for a, b in zip(cuts, cuts[1:], strict=False))  # noqa: E731
+    for k in (1, 40, 75_000, lambda nonzero: nonzero // 3):
+        assert repr(kth_largest_abs(pairs, k)) == repr(kth_largest_abs(made, k))  # repr: NaN equals NaN
+
+
 @pytest.mark.parametrize("models", [1, 2, 3, 5])
 def test_sce_variance_is_torch_var_bit_for_bit(models):
     """SCE's variance across task vectors is mergekit's torch.var(stack, dim=0, unbiased=False) to the

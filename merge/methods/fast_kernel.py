@@ -45,10 +45,10 @@ SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
     "fast_pass_float": (_I64, (*_CONSTANTS, _INT, _P, _I64, _P, _P, _P)),
     # ..., out, n, where, low, estimate
     "fast_pass_double": (_I64, (*_CONSTANTS, _P, _I64, _P, _P, _P)),
-    # values, n, hist -> nonzero count
-    "magnitude_high_histogram": (_I64, (_P, _I64, _P)),
-    # values, n, high, hist -> count in that high bin
-    "magnitude_low_histogram": (_I64, (_P, _I64, _INT, _P)),
+    # values, base (or NULL), n, hist -> nonzero count
+    "magnitude_high_histogram": (_I64, (_P, _P, _I64, _P)),
+    # values, base (or NULL), n, high, hist -> count in that high bin
+    "magnitude_low_histogram": (_I64, (_P, _P, _I64, _INT, _P)),
     # k, xs (base first), thresholds, weights, scale, n, out
     "ties_merge": (None, (_INT, _P, _P, _P, _F32, _I64, _P)),
     # k, base, tvs, weights, ties, normalize, divisor, scale, n, out
@@ -160,9 +160,9 @@ def compiled_pass(plan: Any, ys: Sequence[torch.Tensor], out: torch.Tensor, fast
     return CompiledPass(lib, plan, [y.dtype for y in ys], out.dtype, fast) if lib is not None else None
 
 
-def magnitude_histograms(lib: ctypes.CDLL | None, values: torch.Tensor) -> bool:
-    """Whether the compiled magnitude histograms can count `values` (a contiguous float32 tensor)."""
-    return lib is not None and values.dtype == torch.float32 and values.is_contiguous() and values.device.type == "cpu"
+def magnitude_histograms(lib: ctypes.CDLL | None, tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether the compiled magnitude histograms can count these (contiguous float32 CPU tensors)."""
+    return lib is not None and _floats(tensors)
 
 
 def _floats(tensors: Sequence[torch.Tensor]) -> bool:

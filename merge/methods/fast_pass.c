@@ -309,15 +309,20 @@ static void add_ways(uint32_t (*ways)[BINS], int64_t *hist) {
         for (int b = 0; b < BINS; b++) hist[b] += ways[w][b];
 }
 
-/* Adds the high-bits histogram of |v[0..n)| to hist; returns how many |v[i]| are not zero (NaN counts). */
+/* |v[i]| as bits, or |v[i] - base[i]| (the fp32 difference, as torch's) where base is not NULL. */
+static inline uint32_t magnitude(const float *v, const float *base, int64_t i) {
+    return bits_of(base ? v[i] - base[i] : v[i]) & 0x7fffffffu;
+}
+
+/* Adds the high-bits histogram of the magnitudes (v, or v - base) of [0, n) to hist; returns how many
+ * are not zero (NaN counts). */
 MULTIVERSION
-int64_t magnitude_high_histogram(const float *v, int64_t n, int64_t *hist) {
-    const uint32_t *bits = (const uint32_t *)v;
+int64_t magnitude_high_histogram(const float *v, const float *base, int64_t n, int64_t *hist) {
     int64_t zeros = 0;
     uint32_t (*ways)[BINS] = n < BINS ? NULL : calloc(WAYS, sizeof *ways); /* 1 MiB: worth it on large n */
     if (ways == NULL) { /* a small tensor, or no memory: one histogram */
         for (int64_t i = 0; i < n; i++) {
-            uint32_t a = bits[i] & 0x7fffffffu;
+            uint32_t a = magnitude(v, base, i);
             hist[a >> 16]++;
             zeros += a == 0;
         }
@@ -328,12 +333,12 @@ int64_t magnitude_high_histogram(const float *v, int64_t n, int64_t *hist) {
         int64_t i = start;
         for (; i + WAYS <= end; i += WAYS)
             for (int w = 0; w < WAYS; w++) {
-                uint32_t a = bits[i + w] & 0x7fffffffu;
+                uint32_t a = magnitude(v, base, i + w);
                 ways[w][a >> 16]++;
                 zeros += a == 0;
             }
         for (; i < end; i++) {
-            uint32_t a = bits[i] & 0x7fffffffu;
+            uint32_t a = magnitude(v, base, i);
             ways[0][a >> 16]++;
             zeros += a == 0;
         }
@@ -344,13 +349,12 @@ int64_t magnitude_high_histogram(const float *v, int64_t n, int64_t *hist) {
     return n - zeros;
 }
 
-/* Adds the low-bits histogram of the |v[i]| whose high 16 bits are `high` to hist; returns their count. */
+/* Adds the low-bits histogram of the magnitudes whose high 16 bits are `high` to hist; returns their count. */
 MULTIVERSION
-int64_t magnitude_low_histogram(const float *v, int64_t n, int high, int64_t *hist) {
-    const uint32_t *bits = (const uint32_t *)v;
+int64_t magnitude_low_histogram(const float *v, const float *base, int64_t n, int high, int64_t *hist) {
     int64_t found = 0;
     for (int64_t i = 0; i < n; i++) {
-        uint32_t a = bits[i] & 0x7fffffffu;
+        uint32_t a = magnitude(v, base, i);
         if ((a >> 16) == (uint32_t)high) hist[a & 0xffffu]++, found++;
     }
     return found;

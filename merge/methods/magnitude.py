@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -13,8 +14,22 @@ Tensor = torch.Tensor
 Rank = int | Sequence[int] | Callable[[int], int]
 
 
-def kth_largest_abs(series: Callable[[], Iterable[list[Tensor]]], k: Rank) -> list[float]:
+class Difference(NamedTuple):
+    """A block of x - base (fp32), counted without being made: the subtraction was a pass of its own."""
+
+    x: Tensor
+    base: Tensor
+
+    def value(self) -> Tensor:
+        return self.x - self.base
+
+
+Series = Callable[[], Iterable[list[Tensor | Difference]]]
+
+
+def kth_largest_abs(series: Series, k: Rank) -> list[float]:
     """For each series of blocks, its k-th largest absolute value, exactly, in two streaming passes.
+    A block is a tensor, or a Difference (task vectors: x - base).
 
     k: one rank for every series, one per series, or a function of the series' count of nonzero
     elements (SCE ranks among those). A rank of 0 or less gives inf: nothing reaches it.
@@ -59,22 +74,33 @@ def kth_largest_abs(series: Callable[[], Iterable[list[Tensor]]], k: Rank) -> li
     return values
 
 
-def _count_high(lib, values: Tensor, hist: Tensor) -> int:
+def _count_high(lib, values: Tensor | Difference, hist: Tensor) -> int:
     """Adds the histogram of the high 16 bits of |values| to hist; returns the count of nonzero |values|."""
-    if fast_kernel.magnitude_histograms(lib, values):
-        return lib.magnitude_high_histogram(values.data_ptr(), values.numel(), hist.data_ptr())
-    bits = values.abs().view(torch.int32)
+    tensors = list(values) if isinstance(values, Difference) else [values]
+    if fast_kernel.magnitude_histograms(lib, tensors):
+        return lib.magnitude_high_histogram(*_pointers(tensors), tensors[0].numel(), hist.data_ptr())
+    bits = _value(values).abs().view(torch.int32)
     hist += torch.bincount(bits.flatten() >> 16, minlength=1 << 16)
     return int(torch.count_nonzero(bits))
 
 
-def _count_low(lib, values: Tensor, high: int, hist: Tensor) -> None:
+def _count_low(lib, values: Tensor | Difference, high: int, hist: Tensor) -> None:
     """Adds the histogram of the low 16 bits of the |values| whose high 16 bits are `high` to hist."""
-    if fast_kernel.magnitude_histograms(lib, values):
-        lib.magnitude_low_histogram(values.data_ptr(), values.numel(), high, hist.data_ptr())
+    tensors = list(values) if isinstance(values, Difference) else [values]
+    if fast_kernel.magnitude_histograms(lib, tensors):
+        lib.magnitude_low_histogram(*_pointers(tensors), tensors[0].numel(), high, hist.data_ptr())
         return
-    bits = values.abs().view(torch.int32)
+    bits = _value(values).abs().view(torch.int32)
     hist += torch.bincount(bits[(bits >> 16) == high] & 0xFFFF, minlength=1 << 16)
+
+
+def _value(values: Tensor | Difference) -> Tensor:
+    return values.value() if isinstance(values, Difference) else values
+
+
+def _pointers(tensors: list[Tensor]) -> tuple[int, int | None]:
+    """(values, base) for the C functions; base NULL for a plain tensor."""
+    return tensors[0].data_ptr(), tensors[1].data_ptr() if len(tensors) > 1 else None
 
 
 def _pick(hist: Tensor, k: int) -> tuple[int, int]:

@@ -30,7 +30,7 @@ import torch
 
 from merge.methods import della, exact, fast_kernel, sparse, spherical
 from merge.methods.blocks import Block, Blocks, Method, Tensor
-from merge.methods.magnitude import kth_largest_abs
+from merge.methods.magnitude import Difference, kth_largest_abs
 from merge.methods.sparse import dare_keep
 from merge.methods.specs import (
     SPECS,
@@ -80,7 +80,7 @@ def disjoint_mean(deltas: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
 def ties_thresholds(blocks: Blocks, numel: int, params: SparseParams, weights: Sequence[float]) -> list[float]:
     """Per task vector, the k-th largest |x_i - base| over the whole tensor, k = round(density * numel)."""
     k = round(params.density * numel)
-    deltas = lambda: ([x - xs[0] for x in xs[1:]] for _, xs in blocks())  # noqa: E731
+    deltas = lambda: ([Difference(x, xs[0]) for x in xs[1:]] for _, xs in blocks())  # noqa: E731
     return kth_largest_abs(deltas, k)
 
 

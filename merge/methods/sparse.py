@@ -22,7 +22,7 @@ import torch
 
 from merge.methods import fast_kernel
 from merge.methods.blocks import Block, Blocks, Tensor, block_uniform
-from merge.methods.magnitude import kth_largest_abs
+from merge.methods.magnitude import Difference, kth_largest_abs
 from merge.methods.specs import BreadcrumbsParams, DareParams, DellaParams, SceParams
 
 # mergekit's RescaleNorm.l1 leaves a task vector unscaled when either norm is below this.
@@ -159,7 +159,7 @@ def breadcrumbs_statistic(blocks: Blocks, numel: int, params: BreadcrumbsParams,
         return None
     count = len(weights)
     outliers, kept = breadcrumbs_window(numel, params.density, params.gamma)
-    deltas = lambda: ([x - xs[0] for x in xs[1:]] * 2 for _, xs in blocks())  # noqa: E731
+    deltas = lambda: ([Difference(x, xs[0]) for x in xs[1:]] * 2 for _, xs in blocks())  # noqa: E731
     thresholds = kth_largest_abs(deltas, [outliers] * count + [outliers + kept] * count if kept else [0] * 2 * count)
     upper, lower = thresholds[:count], thresholds[count:]
     ratios: list[Tensor | None] = [None] * count
