@@ -57,27 +57,9 @@ def _view(files: InputFiles, info: TensorInfo, start: int, stop: int) -> torch.T
 
 def _blocks(files: InputFiles, sources: Sequence[TensorInfo], start: int, stop: int, step: int
             ) -> Iterator[tuple[int, list[torch.Tensor]]]:
-    """The fp32 blocks of one readable chunk, in order, for a statistic pass (which runs on the caller's
-    thread): each block is converted on a compute thread while the caller uses the one before, since
-    with compiled statistics the conversion was the larger part of such a pass."""
-
-    def converted(begin: int) -> tuple[int, list[torch.Tensor]]:
+    for begin in range(start, stop, step):
         end = min(begin + step, stop)
-        return begin, [_view(files, s, begin, end).float() for s in sources]
-
-    begins = range(start, stop, step)
-    pending = _compute_pool().submit(converted, begins[0]) if begins else None
-    try:
-        for following in begins[1:]:
-            current = pending.result()
-            pending = _compute_pool().submit(converted, following)
-            yield current
-        if pending is not None:
-            current, pending = pending.result(), None
-            yield current
-    finally:
-        if pending is not None:  # closed midway: the chunk stays readable until its conversion is done
-            pending.result()
+        yield begin, [_view(files, s, begin, end).float() for s in sources]
 
 
 Walk = Callable[[], Iterator[Chunk]]
