@@ -11,10 +11,10 @@ from transformers import PreTrainedTokenizerBase
 
 from calm_dist.data.records import DataError, check_fields
 from calm_dist.model.alignment import Aligner, batch_key
+from calm_dist.model.objectives import IGNORE_INDEX  # the label the loss skips (prompt tokens and padding)
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # label value that the loss skips (prompt tokens and padding)
 
 
 class NothingToPredict(DataError):

@@ -76,7 +76,7 @@ def kth_largest_abs(series: Series, k: Rank) -> list[float]:
 
 def _count_high(lib, values: Tensor | Difference, hist: Tensor) -> int:
     """Adds the histogram of the high 16 bits of |values| to hist; returns the count of nonzero |values|."""
-    tensors = list(values) if isinstance(values, Difference) else [values]
+    tensors = _tensors(values)
     if fast_kernel.magnitude_histograms(lib, tensors):
         return lib.magnitude_high_histogram(*_pointers(tensors), tensors[0].numel(), hist.data_ptr())
     bits = _value(values).abs().view(torch.int32)
@@ -86,12 +86,17 @@ def _count_high(lib, values: Tensor | Difference, hist: Tensor) -> int:
 
 def _count_low(lib, values: Tensor | Difference, high: int, hist: Tensor) -> None:
     """Adds the histogram of the low 16 bits of the |values| whose high 16 bits are `high` to hist."""
-    tensors = list(values) if isinstance(values, Difference) else [values]
+    tensors = _tensors(values)
     if fast_kernel.magnitude_histograms(lib, tensors):
         lib.magnitude_low_histogram(*_pointers(tensors), tensors[0].numel(), high, hist.data_ptr())
         return
     bits = _value(values).abs().view(torch.int32)
     hist += torch.bincount(bits[(bits >> 16) == high] & 0xFFFF, minlength=1 << 16)
+
+
+def _tensors(values: Tensor | Difference) -> list[Tensor]:
+    """What the compiled count reads: [values], or [x, base]."""
+    return list(values) if isinstance(values, Difference) else [values]
 
 
 def _value(values: Tensor | Difference) -> Tensor:
