@@ -179,9 +179,15 @@ STABILITY_SAMPLES, STABILITY_CHARS = 16, 400
 def _check_own_tokenizers(config: TrainConfig, augmenting: list[ModelDims], anchor_tokenizer, records) -> list[int | None]:
     """Tokenizers of augmenting models that read the text: loadable, fast (offsets), the model's size,
     and never re-tokenizing settled words of the training data (calm_dist.model.alignment)."""
-    from calm_dist.model.alignment import AlignmentError, check_whitespace_stable, require_offsets
+    from calm_dist.model.alignment import (
+        AlignmentError,
+        check_whitespace_stable,
+        require_offsets,
+        uninformative_ids,
+    )
 
     sizes: list[int | None] = []
+    unknown_ids: list[int] = []
     data = config.data
     fields = [data.text_field] if data.text_field else [data.prompt_field, data.completion_field]
     texts = ["".join(str(records[i][f] or "") for f in fields)[:STABILITY_CHARS]
@@ -203,6 +209,14 @@ def _check_own_tokenizers(config: TrainConfig, augmenting: list[ModelDims], anch
         except AlignmentError as err:
             raise ConfigError(f"{key}: {err}") from None
         sizes.append(len(tokenizer))
+        if uninformative_ids(tokenizer):
+            unknown_ids.append(k)
+    if config.composition.hide_unknown_tokens and not unknown_ids:
+        raise ConfigError(
+            "composition.hide_unknown_tokens: no augmenting model has a tokenizer of its own "
+            "(models.augmenting.N.tokenizer) with an unknown token apart from its bos, eos and pad tokens: "
+            "there is nothing to hide"
+        )
     return sizes
 
 

@@ -81,6 +81,11 @@ class CompositionConfig(Strict):
         False, description="scale each cross-attention output by the RMS of the anchor state it joins, so it "
         "learns as fast on a real anchor (residual RMS 10-30) as on a toy (near 1); not in the paper"
     )
+    hide_unknown_tokens: bool = Field(
+        False, description="augmenting tokens that are their own tokenizer's unknown token (<unk>: text the "
+        "augmenting model has no word for) or bos token are hidden from the cross-attention, which then reads "
+        "only text the augmenting model knows; for augmenting models with a tokenizer of their own; not in the paper"
+    )
     dropout: float = Field(
         0.0, ge=0, lt=1, description="training only: drop this share of the augmenting states the cross-attention "
         "reads (a regulariser against memorising D_C; decoding, eval and checkpoints are unaffected); not in the paper"

@@ -281,14 +281,14 @@ def folders(tokenizers, tmp_path_factory):
     return root
 
 
-def cross_config(folders, model="aug", **aug):
+def cross_config(folders, model="aug", composition=None, **aug):
     from launcher.train_config import TrainConfig
 
     return TrainConfig.model_validate({
         "name": "cross",
         "models": {"anchor": {"path": str(folders / "anchor")},
                    "augmenting": [{"path": str(folders / model), **aug}]},
-        "composition": {"every_n": 2},
+        "composition": {"every_n": 2, **(composition or {})},
         "data": {"train": str(folders / "train.jsonl"), "text_field": "text"},
         "training": {"steps": 2, "micro_batch_size": 1, "global_batch_size": 2},
     })
@@ -316,6 +316,16 @@ def test_preflight_refuses_an_unusable_own_tokenizer(folders, folder, model, mes
 
     with pytest.raises(ConfigError, match=message):
         preflight(cross_config(folders, model, tokenizer=str(folders / folder)))
+
+
+def test_preflight_refuses_hiding_unknown_tokens_where_no_tokenizer_has_them(folders):
+    from launcher.preflight import preflight
+    from launcher.train_config import ConfigError
+
+    hide = {"hide_unknown_tokens": True}
+    assert preflight(cross_config(folders, composition=hide, tokenizer=str(folders / "aug"))).own_tokenizers == (300,)
+    with pytest.raises(ConfigError, match=r"^composition\.hide_unknown_tokens: no augmenting model has a tokenizer"):
+        preflight(cross_config(folders, "anchor", composition=hide))
 
 
 def test_config_resolves_the_tokenizer_path_and_keeps_the_anchors_in_one_place(tmp_path):

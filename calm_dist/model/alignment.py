@@ -141,6 +141,16 @@ def check_whitespace_stable(tokenizer: PreTrainedTokenizerBase, text: str, where
             )
 
 
+def uninformative_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids that say nothing of the text: the unknown token (what text the tokenizer has no token for
+    encodes to) and the bos token (the same at the start of every row); [] when the tokenizer has no
+    unknown token of its own (a byte-level tokenizer's `unk` is often its eos, which is real input)."""
+    unknown = tokenizer.unk_token_id
+    if unknown in (None, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id):
+        return []
+    return [unknown] if tokenizer.bos_token_id is None else [unknown, tokenizer.bos_token_id]
+
+
 @dataclass
 class AugmentingView:
     """One augmenting model's input for a forward: its new settled tokens, and what each anchor
@@ -167,12 +177,13 @@ class RowState:
     tokens: list[list[int]] = field(default_factory=list)
 
 
-def settled_mask(augmenting_mask: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+def settled_mask(augmenting_mask: torch.Tensor, visible: torch.Tensor, readable: torch.Tensor | None = None) -> torch.Tensor:
     """bool [batch, 1, length, aug_len]: query t sees real augmenting position s iff s is among the
-    row's first visible[t] real tokens."""
+    row's first visible[t] real tokens (and readable, where given: bool [batch, aug_len])."""
     real = augmenting_mask.bool()
     order = augmenting_mask.long().cumsum(-1) - 1
-    return (real[:, None, :] & (order[:, None, :] < visible[:, :, None]))[:, None]
+    seen = real if readable is None else real & readable
+    return (seen[:, None, :] & (order[:, None, :] < visible[:, :, None]))[:, None]
 
 
 def batch_key(k: int, name: str) -> str:
@@ -223,6 +234,11 @@ class Aligner:
             "anchor": tokenizer_identity(self.anchor),
             "augmenting": [None if t is None else tokenizer_identity(t) for t in self.augmenting],
         }
+
+    def uninformative_ids(self) -> dict[int, torch.Tensor]:
+        """Cross-tokenizer model k -> its tokenizer's uninformative_ids, for those that have an unknown token."""
+        ids = {k: uninformative_ids(self.augmenting[k]) for k in self.cross}
+        return {k: torch.tensor(found) for k, found in ids.items() if found}
 
     def pad_id(self, k: int) -> int:
         tokenizer = self.augmenting[k]

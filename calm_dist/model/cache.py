@@ -20,6 +20,7 @@ class ComposedCache:
     anchor_ids: torch.Tensor | None = None  # cross-tokenizer only: every anchor id so far
     rows: list | None = None  # cross-tokenizer only: calm_dist.model.alignment.RowState per row
     augmenting_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # model k -> [batch, cached]
+    readable_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # hide_unknown_tokens: k -> [batch, cached]
 
     def seq_length(self) -> int:
         return self.anchor.get_seq_length()

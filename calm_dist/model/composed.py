@@ -80,6 +80,14 @@ class ComposedModel(nn.Module):
         conn.validate(connections, [d.num_layers for d in self.augmenting_dims], self.anchor_dims.num_layers)
         self.connections: list[Connection] = sorted(connections)
         self.options = (options or CompositionOptions()).resolved(self.anchor_dims.num_heads)
+        # Augmenting model k -> the token ids its keys hide (hide_unknown_tokens).
+        self.hidden_ids: dict[int, torch.Tensor] = (
+            self.aligner.uninformative_ids() if self.options.hide_unknown_tokens and self.aligner else {})
+        if self.options.hide_unknown_tokens and not self.hidden_ids:
+            raise CompositionError(
+                "hide_unknown_tokens: no augmenting model reads through a tokenizer of its own that has an unknown "
+                "token (apart from its bos, eos and pad tokens); give that tokenizer or leave the option off"
+            )
 
         self.anchor = anchor.requires_grad_(False).eval()
         modules = [] if any(external) else augmenting
@@ -212,7 +220,7 @@ class ComposedModel(nn.Module):
                 full = view.attention_mask if past_mask is None else torch.cat([past_mask, view.attention_mask], 1)
                 if cache is not None:
                     cache.augmenting_masks[k] = full
-                visible_masks[k] = settled_mask(full, view.visible)
+                visible_masks[k] = settled_mask(full, view.visible, self._readable(k, view, cache))
 
         alone = None
         if labels is not None and keep_anchor is not None and keep_anchor.any():
@@ -260,6 +268,18 @@ class ComposedModel(nn.Module):
                 self._step = step
             loss = keep_anchor_loss(logits, labels, keep_anchor, anchor_logits)
         return ComposedOutput(logits=logits, loss=loss)
+
+    def _readable(self, k: int, view: AugmentingView, cache: ComposedCache | None) -> torch.Tensor | None:
+        """bool [batch, aug_len so far]: model k's tokens the cross-attention may read (hide_unknown_tokens),
+        or None for all of them."""
+        if k not in self.hidden_ids:
+            return None
+        readable = ~torch.isin(view.input_ids, self.hidden_ids[k].to(view.input_ids.device))
+        if cache is not None:
+            past = cache.readable_masks.get(k)
+            readable = readable if past is None else torch.cat([past, readable], 1)
+            cache.readable_masks[k] = readable
+        return readable
 
     def _align(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: ComposedCache | None

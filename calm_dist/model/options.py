@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 
 # Options a composition checkpoint records: what the trained weights mean. dropout is training-only.
-SAVED = ("num_heads", "recency_bias", "null_attention", "residual_scale", "dtype")
+SAVED = ("num_heads", "recency_bias", "null_attention", "residual_scale", "hide_unknown_tokens", "dtype")
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,11 @@ class CompositionOptions:
     """Scale each cross-attention output by the RMS of the anchor state it is added to, so that a step of
     the optimizer changes a real anchor's residual stream (RMS 10-30 in SmolLM2's upper layers) as much as
     a toy's (RMS near 1); not in the paper."""
+    hide_unknown_tokens: bool = False
+    """Augmenting tokens that are their tokenizer's unknown token (`<unk>`: text the augmenting model has no
+    word for) or its bos token (the same in every row) are keys no query may attend to, so the
+    cross-attention reads only the text the augmenting model knows; for augmenting models with a tokenizer
+    of their own (calm_dist.model.alignment.uninformative_ids); not in the paper."""
     dropout: float = 0.0
     """Training only: drop this share of the augmenting states the cross-attention reads; not in the paper."""
 
@@ -52,4 +57,5 @@ class CompositionOptions:
         return cls(num_heads=manifest["num_heads"], dtype=getattr(torch, manifest["dtype"]),
                    recency_bias=manifest.get("recency_bias", False),
                    null_attention=manifest.get("null_attention", False),
-                   residual_scale=manifest.get("residual_scale", False))
+                   residual_scale=manifest.get("residual_scale", False),
+                   hide_unknown_tokens=manifest.get("hide_unknown_tokens", False))
