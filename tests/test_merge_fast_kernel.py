@@ -18,7 +18,7 @@ from test_exact import hard_values, reference_round
 from merge.methods import exact, fast_kernel
 
 # C types of fast_pass.c's prototypes -> what ctypes passes for them (every pointer is a c_void_p).
-C_TYPES = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "double": ctypes.c_double, "float": ctypes.c_float, "void": None}
+C_TYPES = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "uint64_t": ctypes.c_uint64, "double": ctypes.c_double, "float": ctypes.c_float, "void": None}
 QUALIFIERS = {"const", "volatile", "restrict"}
 
 

@@ -1,6 +1,7 @@
 """merge/methods/fast_pass.c, compiled on first use with the system's C compiler and loaded with ctypes:
-the exact fast pass of merge.methods.exact, the magnitude histograms of merge.methods.magnitude, and
-the last pass of the sign-electing merges (TIES, and mergekit's task arithmetic after sparsification).
+the exact fast pass of merge.methods.exact, the magnitude histograms of merge.methods.magnitude, the
+last pass of the sign-electing merges (TIES, and mergekit's task arithmetic after sparsification), and
+the seeded uniform draws of merge.methods.blocks with DARE's passes over them.
 
 Why compiled: the fast pass in torch is ~17 ops, each a pass over memory, and on a 2-core machine it
 cost as much CPU as reading and writing the files; fused it is one pass. Why at run time: the C is
@@ -37,7 +38,7 @@ CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 # The functions fast_pass.c exports, as ctypes sees them: name -> (return type, argument types), in the
 # order of the C prototypes (tests/test_exact.py checks this table against the source). Pointers are
 # c_void_p: every array is a tensor's data_ptr() or a ctypes array.
-_P, _INT, _I64, _F32, _F64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_double
+_P, _INT, _I64, _U64, _F32, _F64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint64, ctypes.c_float, ctypes.c_double
 # k, ys, codes, scaled, factor, absolute, overflow_risk, parts, counts, positive
 _CONSTANTS = (_INT, _P, _P, _P, _F64, _F64, _F64, _P, _P, _INT)
 SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
@@ -53,6 +54,12 @@ SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
     "ties_merge": (None, (_INT, _P, _P, _P, _F32, _I64, _P)),
     # k, base, tvs, weights, ties, normalize, divisor, scale, n, out
     "mix_merge": (None, (_INT, _P, _P, _P, _INT, _INT, _F32, _F32, _I64, _P)),
+    # key, n, out
+    "uniform_draws": (None, (_U64, _I64, _P)),
+    # x, base, key, density, rescale, ratio, n, out
+    "dare_masked": (None, (_P, _P, _U64, _F32, _INT, _F32, _I64, _P)),
+    # x, base, key, density, n, sums
+    "dare_l1": (None, (_P, _P, _U64, _F32, _I64, _P)),
 }
 MAX_MODELS = 8  # fast_pass.c's bound on the task vectors of ties_merge and mix_merge
 _LOCK = threading.Lock()
@@ -198,3 +205,37 @@ def mix_merge(base: torch.Tensor, tvs: Sequence[torch.Tensor], weights: Sequence
     lib.mix_merge(k, base.data_ptr(), _pointers(tvs), (ctypes.c_float * k)(*weights), int(ties), int(normalize), divisor,
                   scale, out.numel(), out.data_ptr())
     return out
+
+
+def uniform_draws(key: int, n: int) -> torch.Tensor | None:
+    """merge.methods.blocks.uniform_draws(key, n), to the bit; None where the compiled pass is not built."""
+    lib = library()
+    if lib is None:
+        return None
+    out = torch.empty(n, dtype=torch.float32)
+    lib.uniform_draws(key, n, out.data_ptr())
+    return out
+
+
+def dare_masked(x: torch.Tensor, base: torch.Tensor, key: int, density: float, ratio: torch.Tensor | None
+                ) -> torch.Tensor | None:
+    """(x - base) * (uniform_draws(key, n) < density), times ratio (fp32, 0-d) unless None: merge.methods.sparse's
+    DARE task vector, to the bit; None where the compiled pass is not built or does not apply."""
+    lib = library()
+    if lib is None or not _floats([x, base]):
+        return None
+    out = torch.empty_like(x)
+    lib.dare_masked(x.data_ptr(), base.data_ptr(), key, density, int(ratio is not None),
+                    0.0 if ratio is None else ratio.item(), out.numel(), out.data_ptr())
+    return out
+
+
+def dare_l1(x: torch.Tensor, base: torch.Tensor, key: int, density: float) -> tuple[float, float] | None:
+    """The L1 norms (fp64 sums) of x - base and of dare_masked(x, base, key, density, None); None where
+    the compiled pass is not built or does not apply."""
+    lib = library()
+    if lib is None or not _floats([x, base]):
+        return None
+    sums = (ctypes.c_double * 2)()
+    lib.dare_l1(x.data_ptr(), base.data_ptr(), key, density, x.numel(), sums)
+    return sums[0], sums[1]

@@ -437,3 +437,53 @@ void mix_merge(int k, const float *base, const float *const *tvs, const float *w
         for (int i = 0; i < count; i++) out[start + i] = base[start + i] + mixed[i];
     }
 }
+
+/* ---------------------------------------------------------------------------------------------------
+ * Seeded uniform draws (merge.methods.blocks.block_uniform) and DARE's passes over them. Draw i of a
+ * block is a function of (key, i) alone, SplitMix64's output function of key + (i + 1) * gamma: no
+ * generator state, so the draws vectorise and any slice of a block can be drawn on its own. Its top 24
+ * bits make a float in [0, 1) exactly; merge/methods/blocks.py computes the same in torch. */
+static inline float uniform_at(uint64_t key, int64_t i) {
+    uint64_t z = key + (uint64_t)(i + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (float)(z >> 40) * 0x1p-24f;
+}
+
+MULTIVERSION
+void uniform_draws(uint64_t key, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = uniform_at(key, i);
+}
+
+/* DARE's task vector x - base, each element kept where its draw is below density (a multiply by 1 or 0,
+ * as merge.methods.sparse does it: 0 * inf is NaN there too), times ratio where rescale. */
+MULTIVERSION
+void dare_masked(const float *x, const float *base, uint64_t key, float density, int rescale, float ratio,
+                 int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++) {
+        float d = (x[i] - base[i]) * (uniform_at(key, i) < density ? 1.0f : 0.0f);
+        out[i] = rescale ? d * ratio : d;
+    }
+}
+
+/* The L1 norms of x - base before and after DARE's mask (sums[0], sums[1]), in double; masked as
+ * dare_masked masks (an infinite element masked out is NaN). */
+MULTIVERSION
+void dare_l1(const float *x, const float *base, uint64_t key, float density, int64_t n, double *sums) {
+    double before[4] = {0}, after[4] = {0};  /* four running sums: the adds need not wait on each other */
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        for (int w = 0; w < 4; w++) {
+            float d = x[i + w] - base[i + w];
+            before[w] += fabsf(d);
+            after[w] += fabsf(d * (uniform_at(key, i + w) < density ? 1.0f : 0.0f));
+        }
+    for (; i < n; i++) {
+        float d = x[i] - base[i];
+        before[0] += fabsf(d);
+        after[0] += fabsf(d * (uniform_at(key, i) < density ? 1.0f : 0.0f));
+    }
+    sums[0] = (before[0] + before[1]) + (before[2] + before[3]);
+    sums[1] = (after[0] + after[1]) + (after[2] + after[3]);
+}

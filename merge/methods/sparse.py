@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from merge.methods import fast_kernel
-from merge.methods.blocks import Block, Blocks, Tensor, block_uniform
+from merge.methods.blocks import Block, Blocks, Tensor, block_key, block_uniform
 from merge.methods.magnitude import Difference, kth_largest_abs
 from merge.methods.specs import BreadcrumbsParams, DareParams, DellaParams, SceParams
 
@@ -74,18 +74,23 @@ def mix(base: Tensor, tvs: Sequence[Tensor], weights: Sequence[float], ties: boo
 
 
 Masking = Callable[[Block, int, Tensor], Tensor]  # (block, input position, task vector) -> masked
+# (block, input position, x, base) -> the L1 norms of x - base and of it masked, or None: not compiled here.
+CompiledNorms = Callable[[Block, int, Tensor, Tensor], "tuple[float, float] | None"]
 
 
-def l1_ratios(blocks: Blocks, masked: Masking, count: int) -> list[Tensor | None]:
+def l1_ratios(blocks: Blocks, masked: Masking, count: int, compiled: CompiledNorms | None = None) -> list[Tensor | None]:
     """For each task vector, |d|_1 / |masked d|_1 as mergekit's fp32 0-d division, or None where
     either norm is under RESCALE_EPS. The sums are fp64 over blocks, each rounded once to fp32."""
     before: list[list[float]] = [[] for _ in range(count)]
     after: list[list[float]] = [[] for _ in range(count)]
     for block, xs in blocks():
         for i, x in enumerate(xs[1:]):
-            delta = x - xs[0]
-            before[i].append(delta.abs().double().sum().item())
-            after[i].append(masked(block, i + 1, delta).abs().double().sum().item())
+            norms = compiled(block, i + 1, x, xs[0]) if compiled is not None else None
+            if norms is None:
+                delta = x - xs[0]
+                norms = delta.abs().double().sum().item(), masked(block, i + 1, delta).abs().double().sum().item()
+            before[i].append(norms[0])
+            after[i].append(norms[1])
     ratios: list[Tensor | None] = []
     for b, a in zip(before, after, strict=True):
         b32, a32 = torch.tensor(math.fsum(b), dtype=torch.float32), torch.tensor(math.fsum(a), dtype=torch.float32)
@@ -107,31 +112,46 @@ def _dare_masked(params: DareParams) -> Masking:
     return masked
 
 
-def random_mask_ratios(blocks: Blocks, masked: Masking, params: DareParams | DellaParams, count: int) -> list[Tensor | None] | None:
+def random_mask_ratios(blocks: Blocks, masked: Masking, params: DareParams | DellaParams, count: int,
+                       compiled: CompiledNorms | None = None) -> list[Tensor | None] | None:
     """A randomly masked method's statistic (DARE, DELLA): each task vector's L1 rescale factor, or
     None where density 1 keeps everything or rescaling is off."""
     if params.density >= 1 or not params.rescale:
         return None
-    return l1_ratios(blocks, masked, count)
+    return l1_ratios(blocks, masked, count, compiled)
+
+
+# (block, input position, x, base, ratio) -> the task vector masked and rescaled, or None: not compiled here.
+CompiledTaskVector = Callable[[Block, int, Tensor, Tensor, "Tensor | None"], "Tensor | None"]
 
 
 def random_mask_mix(xs: Sequence[Tensor], weights: Sequence[float], params: DareParams | DellaParams, masked: Masking,
-                    ratios: list | None, block: Block, ties: bool) -> Tensor:
+                    ratios: list | None, block: Block, ties: bool, compiled: CompiledTaskVector | None = None) -> Tensor:
     """Each task vector masked (below density 1) and rescaled by its ratio, then mixed."""
     base = xs[0]
-    tvs = [x - base for x in xs[1:]]
-    if params.density < 1:
-        tvs = [rescaled(masked(block, i, d), ratios[i - 1] if ratios else None) for i, d in enumerate(tvs, start=1)]
+    if params.density >= 1:
+        return mix(base, [x - base for x in xs[1:]], weights, ties, params.normalize, params.scale)
+    tvs = []
+    for i, x in enumerate(xs[1:], start=1):
+        ratio = ratios[i - 1] if ratios else None
+        tv = compiled(block, i, x, base, ratio) if compiled is not None else None
+        tvs.append(tv if tv is not None else rescaled(masked(block, i, x - base), ratio))
     return mix(base, tvs, weights, ties, params.normalize, params.scale)
 
 
 def dare_statistic(blocks: Blocks, numel: int, params: DareParams, weights: Sequence[float]) -> list[Tensor | None] | None:
-    return random_mask_ratios(blocks, _dare_masked(params), params, len(weights))
+    def compiled(block: Block, model: int, x: Tensor, base: Tensor) -> tuple[float, float] | None:
+        return fast_kernel.dare_l1(x, base, block_key(block, model), params.density)
+
+    return random_mask_ratios(blocks, _dare_masked(params), params, len(weights), compiled)
 
 
 def _dare(xs: Sequence[Tensor], weights: Sequence[float], params: DareParams, ratios: list | None, block: Block,
           ties: bool) -> Tensor:
-    return random_mask_mix(xs, weights, params, _dare_masked(params), ratios, block, ties)
+    def compiled(block: Block, model: int, x: Tensor, base: Tensor, ratio: Tensor | None) -> Tensor | None:
+        return fast_kernel.dare_masked(x, base, block_key(block, model), params.density, ratio)
+
+    return random_mask_mix(xs, weights, params, _dare_masked(params), ratios, block, ties, compiled)
 
 
 def dare_linear(xs: Sequence[Tensor], weights: Sequence[float], params: DareParams, ratios: list | None, block: Block) -> Tensor:
