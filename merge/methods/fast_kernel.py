@@ -1,7 +1,7 @@
 """merge/methods/fast_pass.c, compiled on first use with the system's C compiler and loaded with ctypes:
 the exact fast pass of merge.methods.exact, the magnitude histograms of merge.methods.magnitude, the
 last pass of the sign-electing merges (TIES, and mergekit's task arithmetic after sparsification), and
-the seeded uniform draws of merge.methods.blocks with DARE's passes over them.
+the seeded uniform draws of merge.methods.blocks with DARE's passes over them, and SCE's passes.
 
 Why compiled: the fast pass in torch is ~17 ops, each a pass over memory, and on a 2-core machine it
 cost as much CPU as reading and writing the files; fused it is one pass. Why at run time: the C is
@@ -60,6 +60,12 @@ SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
     "dare_masked": (None, (_P, _P, _U64, _F32, _INT, _F32, _I64, _P)),
     # x, base, key, density, n, sums
     "dare_l1": (None, (_P, _P, _U64, _F32, _I64, _P)),
+    # k, xs (base first), n, out
+    "sce_variance": (None, (_INT, _P, _I64, _P)),
+    # k, xs (base first), select, threshold, n, sums
+    "sce_squares": (None, (_INT, _P, _INT, _F32, _I64, _P)),
+    # k, xs (base first), select, threshold, shares, n, out
+    "sce_merge": (None, (_INT, _P, _INT, _F32, _P, _I64, _P)),
 }
 MAX_MODELS = 8  # fast_pass.c's bound on the task vectors of ties_merge and mix_merge
 _LOCK = threading.Lock()
@@ -239,3 +245,42 @@ def dare_l1(x: torch.Tensor, base: torch.Tensor, key: int, density: float) -> tu
     sums = (ctypes.c_double * 2)()
     lib.dare_l1(x.data_ptr(), base.data_ptr(), key, density, x.numel(), sums)
     return sums[0], sums[1]
+
+
+def _sce_inputs(xs: Sequence[torch.Tensor]) -> ctypes.CDLL | None:
+    lib = library()
+    return lib if lib is not None and 1 <= len(xs) - 1 <= MAX_MODELS and _floats(xs) else None
+
+
+def sce_variance(xs: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """merge.methods.sparse's variance of the task vectors of xs (base first), to the bit; None where the
+    compiled pass is not built or does not apply."""
+    lib = _sce_inputs(xs)
+    if lib is None:
+        return None
+    out = torch.empty_like(xs[0])
+    lib.sce_variance(len(xs) - 1, _pointers(xs), out.numel(), out.data_ptr())
+    return out
+
+
+def sce_squares(xs: Sequence[torch.Tensor], threshold: float | None) -> list[float] | None:
+    """Each selected task vector's sum of squares (squares in fp32, summed in fp64), as SCE's statistic
+    takes them; None where the compiled pass is not built or does not apply."""
+    lib = _sce_inputs(xs)
+    if lib is None:
+        return None
+    sums = (ctypes.c_double * (len(xs) - 1))()
+    lib.sce_squares(len(xs) - 1, _pointers(xs), int(threshold is not None), threshold or 0.0, xs[0].numel(), sums)
+    return list(sums)
+
+
+def sce_merge(xs: Sequence[torch.Tensor], threshold: float | None, shares: Sequence[float]) -> torch.Tensor | None:
+    """merge.methods.sparse.sce's result, to the bit; None where the compiled pass is not built or does not apply."""
+    lib = _sce_inputs(xs)
+    if lib is None:
+        return None
+    out = torch.empty_like(xs[0])
+    k = len(xs) - 1
+    lib.sce_merge(k, _pointers(xs), int(threshold is not None), threshold or 0.0, (ctypes.c_float * k)(*shares),
+                  out.numel(), out.data_ptr())
+    return out

@@ -487,3 +487,78 @@ void dare_l1(const float *x, const float *base, uint64_t key, float density, int
     sums[0] = (before[0] + before[1]) + (before[2] + before[3]);
     sums[1] = (after[0] + after[1]) + (after[2] + after[3]);
 }
+
+/* ---------------------------------------------------------------------------------------------------
+ * SCE (merge.methods.sparse): the variance across the task vectors x_j - base, as torch.var over their
+ * stack computes it (Welford in double, model by model), and the two passes that read it. */
+static inline void sce_variance_block(int k, const float *const *xs, int64_t start, int count, float *variance) {
+    double mean[BLOCK], m2[BLOCK];
+    for (int i = 0; i < count; i++) mean[i] = 0.0, m2[i] = 0.0;
+    for (int j = 1; j <= k; j++)
+        for (int i = 0; i < count; i++) {
+            double x = (double)(xs[j][start + i] - xs[0][start + i]);
+            double delta = x - mean[i];
+            mean[i] += delta / j;
+            m2[i] += delta * (x - mean[i]);
+        }
+    for (int i = 0; i < count; i++) variance[i] = (float)(m2[i] / k);
+}
+
+/* xs: base, then the k models. */
+MULTIVERSION
+void sce_variance(int k, const float *const *xs, int64_t n, float *out) {
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int count = n - start < BLOCK ? (int)(n - start) : BLOCK;
+        sce_variance_block(k, xs, start, count, out + start);
+    }
+}
+
+/* Each task vector's elements kept where |variance| >= threshold (all where !select): x_j - base times 1 or 0. */
+static inline void sce_selected_block(int k, const float *const *xs, int select, float threshold, int64_t start,
+                                      int count, float (*tvs)[BLOCK]) {
+    float keep[BLOCK];
+    if (select) {
+        sce_variance_block(k, xs, start, count, keep);
+        for (int i = 0; i < count; i++) keep[i] = fabsf(keep[i]) >= threshold ? 1.0f : 0.0f;
+    } else {
+        for (int i = 0; i < count; i++) keep[i] = 1.0f;
+    }
+    for (int j = 0; j < k; j++)
+        for (int i = 0; i < count; i++) tvs[j][i] = (xs[j + 1][start + i] - xs[0][start + i]) * keep[i];
+}
+
+/* sums[j] += the fp64 sum of the squares (in float) of selected task vector j. */
+MULTIVERSION
+void sce_squares(int k, const float *const *xs, int select, float threshold, int64_t n, double *sums) {
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int count = n - start < BLOCK ? (int)(n - start) : BLOCK;
+        float tvs[MAX_MODELS][BLOCK];
+        sce_selected_block(k, xs, select, threshold, start, count, tvs);
+        for (int j = 0; j < k; j++) {
+            double sum = 0.0;
+            for (int i = 0; i < count; i++) sum += (double)(tvs[j][i] * tvs[j][i]);
+            sums[j] += sum;
+        }
+    }
+}
+
+/* base + the selected task vectors' mean weighted by `shares`, over those agreeing in sign with their sum
+ * (a zero sum positive), the weights' sum clamped to at least 1e-6. */
+MULTIVERSION
+void sce_merge(int k, const float *const *xs, int select, float threshold, const float *shares, int64_t n, float *out) {
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int count = n - start < BLOCK ? (int)(n - start) : BLOCK;
+        float tvs[MAX_MODELS][BLOCK], total[BLOCK], num[BLOCK], den[BLOCK];
+        sce_selected_block(k, xs, select, threshold, start, count, tvs);
+        for (int i = 0; i < count; i++) total[i] = 0.0f, num[i] = 0.0f, den[i] = 0.0f;
+        for (int j = 0; j < k; j++)
+            for (int i = 0; i < count; i++) total[i] = total[i] + tvs[j][i];
+        for (int j = 0; j < k; j++)
+            for (int i = 0; i < count; i++) {
+                float erased = shares[j] * (sign_of(tvs[j][i]) == (total[i] >= 0.0f ? 1.0f : -1.0f) ? 1.0f : 0.0f);
+                num[i] = num[i] + tvs[j][i] * erased;
+                den[i] = den[i] + erased;
+            }
+        for (int i = 0; i < count; i++) out[start + i] = xs[0][start + i] + num[i] / (den[i] < 1e-6f ? 1e-6f : den[i]);
+    }
+}

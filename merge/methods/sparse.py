@@ -223,6 +223,12 @@ class SceStatistic(NamedTuple):
     weights: Tensor  # (models, 1) fp32: each task vector's share, from its mean square
 
 
+def _variance_of(xs: Sequence[Tensor]) -> Tensor:
+    """The variance of the task vectors of xs (base first): compiled where built, else _variance."""
+    compiled = fast_kernel.sce_variance(xs)
+    return compiled if compiled is not None else _variance([x - xs[0] for x in xs[1:]])
+
+
 def _variance(tvs: Sequence[Tensor]) -> Tensor:
     """mergekit's torch.var(torch.stack(tvs), dim=0, unbiased=False), bit for bit: the CPU kernel's
     Welford recurrence in float64, element by element over the models, written as whole-block ops.
@@ -242,14 +248,16 @@ def sce_statistic(blocks: Blocks, numel: int, params: SceParams, weights: Sequen
     then each selected task vector's mean square over the tensor, normalised to sum 1."""
     threshold = None
     if params.select_topk < 1:
-        variances = lambda: ([_variance([x - xs[0] for x in xs[1:]])] for _, xs in blocks())  # noqa: E731
+        variances = lambda: ([_variance_of(xs)] for _, xs in blocks())  # noqa: E731
         (threshold,) = kth_largest_abs(variances, lambda nonzero: int(nonzero * params.select_topk))
     squares: list[list[float]] | None = None
     for _, xs in blocks():
-        tvs = _sce_selected(xs, threshold)
-        squares = squares or [[] for _ in tvs]
-        for sums, tv in zip(squares, tvs, strict=True):
-            sums.append(tv.square().double().sum().item())
+        block_sums = fast_kernel.sce_squares(xs, threshold)
+        if block_sums is None:
+            block_sums = [tv.square().double().sum().item() for tv in _sce_selected(xs, threshold)]
+        squares = squares or [[] for _ in block_sums]
+        for sums, block_sum in zip(squares, block_sums, strict=True):
+            sums.append(block_sum)
     assert squares is not None  # a tensor with a statistic has a block
     means = torch.tensor([math.fsum(s) for s in squares], dtype=torch.float64).div(numel).float()
     total = torch.sum(means).item()
@@ -261,12 +269,15 @@ def _sce_selected(xs: Sequence[Tensor], threshold: float | None) -> list[Tensor]
     tvs = [x - xs[0] for x in xs[1:]]
     if threshold is None:
         return tvs
-    keep = (_variance(tvs).abs() >= threshold).to(tvs[0].dtype)
+    keep = (_variance_of(xs).abs() >= threshold).to(tvs[0].dtype)
     return [tv * keep for tv in tvs]
 
 
 def sce(xs: Sequence[Tensor], weights: Sequence[float], params: SceParams, stats: SceStatistic, block: Block) -> Tensor:
     """base + the task vectors' mean weighted by their shares, over those agreeing in sign."""
+    compiled = fast_kernel.sce_merge(xs, stats.threshold, stats.weights.flatten().tolist())
+    if compiled is not None:
+        return compiled
     tvs = torch.stack(_sce_selected(xs, stats.threshold))
     erased = stats.weights * sign_consensus(tvs)
     return xs[0] + (tvs * erased).sum(dim=0) / torch.sum(erased, dim=0).clamp(min=1e-6)
