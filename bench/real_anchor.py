@@ -9,6 +9,7 @@ nothing <= 45 minutes on this 2-core machine (m_A cached, `--root` reused: <= 35
 asset is prepared first if missing (calm_dist.testing.real_checkpoint) and is not counted.
 
     .venv/bin/python bench/real_anchor.py --seed 1
+    .venv/bin/python bench/real_anchor.py --seed 2 --set composition.hide_unknown_tokens=true
 """
 
 from __future__ import annotations
@@ -28,11 +29,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--root", default=None, help="work folder (default: a new temporary folder, removed at the end)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a `calm train` setting other than configs/real-anchor.yaml's (value parsed as YAML)")
     args = parser.parse_args()
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import yaml
+
     from calm_dist.testing.real_checkpoint import smollm2
-    from launcher.real_anchor.experiment import TARGETS, run_experiment
+    from launcher.real_anchor.experiment import TARGETS, Design, run_experiment
+
+    if bad := [s for s in args.set if "=" not in s]:
+        parser.error(f"--set {bad[0]!r}: give KEY=VALUE")
+    settings = tuple((key, yaml.safe_load(value)) for key, value in (s.split("=", 1) for s in args.set))
 
     anchor = smollm2()
     root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="calm-real-anchor-bench-"))
@@ -40,10 +49,11 @@ def main() -> None:
     # not in a block: Ray's log thread still prints worker lines after the run has returned.
     sys.stdout = sys.stderr
     try:
-        results = run_experiment(root.resolve(), args.seed, print, anchor=anchor)
+        results = run_experiment(root.resolve(), args.seed, print, design=Design(training=settings), anchor=anchor)
     finally:
         if args.root is None:
             shutil.rmtree(root, ignore_errors=True)
+    results["settings"] = dict(settings)
     results["load_average"] = os.getloadavg()[0]
     results["targets_met"] = {name: bool(check(results)) for name, check in TARGETS.items()}
     sys.__stdout__.write(json.dumps(results) + "\n")
