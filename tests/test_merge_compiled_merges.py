@@ -120,7 +120,7 @@ def test_dare_is_the_torch_code_to_the_bit(method, density, rescale, monkeypatch
 
 
 @pytest.mark.parametrize("select_topk", [1.0, 0.6, 0.1])
-@pytest.mark.parametrize("models", [1, 2, 4])
+@pytest.mark.parametrize("models", [1, 2, 3, 4, 5])
 def test_sce_is_the_torch_code_to_the_bit(select_topk, models, monkeypatch):
     """SCE's variance threshold, shares and merge, compiled against torch. The shares' fp64 sums of
     squares add in another order: equal to fp32 rounding, not asserted to the bit; the merge with the

@@ -468,24 +468,28 @@ void dare_masked(const float *x, const float *base, uint64_t key, float density,
 }
 
 /* The L1 norms of x - base before and after DARE's mask (sums[0], sums[1]), in double; masked as
- * dare_masked masks (an infinite element masked out is NaN). */
+ * dare_masked masks (an infinite element masked out is NaN). The draws and magnitudes are made a
+ * block at a time (a loop that vectorises), then added into LANES running sums per norm: independent
+ * adds, which the compiler may vectorise without reordering any one sum. */
+enum { LANES = 8 };
+
 MULTIVERSION
 void dare_l1(const float *x, const float *base, uint64_t key, float density, int64_t n, double *sums) {
-    double before[4] = {0}, after[4] = {0};  /* four running sums: the adds need not wait on each other */
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4)
-        for (int w = 0; w < 4; w++) {
-            float d = x[i + w] - base[i + w];
-            before[w] += fabsf(d);
-            after[w] += fabsf(d * (uniform_at(key, i + w) < density ? 1.0f : 0.0f));
+    double before[LANES] = {0}, after[LANES] = {0};
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int count = n - start < BLOCK ? (int)(n - start) : BLOCK;
+        float whole[BLOCK], masked[BLOCK];
+        for (int i = 0; i < count; i++) {
+            float d = x[start + i] - base[start + i];
+            whole[i] = fabsf(d);
+            masked[i] = fabsf(d * (uniform_at(key, start + i) < density ? 1.0f : 0.0f));
         }
-    for (; i < n; i++) {
-        float d = x[i] - base[i];
-        before[0] += fabsf(d);
-        after[0] += fabsf(d * (uniform_at(key, i) < density ? 1.0f : 0.0f));
+        for (int i = count; i < BLOCK; i++) whole[i] = 0.0f, masked[i] = 0.0f;  /* a short last block */
+        for (int i = 0; i < BLOCK; i += LANES)
+            for (int w = 0; w < LANES; w++) before[w] += whole[i + w], after[w] += masked[i + w];
     }
-    sums[0] = (before[0] + before[1]) + (before[2] + before[3]);
-    sums[1] = (after[0] + after[1]) + (after[2] + after[3]);
+    sums[0] = 0.0, sums[1] = 0.0;
+    for (int w = 0; w < LANES; w++) sums[0] += before[w], sums[1] += after[w];
 }
 
 /* ---------------------------------------------------------------------------------------------------
@@ -494,14 +498,29 @@ void dare_l1(const float *x, const float *base, uint64_t key, float density, int
 static inline void sce_variance_block(int k, const float *const *xs, int64_t start, int count, float *variance) {
     double mean[BLOCK], m2[BLOCK];
     for (int i = 0; i < count; i++) mean[i] = 0.0, m2[i] = 0.0;
-    for (int j = 1; j <= k; j++)
-        for (int i = 0; i < count; i++) {
-            double x = (double)(xs[j][start + i] - xs[0][start + i]);
-            double delta = x - mean[i];
-            mean[i] += delta / j;
-            m2[i] += delta * (x - mean[i]);
-        }
-    for (int i = 0; i < count; i++) variance[i] = (float)(m2[i] / k);
+    for (int j = 1; j <= k; j++) {
+        /* Dividing by a power of two is multiplying by its exact inverse (the same rounding of the same
+         * quotient), and a multiply vectorises far cheaper than a divide; other counts divide. */
+        double inverse = 1.0 / j;
+        if ((j & (j - 1)) == 0)
+            for (int i = 0; i < count; i++) {
+                double x = (double)(xs[j][start + i] - xs[0][start + i]);
+                double delta = x - mean[i];
+                mean[i] += delta * inverse;
+                m2[i] += delta * (x - mean[i]);
+            }
+        else
+            for (int i = 0; i < count; i++) {
+                double x = (double)(xs[j][start + i] - xs[0][start + i]);
+                double delta = x - mean[i];
+                mean[i] += delta / j;
+                m2[i] += delta * (x - mean[i]);
+            }
+    }
+    if ((k & (k - 1)) == 0)
+        for (int i = 0; i < count; i++) variance[i] = (float)(m2[i] * (1.0 / k));
+    else
+        for (int i = 0; i < count; i++) variance[i] = (float)(m2[i] / k);
 }
 
 /* xs: base, then the k models. */
@@ -535,9 +554,11 @@ void sce_squares(int k, const float *const *xs, int select, float threshold, int
         float tvs[MAX_MODELS][BLOCK];
         sce_selected_block(k, xs, select, threshold, start, count, tvs);
         for (int j = 0; j < k; j++) {
-            double sum = 0.0;
-            for (int i = 0; i < count; i++) sum += (double)(tvs[j][i] * tvs[j][i]);
-            sums[j] += sum;
+            double lanes[LANES] = {0};  /* as in dare_l1 */
+            for (int i = count; i < BLOCK; i++) tvs[j][i] = 0.0f;
+            for (int i = 0; i < BLOCK; i += LANES)
+                for (int w = 0; w < LANES; w++) lanes[w] += (double)(tvs[j][i + w] * tvs[j][i + w]);
+            for (int w = 0; w < LANES; w++) sums[j] += lanes[w];
         }
     }
 }
