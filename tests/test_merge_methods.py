@@ -309,3 +309,30 @@ def test_sce_variance_is_torch_var_bit_for_bit(models):
     tvs[0][3], tvs[-1][4] = math.inf, math.nan
     expected = torch.var(torch.stack(tvs), dim=0, unbiased=False)
     assert torch.equal(_variance(tvs).view(torch.int32), expected.view(torch.int32))
+
+
+def test_a_block_repeated_in_a_pass_is_counted_once_for_all_its_ranks(histograms, monkeypatch):
+    """Breadcrumbs asks two ranks of each task vector by listing its block twice: the same thresholds as
+    copies would give (ranks in one high bin and in two), from one count of each pass per block."""
+    from merge.methods import magnitude
+
+    generator = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2, 100_000, generator=generator)
+    cuts = [0, 30_000, 100_000]
+    repeated = lambda: ([p, q, p, q] for p, q in ((a[i:j], b[i:j]) for i, j in zip(cuts, cuts[1:], strict=False)))  # noqa: E731
+    copied = lambda: ([a[i:j], b[i:j], a[i:j].clone(), b[i:j].clone()] for i, j in zip(cuts, cuts[1:], strict=False))  # noqa: E731
+    counts = {"high": 0, "low": 0}
+    originals = {"high": magnitude._count_high, "low": magnitude._count_low}
+    for kind in counts:
+        def counted(*args, kind=kind):
+            counts[kind] += 1
+            return originals[kind](*args)
+
+        monkeypatch.setattr(magnitude, f"_count_{kind}", counted)
+    for ranks in ([10, 20, 11, 21], [10, 5000, 60_000, 7]):
+        counts.update(high=0, low=0)
+        assert kth_largest_abs(repeated, ranks) == kth_largest_abs(copied, ranks)
+        # copied: 4 series x 2 blocks per pass; repeated: half of them in the high pass.
+        assert counts["high"] == 8 + 4
+        expected = [a.abs().kthvalue(len(a) - r + 1).values.item() for r in ranks[::2]]
+        assert kth_largest_abs(repeated, ranks)[::2] == expected

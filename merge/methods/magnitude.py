@@ -32,7 +32,9 @@ def kth_largest_abs(series: Series, k: Rank) -> list[float]:
     A block is a tensor, or a Difference (task vectors: x - base).
 
     k: one rank for every series, one per series, or a function of the series' count of nonzero
-    elements (SCE ranks among those). A rank of 0 or less gives inf: nothing reaches it.
+    elements (SCE ranks among those). A rank of 0 or less gives inf: nothing reaches it. A block that
+    appears twice in a pass's list (the same object: two ranks of one series, as Breadcrumbs asks) is
+    counted once for both.
 
     A whole 70B embedding does not fit the memory budget, so no sort or torch.kthvalue over the tensor:
     for non-negative floats the int32 bit pattern orders like the value, so a 65536-bin histogram of the
@@ -44,13 +46,18 @@ def kth_largest_abs(series: Series, k: Rank) -> list[float]:
     if isinstance(k, int) and k <= 0:  # nothing is kept: one block tells how many series there are
         return [math.inf] * len(next(iter(series())))
     lib = fast_kernel.library()
+    first: list[int] = []  # each position's first occurrence in the lists (the same every pass)
     highs: list[Tensor] = []
     nonzero: list[int] = []
     for blocks in series():
-        highs = highs or [torch.zeros(1 << 16, dtype=torch.int64) for _ in blocks]
-        nonzero = nonzero or [0] * len(blocks)
+        if not first:
+            first = _first_of_each(blocks)
+            own = [torch.zeros(1 << 16, dtype=torch.int64) if f == i else None for i, f in enumerate(first)]
+            highs, nonzero = [own[f] for f in first], [0] * len(blocks)
         for i, (hist, b) in enumerate(zip(highs, blocks, strict=True)):
-            nonzero[i] += _count_high(lib, b, hist)
+            if first[i] == i:
+                nonzero[i] += _count_high(lib, b, hist)
+    nonzero = [nonzero[f] for f in first]
     if callable(k):
         ranks = [k(count) for count in nonzero]
     else:
@@ -58,10 +65,17 @@ def kth_largest_abs(series: Series, k: Rank) -> list[float]:
     picks = [_pick(hist, rank) if rank > 0 else None for hist, rank in zip(highs, ranks, strict=True)]
     if all(pick is None for pick in picks):
         return [math.inf] * len(picks)
-    lows = [torch.zeros(1 << 16, dtype=torch.int64) for _ in picks]
+    # One low histogram per (first occurrence, high bin): a repeated block's ranks in one bin share it.
+    shared: dict[tuple[int, int], Tensor] = {}
+    for i, pick in enumerate(picks):
+        if pick is not None and (first[i], pick[0]) not in shared:
+            shared[first[i], pick[0]] = torch.zeros(1 << 16, dtype=torch.int64)
+    lows = [shared[first[i], pick[0]] if pick is not None else None for i, pick in enumerate(picks)]
     for blocks in series():
+        counting = set()
         for hist, b, pick in zip(lows, blocks, picks, strict=True):
-            if pick is not None:
+            if pick is not None and id(hist) not in counting:
+                counting.add(id(hist))
                 _count_low(lib, b, pick[0], hist)
     values = []
     for hist, pick in zip(lows, picks, strict=True):
@@ -72,6 +86,12 @@ def kth_largest_abs(series: Series, k: Rank) -> list[float]:
         low, _ = _pick(hist, rank)
         values.append(torch.tensor([(high << 16) | low], dtype=torch.int32).view(torch.float32).item())
     return values
+
+
+def _first_of_each(blocks: Sequence) -> list[int]:
+    """For each position, where the same object first appears in blocks."""
+    seen: dict[int, int] = {}
+    return [seen.setdefault(id(b), i) for i, b in enumerate(blocks)]
 
 
 def _count_high(lib, values: Tensor | Difference, hist: Tensor) -> int:
