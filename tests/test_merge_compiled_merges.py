@@ -89,12 +89,12 @@ def test_the_seeded_draws_are_the_torch_code_to_the_bit(key, monkeypatch):
     assert abs((compiled < 0.3).float().mean().item() - 0.3) < 5 * (0.21 / 100_003) ** 0.5
 
 
-@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties"])
 @pytest.mark.parametrize("density", [0.3, 0.4, 0.9])
 @pytest.mark.parametrize("rescale", [True, False])
-def test_dare_is_the_torch_code_to_the_bit(method, density, rescale, monkeypatch):
-    """DARE's statistic (its L1 ratios) and merge, compiled against torch: the same draws, masks, ratios
-    and output, with infinities and NaN among the inputs."""
+def test_masked_task_vectors_are_the_torch_code_to_the_bit(method, density, rescale, monkeypatch):
+    """DARE's and Breadcrumbs' statistic (thresholds, L1 ratios) and merge, compiled against torch: the
+    same draws or windows, masks, ratios and output, with infinities and NaN among the inputs."""
     from merge.methods.registry import METHODS
 
     def blocks():  # two blocks, as a tensor of 2 * N elements is read
@@ -102,14 +102,20 @@ def test_dare_is_the_torch_code_to_the_bit(method, density, rescale, monkeypatch
             yield Block("w", index, N, seed=5), [hard(N, 10 * index + s) for s in range(4)]
 
     spec, method_ = SPECS[method], METHODS[method]
-    params = spec.params.model_validate({"density": density, "rescale": rescale})
+    params = spec.params.model_validate({"density": density, "rescale": rescale,
+                                         **({"gamma": 0.05} if method.startswith("breadcrumbs") else {})})
     weights = [0.7, -0.3, 1.3]
     finite = lambda: ([b, [x.nan_to_num(0.0, 0.0, 0.0) for x in xs]] for b, xs in blocks())  # noqa: E731
     for source in (blocks, finite):
         stats = method_.prepare(source, 2 * N, params, weights)
         reference = torch_only(monkeypatch, method_.prepare, source, 2 * N, params, weights)
-        assert (stats is None) == (reference is None) == (not rescale)
-        for ours, theirs in zip(stats or [], reference or [], strict=True):
+        if isinstance(stats, sparse.Sparsity):  # Breadcrumbs: its window, then its ratios
+            assert (stats.lower, stats.upper) == (reference.lower, reference.upper)
+            stats_ratios, reference_ratios = stats.rescale, reference.rescale
+        else:
+            stats_ratios, reference_ratios = stats or [], reference or []
+        assert any(r is not None for r in stats_ratios) == rescale
+        for ours, theirs in zip(stats_ratios, reference_ratios, strict=True):
             assert (ours is None and theirs is None) or same_bits(ours, theirs) or (ours.isnan() and theirs.isnan())
         for block, xs in source():
             merged = method_.combine(xs, weights, params, stats, block)

@@ -1,7 +1,7 @@
 """merge/methods/fast_pass.c, compiled on first use with the system's C compiler and loaded with ctypes:
 the exact fast pass of merge.methods.exact, the magnitude histograms of merge.methods.magnitude, the
 last pass of the sign-electing merges (TIES, and mergekit's task arithmetic after sparsification), and
-the seeded uniform draws of merge.methods.blocks with DARE's passes over them, and SCE's passes.
+the seeded uniform draws of merge.methods.blocks with DARE's passes over them, Breadcrumbs' and SCE's passes.
 
 Why compiled: the fast pass in torch is ~17 ops, each a pass over memory, and on a 2-core machine it
 cost as much CPU as reading and writing the files; fused it is one pass. Why at run time: the C is
@@ -60,6 +60,10 @@ SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
     "dare_masked": (None, (_P, _P, _U64, _F32, _INT, _F32, _I64, _P)),
     # x, base, key, density, n, sums
     "dare_l1": (None, (_P, _P, _U64, _F32, _I64, _P)),
+    # x, base, lower, upper, rescale, ratio, n, out
+    "window_masked": (None, (_P, _P, _F32, _F32, _INT, _F32, _I64, _P)),
+    # x, base, lower, upper, n, sums
+    "window_l1": (None, (_P, _P, _F32, _F32, _I64, _P)),
     # k, xs (base first), n, out
     "sce_variance": (None, (_INT, _P, _I64, _P)),
     # k, xs (base first), select, threshold, n, sums
@@ -244,6 +248,30 @@ def dare_l1(x: torch.Tensor, base: torch.Tensor, key: int, density: float) -> tu
         return None
     sums = (ctypes.c_double * 2)()
     lib.dare_l1(x.data_ptr(), base.data_ptr(), key, density, x.numel(), sums)
+    return sums[0], sums[1]
+
+
+def window_masked(x: torch.Tensor, base: torch.Tensor, lower: float, upper: float, ratio: torch.Tensor | None
+                  ) -> torch.Tensor | None:
+    """(x - base) kept where lower <= |x - base| < upper, times ratio (fp32, 0-d) unless None: merge.methods.sparse's
+    Breadcrumbs task vector, to the bit; None where the compiled pass is not built or does not apply."""
+    lib = library()
+    if lib is None or not _floats([x, base]):
+        return None
+    out = torch.empty_like(x)
+    lib.window_masked(x.data_ptr(), base.data_ptr(), lower, upper, int(ratio is not None),
+                      0.0 if ratio is None else ratio.item(), out.numel(), out.data_ptr())
+    return out
+
+
+def window_l1(x: torch.Tensor, base: torch.Tensor, lower: float, upper: float) -> tuple[float, float] | None:
+    """The L1 norms (fp64 sums) of x - base and of window_masked(x, base, lower, upper, None); None where
+    the compiled pass is not built or does not apply."""
+    lib = library()
+    if lib is None or not _floats([x, base]):
+        return None
+    sums = (ctypes.c_double * 2)()
+    lib.window_l1(x.data_ptr(), base.data_ptr(), lower, upper, x.numel(), sums)
     return sums[0], sums[1]
 
 

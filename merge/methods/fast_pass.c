@@ -492,6 +492,38 @@ void dare_l1(const float *x, const float *base, uint64_t key, float density, int
     for (int w = 0; w < LANES; w++) sums[0] += before[w], sums[1] += after[w];
 }
 
+/* Breadcrumbs' task vector x - base, each element kept where lower <= |d| < upper (a multiply by 1 or 0,
+ * as merge.methods.sparse._window does it), times ratio where rescale. */
+MULTIVERSION
+void window_masked(const float *x, const float *base, float lower, float upper, int rescale, float ratio, int64_t n,
+                   float *out) {
+    for (int64_t i = 0; i < n; i++) {
+        float d = x[i] - base[i];
+        float m = d * ((fabsf(d) >= lower) & (fabsf(d) < upper) ? 1.0f : 0.0f);
+        out[i] = rescale ? m * ratio : m;
+    }
+}
+
+/* The L1 norms of x - base before and after Breadcrumbs' window (sums[0], sums[1]), as dare_l1 adds them. */
+MULTIVERSION
+void window_l1(const float *x, const float *base, float lower, float upper, int64_t n, double *sums) {
+    double before[LANES] = {0}, after[LANES] = {0};
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int count = n - start < BLOCK ? (int)(n - start) : BLOCK;
+        float whole[BLOCK], masked[BLOCK];
+        for (int i = 0; i < count; i++) {
+            float d = x[start + i] - base[start + i];
+            whole[i] = fabsf(d);
+            masked[i] = fabsf(d * ((fabsf(d) >= lower) & (fabsf(d) < upper) ? 1.0f : 0.0f));
+        }
+        for (int i = count; i < BLOCK; i++) whole[i] = 0.0f, masked[i] = 0.0f;
+        for (int i = 0; i < BLOCK; i += LANES)
+            for (int w = 0; w < LANES; w++) before[w] += whole[i + w], after[w] += masked[i + w];
+    }
+    sums[0] = 0.0, sums[1] = 0.0;
+    for (int w = 0; w < LANES; w++) sums[0] += before[w], sums[1] += after[w];
+}
+
 /* ---------------------------------------------------------------------------------------------------
  * SCE (merge.methods.sparse): the variance across the task vectors x_j - base, as torch.var over their
  * stack computes it (Welford in double, model by model), and the two passes that read it. */

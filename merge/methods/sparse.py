@@ -187,7 +187,10 @@ def breadcrumbs_statistic(blocks: Blocks, numel: int, params: BreadcrumbsParams,
         def masked(block: Block, model: int, delta: Tensor) -> Tensor:
             return _window(delta, lower[model - 1], upper[model - 1])
 
-        ratios = l1_ratios(blocks, masked, count)
+        def compiled(block: Block, model: int, x: Tensor, base: Tensor) -> tuple[float, float] | None:
+            return fast_kernel.window_l1(x, base, lower[model - 1], upper[model - 1])
+
+        ratios = l1_ratios(blocks, masked, count, compiled)
     return Sparsity(lower, upper, ratios)
 
 
@@ -199,9 +202,12 @@ def _window(delta: Tensor, lower: float, upper: float) -> Tensor:
 def _breadcrumbs(xs: Sequence[Tensor], weights: Sequence[float], params: BreadcrumbsParams, stats: Sparsity | None,
                  ties: bool) -> Tensor:
     base = xs[0]
-    tvs = [x - base for x in xs[1:]]
-    if stats is not None:
-        tvs = [rescaled(_window(d, lo, up), r) for d, lo, up, r in zip(tvs, stats.lower, stats.upper, stats.rescale, strict=True)]
+    if stats is None:
+        return mix(base, [x - base for x in xs[1:]], weights, ties, params.normalize, params.scale)
+    tvs = []
+    for x, lo, up, r in zip(xs[1:], stats.lower, stats.upper, stats.rescale, strict=True):
+        tv = fast_kernel.window_masked(x, base, lo, up, r)
+        tvs.append(tv if tv is not None else rescaled(_window(x - base, lo, up), r))
     return mix(base, tvs, weights, ties, params.normalize, params.scale)
 
 
