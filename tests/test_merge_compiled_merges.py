@@ -157,3 +157,17 @@ def test_sce_is_the_torch_code_to_the_bit(select_topk, models, monkeypatch):
     expected = torch_only(monkeypatch, method.combine, hard_xs, [1.0] * models, params, stats, block)
     nan = merged.isnan()
     assert torch.equal(nan, expected.isnan()) and same_bits(merged[~nan], expected[~nan])
+
+
+@pytest.mark.parametrize("shape", [(64, 47), (3008,), (16, 188)])
+def test_della_ranks_are_the_torch_sorts_to_the_bit(shape, monkeypatch):
+    """DELLA's keep chances from the compiled radix ranks against torch's stable argsort: magnitude ties,
+    ±0, infinities and NaN (after inf), a row of one value (every byte pass skipped)."""
+    from merge.methods.della import keep_chances
+
+    delta = hard(N, 7)
+    delta[: shape[-1]] = 0.25  # the first row: one value throughout
+    chances = keep_chances(delta, shape, 0.5, 0.2)
+    assert same_bits(chances, torch_only(monkeypatch, keep_chances, delta, shape, 0.5, 0.2))
+    ranks = fast_kernel.della_ranks(delta, shape[-1] if len(shape) > 1 else N)
+    assert sorted(ranks[: shape[-1]].tolist()) == list(range(1, shape[-1] + 1))

@@ -1,7 +1,7 @@
 """merge/methods/fast_pass.c, compiled on first use with the system's C compiler and loaded with ctypes:
 the exact fast pass of merge.methods.exact, the magnitude histograms of merge.methods.magnitude, the
 last pass of the sign-electing merges (TIES, and mergekit's task arithmetic after sparsification), and
-the seeded uniform draws of merge.methods.blocks with DARE's passes over them, Breadcrumbs' and SCE's passes.
+the seeded uniform draws of merge.methods.blocks with DARE's passes over them, Breadcrumbs' and SCE's passes, and DELLA's ranks.
 
 Why compiled: the fast pass in torch is ~17 ops, each a pass over memory, and on a 2-core machine it
 cost as much CPU as reading and writing the files; fused it is one pass. Why at run time: the C is
@@ -70,6 +70,8 @@ SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
     "sce_squares": (None, (_INT, _P, _INT, _F32, _I64, _P)),
     # k, xs (base first), select, threshold, shares, n, out
     "sce_merge": (None, (_INT, _P, _INT, _F32, _P, _I64, _P)),
+    # delta, rows, group, ranks
+    "della_ranks": (None, (_P, _I64, _I64, _P)),
 }
 MAX_MODELS = 8  # fast_pass.c's bound on the task vectors of ties_merge and mix_merge
 _LOCK = threading.Lock()
@@ -312,3 +314,15 @@ def sce_merge(xs: Sequence[torch.Tensor], threshold: float | None, shares: Seque
     lib.sce_merge(k, _pointers(xs), int(threshold is not None), threshold or 0.0, (ctypes.c_float * k)(*shares),
                   out.numel(), out.data_ptr())
     return out
+
+
+def della_ranks(delta: torch.Tensor, group: int) -> torch.Tensor | None:
+    """Each element's rank by magnitude (1 the smallest, ties by position) within its row of `group`
+    elements, fp32: merge.methods.della's ranks for rows that are whole groups; None where the compiled
+    pass is not built or does not apply."""
+    lib = library()
+    if lib is None or not _floats([delta]) or delta.numel() % group:
+        return None
+    ranks = torch.empty_like(delta)
+    lib.della_ranks(delta.data_ptr(), delta.numel() // group, group, ranks.data_ptr())
+    return ranks
