@@ -167,6 +167,7 @@ def test_della_ranks_are_the_torch_sorts_to_the_bit(shape, monkeypatch):
 
     delta = hard(N, 7)
     delta[: shape[-1]] = 0.25  # the first row: one value throughout
+    delta[8::211] = torch.tensor(0x7F800001, dtype=torch.int32).view(torch.float32)  # a NaN of another payload
     chances = keep_chances(delta, shape, 0.5, 0.2)
     assert same_bits(chances, torch_only(monkeypatch, keep_chances, delta, shape, 0.5, 0.2))
     ranks = fast_kernel.della_ranks(delta, shape[-1] if len(shape) > 1 else N)

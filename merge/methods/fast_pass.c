@@ -618,7 +618,7 @@ void sce_merge(int k, const float *const *xs, int select, float threshold, const
 
 /* ---------------------------------------------------------------------------------------------------
  * DELLA (merge/methods/della.py): each element's rank by magnitude within its row of `group` elements
- * (1 for the smallest; equal magnitudes by position, as a stable sort orders them), as a float. An
+ * (1 for the smallest; equal magnitudes, and NaNs, by position, as a stable sort orders them), as a float. An
  * LSD radix sort of the magnitudes' bit patterns (for non-negative floats they order like the values,
  * NaN after inf as torch sorts it), a byte a pass, a pass skipped where every key has the same byte:
  * a few ns an element against torch's argsort, which cost DELLA 40 times the disk's time. */
@@ -630,7 +630,8 @@ void della_ranks(const float *delta, int64_t rows, int64_t group, float *ranks) 
         uint32_t *k0 = keys, *k1 = keys + group, *o0 = order, *o1 = order + group;
         int64_t counts[4][256] = {{0}};
         for (int64_t i = 0; i < group; i++) {
-            k0[i] = bits_of(fabsf(d[i]));
+            uint32_t key = bits_of(fabsf(d[i]));
+            k0[i] = key > 0x7F800000u ? 0x7FC00000u : key;  /* every NaN one key: torch ranks them by position */
             o0[i] = (uint32_t)i;
             for (int b = 0; b < 4; b++) counts[b][(k0[i] >> (8 * b)) & 255]++;
         }
