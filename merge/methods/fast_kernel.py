@@ -1,7 +1,9 @@
 """merge/methods/fast_pass.c, compiled on first use with the system's C compiler and loaded with ctypes:
-the exact fast pass of merge.methods.exact, the magnitude histograms of merge.methods.magnitude, the
-last pass of the sign-electing merges (TIES, and mergekit's task arithmetic after sparsification), and
-the seeded uniform draws of merge.methods.blocks with DARE's passes over them, Breadcrumbs' and SCE's passes, and DELLA's ranks.
+- the exact fast pass of merge.methods.exact;
+- the magnitude histograms of merge.methods.magnitude;
+- the last pass of the sign-electing merges (TIES, and mergekit's task arithmetic after sparsification);
+- the seeded uniform draws of merge.methods.blocks;
+- the sparse methods' masks, norms and statistics (DARE, Breadcrumbs, SCE) and DELLA's ranks.
 
 Why compiled: the fast pass in torch is ~17 ops, each a pass over memory, and on a 2-core machine it
 cost as much CPU as reading and writing the files; fused it is one pass. Why at run time: the C is
@@ -36,7 +38,7 @@ SOURCE = Path(__file__).with_name("fast_pass.c")
 CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 # The functions fast_pass.c exports, as ctypes sees them: name -> (return type, argument types), in the
-# order of the C prototypes (tests/test_exact.py checks this table against the source). Pointers are
+# order of the C prototypes (tests/test_merge_fast_kernel.py checks this table against the source). Pointers are
 # c_void_p: every array is a tensor's data_ptr() or a ctypes array.
 _P, _INT, _I64, _U64, _F32, _F64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint64, ctypes.c_float, ctypes.c_double
 # k, ys, codes, scaled, factor, absolute, overflow_risk, parts, counts, positive
@@ -73,7 +75,7 @@ SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
     # delta, rows, group, ranks
     "della_ranks": (None, (_P, _I64, _I64, _P)),
 }
-MAX_MODELS = 8  # fast_pass.c's bound on the task vectors of ties_merge and mix_merge
+MAX_MODELS = 8  # fast_pass.c's bound on the task vectors of ties_merge, mix_merge and the sce_ passes
 _LOCK = threading.Lock()
 _LOADED: list[ctypes.CDLL | None] = []  # empty until the first try
 
