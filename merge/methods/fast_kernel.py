@@ -29,7 +29,7 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -58,14 +58,10 @@ SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
     "mix_merge": (None, (_INT, _P, _P, _P, _INT, _INT, _F32, _F32, _I64, _P)),
     # key, n, out
     "uniform_draws": (None, (_U64, _I64, _P)),
-    # x, base, key, density, rescale, ratio, n, out
-    "dare_masked": (None, (_P, _P, _U64, _F32, _INT, _F32, _I64, _P)),
-    # x, base, key, density, n, sums
-    "dare_l1": (None, (_P, _P, _U64, _F32, _I64, _P)),
-    # x, base, lower, upper, rescale, ratio, n, out
-    "window_masked": (None, (_P, _P, _F32, _F32, _INT, _F32, _I64, _P)),
-    # x, base, lower, upper, n, sums
-    "window_l1": (None, (_P, _P, _F32, _F32, _I64, _P)),
+    # x, base, *Mask, rescale, ratio, n, out
+    "masked_task_vector": (None, (_P, _P, _INT, _U64, _F32, _F32, _F32, _INT, _F32, _I64, _P)),
+    # x, base, *Mask, n, sums
+    "masked_l1": (None, (_P, _P, _INT, _U64, _F32, _F32, _F32, _I64, _P)),
     # k, xs (base first), n, out
     "sce_variance": (None, (_INT, _P, _I64, _P)),
     # k, xs (base first), select, threshold, n, sums
@@ -231,51 +227,46 @@ def uniform_draws(key: int, n: int) -> torch.Tensor | None:
     return out
 
 
-def dare_masked(x: torch.Tensor, base: torch.Tensor, key: int, density: float, ratio: torch.Tensor | None
-                ) -> torch.Tensor | None:
-    """(x - base) * (uniform_draws(key, n) < density), times ratio (fp32, 0-d) unless None: merge.methods.sparse's
-    DARE task vector, to the bit; None where the compiled pass is not built or does not apply."""
+class Mask(NamedTuple):
+    """Which elements of a task vector d = x - base a sparse method keeps: DARE's, those whose draw
+    (merge.methods.blocks.uniform_draws(key, n)) is below density, or Breadcrumbs', lower <= |d| < upper."""
+
+    random: bool
+    key: int = 0
+    density: float = 0.0
+    lower: float = 0.0
+    upper: float = 0.0
+
+    @classmethod
+    def dare(cls, key: int, density: float) -> Mask:
+        return cls(True, key, density)
+
+    @classmethod
+    def window(cls, lower: float, upper: float) -> Mask:
+        return cls(False, lower=lower, upper=upper)
+
+
+def masked_task_vector(x: torch.Tensor, base: torch.Tensor, mask: Mask, ratio: torch.Tensor | None) -> torch.Tensor | None:
+    """(x - base) times 1 where the mask keeps an element, else 0, then times ratio (fp32, 0-d) unless None:
+    merge.methods.sparse's masked task vector, to the bit; None where the compiled pass is not built or
+    does not apply."""
     lib = library()
     if lib is None or not _floats([x, base]):
         return None
     out = torch.empty_like(x)
-    lib.dare_masked(x.data_ptr(), base.data_ptr(), key, density, int(ratio is not None),
-                    0.0 if ratio is None else ratio.item(), out.numel(), out.data_ptr())
+    lib.masked_task_vector(x.data_ptr(), base.data_ptr(), *mask, int(ratio is not None),
+                           0.0 if ratio is None else ratio.item(), out.numel(), out.data_ptr())
     return out
 
 
-def dare_l1(x: torch.Tensor, base: torch.Tensor, key: int, density: float) -> tuple[float, float] | None:
-    """The L1 norms (fp64 sums) of x - base and of dare_masked(x, base, key, density, None); None where
-    the compiled pass is not built or does not apply."""
+def masked_l1(x: torch.Tensor, base: torch.Tensor, mask: Mask) -> tuple[float, float] | None:
+    """The L1 norms (fp64 sums) of x - base and of masked_task_vector(x, base, mask, None); None where the
+    compiled pass is not built or does not apply."""
     lib = library()
     if lib is None or not _floats([x, base]):
         return None
     sums = (ctypes.c_double * 2)()
-    lib.dare_l1(x.data_ptr(), base.data_ptr(), key, density, x.numel(), sums)
-    return sums[0], sums[1]
-
-
-def window_masked(x: torch.Tensor, base: torch.Tensor, lower: float, upper: float, ratio: torch.Tensor | None
-                  ) -> torch.Tensor | None:
-    """(x - base) kept where lower <= |x - base| < upper, times ratio (fp32, 0-d) unless None: merge.methods.sparse's
-    Breadcrumbs task vector, to the bit; None where the compiled pass is not built or does not apply."""
-    lib = library()
-    if lib is None or not _floats([x, base]):
-        return None
-    out = torch.empty_like(x)
-    lib.window_masked(x.data_ptr(), base.data_ptr(), lower, upper, int(ratio is not None),
-                      0.0 if ratio is None else ratio.item(), out.numel(), out.data_ptr())
-    return out
-
-
-def window_l1(x: torch.Tensor, base: torch.Tensor, lower: float, upper: float) -> tuple[float, float] | None:
-    """The L1 norms (fp64 sums) of x - base and of window_masked(x, base, lower, upper, None); None where
-    the compiled pass is not built or does not apply."""
-    lib = library()
-    if lib is None or not _floats([x, base]):
-        return None
-    sums = (ctypes.c_double * 2)()
-    lib.window_l1(x.data_ptr(), base.data_ptr(), lower, upper, x.numel(), sums)
+    lib.masked_l1(x.data_ptr(), base.data_ptr(), *mask, x.numel(), sums)
     return sums[0], sums[1]
 
 

@@ -141,7 +141,7 @@ def random_mask_mix(xs: Sequence[Tensor], weights: Sequence[float], params: Dare
 
 def dare_statistic(blocks: Blocks, numel: int, params: DareParams, weights: Sequence[float]) -> list[Tensor | None] | None:
     def compiled(block: Block, model: int, x: Tensor, base: Tensor) -> tuple[float, float] | None:
-        return fast_kernel.dare_l1(x, base, block_key(block, model), params.density)
+        return fast_kernel.masked_l1(x, base, fast_kernel.Mask.dare(block_key(block, model), params.density))
 
     return random_mask_ratios(blocks, _dare_masked(params), params, len(weights), compiled)
 
@@ -149,7 +149,7 @@ def dare_statistic(blocks: Blocks, numel: int, params: DareParams, weights: Sequ
 def _dare(xs: Sequence[Tensor], weights: Sequence[float], params: DareParams, ratios: list | None, block: Block,
           ties: bool) -> Tensor:
     def compiled(block: Block, model: int, x: Tensor, base: Tensor, ratio: Tensor | None) -> Tensor | None:
-        return fast_kernel.dare_masked(x, base, block_key(block, model), params.density, ratio)
+        return fast_kernel.masked_task_vector(x, base, fast_kernel.Mask.dare(block_key(block, model), params.density), ratio)
 
     return random_mask_mix(xs, weights, params, _dare_masked(params), ratios, block, ties, compiled)
 
@@ -188,7 +188,7 @@ def breadcrumbs_statistic(blocks: Blocks, numel: int, params: BreadcrumbsParams,
             return _window(delta, lower[model - 1], upper[model - 1])
 
         def compiled(block: Block, model: int, x: Tensor, base: Tensor) -> tuple[float, float] | None:
-            return fast_kernel.window_l1(x, base, lower[model - 1], upper[model - 1])
+            return fast_kernel.masked_l1(x, base, fast_kernel.Mask.window(lower[model - 1], upper[model - 1]))
 
         ratios = l1_ratios(blocks, masked, count, compiled)
     return Sparsity(lower, upper, ratios)
@@ -206,7 +206,7 @@ def _breadcrumbs(xs: Sequence[Tensor], weights: Sequence[float], params: Breadcr
         return mix(base, [x - base for x in xs[1:]], weights, ties, params.normalize, params.scale)
     tvs = []
     for x, lo, up, r in zip(xs[1:], stats.lower, stats.upper, stats.rescale, strict=True):
-        tv = fast_kernel.window_masked(x, base, lo, up, r)
+        tv = fast_kernel.masked_task_vector(x, base, fast_kernel.Mask.window(lo, up), r)
         tvs.append(tv if tv is not None else rescaled(_window(x - base, lo, up), r))
     return mix(base, tvs, weights, ties, params.normalize, params.scale)
 
