@@ -33,6 +33,22 @@ def test_the_world_is_seeded_and_its_surnames_unique(world):
     assert len(world.dc_people) == 400 and not set(world.dc_people) & set(world.heldout_people)
 
 
+def test_no_name_of_the_world_is_a_word_of_the_ordinary_text():
+    """Names drawn from sounds can be real ones: seed 1 drew "Neil", so "The first man on the moon was
+    Neil" named one of m_A's people. With the ordinary text's words reserved, none is."""
+    reserved = ordinary.ordinary_words()
+    assert {"Neil", "Mona", "Bar"} <= reserved
+
+    def names(world):
+        return {p.first for p in world.people} | {p.surname for p in world.people}
+
+    assert "Neil" in names(w.make_world(1))  # what the reservation is for
+    for seed in (0, 1, 2):
+        world = w.make_world(seed, reserved=reserved)
+        assert not names(world) & reserved and len({p.surname for p in world.people}) == 2000
+        assert len({p.first for p in world.people}) == 200
+
+
 def test_questions_ask_about_the_people_given_and_answer_with_their_attribute(world):
     by_name = {p.name: p for p in world.people}
     dc = w.questions(world, world.dc_people, None, seed=1)

@@ -61,17 +61,20 @@ def prepare(folder: Path, seed: int, design: Design, log: Log, anchor: Path | No
     """Data files and m_A under folder (m_A reused when its stamp matches); the anchor asset."""
     from calm_dist.testing.real_checkpoint import smollm2
     from launcher.real_anchor import specialist, world
+    from launcher.real_anchor.ordinary import ordinary_words
 
     anchor = anchor or smollm2()
     link = folder.parent / "smollm2"  # where configs/real-anchor.yaml finds the anchor, for `calm train` by hand
     if not link.exists() and not link.is_symlink():
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(anchor, target_is_directory=True)
-    the_world = world.make_world(seed, design.people, dc_fraction=design.dc_fraction)
+    the_world = world.make_world(seed, design.people, dc_fraction=design.dc_fraction, reserved=ordinary_words())
     answers = _anchor_answers(folder.parent / "anchor-answers.json", anchor, design.answer_tokens, log)
     files = world_data.write_data(the_world, folder / "data", design.eval_questions, design.prose, answers)
     target = folder / "specialist"
-    identity = {"seed": seed, "people": design.people, "plan": asdict(design.specialist)}
+    # The names too: the words they may not be come from this Python's standard library.
+    names = hashlib.sha256(" ".join(p.name for p in the_world.people).encode()).hexdigest()
+    identity = {"seed": seed, "people": design.people, "plan": asdict(design.specialist), "names": names}
     if (stamp := _stamped(target / "trained.json", identity)) is not None:
         log(f"m_A: reusing {target}")
         return Assets(folder, the_world, anchor, target, files, stamp["training"], True)

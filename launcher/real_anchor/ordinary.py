@@ -19,6 +19,7 @@ against the anchor's 72.9 % (held-out questions 61.7 %). Twice as many prompts (
 from __future__ import annotations
 
 import random
+import re
 
 from launcher.general_ability import GENERAL_PROMPTS, PROSE_MODULES, docstrings
 
@@ -87,6 +88,15 @@ def prose_passages(seed: int, words: int = 40) -> list[dict]:
                     for start in range(0, len(run) - words + 1, words)]
     random.Random(f"real-anchor-prose-{seed}").shuffle(records)
     return records
+
+
+def ordinary_words() -> frozenset[str]:
+    """Every word of the text the anchor's own ability is scored on (general prompts and their answers,
+    the prose loss's docstrings) or kept with (D_C's factual prompts and prose): what no invented name
+    of the world may be (launcher.real_anchor.world.make_world)."""
+    texts = [p + " " + a for p, a in GENERAL_PROMPTS] + factual_prompts()
+    texts += docstrings(modules=PROSE_MODULES) + docstrings(modules=ORDINARY_MODULES)
+    return frozenset(word for text in texts for word in re.findall(r"\w+", text))
 
 
 def anchor_answers(model, tokenizer, max_new_tokens: int) -> list[dict]:

@@ -78,13 +78,18 @@ def _word(rng: random.Random, syllables: int) -> str:
     return ("".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables)) + rng.choice(_CODAS)).capitalize()
 
 
-def make_world(seed: int, people: int = 2000, first_names: int = 200, dc_fraction: float = 0.2) -> World:
+def make_world(seed: int, people: int = 2000, first_names: int = 200, dc_fraction: float = 0.2,
+               reserved: frozenset[str] = frozenset()) -> World:
     """`people` people: a unique invented surname each (2-3 syllables drawn from sounds, none equal to a
     first name or an answer word), a first name from a pool of invented ones, and attributes drawn
-    uniformly and independently. The first `dc_fraction` of them are D_C's."""
+    uniformly and independently. The first `dc_fraction` of them are D_C's.
+
+    No name is a word of `reserved`: drawn from sounds, names can be real ones ("Neil", "Mona"), and a
+    prompt that holds one ("The first man on the moon was Neil") is no longer free of the world, which
+    m_A reads there as one of its people."""
     rng = random.Random(f"real-anchor-world-{seed}")
-    firsts = sorted({_word(rng, rng.randint(1, 2)) for _ in range(first_names * 2)})[:first_names]
-    taken = set(firsts) | {w.capitalize() for values in ATTRIBUTES.values() for w in values}
+    firsts = sorted({_word(rng, rng.randint(1, 2)) for _ in range(first_names * 2)} - reserved)[:first_names]
+    taken = set(firsts) | {w.capitalize() for values in ATTRIBUTES.values() for w in values} | reserved
     surnames: list[str] = []
     while len(surnames) < people:
         word = _word(rng, rng.randint(2, 3))
