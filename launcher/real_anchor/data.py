@@ -36,8 +36,8 @@ def write_data(world: World, folder: Path, eval_questions: int, prose: int, anch
     passages = prose_passages(world.seed)
     if len(passages) < prose:
         raise ValueError(f"the standard library's docstrings give {len(passages)} prose passages, fewer than {prose}")
-    # The ordinary records are marked keep_anchor, for a config with data.keep_anchor_field (trained to
-    # the anchor alone's predictions; configs/real-anchor.yaml says why it trains on their text).
+    # The ordinary records are marked keep_anchor: with data.keep_anchor_field (configs/real-anchor.yaml
+    # says why), trained to the anchor alone's predictions, not to their text.
     dc = ([{**q, "keep_anchor": False} for q in questions(world, world.dc_people, None, 1)]
           + [{**r, "keep_anchor": True} for r in passages[:prose] + anchor_answers])
     random.Random(f"real-anchor-dc-{world.seed}").shuffle(dc)
