@@ -48,7 +48,7 @@ SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
     "fast_pass_float": (_I64, (*_CONSTANTS, _INT, _P, _I64, _P, _P, _P)),
     # ..., out, n, where, low, estimate
     "fast_pass_double": (_I64, (*_CONSTANTS, _P, _I64, _P, _P, _P)),
-    # values, base (or NULL), n, hist -> nonzero count
+    # values, base (or NULL), n, ways (HISTOGRAM_WAYS x 65536 int64) -> nonzero count
     "magnitude_high_histogram": (_I64, (_P, _P, _I64, _P)),
     # values, base (or NULL), n, high, hist -> count in that high bin
     "magnitude_low_histogram": (_I64, (_P, _P, _I64, _INT, _P)),
@@ -175,6 +175,10 @@ def compiled_pass(plan: Any, ys: Sequence[torch.Tensor], out: torch.Tensor, fast
         return None
     lib = library()
     return CompiledPass(lib, plan, [y.dtype for y in ys], out.dtype, fast) if lib is not None else None
+
+
+# fast_pass.c's WAYS: the interleaved high histograms a pass adds to, summed at its end.
+HISTOGRAM_WAYS = 4
 
 
 def magnitude_histograms(lib: ctypes.CDLL | None, tensors: Sequence[torch.Tensor]) -> bool:

@@ -41,7 +41,8 @@ def kth_largest_abs(series: Series, k: Rank) -> list[float]:
     high 16 bits finds the bin holding the k-th largest, and a second histogram of the low 16 bits of
     the elements in that bin finds the value itself. Memory: two histograms per series. The counting is
     merge/methods/fast_pass.c's where it is built (torch's abs, shifts and bincount took 5 ns an element
-    per pass, ~half of a TIES merge; the compiled count 0.8 ns), else torch's.
+    per pass, ~half of a TIES merge; the compiled count 0.8 ns), else torch's. The high count goes
+    into 4 interleaved histograms per series, summed once at the end of the pass.
     """
     if isinstance(k, int) and k <= 0:  # nothing is kept: one block tells how many series there are
         return [math.inf] * len(next(iter(series())))
@@ -52,12 +53,15 @@ def kth_largest_abs(series: Series, k: Rank) -> list[float]:
     for blocks in series():
         if not first:
             first = _first_of_each(blocks)
-            own = [torch.zeros(1 << 16, dtype=torch.int64) if f == i else None for i, f in enumerate(first)]
+            ways = fast_kernel.HISTOGRAM_WAYS
+            own = [torch.zeros(ways, 1 << 16, dtype=torch.int64) if f == i else None for i, f in enumerate(first)]
             highs, nonzero = [own[f] for f in first], [0] * len(blocks)
         for i, (hist, b) in enumerate(zip(highs, blocks, strict=True)):
             if first[i] == i:
                 nonzero[i] += _count_high(lib, b, hist)
     nonzero = [nonzero[f] for f in first]
+    summed = {id(hist): hist.sum(0) for hist in highs}
+    highs = [summed[id(hist)] for hist in highs]
     if callable(k):
         ranks = [k(count) for count in nonzero]
     else:
@@ -94,13 +98,14 @@ def _first_of_each(blocks: Sequence) -> list[int]:
     return [seen.setdefault(id(b), i) for i, b in enumerate(blocks)]
 
 
-def _count_high(lib, values: Tensor | Difference, hist: Tensor) -> int:
-    """Adds the histogram of the high 16 bits of |values| to hist; returns the count of nonzero |values|."""
+def _count_high(lib, values: Tensor | Difference, ways: Tensor) -> int:
+    """Adds the histogram of the high 16 bits of |values| to ways [HISTOGRAM_WAYS, 65536] (their sum is
+    the histogram); returns the count of nonzero |values|."""
     tensors = _tensors(values)
     if fast_kernel.magnitude_histograms(lib, tensors):
-        return lib.magnitude_high_histogram(*_pointers(tensors), tensors[0].numel(), hist.data_ptr())
+        return lib.magnitude_high_histogram(*_pointers(tensors), tensors[0].numel(), ways.data_ptr())
     bits = _value(values).abs().view(torch.int32)
-    hist += torch.bincount(bits.flatten() >> 16, minlength=1 << 16)
+    ways[0] += torch.bincount(bits.flatten() >> 16, minlength=1 << 16)
     return int(torch.count_nonzero(bits))
 
 
