@@ -314,18 +314,18 @@ static inline uint32_t magnitude(const float *v, const float *base, int64_t i) {
 /* Adds the high-bits histogram of the magnitudes (v, or v - base) of [0, n) to ways (WAYS x BINS
  * counters, summed by the caller); returns how many are not zero (NaN counts). */
 MULTIVERSION
-int64_t magnitude_high_histogram(const float *v, const float *base, int64_t n, int64_t (*ways)[BINS]) {
+int64_t magnitude_high_histogram(const float *v, const float *base, int64_t n, int64_t *ways) {
     int64_t zeros = 0;
     int64_t i = 0;
     for (; i + WAYS <= n; i += WAYS)
         for (int w = 0; w < WAYS; w++) {
             uint32_t a = magnitude(v, base, i + w);
-            ways[w][a >> 16]++;
+            ways[w * BINS + (a >> 16)]++;
             zeros += a == 0;
         }
     for (; i < n; i++) {
         uint32_t a = magnitude(v, base, i);
-        ways[0][a >> 16]++;
+        ways[a >> 16]++;
         zeros += a == 0;
     }
     return n - zeros;

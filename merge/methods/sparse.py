@@ -23,6 +23,7 @@ import torch
 from merge.methods import fast_kernel
 from merge.methods.blocks import Block, Blocks, Tensor, block_key, block_uniform
 from merge.methods.magnitude import Difference, kth_largest_abs
+from merge.methods.per_model import each_model
 from merge.methods.specs import BreadcrumbsParams, DareParams, DellaParams, SceParams
 
 # mergekit's RescaleNorm.l1 leaves a task vector unscaled when either norm is below this.
@@ -84,11 +85,14 @@ def l1_ratios(blocks: Blocks, masked: Masking, count: int, compiled: CompiledNor
     before: list[list[float]] = [[] for _ in range(count)]
     after: list[list[float]] = [[] for _ in range(count)]
     for block, xs in blocks():
-        for i, x in enumerate(xs[1:]):
-            norms = compiled(block, i + 1, x, xs[0]) if compiled is not None else None
+        def norms_of(model: int, block: Block = block, xs: list[Tensor] = xs) -> tuple[float, float]:
+            norms = compiled(block, model, xs[model], xs[0]) if compiled is not None else None
             if norms is None:
-                delta = x - xs[0]
-                norms = delta.abs().double().sum().item(), masked(block, i + 1, delta).abs().double().sum().item()
+                delta = xs[model] - xs[0]
+                norms = delta.abs().double().sum().item(), masked(block, model, delta).abs().double().sum().item()
+            return norms
+
+        for i, norms in enumerate(each_model(norms_of, range(1, len(xs)))):
             before[i].append(norms[0])
             after[i].append(norms[1])
     ratios: list[Tensor | None] = []
