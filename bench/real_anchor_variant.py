@@ -1,0 +1,77 @@
+"""A variant of the real-anchor composition, measured without the baselines: the world's data and m_A
+(cached under --root), `calm train` with configs/real-anchor.yaml and the given settings, `calm eval`
+on the held-out and D_C people, the general scores, and which general prompts the composition answers
+differently from SmolLM2. Prints one JSON line. About 20 minutes with m_A cached, against the whole
+experiment's 35 (bench/real_anchor.py, which adds m_A, m_B and LoRA alone).
+
+    .venv/bin/python bench/real_anchor_variant.py --seed 2 --root /tmp/ra --set composition.hide_unknown_tokens=true
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--root", required=True, help="work folder (m_A and the data are reused from it)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a `calm train` setting other than configs/real-anchor.yaml's (value parsed as YAML)")
+    args = parser.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import yaml
+
+    from calm_dist.model.composition_checkpoint import load_composition
+    from calm_dist.model.decoding import SingleModel, complete
+    from launcher.eval.command import evaluate_files
+    from launcher.general_ability import GENERAL_PROMPTS, first_word, general_scores
+    from launcher.preflight import preflight
+    from launcher.real_anchor import data as world_data
+    from launcher.real_anchor.experiment import CONFIG, Design, _load, prepare, training_config
+    from launcher.runtime.ray_start import stop_ray
+    from launcher.train.command import train
+
+    if bad := [s for s in args.set if "=" not in s]:
+        parser.error(f"--set {bad[0]!r}: give KEY=VALUE")
+    settings = tuple((key, yaml.safe_load(value)) for key, value in (s.split("=", 1) for s in args.set))
+    start = time.time()
+    root = Path(args.root).resolve()
+    assets = prepare(root / f"seed-{args.seed}", args.seed, Design(training=settings), print)
+    name = ("variant-" + "-".join(f"{k}_{v}" for k, v in settings).replace("/", "_"))[:80] + f"-s{args.seed}"
+    config = training_config(CONFIG, assets, args.seed, name, root / "runs", root / "ray", settings)
+    preflight(config)
+    composition = Path(config.output_dir) / name / "composition"
+    try:  # calm eval on the cluster calm train started, as the experiment does
+        if train(config) != 0:
+            raise SystemExit(f"calm train failed; see {Path(config.output_dir) / name}")
+        evaluated = evaluate_files(composition, [assets.files[s] for s in world_data.EVAL_SETS.values()], workers=1,
+                                   max_new_tokens=1, micro_batch_size=32, progress=False)
+    finally:
+        stop_ray()
+    result = {"settings": dict(settings), "seed": args.seed,
+              **{f"composed_{k}": r["exact_match"] for k, r in zip(world_data.EVAL_SETS, evaluated, strict=True)}}
+    anchor, tokenizer = _load(assets.anchor)
+    specialist, specialist_tokenizer = _load(assets.specialist)
+    composed = load_composition(composition, anchor, [specialist], tokenizers=[tokenizer, specialist_tokenizer]).eval()
+    result.update({f"composed_{k}": v for k, v in general_scores(composed, tokenizer).items()})
+    prompts = [p for p, _ in GENERAL_PROMPTS]
+    alone = complete(SingleModel(anchor), tokenizer, prompts, max_new_tokens=4, batch_size=16)
+    together = complete(composed, tokenizer, prompts, max_new_tokens=4, batch_size=16)
+    result["changed_general_prompts"] = [
+        {"prompt": p, "smollm2": a, "composed": c, "lost": first_word(a) == answer.lower()}
+        for (p, answer), a, c in zip(GENERAL_PROMPTS, alone, together, strict=True)
+        if (first_word(a) == answer.lower()) != (first_word(c) == answer.lower())]
+    result["wall_s"] = round(time.time() - start)
+    sys.stdout.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
