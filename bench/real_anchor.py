@@ -34,14 +34,14 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import yaml
-
     from calm_dist.testing.real_checkpoint import smollm2
     from launcher.real_anchor.experiment import TARGETS, Design, run_experiment
+    from launcher.train_config import ConfigError, parse_overrides
 
-    if bad := [s for s in args.set if "=" not in s]:
-        parser.error(f"--set {bad[0]!r}: give KEY=VALUE")
-    settings = tuple((key, yaml.safe_load(value)) for key, value in (s.split("=", 1) for s in args.set))
+    try:
+        settings = tuple(parse_overrides(args.set).items())
+    except ConfigError as err:
+        parser.error(str(err))
 
     anchor = smollm2()
     root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="calm-real-anchor-bench-"))

@@ -27,8 +27,6 @@ def main() -> None:
                         help="a `calm train` setting other than configs/real-anchor.yaml's (value parsed as YAML)")
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import yaml
-
     from calm_dist.model.composition_checkpoint import load_composition
     from calm_dist.model.decoding import SingleModel, complete
     from launcher.eval.command import evaluate_files
@@ -38,10 +36,12 @@ def main() -> None:
     from launcher.real_anchor.experiment import CONFIG, Design, _load, prepare, training_config
     from launcher.runtime.ray_start import stop_ray
     from launcher.train.command import train
+    from launcher.train_config import ConfigError, parse_overrides
 
-    if bad := [s for s in args.set if "=" not in s]:
-        parser.error(f"--set {bad[0]!r}: give KEY=VALUE")
-    settings = tuple((key, yaml.safe_load(value)) for key, value in (s.split("=", 1) for s in args.set))
+    try:
+        settings = tuple(parse_overrides(args.set).items())
+    except ConfigError as err:
+        parser.error(str(err))
     start = time.time()
     root = Path(args.root).resolve()
     assets = prepare(root / f"seed-{args.seed}", args.seed, Design(training=settings), print)
