@@ -9,7 +9,6 @@ from typing import NamedTuple
 import torch
 
 from merge.methods import fast_kernel
-from merge.methods.per_model import each_model
 
 Tensor = torch.Tensor
 Rank = int | Sequence[int] | Callable[[int], int]
@@ -57,10 +56,9 @@ def kth_largest_abs(series: Series, k: Rank) -> list[float]:
             ways = fast_kernel.HISTOGRAM_WAYS
             own = [torch.zeros(ways, 1 << 16, dtype=torch.int64) if f == i else None for i, f in enumerate(first)]
             highs, nonzero = [own[f] for f in first], [0] * len(blocks)
-        own_series = [i for i in range(len(blocks)) if first[i] == i]
-        counts = each_model(lambda i, blocks=blocks, highs=highs: _count_high(lib, blocks[i], highs[i]), own_series)
-        for i, count in zip(own_series, counts, strict=True):
-            nonzero[i] += count
+        for i, (hist, b) in enumerate(zip(highs, blocks, strict=True)):
+            if first[i] == i:
+                nonzero[i] += _count_high(lib, b, hist)
     nonzero = [nonzero[f] for f in first]
     summed = {id(hist): hist.sum(0) for hist in highs}
     highs = [summed[id(hist)] for hist in highs]
@@ -77,11 +75,12 @@ def kth_largest_abs(series: Series, k: Rank) -> list[float]:
         if pick is not None and (first[i], pick[0]) not in shared:
             shared[first[i], pick[0]] = torch.zeros(1 << 16, dtype=torch.int64)
     lows = [shared[first[i], pick[0]] if pick is not None else None for i, pick in enumerate(picks)]
-    # Each low histogram counted from its first series (a repeated block's ranks share one).
-    counted = {id(hist): i for i, hist in reversed(list(enumerate(lows))) if hist is not None}
-    owners = sorted(counted.values())
     for blocks in series():
-        each_model(lambda i, blocks=blocks: _count_low(lib, blocks[i], picks[i][0], lows[i]), owners)
+        counting = set()
+        for hist, b, pick in zip(lows, blocks, picks, strict=True):
+            if pick is not None and id(hist) not in counting:
+                counting.add(id(hist))
+                _count_low(lib, b, pick[0], hist)
     values = []
     for hist, pick in zip(lows, picks, strict=True):
         if pick is None:

@@ -1,9 +1,11 @@
 """The statistic passes' work on each model's block, on the machine's cores.
 
-A statistic pass (thresholds, norms, ranks) reads a tensor the reader already holds, so while one
-model's block is counted the other core would wait: the models' blocks are independent (each has its
-histogram or sums of its own), so they are counted side by side. The compiled counts and torch's ops
-release the GIL. The merge pass has its own threads (merge.execution.stream): this is for statistics.
+A statistic pass reads a tensor the reader already holds, so while one model's block is worked on the
+other core would wait: the models' blocks are independent (each has sums of its own), so they are
+worked on side by side; the compiled code and torch's ops release the GIL. Used where the work per
+block is large (the L1 norms of DELLA's rank-masked task vectors: della_linear 13.6 -> 10.5 s on a
+6-layer model); a magnitude histogram's count of a block (~130 us) gained nothing against the hand-off.
+The merge pass has its own threads (merge.execution.stream).
 """
 
 from __future__ import annotations
