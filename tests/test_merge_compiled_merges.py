@@ -172,3 +172,29 @@ def test_della_ranks_are_the_torch_sorts_to_the_bit(shape, monkeypatch):
     assert same_bits(chances, torch_only(monkeypatch, keep_chances, delta, shape, 0.5, 0.2))
     ranks = fast_kernel.della_ranks(delta, shape[-1] if len(shape) > 1 else N)
     assert sorted(ranks[: shape[-1]].tolist()) == list(range(1, shape[-1] + 1))
+
+
+@pytest.mark.parametrize(("rows", "group", "density", "epsilon"), [(40, 2048, 0.5, 0.15), (64, 47, 0.4, 0.3), (9, 1, 0.5, 0.2)])
+def test_della_keep_mask_is_the_torch_ranks_draws_to_the_bit(rows, group, density, epsilon, monkeypatch):
+    """fast_pass.c della_keep decides most elements from their magnitude bin's rank range and ranks only
+    the rest: against della.py's torch mask (argsort ranks, fp32 chances, the block's draws). Rows of
+    Gaussian task vectors (a few elements ranked by counting within their bin), of hard values, a row of
+    one value (one bin of every element: the whole row radix-ranked), magnitudes all below the bins'
+    window, and rows of one element (their chance is NaN: nothing kept)."""
+    from merge.methods.blocks import block_key, block_uniform
+    from merge.methods.della import keep_chances
+
+    n = rows * group
+    generator = torch.Generator().manual_seed(group)
+    base = torch.randn(n, generator=generator).to(torch.bfloat16).float()
+    x = base + torch.randn(n, generator=generator).to(torch.bfloat16).float() * 0.01
+    x[: 2 * group] = base[: 2 * group] + hard(2 * group, 3)
+    x[2 * group : 3 * group] = base[2 * group : 3 * group] + 0.25
+    x[3 * group : 4 * group] = base[3 * group : 4 * group] + torch.rand(group, generator=generator) * 1e-30
+    shape = (rows, group)
+    block = Block("w", 2, n, seed=5, shape=shape)
+    expected = (block_uniform(block, 1) < torch_only(monkeypatch, keep_chances, x - base, shape, density, epsilon)).float()
+    keep = fast_kernel.della_keep(x, base, group, block_key(block, 1), density, epsilon)
+    assert same_bits(keep, expected)
+    assert group > 1 or not keep.any()
+    assert 0 < expected.mean() < 1 or group == 1

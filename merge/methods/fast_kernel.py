@@ -3,7 +3,7 @@
 - the magnitude histograms of merge.methods.magnitude;
 - the last pass of the sign-electing merges (TIES, and mergekit's task arithmetic after sparsification);
 - the seeded uniform draws of merge.methods.blocks;
-- the sparse methods' masks, norms and statistics (DARE, Breadcrumbs, SCE) and DELLA's ranks.
+- the sparse methods' masks, norms and statistics (DARE, Breadcrumbs, SCE), DELLA's ranks and keep masks.
 
 Why compiled: the fast pass in torch is ~17 ops, each a pass over memory, and on a 2-core machine it
 cost as much CPU as reading and writing the files; fused it is one pass. Why at run time: the C is
@@ -59,9 +59,9 @@ SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
     # key, n, out
     "uniform_draws": (None, (_U64, _I64, _P)),
     # x, base, *Mask, rescale, ratio, n, out
-    "masked_task_vector": (None, (_P, _P, _INT, _U64, _F32, _F32, _F32, _INT, _F32, _I64, _P)),
+    "masked_task_vector": (None, (_P, _P, _INT, _U64, _F32, _F32, _F32, _P, _INT, _F32, _I64, _P)),
     # x, base, *Mask, n, sums
-    "masked_l1": (None, (_P, _P, _INT, _U64, _F32, _F32, _F32, _I64, _P)),
+    "masked_l1": (None, (_P, _P, _INT, _U64, _F32, _F32, _F32, _P, _I64, _P)),
     # k, xs (base first), n, out
     "sce_variance": (None, (_INT, _P, _I64, _P)),
     # k, xs (base first), select, threshold, n, sums
@@ -70,6 +70,8 @@ SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
     "sce_merge": (None, (_INT, _P, _INT, _F32, _P, _I64, _P)),
     # delta, rows, group, ranks
     "della_ranks": (None, (_P, _I64, _I64, _P)),
+    # x, base, rows, group, key, low, epsilon, keep
+    "della_keep": (None, (_P, _P, _I64, _I64, _U64, _F32, _F32, _P)),
 }
 MAX_MODELS = 8  # fast_pass.c's bound on the task vectors of ties_merge, mix_merge and the sce_ passes
 _LOCK = threading.Lock()
@@ -233,21 +235,28 @@ def uniform_draws(key: int, n: int) -> torch.Tensor | None:
 
 class Mask(NamedTuple):
     """Which elements of a task vector d = x - base a sparse method keeps: DARE's, those whose draw
-    (merge.methods.blocks.uniform_draws(key, n)) is below density, or Breadcrumbs', lower <= |d| < upper."""
+    (merge.methods.blocks.uniform_draws(key, n)) is below density; Breadcrumbs', lower <= |d| < upper;
+    or those where a given fp32 mask (della_keep's; its address) is 1. fast_pass.c's Mask, field for field."""
 
-    random: bool
+    kind: int  # fast_pass.c's MASK_WINDOW, MASK_DRAWS or MASK_GIVEN
     key: int = 0
     density: float = 0.0
     lower: float = 0.0
     upper: float = 0.0
+    given: int | None = None
 
     @classmethod
     def dare(cls, key: int, density: float) -> Mask:
-        return cls(True, key, density)
+        return cls(1, key, density)
 
     @classmethod
     def window(cls, lower: float, upper: float) -> Mask:
-        return cls(False, lower=lower, upper=upper)
+        return cls(0, lower=lower, upper=upper)
+
+    @classmethod
+    def given_by(cls, keep: torch.Tensor) -> Mask:
+        """The caller holds `keep` (contiguous fp32, one per element) until the mask has been used."""
+        return cls(2, given=keep.data_ptr())
 
 
 def masked_task_vector(x: torch.Tensor, base: torch.Tensor, mask: Mask, ratio: torch.Tensor | None) -> torch.Tensor | None:
@@ -323,3 +332,16 @@ def della_ranks(delta: torch.Tensor, group: int) -> torch.Tensor | None:
     ranks = torch.empty_like(delta)
     lib.della_ranks(delta.data_ptr(), delta.numel() // group, group, ranks.data_ptr())
     return ranks
+
+
+def della_keep(x: torch.Tensor, base: torch.Tensor, group: int, key: int, density: float, epsilon: float) -> torch.Tensor | None:
+    """DELLA's keep mask (1 kept, 0 dropped, fp32) of the task vector x - base, a block of whole rows of
+    `group` elements: merge.methods.della's `block_uniform(block, model) < keep_chances(...)`, to the bit,
+    with the draws of `key`; None where the compiled pass is not built or does not apply."""
+    lib = library()
+    if lib is None or not _floats([x, base]) or x.numel() % group:
+        return None
+    keep = torch.empty_like(x)
+    # della.py adds density - epsilon and multiplies by epsilon as torch does with Python floats: in fp32.
+    lib.della_keep(x.data_ptr(), base.data_ptr(), x.numel() // group, group, key, density - epsilon, epsilon, keep.data_ptr())
+    return keep

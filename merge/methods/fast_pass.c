@@ -438,28 +438,33 @@ void uniform_draws(uint64_t key, int64_t n, float *out) {
     for (int64_t i = 0; i < n; i++) out[i] = uniform_at(key, i);
 }
 
-/* DARE's and Breadcrumbs' masks: which elements of a task vector d = x - base are kept. DARE keeps those
- * whose draw is below density, Breadcrumbs those with lower <= |d| < upper (random: which of the two). */
+/* The sparse methods' masks: which elements of a task vector d = x - base are kept. DARE keeps those
+ * whose draw is below density, Breadcrumbs those with lower <= |d| < upper, DELLA those where its
+ * della_keep mask, computed beforehand, is 1. */
+enum { MASK_WINDOW = 0, MASK_DRAWS = 1, MASK_GIVEN = 2 };
 typedef struct {
-    int random;
+    int kind;
     uint64_t key;
     float density, lower, upper;
+    const float *given;
 } Mask;
 
 /* keep[i] for one block: 1 where d[i] is kept, else 0, for a multiply by it as merge.methods.sparse
  * masks (0 * inf is NaN there too). */
 static inline void keep_block(const Mask *mask, int64_t start, int count, const float *d, float *keep) {
-    if (mask->random)
+    if (mask->kind == MASK_DRAWS)
         for (int i = 0; i < count; i++) keep[i] = uniform_at(mask->key, start + i) < mask->density ? 1.0f : 0.0f;
+    else if (mask->kind == MASK_GIVEN)
+        memcpy(keep, mask->given + start, sizeof(float) * count);
     else
         for (int i = 0; i < count; i++) keep[i] = (fabsf(d[i]) >= mask->lower) & (fabsf(d[i]) < mask->upper) ? 1.0f : 0.0f;
 }
 
 /* The task vector x - base masked, times ratio where rescale. */
 MULTIVERSION
-void masked_task_vector(const float *x, const float *base, int random, uint64_t key, float density, float lower,
-                        float upper, int rescale, float ratio, int64_t n, float *out) {
-    Mask mask = {random, key, density, lower, upper};
+void masked_task_vector(const float *x, const float *base, int kind, uint64_t key, float density, float lower,
+                        float upper, const float *given, int rescale, float ratio, int64_t n, float *out) {
+    Mask mask = {kind, key, density, lower, upper, given};
     for (int64_t start = 0; start < n; start += BLOCK) {
         int count = n - start < BLOCK ? (int)(n - start) : BLOCK;
         float d[BLOCK], keep[BLOCK];
@@ -476,9 +481,9 @@ void masked_task_vector(const float *x, const float *base, int random, uint64_t 
 enum { LANES = 8 };
 
 MULTIVERSION
-void masked_l1(const float *x, const float *base, int random, uint64_t key, float density, float lower, float upper,
-               int64_t n, double *sums) {
-    Mask mask = {random, key, density, lower, upper};
+void masked_l1(const float *x, const float *base, int kind, uint64_t key, float density, float lower, float upper,
+               const float *given, int64_t n, double *sums) {
+    Mask mask = {kind, key, density, lower, upper, given};
     double before[LANES] = {0}, after[LANES] = {0};
     for (int64_t start = 0; start < n; start += BLOCK) {
         int count = n - start < BLOCK ? (int)(n - start) : BLOCK;
@@ -588,37 +593,135 @@ void sce_merge(int k, const float *const *xs, int select, float threshold, const
 
 /* ---------------------------------------------------------------------------------------------------
  * DELLA (merge/methods/della.py): each element's rank by magnitude within its row of `group` elements
- * (1 for the smallest; equal magnitudes, and NaNs, by position, as a stable sort orders them), as a float. An
- * LSD radix sort of the magnitudes' bit patterns (for non-negative floats they order like the values,
- * NaN after inf as torch sorts it), a byte a pass, a pass skipped where every key has the same byte:
- * a few ns an element against torch's argsort, which cost DELLA 40 times the disk's time. */
-void della_ranks(const float *delta, int64_t rows, int64_t group, float *ranks) {
-    uint32_t *keys = malloc(sizeof(uint32_t) * 2 * group), *order = malloc(sizeof(uint32_t) * 2 * group);
-    if (!keys || !order) abort();  /* a row of 2^18 elements at most (merge.methods.specs): 4 MB */
-    for (int64_t r = 0; r < rows; r++) {
-        const float *d = delta + r * group;
-        uint32_t *k0 = keys, *k1 = keys + group, *o0 = order, *o1 = order + group;
-        int64_t counts[4][256] = {{0}};
-        for (int64_t i = 0; i < group; i++) {
-            uint32_t key = bits_of(fabsf(d[i]));
-            k0[i] = key > 0x7F800000u ? 0x7FC00000u : key;  /* every NaN one key: torch ranks them by position */
-            o0[i] = (uint32_t)i;
-            for (int b = 0; b < 4; b++) counts[b][(k0[i] >> (8 * b)) & 255]++;
-        }
-        for (int b = 0; b < 4; b++) {
-            if (counts[b][(k0[0] >> (8 * b)) & 255] == group) continue;  /* one byte everywhere: no change */
-            int64_t next[256], sum = 0;
-            for (int v = 0; v < 256; v++) next[v] = sum, sum += counts[b][v];
-            for (int64_t i = 0; i < group; i++) {
-                int64_t at = next[(k0[i] >> (8 * b)) & 255]++;
-                k1[at] = k0[i];
-                o1[at] = o0[i];
-            }
-            uint32_t *t = k0; k0 = k1; k1 = t;
-            t = o0; o0 = o1; o1 = t;
-        }
-        for (int64_t p = 0; p < group; p++) ranks[r * group + o0[p]] = (float)(p + 1);
+ * (1 for the smallest; equal magnitudes, and NaNs, by position, as a stable sort orders them). A
+ * magnitude's key is its bit pattern (for non-negative floats they order like the values; every NaN
+ * one key, after inf, as torch sorts them). */
+static inline uint32_t rank_key(float d) {
+    uint32_t key = bits_of(fabsf(d));
+    return key > 0x7F800000u ? 0x7FC00000u : key;
+}
+
+/* The ranks of one row's keys: an LSD radix sort, a byte a pass, a pass skipped where every key has the
+ * same byte (a few ns an element against torch's argsort, which cost DELLA 40 times the disk's time).
+ * scratch: 4 * group words. */
+static void radix_ranks(const uint32_t *keys, int64_t group, uint32_t *scratch, uint32_t *ranks) {
+    uint32_t *k0 = scratch, *k1 = scratch + group, *o0 = scratch + 2 * group, *o1 = scratch + 3 * group;
+    int64_t counts[4][256] = {{0}};
+    for (int64_t i = 0; i < group; i++) {
+        k0[i] = keys[i];
+        o0[i] = (uint32_t)i;
+        for (int b = 0; b < 4; b++) counts[b][(keys[i] >> (8 * b)) & 255]++;
     }
-    free(keys);
-    free(order);
+    for (int b = 0; b < 4; b++) {
+        if (counts[b][(k0[0] >> (8 * b)) & 255] == group) continue;  /* one byte everywhere: no change */
+        int64_t next[256], sum = 0;
+        for (int v = 0; v < 256; v++) next[v] = sum, sum += counts[b][v];
+        for (int64_t i = 0; i < group; i++) {
+            int64_t at = next[(k0[i] >> (8 * b)) & 255]++;
+            k1[at] = k0[i];
+            o1[at] = o0[i];
+        }
+        uint32_t *t = k0; k0 = k1; k1 = t;
+        t = o0; o0 = o1; o1 = t;
+    }
+    for (int64_t p = 0; p < group; p++) ranks[o0[p]] = (uint32_t)(p + 1);
+}
+
+/* Each element's rank as a float (della.py's torch fallback normalises them itself). */
+void della_ranks(const float *delta, int64_t rows, int64_t group, float *ranks) {
+    uint32_t *buffer = malloc(sizeof(uint32_t) * 6 * group);  /* a row of 2^18 elements at most (merge.methods.specs) */
+    if (!buffer) abort();
+    uint32_t *keys = buffer, *rank = buffer + group, *scratch = buffer + 2 * group;
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t i = 0; i < group; i++) keys[i] = rank_key(delta[r * group + i]);
+        radix_ranks(keys, group, scratch, rank);
+        for (int64_t i = 0; i < group; i++) ranks[r * group + i] = (float)rank[i];
+    }
+    free(buffer);
+}
+
+/* An element's chance of being kept, della.py's fp32 ops in its order: ((rank - 1) / (group - 1))
+ * clamped to [0, 1] (a NaN, from a row of one element, stays NaN as torch's clamp leaves it), times 2,
+ * times epsilon, plus density - epsilon (`low`). Nondecreasing in the rank: every step rounds a
+ * nondecreasing function. */
+static inline float della_chance(int64_t rank, float span, float low, float epsilon) {
+    float norm = ((float)rank - 1.0f) / span;
+    norm = norm < 0.0f ? 0.0f : (norm > 1.0f ? 1.0f : norm);
+    return low + norm * 2.0f * epsilon;
+}
+
+enum { RANK_BINS = 2048, BIN_SHIFT = 15, SCAN_LIMIT = 64 };
+
+/* DELLA's keep mask for `rows` whole rows of d = x - base: keep[i] = 1 where the draw uniform_at(key, i)
+ * is below the element's chance, else 0 (della.py's `block_uniform(...) < chances`, to the bit).
+ *
+ * The exact rank of most elements is never needed. The keys are counted into RANK_BINS bins in order
+ * (each 2^BIN_SHIFT keys wide, 1/256 of an octave: the row's top 8 octaves, everything smaller in the
+ * first bin), so an element's rank lies between its bin's first and last; as the chance is
+ * nondecreasing in the rank, the draw lies below both ends' chances (kept) or at or above both
+ * (dropped) for all but a few elements (0.4 % of a Gaussian row), ranked exactly by counting the smaller
+ * keys in their bin (in a bin of more than SCAN_LIMIT, as a row of many equal values has, by ranking
+ * the whole row). Ranking every row by the radix sort, in both passes over a tensor (the L1 norms'
+ * and the merge's), was DELLA's largest cost. */
+MULTIVERSION
+void della_keep(const float *x, const float *base, int64_t rows, int64_t group, uint64_t key, float low,
+                float epsilon, float *keep) {
+    uint32_t *buffer = malloc(sizeof(uint32_t) * (8 * group + 3 * (int64_t)RANK_BINS));
+    float *chance = malloc(sizeof(float) * (group + 1)), *draw = malloc(sizeof(float) * group);  /* chance[rank]: every row's */
+    if (!buffer || !chance || !draw) abort();
+    uint32_t *keys = buffer, *bin = buffer + group, *unsure = buffer + 2 * group, *members = buffer + 3 * group;
+    uint32_t *scratch = buffer + 4 * group, *count = buffer + 8 * group, *first = count + RANK_BINS, *fill = first + RANK_BINS;
+    uint32_t *ranks = members;  /* a row ranked whole needs no bin's members */
+    float span = (float)group - 1.0f;
+    for (int64_t rank = 1; rank <= group; rank++) chance[rank] = della_chance(rank, span, low, epsilon);
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * group, *br = base + r * group;
+        float *kr = keep + r * group;
+        uint32_t highest = 0;
+        for (int64_t i = 0; i < group; i++) {
+            keys[i] = rank_key(xr[i] - br[i]);
+            highest = keys[i] > highest ? keys[i] : highest;
+        }
+        uint32_t floor = highest > ((uint32_t)RANK_BINS << BIN_SHIFT) ? highest - ((uint32_t)(RANK_BINS - 1) << BIN_SHIFT) : 0;
+        memset(count, 0, sizeof(uint32_t) * RANK_BINS);
+        for (int64_t i = 0; i < group; i++) {
+            bin[i] = (keys[i] > floor ? keys[i] - floor : 0) >> BIN_SHIFT;
+            draw[i] = uniform_at(key, r * group + i);
+        }
+        for (int64_t i = 0; i < group; i++) count[bin[i]]++;
+        for (uint32_t b = 0, sum = 0; b < RANK_BINS; b++) first[b] = sum, sum += count[b];
+        /* kept below the bin's lowest rank's chance, dropped at or above its highest's, else unsure */
+        int64_t n_unsure = 0;
+        for (int64_t i = 0; i < group; i++) {  /* without branches: a draw is kept or not at random */
+            uint32_t b = bin[i];
+            float u = draw[i];
+            int keep_it = u < chance[first[b] + 1], drop_it = !(u < chance[first[b] + count[b]]);
+            kr[i] = kept(keep_it, 1.0f);
+            unsure[n_unsure] = (uint32_t)i;
+            n_unsure += !keep_it & !drop_it;
+        }
+        if (!n_unsure) continue;
+        int whole_row = 0;
+        for (int64_t k = 0; k < n_unsure; k++) whole_row |= count[bin[unsure[k]]] > SCAN_LIMIT;
+        if (whole_row) {
+            radix_ranks(keys, group, scratch, ranks);
+        } else {
+            memcpy(fill, first, sizeof(uint32_t) * RANK_BINS);  /* each bin's members, in position order */
+            for (int64_t i = 0; i < group; i++) members[fill[bin[i]]++] = (uint32_t)i;
+        }
+        for (int64_t k = 0; k < n_unsure; k++) {
+            uint32_t i = unsure[k], b = bin[i], rank;
+            if (whole_row) {
+                rank = ranks[i];
+            } else {
+                rank = first[b] + 1;
+                for (uint32_t m = first[b]; m < first[b] + count[b]; m++)
+                    rank += keys[members[m]] < keys[i] || (keys[members[m]] == keys[i] && members[m] < i);
+            }
+            kr[i] = kept(uniform_at(key, r * group + i) < chance[rank], 1.0f);
+        }
+    }
+    free(buffer);
+    free(chance);
+    free(draw);
 }
