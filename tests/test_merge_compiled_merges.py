@@ -159,22 +159,7 @@ def test_sce_is_the_torch_code_to_the_bit(select_topk, models, monkeypatch):
     assert torch.equal(nan, expected.isnan()) and same_bits(merged[~nan], expected[~nan])
 
 
-@pytest.mark.parametrize("shape", [(64, 47), (3008,), (16, 188)])
-def test_della_ranks_are_the_torch_sorts_to_the_bit(shape, monkeypatch):
-    """DELLA's keep chances from the compiled radix ranks against torch's stable argsort: magnitude ties,
-    ±0, infinities and NaN (after inf), a row of one value (every byte pass skipped)."""
-    from merge.methods.della import keep_chances
-
-    delta = hard(N, 7)
-    delta[: shape[-1]] = 0.25  # the first row: one value throughout
-    delta[8::211] = torch.tensor(0x7F800001, dtype=torch.int32).view(torch.float32)  # a NaN of another payload
-    chances = keep_chances(delta, shape, 0.5, 0.2)
-    assert same_bits(chances, torch_only(monkeypatch, keep_chances, delta, shape, 0.5, 0.2))
-    ranks = fast_kernel.della_ranks(delta, shape[-1] if len(shape) > 1 else N)
-    assert sorted(ranks[: shape[-1]].tolist()) == list(range(1, shape[-1] + 1))
-
-
-@pytest.mark.parametrize(("rows", "group", "density", "epsilon"), [(40, 2048, 0.5, 0.15), (64, 47, 0.4, 0.3), (9, 1, 0.5, 0.2)])
+@pytest.mark.parametrize(("rows", "group", "density", "epsilon"), [(40, 2048, 0.5, 0.15), (64, 47, 0.4, 0.3), (4, 3008, 0.6, 0.1), (9, 1, 0.5, 0.2)])
 def test_della_keep_mask_is_the_torch_ranks_draws_to_the_bit(rows, group, density, epsilon, monkeypatch):
     """fast_pass.c della_keep decides most elements from their magnitude bin's rank range and ranks only
     the rest: against della.py's torch mask (argsort ranks, fp32 chances, the block's draws). Rows of

@@ -32,14 +32,10 @@ def keep_chances(delta: Tensor, shape: Sequence[int], density: float, epsilon: f
     """For a block of whole rows of a task vector (flat), each element's chance of being kept."""
     group = shape[1] if len(shape) >= 2 else row_length(shape)
     inner = row_length(shape) // group
-    compiled = fast_kernel.della_ranks(delta, group) if inner == 1 else None  # a matrix's rows, a vector
-    if compiled is not None:
-        ranks = compiled.reshape(-1, group, 1)
-    else:
-        order = torch.argsort(delta.abs().reshape(-1, group, inner), dim=1, stable=True)
-        # The inverse permutation by a scatter: what mergekit's second argsort gives, without a second sort.
-        positions = torch.arange(group).view(1, group, 1).expand_as(order)
-        ranks = torch.empty_like(order).scatter_(1, order, positions).to(torch.float32) + 1
+    order = torch.argsort(delta.abs().reshape(-1, group, inner), dim=1, stable=True)
+    # The inverse permutation by a scatter: what mergekit's second argsort gives, without a second sort.
+    positions = torch.arange(group).view(1, group, 1).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions).to(torch.float32) + 1
     # mergekit's normalisation, op for op (min 1 and max `group`, but computed as it computes them).
     low = ranks.min(dim=1, keepdim=True).values
     high = ranks.max(dim=1, keepdim=True).values

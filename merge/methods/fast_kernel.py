@@ -3,7 +3,7 @@
 - the magnitude histograms of merge.methods.magnitude;
 - the last pass of the sign-electing merges (TIES, and mergekit's task arithmetic after sparsification);
 - the seeded uniform draws of merge.methods.blocks;
-- the sparse methods' masks, norms and statistics (DARE, Breadcrumbs, SCE), DELLA's ranks and keep masks.
+- the sparse methods' masks, norms and statistics (DARE, Breadcrumbs, SCE), DELLA's keep masks.
 
 Why compiled: the fast pass in torch is ~17 ops, each a pass over memory, and on a 2-core machine it
 cost as much CPU as reading and writing the files; fused it is one pass. Why at run time: the C is
@@ -68,8 +68,6 @@ SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
     "sce_squares": (None, (_INT, _P, _INT, _F32, _I64, _P)),
     # k, xs (base first), select, threshold, shares, n, out
     "sce_merge": (None, (_INT, _P, _INT, _F32, _P, _I64, _P)),
-    # delta, rows, group, ranks
-    "della_ranks": (None, (_P, _I64, _I64, _P)),
     # x, base, rows, group, key, low, epsilon, keep
     "della_keep": (None, (_P, _P, _I64, _I64, _U64, _F32, _F32, _P)),
 }
@@ -320,18 +318,6 @@ def sce_merge(xs: Sequence[torch.Tensor], threshold: float | None, shares: Seque
     lib.sce_merge(k, _pointers(xs), int(threshold is not None), threshold or 0.0, (ctypes.c_float * k)(*shares),
                   out.numel(), out.data_ptr())
     return out
-
-
-def della_ranks(delta: torch.Tensor, group: int) -> torch.Tensor | None:
-    """Each element's rank by magnitude (1 the smallest, ties by position) within its row of `group`
-    elements, fp32: merge.methods.della's ranks for rows that are whole groups; None where the compiled
-    pass is not built or does not apply."""
-    lib = library()
-    if lib is None or not _floats([delta]) or delta.numel() % group:
-        return None
-    ranks = torch.empty_like(delta)
-    lib.della_ranks(delta.data_ptr(), delta.numel() // group, group, ranks.data_ptr())
-    return ranks
 
 
 def della_keep(x: torch.Tensor, base: torch.Tensor, group: int, key: int, density: float, epsilon: float) -> torch.Tensor | None:

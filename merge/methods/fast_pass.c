@@ -627,19 +627,6 @@ static void radix_ranks(const uint32_t *keys, int64_t group, uint32_t *scratch, 
     for (int64_t p = 0; p < group; p++) ranks[o0[p]] = (uint32_t)(p + 1);
 }
 
-/* Each element's rank as a float (della.py's torch fallback normalises them itself). */
-void della_ranks(const float *delta, int64_t rows, int64_t group, float *ranks) {
-    uint32_t *buffer = malloc(sizeof(uint32_t) * 6 * group);  /* a row of 2^18 elements at most (merge.methods.specs) */
-    if (!buffer) abort();
-    uint32_t *keys = buffer, *rank = buffer + group, *scratch = buffer + 2 * group;
-    for (int64_t r = 0; r < rows; r++) {
-        for (int64_t i = 0; i < group; i++) keys[i] = rank_key(delta[r * group + i]);
-        radix_ranks(keys, group, scratch, rank);
-        for (int64_t i = 0; i < group; i++) ranks[r * group + i] = (float)rank[i];
-    }
-    free(buffer);
-}
-
 /* An element's chance of being kept, della.py's fp32 ops in its order: ((rank - 1) / (group - 1))
  * clamped to [0, 1] (a NaN, from a row of one element, stays NaN as torch's clamp leaves it), times 2,
  * times epsilon, plus density - epsilon (`low`). Nondecreasing in the rank: every step rounds a
