@@ -164,8 +164,8 @@ def test_della_keep_mask_is_the_torch_ranks_draws_to_the_bit(rows, group, densit
     """fast_pass.c della_keep decides most elements from their magnitude bin's rank range and ranks only
     the rest: against della.py's torch mask (argsort ranks, fp32 chances, the block's draws). Rows of
     Gaussian task vectors (a few elements ranked by counting within their bin), of hard values, a row of
-    one value (one bin of every element: the whole row radix-ranked), magnitudes all below the bins'
-    window, and rows of one element (their chance is NaN: nothing kept)."""
+    one value (one bin of every element: the whole row radix-ranked), a row of tiny magnitudes at the
+    bins' edge, and rows of one element (their chance is NaN: nothing kept)."""
     from merge.methods.blocks import block_key, block_uniform
     from merge.methods.della import keep_chances
 
@@ -175,7 +175,10 @@ def test_della_keep_mask_is_the_torch_ranks_draws_to_the_bit(rows, group, densit
     x = base + torch.randn(n, generator=generator).to(torch.bfloat16).float() * 0.01
     x[: 2 * group] = base[: 2 * group] + hard(2 * group, 3)
     x[2 * group : 3 * group] = base[2 * group : 3 * group] + 0.25
-    x[3 * group : 4 * group] = base[3 * group : 4 * group] + torch.rand(group, generator=generator) * 1e-30
+    # Magnitudes up to 2^-119, whose key 2^26 is the first that the bins' window starts above zero for.
+    base[3 * group : 4 * group] = 0.0
+    x[3 * group : 4 * group] = torch.rand(group, generator=generator) * 2.0**-119
+    x[4 * group - 1] = 2.0**-119
     shape = (rows, group)
     block = Block("w", 2, n, seed=5, shape=shape)
     expected = (block_uniform(block, 1) < torch_only(monkeypatch, keep_chances, x - base, shape, density, epsilon)).float()

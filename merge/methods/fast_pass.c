@@ -669,10 +669,10 @@ void della_keep(const float *x, const float *base, int64_t rows, int64_t group, 
             keys[i] = rank_key(xr[i] - br[i]);
             highest = keys[i] > highest ? keys[i] : highest;
         }
-        uint32_t floor = highest > ((uint32_t)RANK_BINS << BIN_SHIFT) ? highest - ((uint32_t)(RANK_BINS - 1) << BIN_SHIFT) : 0;
+        uint32_t bottom = highest >= ((uint32_t)RANK_BINS << BIN_SHIFT) ? highest - ((uint32_t)(RANK_BINS - 1) << BIN_SHIFT) : 0;
         memset(count, 0, sizeof(uint32_t) * RANK_BINS);
         for (int64_t i = 0; i < group; i++) {
-            bin[i] = (keys[i] > floor ? keys[i] - floor : 0) >> BIN_SHIFT;
+            bin[i] = (keys[i] > bottom ? keys[i] - bottom : 0) >> BIN_SHIFT;
             draw[i] = uniform_at(key, r * group + i);
         }
         for (int64_t i = 0; i < group; i++) count[bin[i]]++;
