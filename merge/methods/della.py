@@ -12,8 +12,8 @@ blocks of these methods are whole rows (MethodSpec.row_blocks): the draws are ke
 input, row block), independent of chunking, workers and resumes. Ties in magnitude rank by position
 (a stable sort); mergekit's sort leaves their order unspecified. Compiled (fast_pass.c della_keep), the
 mask is decided for most elements from the rank range of their magnitude's bin, the same mask to the bit
-(tests/test_merge_compiled_merges.py): 3.0 ns an element here, where the radix ranks alone took 4.8 and
-torch's chance arithmetic, draws and comparison several more.
+(tests/test_merge_compiled_merges.py), in one pass where radix ranks were followed by torch's chance
+arithmetic, draws and comparison (bench/merge_throughput.py, 3 x 1.1B: della 37.5 -> 22.6 s).
 """
 
 from __future__ import annotations
