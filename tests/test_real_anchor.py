@@ -86,6 +86,11 @@ def test_dc_holds_questions_about_its_people_and_ordinary_text_that_is_never_sco
     assert not any(r["completion"] in scored for r in prose)
     assert not set(ordinary.ORDINARY_MODULES) & set(PROSE_MODULES)
     assert not set(ordinary.factual_prompts()) & {p for p, _ in GENERAL_PROMPTS}
+    # Every word the world shares with English is kept in ordinary prompts (the composition learned to
+    # write a world animal wherever m_A read one), and three times an animal, twice a trade, unless scored.
+    kept = [set(p.split()) for p in ordinary.factual_prompts()]
+    assert all(sum(word in k for k in kept) >= 3 for word in w.ANIMALS if word not in ("cat", "mouse"))
+    assert all(sum(word in k for k in kept) >= 2 for word in w.ANIMALS + w.TRADES)
 
 
 def test_the_anchors_own_answers_are_its_greedy_continuations(smollm2):

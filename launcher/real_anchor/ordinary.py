@@ -22,6 +22,7 @@ import random
 import re
 
 from launcher.general_ability import GENERAL_PROMPTS, PROSE_MODULES, docstrings
+from launcher.real_anchor.world import ANIMALS, TRADES
 
 # Standard-library modules whose docstrings give D_C its prose; disjoint from PROSE_MODULES.
 ORDINARY_MODULES = ("os", "glob", "fnmatch", "codecs", "ipaddress", "datetime", "email/message", "http/client",
@@ -74,7 +75,26 @@ def factual_prompts() -> list[str]:
     prompts += [f"The currency of {c} is the" for c in _COUNTRIES]
     prompts += [f"The word {w} means" for w in _WORDS]
     prompts += [f"A {k} is a kind of" for k in _KINDS]
-    assert not set(prompts) & {p for p, _ in GENERAL_PROMPTS}, "what keeps the anchor must not be what is scored"
+    scored = {p for p, _ in GENERAL_PROMPTS}
+    assert not set(prompts) & scored, "what keeps the anchor must not be what is scored"
+    return prompts + [p for p in _world_word_prompts() if p not in set(prompts) | scored]
+
+
+def _world_word_prompts() -> list[str]:
+    """Ordinary prompts about the words the world shares with English: its animals and trades.
+
+    m_A knows these words (a person "keeps a cat"), so the composition, trained to write a person's
+    animal or trade, learned to write them wherever m_A reads one: every seed answered the general prompt
+    "A baby cat is called a" with " cat" or " baby cat" (SmolLM2: " kitten"), though D_C kept the anchor's
+    answers about seven other animals' young. Kept here for every animal and trade but the prompts
+    scored (the cat's), so the composition learns to leave these words alone outside questions about people."""
+    def a(word: str) -> str:
+        return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+    prompts = [form for animal in ANIMALS for form in (f"A baby {animal} is called a", f"The plural of {animal} is",
+                                                       f"{a(animal).capitalize()} is an animal that")]
+    prompts += [form for trade in TRADES for form in (f"{a(trade).capitalize()} is a person who",
+                                                      f"The work of {a(trade)} is to")]
     return prompts
 
 
