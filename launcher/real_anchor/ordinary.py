@@ -87,7 +87,9 @@ def _world_word_prompts() -> list[str]:
     animal or trade, learned to write them wherever m_A reads one: every seed answered the general prompt
     "A baby cat is called a" with " cat" or " baby cat" (SmolLM2: " kitten"), though D_C kept the anchor's
     answers about seven other animals' young. Kept here for every animal and trade but the prompts
-    scored (the cat's), so the composition learns to leave these words alone outside questions about people."""
+    scored (the cat's), so the composition learns to leave these words alone outside questions about people.
+    With them (bench/real_anchor.py, 2026-12-06), seeds 0 and 1 answered every general prompt as SmolLM2
+    does and seed 2 all but that one (" mongoose"); held-out 68.0, 68.0, 67.3 % (64.7, 74.0, 62.7 before)."""
     def a(word: str) -> str:
         return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
