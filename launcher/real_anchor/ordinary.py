@@ -75,9 +75,10 @@ def factual_prompts() -> list[str]:
     prompts += [f"The currency of {c} is the" for c in _COUNTRIES]
     prompts += [f"The word {w} means" for w in _WORDS]
     prompts += [f"A {k} is a kind of" for k in _KINDS]
-    scored = {p for p, _ in GENERAL_PROMPTS}
-    assert not set(prompts) & scored, "what keeps the anchor must not be what is scored"
-    return prompts + [p for p in _world_word_prompts() if p not in set(prompts) | scored]
+    taken = {p for p, _ in GENERAL_PROMPTS}
+    assert not set(prompts) & taken, "what keeps the anchor must not be what is scored"
+    taken |= set(prompts)
+    return prompts + [p for p in _world_word_prompts() if p not in taken]
 
 
 def _world_word_prompts() -> list[str]:
