@@ -173,6 +173,9 @@ class TrainingConfig(Strict):
     eval_max_new_tokens: int = Field(32, ge=1)
     checkpoint_every: int | None = Field(None, ge=1, description="default: only at the end")
     seed: int = 0
+    keep_anchor_weight: float = Field(1.0, gt=0, description=(
+        "with data.keep_anchor_field: the weight of the KL term (records that keep the anchor's own "
+        "predictions) against the labels' cross-entropy (the other records), each a mean over its own tokens"))
 
 
 class DeepSpeedConfig(Strict):

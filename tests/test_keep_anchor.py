@@ -46,6 +46,9 @@ def test_unkept_rows_are_the_next_token_loss_and_kept_rows_the_kl_formula():
     # Each kind of row its own mean: the task is not diluted by however many kept tokens the batch holds.
     by_hand = ce[~keep][predicted[~keep]].mean() + kl[predicted[keep]].mean()
     torch.testing.assert_close(keep_anchor_loss(logits, labels, keep, anchor), by_hand, rtol=1e-5, atol=0)
+    # training.keep_anchor_weight weighs the KL term alone.
+    weighed = ce[~keep][predicted[~keep]].mean() + 2.5 * kl[predicted[keep]].mean()
+    torch.testing.assert_close(keep_anchor_loss(logits, labels, keep, anchor, 2.5), weighed, rtol=1e-5, atol=0)
 
 
 def _composed_batch():

@@ -20,7 +20,8 @@ class CountingEngine:
     def train(self):
         pass
 
-    def __call__(self, input_ids, attention_mask, labels, augmenting_states, augmenting_views, keep_anchor=None):
+    def __call__(self, input_ids, attention_mask, labels, augmenting_states, augmenting_views, keep_anchor=None,
+                 keep_anchor_weight=1.0):
         return SimpleNamespace(loss=self.weight * input_ids.float().mean())
 
     def backward(self, loss):

@@ -25,6 +25,7 @@ class LoopSettings:
     log_every: int
     eval_every: int | None
     checkpoint_every: int | None
+    keep_anchor_weight: float = 1.0
 
 
 def run(
@@ -55,6 +56,7 @@ def run(
                 loss = engine(
                     batch["input_ids"], batch["attention_mask"], labels=batch["labels"], augmenting_states=states,
                     augmenting_views=views_from_batch(batch), keep_anchor=batch.get("keep_anchor"),
+                    keep_anchor_weight=settings.keep_anchor_weight,
                 ).loss
                 engine.backward(loss)
             engine.step()  # DeepSpeed applies the update only at the accumulation boundary

@@ -161,7 +161,7 @@ class Trainer:
         hears of every step."""
         train = self.config.training
         settings = LoopSettings(train.steps, self.config.gradient_accumulation_steps, train.log_every,
-                                train.eval_every, train.checkpoint_every)
+                                train.eval_every, train.checkpoint_every, train.keep_anchor_weight)
         stream = self.augmenting.feed(self._on_device(iter(self.batches)), self.batches)
         if self.step < train.steps:
             run(self.engine, stream, self.augmenting.states_for, settings, self.step, on_log,

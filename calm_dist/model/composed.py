@@ -187,13 +187,14 @@ class ComposedModel(nn.Module):
         cache: ComposedCache | None = None,
         augmenting_views: Sequence[AugmentingView | None] | None = None,
         keep_anchor: torch.Tensor | None = None,
+        keep_anchor_weight: float = 1.0,
     ) -> ComposedOutput:
         """Composed logits (and next-token loss if labels are given).
 
         keep_anchor [B] (bool, with labels): rows whose loss is the KL divergence from the anchor
         alone's predictions rather than their labels' cross-entropy (calm_dist.model.objectives); the
         anchor's layers above the lowest connection run once more, without gradients, on those rows
-        (calm_dist.model.anchor_alone).
+        (calm_dist.model.anchor_alone); keep_anchor_weight weighs that KL term against the labels' one.
 
         With a cache, input_ids are only the new tokens and attention_mask covers past and new tokens,
         as in Hugging Face models; the cache is updated in place. augmenting_views: for augmenting
@@ -266,7 +267,7 @@ class ComposedModel(nn.Module):
                 anchor_logits = alone.logits(input_ids[keep_anchor], attention_mask[keep_anchor], position_ids[keep_anchor])
             finally:
                 self._step = step
-            loss = keep_anchor_loss(logits, labels, keep_anchor, anchor_logits)
+            loss = keep_anchor_loss(logits, labels, keep_anchor, anchor_logits, keep_anchor_weight)
         return ComposedOutput(logits=logits, loss=loss)
 
     def _readable(self, k: int, view: AugmentingView, cache: ComposedCache | None) -> torch.Tensor | None:

@@ -25,10 +25,10 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def keep_anchor_loss(logits: torch.Tensor, labels: torch.Tensor, keep_anchor: torch.Tensor,
-                     anchor_logits: torch.Tensor) -> torch.Tensor:
+                     anchor_logits: torch.Tensor, anchor_weight: float = 1.0) -> torch.Tensor:
     """The mean cross-entropy to the label over the predicted tokens of rows where keep_anchor [B] is
-    False, plus the mean KL(anchor || model) over those of rows where it is True (a term is absent when
-    the batch has no such tokens).
+    False, plus anchor_weight times the mean KL(anchor || model) over those of rows where it is True (a
+    term is absent when the batch has no such tokens).
 
     Two means, not one over all tokens: ordinary text has tens of predicted tokens a row and an answer
     one or two, so in one mean the task would weigh as little as its share of the tokens (6 % of D_C's
@@ -48,5 +48,5 @@ def keep_anchor_loss(logits: torch.Tensor, labels: torch.Tensor, keep_anchor: to
         model_log_p = logits[keep_anchor, :-1].float().log_softmax(-1)
         anchor_log_p = anchor_logits[:, :-1].to(model_log_p.device).float().log_softmax(-1)
         divergence = F.kl_div(model_log_p, anchor_log_p, log_target=True, reduction="none").sum(-1)
-        total = total + divergence[predicted[keep_anchor]].mean()
+        total = total + anchor_weight * divergence[predicted[keep_anchor]].mean()
     return total

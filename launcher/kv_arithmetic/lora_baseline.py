@@ -57,10 +57,10 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def keep_anchor_lm_loss(model: nn.Module, layers: Collection[int] | None = None):
+def keep_anchor_lm_loss(model: nn.Module, layers: Collection[int] | None = None, anchor_weight: float = 1.0):
     """A PEFT model's training loss on a collated batch: next-token cross-entropy, and in rows marked
     keep_anchor the KL divergence from the base model alone (adapters off), as the composition is
-    trained (calm_dist.model.objectives). `layers`: the adapted decoder layers (all when None); the base
+    trained (calm_dist.model.objectives, the KL weighed by anchor_weight). `layers`: the adapted decoder layers (all when None); the base
     model alone runs again only from the lowest of them up (calm_dist.model.anchor_alone)."""
     from calm_dist.model.anchor_alone import AnchorAlone
     from calm_dist.model.objectives import keep_anchor_loss
@@ -77,7 +77,7 @@ def keep_anchor_lm_loss(model: nn.Module, layers: Collection[int] | None = None)
             logits = model(input_ids=ids, attention_mask=mask).logits
         with model.disable_adapter():
             anchor_logits = alone.logits(ids[keep], mask[keep])
-        return keep_anchor_loss(logits, batch["labels"], keep, anchor_logits)
+        return keep_anchor_loss(logits, batch["labels"], keep, anchor_logits, anchor_weight)
 
     return loss
 
@@ -100,7 +100,7 @@ def train_lora(anchor: nn.Module, rows: list[dict], training, parameters: int, s
     with tqdm(total=training.steps, desc="LoRA baseline", unit="step", leave=False, dynamic_ncols=True, disable=None,
               file=sys.stdout) as bar:  # stdout: quiet mode sends stderr to the log
         model.train()
-        local_training.train(keep_anchor_lm_loss(model, layers), model.parameters(),
+        local_training.train(keep_anchor_lm_loss(model, layers, training.keep_anchor_weight), model.parameters(),
                              local_training.batches(rows, training.global_batch_size, seed, pad_token_id),
                              training.steps, lr=training.optimizer.lr, warmup_steps=training.schedule.warmup_steps,
                              weight_decay=training.optimizer.weight_decay, on_step=lambda step, loss: bar.update(1))
