@@ -43,10 +43,11 @@ def random_tensors(seed: int, shapes: dict[str, tuple[int, ...]], dtype: torch.d
 BIG_SHAPES = {"embed.weight": (700, 1000), "layer.weight": (300, 1000), "norm.weight": (1000,)}
 
 
-def budget_for_blocks(blocks: int, per_element: int, workers: int = 1) -> int:
+def budget_for_blocks(blocks: int, per_element: int, workers: int = 1, held: int = 0) -> int:
     """A memory_budget under which each worker's chunks are `blocks` blocks long, when the costliest
-    tensor needs `per_element` bytes per element in flight (OUT_BUFFERS output copies, two of each input)."""
-    return workers * (WORKER_OVERHEAD + per_element * BLOCK * blocks + per_element)
+    tensor needs `per_element` bytes per element in flight (OUT_BUFFERS output copies, two of each input)
+    and a worker holds `held` bytes whole (merge.planning.plan.chunk_plan: DELLA's masks)."""
+    return workers * (WORKER_OVERHEAD + held + per_element * BLOCK * blocks + per_element)
 
 
 def write_config(folder: Path, data: dict, name: str = "merge.yaml") -> Path:

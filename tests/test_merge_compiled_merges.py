@@ -182,7 +182,10 @@ def test_della_keep_mask_is_the_torch_ranks_draws_to_the_bit(rows, group, densit
     shape = (rows, group)
     block = Block("w", 2, n, seed=5, shape=shape)
     expected = (block_uniform(block, 1) < torch_only(monkeypatch, keep_chances, x - base, shape, density, epsilon)).float()
-    keep = fast_kernel.della_keep(x, base, group, block_key(block, 1), density, epsilon)
+    packed = fast_kernel.della_keep(x, base, group, block_key(block, 1), density, epsilon)
+    unpacked = ((packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).flatten()  # element i: bit i % 8
+    assert packed.numel() == -(-n // 8) and not unpacked[n:].any()  # the last byte's spare bits are 0
+    keep = unpacked[:n].float()
     assert same_bits(keep, expected)
     assert group > 1 or not keep.any()
     assert 0 < expected.mean() < 1 or group == 1

@@ -21,6 +21,8 @@ NAMES = ["m0", "m1", "m2", "m3"]
 SHAPES = {"embed.weight": (700, 1000), "layer.weight": (300, 1000), "norm.weight": (1000,)}
 # The plan sizes chunks by the widest output (the int64 buffer, 3 copies) and the widest inputs (4 fp32, 2 copies).
 PER_ELEMENT = 3 * 8 + 2 * 4 * 4
+# The largest tensor's keep masks, a bit an element per task vector, held from the L1 pass to the merge's.
+HELD_MASK_BYTES = 700 * 1000 // 8 * (len(NAMES) - 1)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,7 @@ def merge(root, out, method: str, blocks: int = 1, workers: int = 1, seed: int =
     cfg = validate_config({
         "method": method, "models": [{"path": str(root / n)} for n in NAMES[:count]], "base_model": "m0",
         "output": {"path": str(out), "max_shard_size": 1_500_000}, "seed": seed, "workers": workers,
-        "memory_budget": budget_for_blocks(blocks, PER_ELEMENT, workers), **settings,
+        "memory_budget": budget_for_blocks(blocks, PER_ELEMENT, workers, HELD_MASK_BYTES), **settings,
     })
     run_merge(cfg, show_progress=False, log=lambda _: None)
     return read_merged(out)
@@ -116,6 +118,25 @@ def test_della_is_reproducible_across_chunking_workers_and_runs(inputs, tmp_path
     assert not torch.equal(one["embed.weight"], other["embed.weight"])
 
 
+@pytest.mark.parametrize("blocks", [1, 5])  # the tensors read twice (chunks of one block), and held whole
+def test_each_keep_mask_is_decided_once(inputs, tmp_path, monkeypatch, blocks):
+    """The L1 norms' pass keeps each block's compiled mask for the merge pass: della_keep runs once per
+    row block and task vector (3 + 2 + 1 blocks, 3 task vectors), where it ran in both passes."""
+    from merge.methods import fast_kernel
+
+    root, models = inputs
+    decided = []
+    keep = fast_kernel.della_keep
+    monkeypatch.setattr(fast_kernel, "della_keep", lambda *args: decided.append(args[3]) or keep(*args))
+    out = merge(root, tmp_path / "out", "della", blocks=blocks, weights=[1.0, 0.6, -0.4],
+                parameters={"density": 0.5, "epsilon": 0.2})
+    assert len(decided) == 6 * 3 and len(set(decided)) == 6 * 3  # each (block, model) key once
+    params = SPECS["della"].params.model_validate({"density": 0.5, "epsilon": 0.2})
+    expected = whole_tensor_della("embed.weight", [m["embed.weight"] for m in models], [1.0, 0.6, -0.4],
+                                  params.density, params.epsilon, 0, True, params.normalize, params.scale, params.rescale)
+    assert torch.equal(out["embed.weight"], expected)
+
+
 def test_row_blocks_are_whole_rows_within_block():
     spec = SPECS["della"]
     assert block_elements(spec, (700, 1000)) == 262 * 1000
@@ -171,6 +192,7 @@ def test_calm_plan_sizes_della_and_refuses_what_the_merge_refuses(inputs, tmp_pa
     terms = {t.name: t for t in merge_terms(setup).terms}
     assert terms["fp32 block arithmetic"].note.startswith("della: 30 arrays")  # 7 per input, 4 inputs, +2
     assert terms["whole-tensor statistic"].note.startswith("1 pass(es)")
+    assert terms["masks held for the merge pass"].bytes == HELD_MASK_BYTES  # the embedding's, 3 task vectors
     assert all(t.chunk(tasks[0].chunk_elems) % t.block == 0 for task in tasks for t in task.tensors)
     odd = tmp_path / "odd"
     for seed, name in enumerate(NAMES[:2]):

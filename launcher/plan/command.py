@@ -208,6 +208,7 @@ def merge_setup(cfg, inputs: list | None = None) -> tuple[MergeSetup, list]:
         WORKER_OVERHEAD,
         build_tasks,
         default_weights,
+        largest_held_masks,
         largest_remap,
         plan_tensors,
     )
@@ -247,7 +248,7 @@ def merge_setup(cfg, inputs: list | None = None) -> tuple[MergeSetup, list]:
         loss_model_bytes=max(input_bytes) if spec else 0,
         loss_workers=spec.workers if spec else 1,
         loss_tokens=spec.batch_size * spec.max_length if spec else 0, vocab=vocab_size, method=cfg.method,
-        remap_bytes=largest_remap(tensors),
+        remap_bytes=largest_remap(tensors), held_mask_bytes=largest_held_masks(tensors),
         tensor_sources=1 if cfg.slices is not None else 0,
         sliced_read_bytes=sum(s.nbytes for t in tensors for s in t.sources) if cfg.slices is not None else 0,
     ), tasks

@@ -13,12 +13,16 @@ input, row block), independent of chunking, workers and resumes. Ties in magnitu
 (a stable sort); mergekit's sort leaves their order unspecified. Compiled (fast_pass.c della_keep), the
 mask is decided for most elements from the rank range of their magnitude's bin, the same mask to the bit
 (tests/test_merge_compiled_merges.py), in one pass where radix ranks were followed by torch's chance
-arithmetic, draws and comparison (bench/merge_throughput.py, 3 x 1.1B: della 37.5 -> 22.6 s).
+arithmetic, draws and comparison (bench/merge_throughput.py, 3 x 1.1B: della 37.5 -> 22.6 s). The
+statistic pass keeps each block's compiled mask, packed (a bit an element of the tensor, per task
+vector: MethodSpec.held_mask_bits, counted by the plan), and the merge pass uses it instead of deciding
+it again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -60,27 +64,43 @@ def _compiled_keep(block: Block, model: int, x: Tensor, base: Tensor, params: De
     return fast_kernel.della_keep(x, base, group, block_key(block, model), params.density, params.epsilon)
 
 
-def della_statistic(blocks: Blocks, numel: int, params: DellaParams, weights: Sequence[float]) -> list[Tensor | None] | None:
+class DellaStatistic(NamedTuple):
+    ratios: list[Tensor | None]  # each task vector's L1 rescale factor
+    # (block index, input position) -> the compiled keep mask the L1 pass decided, for the merge pass to
+    # use (and drop) instead of deciding it again.
+    masks: dict[tuple[int, int], Tensor]
+
+
+def della_statistic(blocks: Blocks, numel: int, params: DellaParams, weights: Sequence[float]) -> DellaStatistic | None:
+    masks: dict[tuple[int, int], Tensor] = {}
+
     def compiled(block: Block, model: int, x: Tensor, base: Tensor) -> tuple[float, float] | None:
         keep = _compiled_keep(block, model, x, base, params)
-        return None if keep is None else fast_kernel.masked_l1(x, base, fast_kernel.Mask.given_by(keep))
+        if keep is None:
+            return None
+        masks[block.index, model] = keep
+        return fast_kernel.masked_l1(x, base, fast_kernel.Mask.given_by(keep))
 
-    return random_mask_ratios(blocks, _masked(params), params, len(weights), compiled)
+    ratios = random_mask_ratios(blocks, _masked(params), params, len(weights), compiled)
+    return None if ratios is None else DellaStatistic(ratios, masks)
 
 
-def _della(xs: Sequence[Tensor], weights: Sequence[float], params: DellaParams, ratios: list | None, block: Block,
-           ties: bool) -> Tensor:
+def _della(xs: Sequence[Tensor], weights: Sequence[float], params: DellaParams, stats: DellaStatistic | None,
+           block: Block, ties: bool) -> Tensor:
     def compiled(block: Block, model: int, x: Tensor, base: Tensor, ratio: Tensor | None) -> Tensor | None:
-        keep = _compiled_keep(block, model, x, base, params)
+        keep = stats.masks.pop((block.index, model), None) if stats is not None else None
+        keep = keep if keep is not None else _compiled_keep(block, model, x, base, params)
         return None if keep is None else fast_kernel.masked_task_vector(x, base, fast_kernel.Mask.given_by(keep), ratio)
 
+    ratios = stats.ratios if stats is not None else None
     return random_mask_mix(xs, weights, params, _masked(params), ratios, block, ties, compiled)
 
 
-def della(xs: Sequence[Tensor], weights: Sequence[float], params: DellaParams, ratios: list | None, block: Block) -> Tensor:
-    return _della(xs, weights, params, ratios, block, ties=True)
+def della(xs: Sequence[Tensor], weights: Sequence[float], params: DellaParams, stats: DellaStatistic | None,
+          block: Block) -> Tensor:
+    return _della(xs, weights, params, stats, block, ties=True)
 
 
-def della_linear(xs: Sequence[Tensor], weights: Sequence[float], params: DellaParams, ratios: list | None,
+def della_linear(xs: Sequence[Tensor], weights: Sequence[float], params: DellaParams, stats: DellaStatistic | None,
                  block: Block) -> Tensor:
-    return _della(xs, weights, params, ratios, block, ties=False)
+    return _della(xs, weights, params, stats, block, ties=False)

@@ -234,7 +234,8 @@ def uniform_draws(key: int, n: int) -> torch.Tensor | None:
 class Mask(NamedTuple):
     """Which elements of a task vector d = x - base a sparse method keeps: DARE's, those whose draw
     (merge.methods.blocks.uniform_draws(key, n)) is below density; Breadcrumbs', lower <= |d| < upper;
-    or those where a given fp32 mask (della_keep's; its address) is 1. fast_pass.c's Mask, field for field."""
+    or those whose bit is 1 in a given packed mask (della_keep's; its address). fast_pass.c's Mask, field
+    for field."""
 
     kind: int  # fast_pass.c's MASK_WINDOW, MASK_DRAWS or MASK_GIVEN
     key: int = 0
@@ -253,7 +254,7 @@ class Mask(NamedTuple):
 
     @classmethod
     def given_by(cls, keep: torch.Tensor) -> Mask:
-        """The caller holds `keep` (contiguous fp32, one per element) until the mask has been used."""
+        """The caller holds `keep` (della_keep's packed bits) until the mask has been used."""
         return cls(2, given=keep.data_ptr())
 
 
@@ -321,13 +322,14 @@ def sce_merge(xs: Sequence[torch.Tensor], threshold: float | None, shares: Seque
 
 
 def della_keep(x: torch.Tensor, base: torch.Tensor, group: int, key: int, density: float, epsilon: float) -> torch.Tensor | None:
-    """DELLA's keep mask (1 kept, 0 dropped, fp32) of the task vector x - base, a block of whole rows of
-    `group` elements: merge.methods.della's `block_uniform(block, model) < keep_chances(...)`, to the bit,
-    with the draws of `key`; None where the compiled pass is not built or does not apply."""
+    """DELLA's keep mask of the task vector x - base, a block of whole rows of `group` elements, packed
+    (uint8; element i is bit i % 8 of byte i // 8: 1 kept, 0 dropped): merge.methods.della's
+    `block_uniform(block, model) < keep_chances(...)`, to the bit, with the draws of `key`; None where the
+    compiled pass is not built or does not apply."""
     lib = library()
     if lib is None or not _floats([x, base]) or x.numel() % group:
         return None
-    keep = torch.empty_like(x)
+    keep = torch.empty(-(-x.numel() // 8), dtype=torch.uint8)
     # della.py adds density - epsilon and multiplies by epsilon as torch does with Python floats: in fp32.
     lib.della_keep(x.data_ptr(), base.data_ptr(), x.numel() // group, group, key, density - epsilon, epsilon, keep.data_ptr())
     return keep

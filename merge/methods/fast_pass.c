@@ -439,14 +439,14 @@ void uniform_draws(uint64_t key, int64_t n, float *out) {
 }
 
 /* The sparse methods' masks: which elements of a task vector d = x - base are kept. DARE keeps those
- * whose draw is below density, Breadcrumbs those with lower <= |d| < upper, DELLA those where its
- * della_keep mask, computed beforehand, is 1. */
+ * whose draw is below density, Breadcrumbs those with lower <= |d| < upper, DELLA those whose bit is 1
+ * in its della_keep mask, computed beforehand (element i: bit i % 8 of byte i / 8). */
 enum { MASK_WINDOW = 0, MASK_DRAWS = 1, MASK_GIVEN = 2 };
 typedef struct {
     int kind;
     uint64_t key;
     float density, lower, upper;
-    const float *given;
+    const uint8_t *given;
 } Mask;
 
 /* keep[i] for one block: 1 where d[i] is kept, else 0, for a multiply by it as merge.methods.sparse
@@ -455,7 +455,7 @@ static inline void keep_block(const Mask *mask, int64_t start, int count, const 
     if (mask->kind == MASK_DRAWS)
         for (int i = 0; i < count; i++) keep[i] = uniform_at(mask->key, start + i) < mask->density ? 1.0f : 0.0f;
     else if (mask->kind == MASK_GIVEN)
-        memcpy(keep, mask->given + start, sizeof(float) * count);
+        for (int i = 0; i < count; i++) keep[i] = (mask->given[(start + i) >> 3] >> ((start + i) & 7)) & 1 ? 1.0f : 0.0f;
     else
         for (int i = 0; i < count; i++) keep[i] = (fabsf(d[i]) >= mask->lower) & (fabsf(d[i]) < mask->upper) ? 1.0f : 0.0f;
 }
@@ -463,7 +463,7 @@ static inline void keep_block(const Mask *mask, int64_t start, int count, const 
 /* The task vector x - base masked, times ratio where rescale. */
 MULTIVERSION
 void masked_task_vector(const float *x, const float *base, int kind, uint64_t key, float density, float lower,
-                        float upper, const float *given, int rescale, float ratio, int64_t n, float *out) {
+                        float upper, const uint8_t *given, int rescale, float ratio, int64_t n, float *out) {
     Mask mask = {kind, key, density, lower, upper, given};
     for (int64_t start = 0; start < n; start += BLOCK) {
         int count = n - start < BLOCK ? (int)(n - start) : BLOCK;
@@ -482,7 +482,7 @@ enum { LANES = 8 };
 
 MULTIVERSION
 void masked_l1(const float *x, const float *base, int kind, uint64_t key, float density, float lower, float upper,
-               const float *given, int64_t n, double *sums) {
+               const uint8_t *given, int64_t n, double *sums) {
     Mask mask = {kind, key, density, lower, upper, given};
     double before[LANES] = {0}, after[LANES] = {0};
     for (int64_t start = 0; start < n; start += BLOCK) {
@@ -639,8 +639,10 @@ static inline float della_chance(int64_t rank, float span, float low, float epsi
 
 enum { RANK_BINS = 2048, BIN_SHIFT = 15, SCAN_LIMIT = 64 };
 
-/* DELLA's keep mask for `rows` whole rows of d = x - base: keep[i] = 1 where the draw uniform_at(key, i)
- * is below the element's chance, else 0 (della.py's `block_uniform(...) < chances`, to the bit).
+/* DELLA's keep mask for `rows` whole rows of d = x - base, packed (element i: bit i % 8 of byte i / 8 of
+ * keep): 1 where the draw uniform_at(key, i) is below the element's chance, else 0 (della.py's
+ * `block_uniform(...) < chances`, to the bit). Packed, the statistic pass keeps it for the merge pass
+ * (a bit an element, where recomputing it cost DELLA as much as the rest of its merge).
  *
  * The exact rank of most elements is never needed. The keys are counted into RANK_BINS bins in order
  * (each 2^BIN_SHIFT keys wide, 1/256 of an octave: the row's top 8 octaves, everything smaller in the
@@ -652,10 +654,12 @@ enum { RANK_BINS = 2048, BIN_SHIFT = 15, SCAN_LIMIT = 64 };
  * and the merge's), was DELLA's largest cost. */
 MULTIVERSION
 void della_keep(const float *x, const float *base, int64_t rows, int64_t group, uint64_t key, float low,
-                float epsilon, float *keep) {
+                float epsilon, uint8_t *keep) {
     uint32_t *buffer = malloc(sizeof(uint32_t) * (8 * group + 3 * (int64_t)RANK_BINS));
     float *chance = malloc(sizeof(float) * (group + 1)), *draw = malloc(sizeof(float) * group);  /* chance[rank]: every row's */
-    if (!buffer || !chance || !draw) abort();
+    float *kr = malloc(sizeof(float) * group);  /* one row's decisions, packed into keep once made */
+    if (!buffer || !chance || !draw || !kr) abort();
+    memset(keep, 0, (size_t)((rows * group + 7) / 8));
     uint32_t *keys = buffer, *bin = buffer + group, *unsure = buffer + 2 * group, *members = buffer + 3 * group;
     uint32_t *scratch = buffer + 4 * group, *count = buffer + 8 * group, *first = count + RANK_BINS, *fill = first + RANK_BINS;
     uint32_t *ranks = members;  /* a row ranked whole needs no bin's members */
@@ -663,7 +667,6 @@ void della_keep(const float *x, const float *base, int64_t rows, int64_t group, 
     for (int64_t rank = 1; rank <= group; rank++) chance[rank] = della_chance(rank, span, low, epsilon);
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * group, *br = base + r * group;
-        float *kr = keep + r * group;
         uint32_t highest = 0;
         for (int64_t i = 0; i < group; i++) {
             keys[i] = rank_key(xr[i] - br[i]);
@@ -687,28 +690,35 @@ void della_keep(const float *x, const float *base, int64_t rows, int64_t group, 
             unsure[n_unsure] = (uint32_t)i;
             n_unsure += !keep_it & !drop_it;
         }
-        if (!n_unsure) continue;
-        int whole_row = 0;
-        for (int64_t k = 0; k < n_unsure; k++) whole_row |= count[bin[unsure[k]]] > SCAN_LIMIT;
-        if (whole_row) {
-            radix_ranks(keys, group, scratch, ranks);
-        } else {
-            memcpy(fill, first, sizeof(uint32_t) * RANK_BINS);  /* each bin's members, in position order */
-            for (int64_t i = 0; i < group; i++) members[fill[bin[i]]++] = (uint32_t)i;
-        }
-        for (int64_t k = 0; k < n_unsure; k++) {
-            uint32_t i = unsure[k], b = bin[i], rank;
+        if (n_unsure) {
+            int whole_row = 0;
+            for (int64_t k = 0; k < n_unsure; k++) whole_row |= count[bin[unsure[k]]] > SCAN_LIMIT;
             if (whole_row) {
-                rank = ranks[i];
+                radix_ranks(keys, group, scratch, ranks);
             } else {
-                rank = first[b] + 1;
-                for (uint32_t m = first[b]; m < first[b] + count[b]; m++)
-                    rank += keys[members[m]] < keys[i] || (keys[members[m]] == keys[i] && members[m] < i);
+                memcpy(fill, first, sizeof(uint32_t) * RANK_BINS);  /* each bin's members, in position order */
+                for (int64_t i = 0; i < group; i++) members[fill[bin[i]]++] = (uint32_t)i;
             }
-            kr[i] = kept(uniform_at(key, r * group + i) < chance[rank], 1.0f);
+            for (int64_t k = 0; k < n_unsure; k++) {
+                uint32_t i = unsure[k], b = bin[i], rank;
+                if (whole_row) {
+                    rank = ranks[i];
+                } else {
+                    rank = first[b] + 1;
+                    for (uint32_t m = first[b]; m < first[b] + count[b]; m++)
+                        rank += keys[members[m]] < keys[i] || (keys[members[m]] == keys[i] && members[m] < i);
+                }
+                kr[i] = kept(uniform_at(key, r * group + i) < chance[rank], 1.0f);
+            }
+        }
+        for (int64_t i = 0; i < group; i++) {
+            int64_t at = r * group + i;
+            keep[at >> 3] |= (uint8_t)((kr[i] != 0.0f) << (at & 7));
         }
     }
     free(buffer);
     free(chance);
     free(draw);
+    free(kr);
 }
+

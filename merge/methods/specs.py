@@ -135,6 +135,9 @@ class MethodSpec:
     arrays_per_input: int = 2
     # Bytes of the whole-tensor statistic per input model (histograms of a magnitude threshold).
     statistic_bytes_per_input: int = 0
+    # Bits per element of a tensor, per task vector, that the statistic holds for the merge pass (DELLA's
+    # packed keep masks), from the statistic pass until the tensor is merged.
+    held_mask_bits: int = 0
     # combine ranks elements within rows (DELLA): its blocks are whole rows, as many as fit in BLOCK
     # elements (block_elements), and its random draws are keyed by those blocks.
     row_blocks: bool = False
@@ -183,9 +186,9 @@ SPECS: dict[str, MethodSpec] = {
     # One pass for each task vector's L1 norm before and after its mask; the ranks (int64 sort order
     # and inverse) and draws of one input at a time on top of the task vectors.
     "della": MethodSpec(DellaParams, True, True, (2, None), reads=2, arrays_per_input=7, row_blocks=True,
-                        refuses=_della_refuses),
+                        held_mask_bits=1, refuses=_della_refuses),
     "della_linear": MethodSpec(DellaLinearParams, True, True, (2, None), reads=2, arrays_per_input=6,
-                               row_blocks=True, refuses=_della_refuses),
+                               row_blocks=True, held_mask_bits=1, refuses=_della_refuses),
     # Two histogram passes find both magnitude thresholds, one more the L1 norms (if rescale).
     "breadcrumbs": MethodSpec(BreadcrumbsParams, True, True, (2, None), reads=4, arrays_per_input=4,
                               statistic_bytes_per_input=HISTOGRAMS * 2),

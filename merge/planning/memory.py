@@ -42,6 +42,8 @@ class MergeSetup:
     method: str | None = None
     # The largest vocabulary tensor remapped by token (tokenizer:), merged whole (merge.planning.plan.largest_remap).
     remap_bytes: int = 0
+    # The masks a statistic holds for its tensor's merge pass (DELLA's; merge.planning.plan.largest_held_masks).
+    held_mask_bytes: int = 0
     # passthrough copies each output tensor from one input, reading only the tensors its slices use:
     # the inputs each chunk reads (0: all of them) and the bytes read in all (0: every input in full).
     tensor_sources: int = 0
@@ -91,9 +93,13 @@ def statistic_terms(setup: MergeSetup) -> list[Term]:
     if setup.method is None or SPECS[setup.method].reads == 1:
         return []
     spec = SPECS[setup.method]
-    return [Term("whole-tensor statistic", spec.statistic_bytes_per_input * setup.inputs,
-                 f"{spec.reads - 1} pass(es) over each tensor before its merge pass: a tensor of one chunk is read "
-                 "once and held, one of several is read again through the page cache")]
+    terms = [Term("whole-tensor statistic", spec.statistic_bytes_per_input * setup.inputs,
+                  f"{spec.reads - 1} pass(es) over each tensor before its merge pass: a tensor of one chunk is read "
+                  "once and held, one of several is read again through the page cache")]
+    if setup.held_mask_bytes:
+        terms.append(Term("masks held for the merge pass", setup.held_mask_bytes,
+                          f"{spec.held_mask_bits} bit(s) an element of the largest tensor, per task vector"))
+    return terms
 
 
 def loss_terms(setup: MergeSetup) -> WorkerPlan:

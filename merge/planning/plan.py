@@ -192,12 +192,12 @@ def chunk_plan(tensors: list[OutputTensor], memory_budget: int, workers: int) ->
     out_bytes = max(ITEMSIZE[t.dtype] for t in tensors)
     in_bytes = max(sum(ITEMSIZE[s.dtype] for s in t.sources) for t in tensors)
     per_element = OUT_BUFFERS * out_bytes + 2 * in_bytes
-    whole = largest_remap(tensors)
+    whole = largest_remap(tensors) + largest_held_masks(tensors)
     available = memory_budget // workers - WORKER_OVERHEAD - whole
     blocks = available // (per_element * BLOCK) if available > 0 else 0
     if blocks < 1:
         needed = workers * (WORKER_OVERHEAD + whole + per_element * BLOCK)
-        held = f" (vocabulary tensors remapped by token are merged whole: {whole} bytes)" if whole else ""
+        held = f" (held whole: vocabulary tensors remapped by token, the masks of DELLA's: {whole} bytes)" if whole else ""
         raise ConfigError(
             f"memory_budget: {memory_budget} bytes is too small for {workers} worker(s); at least {needed} are "
             f"needed{held}"
@@ -207,6 +207,13 @@ def chunk_plan(tensors: list[OutputTensor], memory_budget: int, workers: int) ->
     slot = max(1, min(chunk, max(t.numel for t in tensors)) * in_bytes)
     spare_slots = (available - chunk * per_element) // slot
     return chunk, 2 + max(0, min(spare_slots, READ_AHEAD_BYTES // slot - 2))
+
+
+def largest_held_masks(tensors: list[OutputTensor]) -> int:
+    """Bytes of the masks a method's statistic holds for the merge pass of the tensor that needs most
+    (merge.methods.specs.MethodSpec.held_mask_bits): a tensor's masks live until it is merged."""
+    return max((-(-t.numel * SPECS[t.method].held_mask_bits // 8) * (len(t.sources) - 1) for t in tensors
+                if t.method in SPECS and SPECS[t.method].held_mask_bits), default=0)
 
 
 def largest_remap(tensors: list[OutputTensor]) -> int:
