@@ -197,7 +197,7 @@ def chunk_plan(tensors: list[OutputTensor], memory_budget: int, workers: int) ->
     blocks = available // (per_element * BLOCK) if available > 0 else 0
     if blocks < 1:
         needed = workers * (WORKER_OVERHEAD + whole + per_element * BLOCK)
-        held = f" (held whole: vocabulary tensors remapped by token, the masks of DELLA's: {whole} bytes)" if whole else ""
+        held = f" (held whole: a vocabulary tensor remapped by token, DELLA's keep masks: {whole} bytes)" if whole else ""
         raise ConfigError(
             f"memory_budget: {memory_budget} bytes is too small for {workers} worker(s); at least {needed} are "
             f"needed{held}"
