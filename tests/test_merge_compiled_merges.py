@@ -142,12 +142,9 @@ def test_sce_is_the_torch_code_to_the_bit(select_topk, models, monkeypatch):
     reference = torch_only(monkeypatch, method.prepare, blocks, 2 * N, params, [1.0] * models)
     assert stats.threshold == reference.threshold and (stats.threshold is None) == (select_topk == 1.0)
     torch.testing.assert_close(stats.weights, reference.weights, rtol=2**-23, atol=0)
-    # The squares' pass packed each block's selection; the merge reads it (and drops it) instead of the variance.
-    assert len(stats.selected) == (2 if select_topk < 1 else 0)
     for block, xs in blocks():
         merged = method.combine(xs, [1.0] * models, params, stats, block)
         assert same_bits(merged, torch_only(monkeypatch, method.combine, xs, [1.0] * models, params, stats, block))
-    assert not stats.selected
     hard_xs = [hard(N, s) for s in range(models + 1)]  # infinities and NaN: the variance to the bit
     from merge.methods.sparse import _variance
 

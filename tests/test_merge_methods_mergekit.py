@@ -19,7 +19,6 @@ reproducibility, not against mergekit's.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -110,8 +109,6 @@ def test_breadcrumbs_window_is_mergekits():
 NAMES = ["m0", "m1", "m2", "m3"]
 # The int64 buffer is the costliest per element: 3 output copies and 2 of its one input, 8 bytes each.
 PER_ELEMENT = 3 * 8 + 2 * 8
-# A packed mask of the largest tensor, per task vector at most (SCE holds one, for all; DELLA one each).
-HELD_MASK_BYTES = -(-max(math.prod(shape) for shape in BIG_SHAPES.values()) // 8)
 SETTINGS = {
     "dare_linear": {"base_model": "m0", "weights": [0.5, 0.8, 0.3], "parameters": {"density": 0.4}},
     "dare_ties": {"base_model": "m0", "weights": [1.0, 0.6, -0.4], "parameters": {"density": 0.5, "normalize": True}},
@@ -144,8 +141,7 @@ def run(root: Path, out: Path, method: str, blocks: int, workers: int = 1, seed:
         "method": method, "models": [{"path": str(root / n)} for n in NAMES[:count]],
         # Small shards: several workers each get some.
         "output": {"path": str(out), "max_shard_size": 1_500_000},
-        "memory_budget": budget_for_blocks(blocks, PER_ELEMENT, workers, HELD_MASK_BYTES * (count - 1)), "workers": workers,
-        "seed": seed, **settings,
+        "memory_budget": budget_for_blocks(blocks, PER_ELEMENT, workers), "workers": workers, "seed": seed, **settings,
     })
     run_merge(cfg, show_progress=False, log=lambda _: None)
     return read_merged(out)
@@ -208,17 +204,3 @@ def test_plan_counts_each_methods_block_arrays_and_statistic():
     assert stock["whole-tensor statistic"][0] == 0
     assert stock["whole-tensor statistic"][1].startswith("1 pass(es)")
     assert list(terms("linear")) == ["input read buffers", "output chunk buffers", "fp32 block arithmetic", "runtime allowance"]
-
-
-def test_plan_counts_the_masks_a_statistic_holds_for_the_merge_pass():
-    """DELLA holds a packed keep mask per task vector, SCE one selection for all, of the tensor being merged."""
-    from merge.io.safetensors_file import TensorInfo
-    from merge.planning.plan import OutputTensor, largest_held_masks
-
-    def tensor(method: str, numel: int, inputs: int = 4) -> OutputTensor:
-        sources = tuple(TensorInfo(f"m{i}", "w", "BF16", (numel,), 0, 2 * numel) for i in range(inputs))
-        return OutputTensor("w", "BF16", (numel,), sources, method, (1.0,) * (inputs - 1), {}, 0)
-
-    assert largest_held_masks([tensor("della", 1001), tensor("della_linear", 800)]) == 126 * 3  # ceil(1001 / 8), 3 task vectors
-    assert largest_held_masks([tensor("sce", 1001)]) == 126
-    assert largest_held_masks([tensor("ties", 10**6), tensor("dare_linear", 10**6)]) == 0

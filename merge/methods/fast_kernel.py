@@ -64,10 +64,10 @@ SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
     "masked_l1": (None, (_P, _P, _INT, _U64, _F32, _F32, _F32, _P, _I64, _P)),
     # k, xs (base first), n, out
     "sce_variance": (None, (_INT, _P, _I64, _P)),
-    # k, xs (base first), select, threshold, n, sums, selected (or NULL)
-    "sce_squares": (None, (_INT, _P, _INT, _F32, _I64, _P, _P)),
-    # k, xs (base first), select, threshold, shares, n, out, selected (or NULL)
-    "sce_merge": (None, (_INT, _P, _INT, _F32, _P, _I64, _P, _P)),
+    # k, xs (base first), select, threshold, n, sums
+    "sce_squares": (None, (_INT, _P, _INT, _F32, _I64, _P)),
+    # k, xs (base first), select, threshold, shares, n, out
+    "sce_merge": (None, (_INT, _P, _INT, _F32, _P, _I64, _P)),
     # x, base, rows, group, key, low, epsilon, keep
     "della_keep": (None, (_P, _P, _I64, _I64, _U64, _F32, _F32, _P)),
 }
@@ -298,32 +298,26 @@ def sce_variance(xs: Sequence[torch.Tensor]) -> torch.Tensor | None:
     return out
 
 
-def sce_squares(xs: Sequence[torch.Tensor], threshold: float | None
-                ) -> tuple[list[float], torch.Tensor | None] | None:
+def sce_squares(xs: Sequence[torch.Tensor], threshold: float | None) -> list[float] | None:
     """Each selected task vector's sum of squares (squares in fp32, summed in fp64), as SCE's statistic
-    takes them, and the selection (|variance| >= threshold) packed as della_keep's masks (None when
-    threshold is None: everything); None where the compiled pass is not built or does not apply."""
+    takes them; None where the compiled pass is not built or does not apply."""
     lib = _sce_inputs(xs)
     if lib is None:
         return None
     sums = (ctypes.c_double * (len(xs) - 1))()
-    selected = torch.empty(-(-xs[0].numel() // 8), dtype=torch.uint8) if threshold is not None else None
-    lib.sce_squares(len(xs) - 1, _pointers(xs), int(threshold is not None), threshold or 0.0, xs[0].numel(), sums,
-                    selected.data_ptr() if selected is not None else None)
-    return list(sums), selected
+    lib.sce_squares(len(xs) - 1, _pointers(xs), int(threshold is not None), threshold or 0.0, xs[0].numel(), sums)
+    return list(sums)
 
 
-def sce_merge(xs: Sequence[torch.Tensor], threshold: float | None, shares: Sequence[float],
-              selected: torch.Tensor | None = None) -> torch.Tensor | None:
-    """merge.methods.sparse.sce's result, to the bit, the selection read from sce_squares' packed one
-    where given; None where the compiled pass is not built or does not apply."""
+def sce_merge(xs: Sequence[torch.Tensor], threshold: float | None, shares: Sequence[float]) -> torch.Tensor | None:
+    """merge.methods.sparse.sce's result, to the bit; None where the compiled pass is not built or does not apply."""
     lib = _sce_inputs(xs)
     if lib is None:
         return None
     out = torch.empty_like(xs[0])
     k = len(xs) - 1
     lib.sce_merge(k, _pointers(xs), int(threshold is not None), threshold or 0.0, (ctypes.c_float * k)(*shares),
-                  out.numel(), out.data_ptr(), selected.data_ptr() if selected is not None else None)
+                  out.numel(), out.data_ptr())
     return out
 
 

@@ -562,18 +562,13 @@ void sce_variance(int k, const float *const *xs, int64_t n, float *out) {
     }
 }
 
-/* Each task vector's elements kept where |variance| >= threshold (all where !select): x_j - base times 1 or 0.
- * The selection is read from `given` (packed, as pack_bits writes it) where not NULL, else computed, and
- * then packed into `taken` where that is not NULL (zeroed beforehand). */
-static inline void sce_selected_block(int k, const float *const *xs, int select, float threshold, const uint8_t *given,
-                                      uint8_t *taken, int64_t start, int count, float (*tvs)[BLOCK]) {
+/* Each task vector's elements kept where |variance| >= threshold (all where !select): x_j - base times 1 or 0. */
+static inline void sce_selected_block(int k, const float *const *xs, int select, float threshold, int64_t start,
+                                      int count, float (*tvs)[BLOCK]) {
     float keep[BLOCK];
-    if (select && given) {
-        unpack_bits(given, start, count, keep);
-    } else if (select) {
+    if (select) {
         sce_variance_block(k, xs, start, count, keep);
         for (int i = 0; i < count; i++) keep[i] = fabsf(keep[i]) >= threshold ? 1.0f : 0.0f;
-        if (taken) pack_bits(keep, start, count, taken);
     } else {
         for (int i = 0; i < count; i++) keep[i] = 1.0f;
     }
@@ -581,17 +576,13 @@ static inline void sce_selected_block(int k, const float *const *xs, int select,
         for (int i = 0; i < count; i++) tvs[j][i] = (xs[j + 1][start + i] - xs[0][start + i]) * keep[i];
 }
 
-/* sums[j] += the fp64 sum of the squares (in float) of selected task vector j; where select and `selected`
- * is not NULL, the selection packed into it (a bit an element), for sce_merge to read instead of computing
- * the variance a fourth time. */
+/* sums[j] += the fp64 sum of the squares (in float) of selected task vector j. */
 MULTIVERSION
-void sce_squares(int k, const float *const *xs, int select, float threshold, int64_t n, double *sums,
-                 uint8_t *selected) {
-    if (select && selected) memset(selected, 0, (size_t)((n + 7) / 8));
+void sce_squares(int k, const float *const *xs, int select, float threshold, int64_t n, double *sums) {
     for (int64_t start = 0; start < n; start += BLOCK) {
         int count = n - start < BLOCK ? (int)(n - start) : BLOCK;
         float tvs[MAX_MODELS][BLOCK];
-        sce_selected_block(k, xs, select, threshold, NULL, selected, start, count, tvs);
+        sce_selected_block(k, xs, select, threshold, start, count, tvs);
         for (int j = 0; j < k; j++) {
             double lanes[LANES] = {0};  /* as in dare_l1 */
             for (int i = count; i < BLOCK; i++) tvs[j][i] = 0.0f;
@@ -603,15 +594,13 @@ void sce_squares(int k, const float *const *xs, int select, float threshold, int
 }
 
 /* base + the selected task vectors' mean weighted by `shares`, over those agreeing in sign with their sum
- * (a zero sum positive), the weights' sum clamped to at least 1e-6. The selection: sce_squares' packed one
- * where `selected` is not NULL. */
+ * (a zero sum positive), the weights' sum clamped to at least 1e-6. */
 MULTIVERSION
-void sce_merge(int k, const float *const *xs, int select, float threshold, const float *shares, int64_t n, float *out,
-               const uint8_t *selected) {
+void sce_merge(int k, const float *const *xs, int select, float threshold, const float *shares, int64_t n, float *out) {
     for (int64_t start = 0; start < n; start += BLOCK) {
         int count = n - start < BLOCK ? (int)(n - start) : BLOCK;
         float tvs[MAX_MODELS][BLOCK], total[BLOCK], num[BLOCK], den[BLOCK];
-        sce_selected_block(k, xs, select, threshold, selected, NULL, start, count, tvs);
+        sce_selected_block(k, xs, select, threshold, start, count, tvs);
         for (int i = 0; i < count; i++) total[i] = 0.0f, num[i] = 0.0f, den[i] = 0.0f;
         for (int j = 0; j < k; j++)
             for (int i = 0; i < count; i++) total[i] = total[i] + tvs[j][i];

@@ -231,9 +231,6 @@ def breadcrumbs_ties(xs: Sequence[Tensor], weights: Sequence[float], params: Bre
 class SceStatistic(NamedTuple):
     threshold: float | None  # keep elements whose variance across the task vectors reaches it; None: all
     weights: Tensor  # (models, 1) fp32: each task vector's share, from its mean square
-    # block index -> the compiled selection the squares' pass packed, for the merge pass to use (and
-    # drop) instead of computing the variance again.
-    selected: dict[int, Tensor]
 
 
 def _variance_of(xs: Sequence[Tensor]) -> Tensor:
@@ -264,15 +261,10 @@ def sce_statistic(blocks: Blocks, numel: int, params: SceParams, weights: Sequen
         variances = lambda: ([_variance_of(xs)] for _, xs in blocks())  # noqa: E731
         (threshold,) = kth_largest_abs(variances, lambda nonzero: int(nonzero * params.select_topk))
     squares: list[list[float]] | None = None
-    selected: dict[int, Tensor] = {}
-    for block, xs in blocks():
-        compiled = fast_kernel.sce_squares(xs, threshold)
-        if compiled is None:
+    for _, xs in blocks():
+        block_sums = fast_kernel.sce_squares(xs, threshold)
+        if block_sums is None:
             block_sums = [tv.square().double().sum().item() for tv in _sce_selected(xs, threshold)]
-        else:
-            block_sums, mask = compiled
-            if mask is not None:
-                selected[block.index] = mask
         squares = squares or [[] for _ in block_sums]
         for sums, block_sum in zip(squares, block_sums, strict=True):
             sums.append(block_sum)
@@ -280,7 +272,7 @@ def sce_statistic(blocks: Blocks, numel: int, params: SceParams, weights: Sequen
     means = torch.tensor([math.fsum(s) for s in squares], dtype=torch.float64).div(numel).float()
     total = torch.sum(means).item()
     shares = torch.ones_like(means) / len(means) if abs(total) < 1e-6 else means / total
-    return SceStatistic(threshold, shares.unsqueeze(-1), selected)
+    return SceStatistic(threshold, shares.unsqueeze(-1))
 
 
 def _sce_selected(xs: Sequence[Tensor], threshold: float | None) -> list[Tensor]:
@@ -293,8 +285,7 @@ def _sce_selected(xs: Sequence[Tensor], threshold: float | None) -> list[Tensor]
 
 def sce(xs: Sequence[Tensor], weights: Sequence[float], params: SceParams, stats: SceStatistic, block: Block) -> Tensor:
     """base + the task vectors' mean weighted by their shares, over those agreeing in sign."""
-    compiled = fast_kernel.sce_merge(xs, stats.threshold, stats.weights.flatten().tolist(),
-                                     stats.selected.pop(block.index, None))
+    compiled = fast_kernel.sce_merge(xs, stats.threshold, stats.weights.flatten().tolist())
     if compiled is not None:
         return compiled
     tvs = torch.stack(_sce_selected(xs, stats.threshold))

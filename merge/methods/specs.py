@@ -135,10 +135,9 @@ class MethodSpec:
     arrays_per_input: int = 2
     # Bytes of the whole-tensor statistic per input model (histograms of a magnitude threshold).
     statistic_bytes_per_input: int = 0
-    # Masks the statistic holds from its pass until the tensor is merged, each packed (a bit an element of
-    # the tensor), given the count of task vectors: DELLA's keep masks, one per task vector; SCE's
-    # selection, one. The merge pass reads them instead of deciding them again.
-    held_masks: Callable[[int], int] | None = None
+    # Bits per element of a tensor, per task vector, that the statistic holds for the merge pass (DELLA's
+    # packed keep masks), from the statistic pass until the tensor is merged.
+    held_mask_bits: int = 0
     # combine ranks elements within rows (DELLA): its blocks are whole rows, as many as fit in BLOCK
     # elements (block_elements), and its random draws are keyed by those blocks.
     row_blocks: bool = False
@@ -176,14 +175,6 @@ def _della_refuses(shape: tuple[int, ...], params: Any) -> str | None:
     return None
 
 
-def _one_per_task_vector(task_vectors: int) -> int:
-    return task_vectors
-
-
-def _one(task_vectors: int) -> int:
-    return 1
-
-
 SPECS: dict[str, MethodSpec] = {
     "linear": MethodSpec(LinearParams, uses_base=False, takes_weights=True, model_count=(1, None), any_range=True),
     "task_arithmetic": MethodSpec(TaskArithmeticParams, True, True, (2, None), any_range=True),
@@ -195,9 +186,9 @@ SPECS: dict[str, MethodSpec] = {
     # One pass for each task vector's L1 norm before and after its mask; the ranks (int64 sort order
     # and inverse) and draws of one input at a time on top of the task vectors.
     "della": MethodSpec(DellaParams, True, True, (2, None), reads=2, arrays_per_input=7, row_blocks=True,
-                        held_masks=_one_per_task_vector, refuses=_della_refuses),
+                        held_mask_bits=1, refuses=_della_refuses),
     "della_linear": MethodSpec(DellaLinearParams, True, True, (2, None), reads=2, arrays_per_input=6,
-                               row_blocks=True, held_masks=_one_per_task_vector, refuses=_della_refuses),
+                               row_blocks=True, held_mask_bits=1, refuses=_della_refuses),
     # Two histogram passes find both magnitude thresholds, one more the L1 norms (if rescale).
     "breadcrumbs": MethodSpec(BreadcrumbsParams, True, True, (2, None), reads=4, arrays_per_input=4,
                               statistic_bytes_per_input=HISTOGRAMS * 2),
@@ -205,7 +196,7 @@ SPECS: dict[str, MethodSpec] = {
                                    statistic_bytes_per_input=HISTOGRAMS * 2),
     # Two histogram passes for the variance threshold, one for the task vectors' mean squares.
     "sce": MethodSpec(SceParams, True, False, (2, None), reads=4, arrays_per_input=5,
-                      statistic_bytes_per_input=HISTOGRAMS, held_masks=_one),
+                      statistic_bytes_per_input=HISTOGRAMS),
     # One pass each for the inputs' dot products (merge.methods.spherical.gram).
     "model_stock": MethodSpec(ModelStockParams, True, False, (3, None), reads=2),
     "multislerp": MethodSpec(MultiSlerpParams, False, True, (1, None), reads=2, base_optional=True, arrays_per_input=4),

@@ -42,7 +42,7 @@ class MergeSetup:
     method: str | None = None
     # The largest vocabulary tensor remapped by token (tokenizer:), merged whole (merge.planning.plan.largest_remap).
     remap_bytes: int = 0
-    # The masks a statistic holds for its tensor's merge pass (DELLA's, SCE's; merge.planning.plan.largest_held_masks).
+    # The masks a statistic holds for its tensor's merge pass (DELLA's; merge.planning.plan.largest_held_masks).
     held_mask_bytes: int = 0
     # passthrough copies each output tensor from one input, reading only the tensors its slices use:
     # the inputs each chunk reads (0: all of them) and the bytes read in all (0: every input in full).
@@ -98,7 +98,7 @@ def statistic_terms(setup: MergeSetup) -> list[Term]:
                   "once and held, one of several is read again through the page cache")]
     if setup.held_mask_bytes:
         terms.append(Term("masks held for the merge pass", setup.held_mask_bytes,
-                          "decided by the statistic's pass over the largest tensor: a bit an element, per mask"))
+                          f"{spec.held_mask_bits} bit(s) an element of the largest tensor, per task vector"))
     return terms
 
 

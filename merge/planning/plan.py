@@ -197,7 +197,7 @@ def chunk_plan(tensors: list[OutputTensor], memory_budget: int, workers: int) ->
     blocks = available // (per_element * BLOCK) if available > 0 else 0
     if blocks < 1:
         needed = workers * (WORKER_OVERHEAD + whole + per_element * BLOCK)
-        held = f" (held whole: a vocabulary tensor remapped by token, a statistic's masks: {whole} bytes)" if whole else ""
+        held = f" (held whole: a vocabulary tensor remapped by token, DELLA's keep masks: {whole} bytes)" if whole else ""
         raise ConfigError(
             f"memory_budget: {memory_budget} bytes is too small for {workers} worker(s); at least {needed} are "
             f"needed{held}"
@@ -211,9 +211,9 @@ def chunk_plan(tensors: list[OutputTensor], memory_budget: int, workers: int) ->
 
 def largest_held_masks(tensors: list[OutputTensor]) -> int:
     """Bytes of the masks a method's statistic holds for the merge pass of the tensor that needs most
-    (merge.methods.specs.MethodSpec.held_masks): a tensor's masks live until it is merged."""
-    return max((-(-t.numel // 8) * held(len(t.sources) - 1) for t in tensors
-                if t.method in SPECS and (held := SPECS[t.method].held_masks) is not None), default=0)
+    (merge.methods.specs.MethodSpec.held_mask_bits): a tensor's masks live until it is merged."""
+    return max((-(-t.numel * SPECS[t.method].held_mask_bits // 8) * (len(t.sources) - 1) for t in tensors
+                if t.method in SPECS and SPECS[t.method].held_mask_bits), default=0)
 
 
 def largest_remap(tensors: list[OutputTensor]) -> int:
