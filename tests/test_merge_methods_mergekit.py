@@ -204,3 +204,16 @@ def test_plan_counts_each_methods_block_arrays_and_statistic():
     assert stock["whole-tensor statistic"][0] == 0
     assert stock["whole-tensor statistic"][1].startswith("1 pass(es)")
     assert list(terms("linear")) == ["input read buffers", "output chunk buffers", "fp32 block arithmetic", "runtime allowance"]
+
+
+def test_plan_counts_the_masks_della_holds_for_the_merge_pass():
+    """DELLA holds a packed keep mask per task vector of the tensor being merged; no other method holds any."""
+    from merge.io.safetensors_file import TensorInfo
+    from merge.planning.plan import OutputTensor, largest_held_masks
+
+    def tensor(method: str, numel: int, inputs: int = 4) -> OutputTensor:
+        sources = tuple(TensorInfo(f"m{i}", "w", "BF16", (numel,), 0, 2 * numel) for i in range(inputs))
+        return OutputTensor("w", "BF16", (numel,), sources, method, (1.0,) * (inputs - 1), {}, 0)
+
+    assert largest_held_masks([tensor("della", 1001), tensor("della_linear", 800)]) == 126 * 3  # ceil(1001 / 8), 3 task vectors
+    assert largest_held_masks([tensor("ties", 10**6), tensor("sce", 10**6), tensor("dare_linear", 10**6)]) == 0
