@@ -741,4 +741,3 @@ void della_keep(const float *x, const float *base, int64_t rows, int64_t group, 
     free(draw);
     free(kr);
 }
-
