@@ -173,9 +173,8 @@ class TrainingConfig(Strict):
     eval_max_new_tokens: int = Field(32, ge=1)
     checkpoint_every: int | None = Field(None, ge=1, description="default: only at the end")
     seed: int = 0
-    keep_anchor_weight: float = Field(1.0, gt=0, description=(
-        "with data.keep_anchor_field: the weight of the KL term (records that keep the anchor's own "
-        "predictions) against the labels' cross-entropy (the other records), each a mean over its own tokens"))
+    keep_anchor_weight: float = Field(1.0, gt=0, description="with data.keep_anchor_field: the KL term's weight "
+                                      "against the other records' cross-entropy, each a mean over its own tokens")
 
 
 class DeepSpeedConfig(Strict):
@@ -332,8 +331,7 @@ def format_validation_error(err: ValidationError, source: str, given: dict[str, 
     lines = []
     for problem in err.errors():
         where = ".".join(str(part) for part in problem["loc"])
-        # Our own validators' messages already name their keys; pydantic's "Value error, " prefix adds
-        # nothing to them.
+        # Our own validators' messages name their keys: pydantic's "Value error, " prefix adds nothing.
         own = problem["type"] == "value_error" and "error" in problem.get("ctx", {})
         message = str(problem["ctx"]["error"]) if own else problem["msg"]
         line = blame_overrides(f"{where}: {message}", given) if where else message
@@ -392,8 +390,7 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None,
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """`--set KEY=VALUE` pairs -> {dotted key: value parsed as YAML}, for load_config(); ConfigError on a
-    pair without `=` or a key."""
+    """`--set KEY=VALUE` pairs -> {dotted key: YAML-parsed value}; ConfigError on a pair without `=` or a key."""
     overrides = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
