@@ -15,8 +15,9 @@ from calm_dist.model.composed import ComposedModel
 # DeepSpeed 0.19 calls torch.distributed's all_gather_into_tensor and reduce_scatter_tensor, which torch
 # 2.13 deprecates with a FutureWarning at each call: a line a step in every worker's output (--verbose),
 # about code that is not ours.
-warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
-                        "deprecated", category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+    category=FutureWarning)
 
 
 def deepspeed_config(

@@ -59,9 +59,9 @@ def trainable_parameters(model: nn.Module) -> int:
 
 def keep_anchor_lm_loss(model: nn.Module, layers: Collection[int] | None = None, anchor_weight: float = 1.0):
     """A PEFT model's training loss on a collated batch: next-token cross-entropy, and in rows marked
-    keep_anchor the KL divergence from the base model alone (adapters off), as the composition is
-    trained (calm_dist.model.objectives, the KL weighed by anchor_weight). `layers`: the adapted decoder layers (all when None); the base
-    model alone runs again only from the lowest of them up (calm_dist.model.anchor_alone)."""
+    keep_anchor the KL divergence from the base model alone (adapters off), weighed by anchor_weight, as
+    the composition is trained (calm_dist.model.objectives). `layers`: the adapted decoder layers (all when
+    None); the base model alone runs again only from the lowest of them up (calm_dist.model.anchor_alone)."""
     from calm_dist.model.anchor_alone import AnchorAlone
     from calm_dist.model.objectives import keep_anchor_loss
 
