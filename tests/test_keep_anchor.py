@@ -51,6 +51,59 @@ def test_unkept_rows_are_the_next_token_loss_and_kept_rows_the_kl_formula():
     torch.testing.assert_close(keep_anchor_loss(logits, labels, keep, anchor, 2.5), weighed, rtol=1e-5, atol=0)
 
 
+
+def _gradient(loss_of, logits):
+    logits = logits.detach().requires_grad_()
+    loss = loss_of(logits)
+    loss.backward()
+    return loss.detach(), logits.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_losses_equal_the_whole_ones_and_keep_only_indices(monkeypatch, dtype):
+    """Past CHUNK_LOGITS a loss is taken in checkpointed chunks of positions: the same loss and
+    gradient, and what the backward pass keeps is the chunks' indices, not fp32 copies of the logits."""
+    from calm_dist.model import objectives
+
+    vocab = 301
+    logits, labels = _batch(rows=5, length=9, vocab=vocab)
+    logits = logits.to(dtype)
+    keep = torch.tensor([False, True, False, True, True])
+    anchor = torch.randn(3, 9, vocab, generator=torch.Generator().manual_seed(1)).to(dtype)
+    losses = {
+        "next_token": lambda x: next_token_loss(x, labels),
+        "keep_anchor": lambda x: keep_anchor_loss(x, labels, keep, anchor, 2.5),
+        "none_kept": lambda x: keep_anchor_loss(x, labels, torch.zeros(5, dtype=torch.bool), anchor[:0]),
+        "all_kept": lambda x: keep_anchor_loss(x, labels, torch.ones(5, dtype=torch.bool),
+                                               torch.cat([anchor, anchor[:2]])),
+    }
+    whole = {name: _gradient(loss, logits) for name, loss in losses.items()}
+    monkeypatch.setattr(objectives, "CHUNK_LOGITS", 3 * vocab)  # 3 positions a chunk, the last one short
+    for name, loss in losses.items():
+        chunked = _gradient(loss, logits)
+        torch.testing.assert_close(chunked[0], whole[name][0], rtol=1e-6, atol=0, msg=name)
+        torch.testing.assert_close(chunked[1], whole[name][1], rtol=1e-5, atol=1e-8, msg=name)
+    torch.testing.assert_close(whole["none_kept"][0], whole["next_token"][0], rtol=1e-6, atol=0)
+
+    def saved_bytes(loss_of) -> int:
+        x = logits.detach().requires_grad_()
+        storages = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss_of(x)
+        return sum(storages.values())
+
+    logits_bytes = logits.numel() * logits.element_size()
+    assert saved_bytes(losses["keep_anchor"]) < logits_bytes / 10
+    monkeypatch.setattr(objectives, "CHUNK_LOGITS", 1 << 28)
+    assert saved_bytes(losses["keep_anchor"]) > logits_bytes
+
+
 def _composed_batch():
     anchor = tiny_model("llama", layers=4, width=64, seed=0)
     composed = compose(anchor, tiny_model("llama", layers=4, width=32, heads=2, seed=1), every_n=2)
