@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -33,8 +34,9 @@ from calm_dist.model.options import CompositionOptions
 AugmentingStates = Mapping[tuple[int, int], torch.Tensor]
 
 
-@dataclass
-class ComposedOutput:
+class ComposedOutput(NamedTuple):
+    # A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 walks a module's output for its tensors (to hook
+    # their backward) through tuples, lists and dicts only, and warns at every other type.
     logits: torch.Tensor
     loss: torch.Tensor | None = None
 
