@@ -70,8 +70,12 @@ SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
     "sce_merge": (None, (_INT, _P, _INT, _F32, _P, _I64, _P)),
     # x, base, rows, group, key, low, epsilon, keep
     "della_keep": (None, (_P, _P, _I64, _I64, _U64, _F32, _F32, _P)),
+    # k, xs (any base first), has_base, n, gram (k x k doubles)
+    "gram_block": (None, (_INT, _P, _INT, _I64, _P)),
+    # k, xs (any base first), has_base, weights, divisors, dots, spherical, mean_norm, cos_length, sin_ratio, norm, n, out
+    "multislerp_merge": (None, (_INT, _P, _INT, _P, _P, _P, _INT, _F32, _F32, _F32, _F32, _I64, _P)),
 }
-MAX_MODELS = 8  # fast_pass.c's bound on the task vectors of ties_merge, mix_merge and the sce_ passes
+MAX_MODELS = 8  # fast_pass.c's bound on the task vectors of ties_merge, mix_merge, multislerp_merge and the sce_ passes
 _LOCK = threading.Lock()
 _LOADED: list[ctypes.CDLL | None] = []  # empty until the first try
 
@@ -318,6 +322,37 @@ def sce_merge(xs: Sequence[torch.Tensor], threshold: float | None, shares: Seque
     k = len(xs) - 1
     lib.sce_merge(k, _pointers(xs), int(threshold is not None), threshold or 0.0, (ctypes.c_float * k)(*shares),
                   out.numel(), out.data_ptr())
+    return out
+
+
+def gram_block(xs: Sequence[torch.Tensor], has_base: bool) -> list[list[float]] | None:
+    """The Gram matrix (fp64) of the fp32 blocks xs or, with a base (xs[0]), of their task vectors, as
+    merge.methods.spherical.gram takes a block's; None where the compiled pass is not built or does not apply."""
+    lib, k = library(), len(xs) - int(has_base)
+    if lib is None or not 1 <= k <= MAX_MODELS or not _floats(xs):
+        return None
+    gram = (ctypes.c_double * (k * k))()
+    lib.gram_block(k, _pointers(xs), int(has_base), xs[0].numel(), gram)
+    return [list(gram[i * k:(i + 1) * k]) for i in range(k)]
+
+
+def multislerp_merge(xs: Sequence[torch.Tensor], has_base: bool, weights: torch.Tensor, divisors: torch.Tensor,
+                     dots: torch.Tensor, mean_norm: torch.Tensor | None, cos_length: torch.Tensor, sin_ratio: torch.Tensor,
+                     norm: torch.Tensor) -> torch.Tensor | None:
+    """merge.methods.spherical.multislerp's result for fp32 blocks xs (any base first) and its statistic's
+    fp32 values, to the bit; None where the compiled pass is not built or does not apply."""
+    lib, k = library(), len(xs) - int(has_base)
+    if lib is None or not 1 <= k <= MAX_MODELS or not _floats(xs):
+        return None
+    out = torch.empty_like(xs[0])
+
+    def floats(values: torch.Tensor) -> ctypes.Array:
+        return (ctypes.c_float * k)(*values.flatten().tolist())
+
+    # Without mean_norm (the linear fallback) the other scalars are not used (the statistic fills them with the weights).
+    spherical = [float(t) if mean_norm is not None else 0.0 for t in (mean_norm, cos_length, sin_ratio, norm)]
+    lib.multislerp_merge(k, _pointers(xs), int(has_base), floats(weights), floats(divisors), floats(dots),
+                         int(mean_norm is not None), *spherical, out.numel(), out.data_ptr())
     return out
 
 

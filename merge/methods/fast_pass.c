@@ -614,6 +614,69 @@ void sce_merge(int k, const float *const *xs, int select, float threshold, const
     }
 }
 
+/* merge.methods.spherical.gram's block: G[a][b] = <v_a, v_b> (row-major k x k, both halves), each product
+ * exact in double, added into LANES running sums per pair (summed at the end): fp64 sums in another order
+ * than torch.dot's, as accurate. The k vectors v_j are xs[j] or, with a base (xs[0]), xs[j + 1] - base
+ * in fp32, as the torch code subtracts before widening. */
+MULTIVERSION
+void gram_block(int k, const float *const *xs, int has_base, int64_t n, double *gram) {
+    const float *const *vs = xs + has_base;
+    double sums[MAX_MODELS * (MAX_MODELS + 1) / 2][LANES];
+    memset(sums, 0, sizeof sums);
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int count = n - start < BLOCK ? (int)(n - start) : BLOCK;
+        float v[MAX_MODELS][BLOCK];
+        for (int j = 0; j < k; j++) {
+            for (int i = 0; i < count; i++) v[j][i] = has_base ? vs[j][start + i] - xs[0][start + i] : vs[j][start + i];
+            for (int i = count; i < BLOCK; i++) v[j][i] = 0.0f;  /* a short last block */
+        }
+        for (int a = 0, pair = 0; a < k; a++)
+            for (int b = a; b < k; b++, pair++)
+                for (int i = 0; i < BLOCK; i += LANES)
+                    for (int w = 0; w < LANES; w++) sums[pair][w] += (double)v[a][i + w] * (double)v[b][i + w];
+    }
+    for (int a = 0, pair = 0; a < k; a++)
+        for (int b = a; b < k; b++, pair++) {
+            double total = 0.0;
+            for (int w = 0; w < LANES; w++) total += sums[pair][w];
+            gram[a * k + b] = total, gram[b * k + a] = total;
+        }
+}
+
+/* merge.methods.spherical.multislerp's elementwise step, op for op in fp32 as its torch code, sums over
+ * the vectors in their order from +0.0 as the sums above. The k vectors v_j are xs[j] or, with a base
+ * (xs[0]), xs[j + 1] - base. With mean_norm (`spherical`): u_j = v_j / divisors_j,
+ * mean = (sum_j u_j w_j) / mean_norm, tangent = sum_j (u_j - dots_j mean) w_j,
+ * out = (mean cos + tangent sin_ratio) norm; without (two vectors whose weighted mean vanishes):
+ * out = v_0 w_0 + v_1 w_1. Plus the base where there is one. */
+MULTIVERSION
+void multislerp_merge(int k, const float *const *xs, int has_base, const float *weights, const float *divisors,
+                      const float *dots, int spherical, float mean_norm, float cos_length, float sin_ratio, float norm,
+                      int64_t n, float *out) {
+    const float *const *vs = xs + has_base;
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int count = n - start < BLOCK ? (int)(n - start) : BLOCK;
+        float v[MAX_MODELS][BLOCK], mean[BLOCK], tangent[BLOCK], result[BLOCK];
+        for (int j = 0; j < k; j++)
+            for (int i = 0; i < count; i++)
+                v[j][i] = has_base ? vs[j][start + i] - xs[0][start + i] : vs[j][start + i];
+        if (!spherical) {
+            for (int i = 0; i < count; i++) result[i] = v[0][i] * weights[0] + v[1][i] * weights[1];
+        } else {
+            for (int j = 0; j < k; j++)
+                for (int i = 0; i < count; i++) v[j][i] = v[j][i] / divisors[j];  /* the unit vectors */
+            for (int i = 0; i < count; i++) mean[i] = 0.0f, tangent[i] = 0.0f;
+            for (int j = 0; j < k; j++)
+                for (int i = 0; i < count; i++) mean[i] = mean[i] + v[j][i] * weights[j];
+            for (int i = 0; i < count; i++) mean[i] = mean[i] / mean_norm;
+            for (int j = 0; j < k; j++)
+                for (int i = 0; i < count; i++) tangent[i] = tangent[i] + (v[j][i] - dots[j] * mean[i]) * weights[j];
+            for (int i = 0; i < count; i++) result[i] = (mean[i] * cos_length + tangent[i] * sin_ratio) * norm;
+        }
+        for (int i = 0; i < count; i++) out[start + i] = has_base ? result[i] + xs[0][start + i] : result[i];
+    }
+}
+
 /* ---------------------------------------------------------------------------------------------------
  * DELLA (merge/methods/della.py): each element's rank by magnitude within its row of `group` elements
  * (1 for the smallest; equal magnitudes, and NaNs, by position, as a stable sort orders them). A

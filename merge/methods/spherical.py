@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 
+from merge.methods import fast_kernel
 from merge.methods.blocks import Block, Blocks, Tensor
 from merge.methods.specs import KarcherParams, ModelStockParams, MultiSlerpParams, NuSlerpParams
 
@@ -38,11 +39,13 @@ def gram(blocks: Blocks, base: bool | Sequence[float]) -> list[list[float]]:
     parts: list[list[list[float]]] = []
     for _, xs in blocks():
         has_base = base if isinstance(base, bool) else _has_base(len(xs), base)
-        vs = [v.double() for v in _vectors(xs, has_base)]
-        parts = parts or [[[] for _ in vs] for _ in vs]
-        for i, a in enumerate(vs):
-            for j in range(i, len(vs)):
-                parts[i][j].append(torch.dot(a, vs[j]).item())
+        compiled = fast_kernel.gram_block(xs, has_base)
+        vs = [v.double() for v in _vectors(xs, has_base)] if compiled is None else []
+        count = len(xs) - int(has_base)
+        parts = parts or [[[] for _ in range(count)] for _ in range(count)]
+        for i in range(count):
+            for j in range(i, count):
+                parts[i][j].append(compiled[i][j] if compiled is not None else torch.dot(vs[i], vs[j]).item())
     n = len(parts)
     return [[math.fsum(parts[min(i, j)][max(i, j)]) for j in range(n)] for i in range(n)]
 
@@ -129,9 +132,13 @@ def multislerp(xs: Sequence[Tensor], weights: Sequence[float], params: MultiSler
     """Barycentric interpolation on the sphere: the inputs' (or task vectors') unit vectors averaged
     with the weights, mapped back to the sphere at the mean and scaled to their weighted mean norm."""
     base = _has_base(len(xs), weights)
-    vs = torch.stack(_vectors(xs, base))
     if stats is None:  # one model besides any base: mergekit returns it as it is
         return xs[-1]
+    compiled = fast_kernel.multislerp_merge(xs, base, stats.weights, stats.divisors, stats.dots, stats.mean_norm,
+                                            stats.cos, stats.sin_ratio, stats.norm)
+    if compiled is not None:
+        return compiled
+    vs = torch.stack(_vectors(xs, base))
     if stats.mean_norm is None:
         result = vs[0] * stats.weights[0] + vs[1] * stats.weights[1]
     else:
