@@ -334,8 +334,20 @@ int64_t magnitude_high_histogram(const float *v, const float *base, int64_t n, i
 /* Adds the low-bits histogram of the magnitudes whose high 16 bits are `high` to hist; returns their count. */
 MULTIVERSION
 int64_t magnitude_low_histogram(const float *v, const float *base, int64_t n, int high, int64_t *hist) {
-    int64_t found = 0;
-    for (int64_t i = 0; i < n; i++) {
+    int64_t found = 0, i = 0;
+    /* Few elements fall in the one bin: a group of 64 is tested with vector compares, and only a group
+     * holding one is counted element by element (0.15 ns an element here, against 0.53 element by
+     * element throughout, as much as the high histogram's pass; groups of 16: 0.41). */
+    for (; i + 64 <= n; i += 64) {
+        uint32_t hit = 0;
+        for (int w = 0; w < 64; w++) hit |= (magnitude(v, base, i + w) >> 16) == (uint32_t)high;
+        if (hit)
+            for (int w = 0; w < 64; w++) {
+                uint32_t a = magnitude(v, base, i + w);
+                if ((a >> 16) == (uint32_t)high) hist[a & 0xffffu]++, found++;
+            }
+    }
+    for (; i < n; i++) {
         uint32_t a = magnitude(v, base, i);
         if ((a >> 16) == (uint32_t)high) hist[a & 0xffffu]++, found++;
     }
