@@ -298,6 +298,26 @@ def test_a_difference_counts_as_the_task_vector_it_stands_for(histograms):
         assert repr(kth_largest_abs(pairs, k)) == repr(kth_largest_abs(made, k))  # repr: NaN equals NaN
 
 
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16])
+def test_blocks_as_stored_count_as_their_fp32_values(histograms, stored):
+    """A statistic pass gets each input as stored: bfloat16 counted as it is by the compiled histograms
+    (float16, and everything without them, widened first), the same thresholds as of the fp32 values."""
+    from merge.methods.magnitude import Difference
+
+    generator = torch.Generator().manual_seed(3)
+    base, x = (torch.randn(2, 150_001, generator=generator) * 0.02).to(stored)
+    x[::9] = base[::9]
+    x[1::1001] = torch.inf
+    cuts = list(range(0, len(x), 66_000)) + [len(x)]
+    for pair in ((x, base), (x.float(), base.float())):
+        blocks = lambda pair=pair: ([Difference(*(t[a:b] for t in pair)), pair[0][a:b]]  # noqa: E731
+                                    for a, b in zip(cuts, cuts[1:], strict=False))
+        found = [kth_largest_abs(blocks, k) for k in (1, 40, 75_000)]
+        if pair[0].dtype == stored:
+            as_stored = found
+    assert repr(as_stored) == repr(found)
+
+
 @pytest.mark.parametrize("models", [1, 2, 3, 5])
 def test_sce_variance_is_torch_var_bit_for_bit(models):
     """SCE's variance across task vectors is mergekit's torch.var(stack, dim=0, unbiased=False) to the

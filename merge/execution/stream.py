@@ -57,9 +57,10 @@ def _view(files: InputFiles, info: TensorInfo, start: int, stop: int) -> torch.T
 
 def _blocks(files: InputFiles, sources: Sequence[TensorInfo], start: int, stop: int, step: int
             ) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """A statistic pass's blocks: each input's values as stored, in the read buffer (merge.methods.blocks.Blocks)."""
     for begin in range(start, stop, step):
         end = min(begin + step, stop)
-        yield begin, [_view(files, s, begin, end).float() for s in sources]
+        yield begin, [_view(files, s, begin, end) for s in sources]
 
 
 Walk = Callable[[], Iterator[Chunk]]

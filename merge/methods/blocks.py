@@ -32,8 +32,15 @@ class Block:
     shape: tuple[int, ...] = ()  # the whole tensor's: where its rows lie (not part of the random key)
 
 
-# One pass over a tensor: every block in order, with the fp32 values of each input there.
+# One pass over a tensor (a statistic's): every block in order, with each input's values there as stored
+# (bfloat16, float16 or float32): the magnitude histograms count bfloat16 as it is; what needs fp32
+# widens it (as_floats). The merge pass's combine gets fp32 blocks.
 Blocks = Callable[[], Iterator[tuple[Block, list[Tensor]]]]
+
+
+def as_floats(xs: Sequence[Tensor]) -> list[Tensor]:
+    """A block's inputs in fp32 (no copy of those already fp32)."""
+    return [x.float() for x in xs]
 
 
 @dataclass(frozen=True)

@@ -48,10 +48,10 @@ SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
     "fast_pass_float": (_I64, (*_CONSTANTS, _INT, _P, _I64, _P, _P, _P)),
     # ..., out, n, where, low, estimate
     "fast_pass_double": (_I64, (*_CONSTANTS, _P, _I64, _P, _P, _P)),
-    # values, base (or NULL), n, ways (HISTOGRAM_WAYS x 65536 int64) -> nonzero count
-    "magnitude_high_histogram": (_I64, (_P, _P, _I64, _P)),
-    # values, base (or NULL), n, high, hist -> count in that high bin
-    "magnitude_low_histogram": (_I64, (_P, _P, _I64, _INT, _P)),
+    # values, base (or NULL), dtype code, n, ways (HISTOGRAM_WAYS x 65536 int64) -> nonzero count
+    "magnitude_high_histogram": (_I64, (_P, _P, _INT, _I64, _P)),
+    # values, base (or NULL), dtype code, n, high, hist -> count in that high bin
+    "magnitude_low_histogram": (_I64, (_P, _P, _INT, _I64, _INT, _P)),
     # k, xs (base first), thresholds, weights, scale, n, out
     "ties_merge": (None, (_INT, _P, _P, _P, _F32, _I64, _P)),
     # k, base, tvs, weights, ties, normalize, divisor, scale, n, out
@@ -185,9 +185,15 @@ def compiled_pass(plan: Any, ys: Sequence[torch.Tensor], out: torch.Tensor, fast
 HISTOGRAM_WAYS = 4
 
 
-def magnitude_histograms(lib: ctypes.CDLL | None, tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether the compiled magnitude histograms can count these (contiguous float32 CPU tensors)."""
-    return lib is not None and _floats(tensors)
+def magnitude_histograms(lib: ctypes.CDLL | None, tensors: Sequence[torch.Tensor]) -> int | None:
+    """The dtype code the compiled magnitude histograms count these in (contiguous CPU tensors of equal
+    length, all bfloat16 or all float32), or None: they cannot."""
+    if lib is None or not tensors or tensors[0].dtype not in (torch.bfloat16, torch.float32):
+        return None
+    dtype = tensors[0].dtype
+    same = all(t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu" and t.numel() == tensors[0].numel()
+               for t in tensors)
+    return CODES[dtype] if same else None
 
 
 def _floats(tensors: Sequence[torch.Tensor]) -> bool:

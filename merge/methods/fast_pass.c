@@ -306,52 +306,66 @@ int64_t fast_pass_double(int k, const void *const *ys, const int *codes, const d
  * 2^18 cost a third as much again as the count. */
 enum { BINS = 1 << 16, WAYS = 4 };
 
-/* |v[i]| as bits, or |v[i] - base[i]| (the fp32 difference, as torch's) where base is not NULL. */
-static inline uint32_t magnitude(const float *v, const float *base, int64_t i) {
-    return bits_of(base ? v[i] - base[i] : v[i]) & 0x7fffffffu;
+/* |v[i]| as bits, or |v[i] - base[i]| (the fp32 difference, as torch's of the inputs widened to fp32)
+ * where base is not NULL; v and base both bfloat16 (code BF16: read as stored, a statistic pass need not
+ * widen its blocks first) or float. Inlined with a constant code, so each loop below is built once per type. */
+static inline __attribute__((always_inline)) uint32_t magnitude(const void *v, const void *base, int64_t i, int code) {
+    float x = code == BF16 ? from_bf16(((const uint16_t *)v)[i]) : ((const float *)v)[i];
+    if (base) x = x - (code == BF16 ? from_bf16(((const uint16_t *)base)[i]) : ((const float *)base)[i]);
+    return bits_of(x) & 0x7fffffffu;
+}
+
+static inline __attribute__((always_inline)) int64_t high_histogram(const void *v, const void *base, int64_t n,
+                                                                    int64_t *ways, int code) {
+    int64_t zeros = 0;
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        /* The magnitudes first, a loop that vectorises (bfloat16's widening in it), then the counting:
+         * 0.36 ns an element from bfloat16, 0.40 from float; computed in the counting loop, 0.88 and 0.54. */
+        int count = n - start < BLOCK ? (int)(n - start) : BLOCK, i = 0;
+        uint32_t a[BLOCK];
+        for (int j = 0; j < count; j++) a[j] = magnitude(v, base, start + j, code);
+        for (; i + WAYS <= count; i += WAYS)
+            for (int w = 0; w < WAYS; w++) ways[w * BINS + (a[i + w] >> 16)]++, zeros += a[i + w] == 0;
+        for (; i < count; i++) ways[a[i] >> 16]++, zeros += a[i] == 0;
+    }
+    return n - zeros;
 }
 
 /* Adds the high-bits histogram of the magnitudes (v, or v - base) of [0, n) to ways (WAYS x BINS
  * counters, summed by the caller); returns how many are not zero (NaN counts). */
 MULTIVERSION
-int64_t magnitude_high_histogram(const float *v, const float *base, int64_t n, int64_t *ways) {
-    int64_t zeros = 0;
-    int64_t i = 0;
-    for (; i + WAYS <= n; i += WAYS)
-        for (int w = 0; w < WAYS; w++) {
-            uint32_t a = magnitude(v, base, i + w);
-            ways[w * BINS + (a >> 16)]++;
-            zeros += a == 0;
+int64_t magnitude_high_histogram(const void *v, const void *base, int code, int64_t n, int64_t *ways) {
+    return code == BF16 ? high_histogram(v, base, n, ways, BF16) : high_histogram(v, base, n, ways, F32);
+}
+
+static inline __attribute__((always_inline)) int64_t low_histogram(const void *v, const void *base, int64_t n,
+                                                                   uint32_t high, int64_t *hist, int code) {
+    int64_t found = 0;
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        /* Few elements fall in the one bin: the magnitudes of a block first (vectorised), then each group
+         * of 64 tested with vector compares, and only a group holding one counted element by element
+         * (0.14 ns an element here, against 0.53 element by element throughout). */
+        int count = n - start < BLOCK ? (int)(n - start) : BLOCK, i = 0;
+        uint32_t a[BLOCK];
+        for (int j = 0; j < count; j++) a[j] = magnitude(v, base, start + j, code);
+        for (; i + 64 <= count; i += 64) {
+            uint32_t hit = 0;
+            for (int w = 0; w < 64; w++) hit |= (a[i + w] >> 16) == high;
+            if (hit)
+                for (int w = 0; w < 64; w++)
+                    if ((a[i + w] >> 16) == high) hist[a[i + w] & 0xffffu]++, found++;
         }
-    for (; i < n; i++) {
-        uint32_t a = magnitude(v, base, i);
-        ways[a >> 16]++;
-        zeros += a == 0;
+        for (; i < count; i++)
+            if ((a[i] >> 16) == high) hist[a[i] & 0xffffu]++, found++;
     }
-    return n - zeros;
+    return found;
 }
 
 /* Adds the low-bits histogram of the magnitudes whose high 16 bits are `high` to hist; returns their count. */
 MULTIVERSION
-int64_t magnitude_low_histogram(const float *v, const float *base, int64_t n, int high, int64_t *hist) {
-    int64_t found = 0, i = 0;
-    /* Few elements fall in the one bin: a group of 64 is tested with vector compares, and only a group
-     * holding one is counted element by element (0.15 ns an element here, against 0.53 element by
-     * element throughout, as much as the high histogram's pass; groups of 16: 0.41). */
-    for (; i + 64 <= n; i += 64) {
-        uint32_t hit = 0;
-        for (int w = 0; w < 64; w++) hit |= (magnitude(v, base, i + w) >> 16) == (uint32_t)high;
-        if (hit)
-            for (int w = 0; w < 64; w++) {
-                uint32_t a = magnitude(v, base, i + w);
-                if ((a >> 16) == (uint32_t)high) hist[a & 0xffffu]++, found++;
-            }
-    }
-    for (; i < n; i++) {
-        uint32_t a = magnitude(v, base, i);
-        if ((a >> 16) == (uint32_t)high) hist[a & 0xffffu]++, found++;
-    }
-    return found;
+int64_t magnitude_low_histogram(const void *v, const void *base, int code, int64_t n, int high, int64_t *hist) {
+    return code == BF16 ? low_histogram(v, base, n, (uint32_t)high, hist, BF16)
+                        : low_histogram(v, base, n, (uint32_t)high, hist, F32);
 }
 
 /* The sign-electing merges' last pass, op for op in fp32 as the torch code they replace (which is

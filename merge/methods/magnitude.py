@@ -15,13 +15,14 @@ Rank = int | Sequence[int] | Callable[[int], int]
 
 
 class Difference(NamedTuple):
-    """A block of x - base (fp32), counted without being made: the subtraction was a pass of its own."""
+    """A block of x - base, counted without being made: the subtraction was a pass of its own. x and base
+    as stored or in fp32; the difference is the fp32 one."""
 
     x: Tensor
     base: Tensor
 
     def value(self) -> Tensor:
-        return self.x - self.base
+        return self.x.float() - self.base.float()
 
 
 Series = Callable[[], Iterable[list[Tensor | Difference]]]
@@ -102,8 +103,9 @@ def _count_high(lib, values: Tensor | Difference, ways: Tensor) -> int:
     """Adds the histogram of the high 16 bits of |values| to ways [HISTOGRAM_WAYS, 65536] (their sum is
     the histogram); returns the count of nonzero |values|."""
     tensors = _tensors(values)
-    if fast_kernel.magnitude_histograms(lib, tensors):
-        return lib.magnitude_high_histogram(*_pointers(tensors), tensors[0].numel(), ways.data_ptr())
+    code = fast_kernel.magnitude_histograms(lib, tensors)
+    if code is not None:
+        return lib.magnitude_high_histogram(*_pointers(tensors), code, tensors[0].numel(), ways.data_ptr())
     bits = _value(values).abs().view(torch.int32)
     ways[0] += torch.bincount(bits.flatten() >> 16, minlength=1 << 16)
     return int(torch.count_nonzero(bits))
@@ -112,8 +114,9 @@ def _count_high(lib, values: Tensor | Difference, ways: Tensor) -> int:
 def _count_low(lib, values: Tensor | Difference, high: int, hist: Tensor) -> None:
     """Adds the histogram of the low 16 bits of the |values| whose high 16 bits are `high` to hist."""
     tensors = _tensors(values)
-    if fast_kernel.magnitude_histograms(lib, tensors):
-        lib.magnitude_low_histogram(*_pointers(tensors), tensors[0].numel(), high, hist.data_ptr())
+    code = fast_kernel.magnitude_histograms(lib, tensors)
+    if code is not None:
+        lib.magnitude_low_histogram(*_pointers(tensors), code, tensors[0].numel(), high, hist.data_ptr())
         return
     bits = _value(values).abs().view(torch.int32)
     hist += torch.bincount(bits[(bits >> 16) == high] & 0xFFFF, minlength=1 << 16)
@@ -125,7 +128,8 @@ def _tensors(values: Tensor | Difference) -> list[Tensor]:
 
 
 def _value(values: Tensor | Difference) -> Tensor:
-    return values.value() if isinstance(values, Difference) else values
+    """The fp32 values (blocks may come as stored: bfloat16, float16)."""
+    return values.value() if isinstance(values, Difference) else values.float()
 
 
 def _pointers(tensors: list[Tensor]) -> tuple[int, int | None]:

@@ -96,19 +96,12 @@ def ties(xs: Sequence[Tensor], weights: Sequence[float], params: SparseParams, s
 def slerp_coefficients(blocks: Blocks, numel: int, params: SlerpParams, weights: Sequence[float]) -> tuple[float, float]:
     """(c0, c1) with slerp = c0 * a + c1 * b, from the angle between the whole flattened tensors.
 
-    The dot products are summed in fp64 per block and the block sums added with math.fsum, so the
-    result does not depend on how the tensor was chunked.
+    The dot products are summed in fp64 per block and the block sums added with math.fsum (the Gram
+    matrix of merge.methods.spherical), so the result does not depend on how the tensor was chunked.
     """
-    dots: list[float] = []
-    squares_a: list[float] = []
-    squares_b: list[float] = []
-    for _, (a, b) in blocks():
-        a64, b64 = a.double(), b.double()
-        dots.append(torch.dot(a64, b64).item())
-        squares_a.append(torch.dot(a64, a64).item())
-        squares_b.append(torch.dot(b64, b64).item())
-    norm = math.sqrt(math.fsum(squares_a)) * math.sqrt(math.fsum(squares_b))
-    cos = math.fsum(dots) / norm if norm > 0 else 1.0
+    (squares_a, dot), (_, squares_b) = spherical.gram(blocks, base=False)
+    norm = math.sqrt(squares_a) * math.sqrt(squares_b)
+    cos = dot / norm if norm > 0 else 1.0
     t = params.t
     if abs(cos) > params.dot_threshold:
         return 1.0 - t, t

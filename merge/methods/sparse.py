@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from merge.methods import fast_kernel
-from merge.methods.blocks import Block, Blocks, Tensor, block_key, block_uniform
+from merge.methods.blocks import Block, Blocks, Tensor, as_floats, block_key, block_uniform
 from merge.methods.magnitude import Difference, kth_largest_abs
 from merge.methods.per_model import each_model
 from merge.methods.specs import BreadcrumbsParams, DareParams, DellaParams, SceParams
@@ -84,7 +84,9 @@ def l1_ratios(blocks: Blocks, masked: Masking, count: int, compiled: CompiledNor
     either norm is under RESCALE_EPS. The sums are fp64 over blocks, each rounded once to fp32."""
     before: list[list[float]] = [[] for _ in range(count)]
     after: list[list[float]] = [[] for _ in range(count)]
-    for block, xs in blocks():
+    for block, stored in blocks():
+        xs = as_floats(stored)
+
         def norms_of(model: int, block: Block = block, xs: list[Tensor] = xs) -> tuple[float, float]:
             norms = compiled(block, model, xs[model], xs[0]) if compiled is not None else None
             if norms is None:
@@ -258,10 +260,11 @@ def sce_statistic(blocks: Blocks, numel: int, params: SceParams, weights: Sequen
     then each selected task vector's mean square over the tensor, normalised to sum 1."""
     threshold = None
     if params.select_topk < 1:
-        variances = lambda: ([_variance_of(xs)] for _, xs in blocks())  # noqa: E731
+        variances = lambda: ([_variance_of(as_floats(xs))] for _, xs in blocks())  # noqa: E731
         (threshold,) = kth_largest_abs(variances, lambda nonzero: int(nonzero * params.select_topk))
     squares: list[list[float]] | None = None
-    for _, xs in blocks():
+    for _, stored in blocks():
+        xs = as_floats(stored)
         block_sums = fast_kernel.sce_squares(xs, threshold)
         if block_sums is None:
             block_sums = [tv.square().double().sum().item() for tv in _sce_selected(xs, threshold)]

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from merge.methods import fast_kernel
-from merge.methods.blocks import Block, Blocks, Tensor
+from merge.methods.blocks import Block, Blocks, Tensor, as_floats
 from merge.methods.specs import KarcherParams, ModelStockParams, MultiSlerpParams, NuSlerpParams
 
 
@@ -37,7 +37,8 @@ def gram(blocks: Blocks, base: bool | Sequence[float]) -> list[list[float]]:
     block's dot product in fp64, the blocks' added with math.fsum, so chunking changes nothing.
     base: whether xs[0] is a base, or the weights, which tell (one fewer than the inputs: a base)."""
     parts: list[list[list[float]]] = []
-    for _, xs in blocks():
+    for _, stored in blocks():
+        xs = as_floats(stored)
         has_base = base if isinstance(base, bool) else _has_base(len(xs), base)
         compiled = fast_kernel.gram_block(xs, has_base)
         vs = [v.double() for v in _vectors(xs, has_base)] if compiled is None else []
