@@ -165,7 +165,8 @@ def test_della_keep_mask_is_the_torch_ranks_draws_to_the_bit(rows, group, densit
     the rest: against della.py's torch mask (argsort ranks, fp32 chances, the block's draws). Rows of
     Gaussian task vectors (a few elements ranked by counting within their bin), of hard values, a row of
     one value (one bin of every element: the whole row radix-ranked), a row of tiny magnitudes at the
-    bins' edge, and rows of one element (their chance is NaN: nothing kept)."""
+    bins' edge, rows of magnitudes over 24 octaves (a crowded first bin ranked alone) and rows of one
+    element (their chance is NaN: nothing kept)."""
     from merge.methods.blocks import block_key, block_uniform
     from merge.methods.della import keep_chances
 
@@ -179,6 +180,9 @@ def test_della_keep_mask_is_the_torch_ranks_draws_to_the_bit(rows, group, densit
     base[3 * group : 4 * group] = 0.0
     x[3 * group : 4 * group] = torch.rand(group, generator=generator) * 2.0**-119
     x[4 * group - 1] = 2.0**-119
+    if rows >= 7:  # magnitudes over 24 octaves: a third below the bins' 8, all in the first bin, radix-ranked alone
+        spread = 2.0 ** -(torch.rand(3 * group, generator=generator) * 24) * torch.randn(3 * group, generator=generator).sign()
+        x[4 * group : 7 * group] = base[4 * group : 7 * group] + spread
     shape = (rows, group)
     block = Block("w", 2, n, seed=5, shape=shape)
     expected = (block_uniform(block, 1) < torch_only(monkeypatch, keep_chances, x - base, shape, density, epsilon)).float()

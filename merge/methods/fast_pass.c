@@ -761,20 +761,22 @@ enum { RANK_BINS = 2048, BIN_SHIFT = 15, SCAN_LIMIT = 64 };
  * first bin), so an element's rank lies between its bin's first and last; as the chance is
  * nondecreasing in the rank, the draw lies below both ends' chances (kept) or at or above both
  * (dropped) for all but a few elements (0.4 % of a Gaussian row), ranked exactly by counting the smaller
- * keys in their bin (in a bin of more than SCAN_LIMIT, as a row of many equal values has, by ranking
- * the whole row). Ranking every row by the radix sort, in both passes over a tensor (the L1 norms'
- * and the merge's), was DELLA's largest cost. */
+ * keys in their bin, or in a bin of more than SCAN_LIMIT (the first, where everything below the top 8
+ * octaves falls, or one of a row of many equal values) by radix-ranking that bin's members alone: ranking
+ * the whole row for it took a third of a DELLA merge. Ranking every row by the radix sort, in both
+ * passes over a tensor (the L1 norms' and the merge's), was DELLA's largest cost. */
 MULTIVERSION
 void della_keep(const float *x, const float *base, int64_t rows, int64_t group, uint64_t key, float low,
                 float epsilon, uint8_t *keep) {
-    uint32_t *buffer = malloc(sizeof(uint32_t) * (8 * group + 3 * (int64_t)RANK_BINS));
+    uint32_t *buffer = malloc(sizeof(uint32_t) * (11 * group + 4 * (int64_t)RANK_BINS));
     float *chance = malloc(sizeof(float) * (group + 1)), *draw = malloc(sizeof(float) * group);  /* chance[rank]: every row's */
     float *kr = malloc(sizeof(float) * group);  /* one row's decisions, packed into keep once made */
     if (!buffer || !chance || !draw || !kr) abort();
     memset(keep, 0, (size_t)((rows * group + 7) / 8));
     uint32_t *keys = buffer, *bin = buffer + group, *unsure = buffer + 2 * group, *members = buffer + 3 * group;
-    uint32_t *scratch = buffer + 4 * group, *count = buffer + 8 * group, *first = count + RANK_BINS, *fill = first + RANK_BINS;
-    uint32_t *ranks = members;  /* a row ranked whole needs no bin's members */
+    uint32_t *scratch = buffer + 4 * group, *gathered = buffer + 8 * group, *within = buffer + 9 * group;
+    uint32_t *rank_of = buffer + 10 * group;  /* the ranks of the elements of the bins radix-ranked in this row */
+    uint32_t *count = buffer + 11 * group, *first = count + RANK_BINS, *fill = first + RANK_BINS, *ranked = fill + RANK_BINS;
     float span = (float)group - 1.0f;
     for (int64_t rank = 1; rank <= group; rank++) chance[rank] = della_chance(rank, span, low, epsilon);
     for (int64_t r = 0; r < rows; r++) {
@@ -803,18 +805,19 @@ void della_keep(const float *x, const float *base, int64_t rows, int64_t group, 
             n_unsure += !keep_it & !drop_it;
         }
         if (n_unsure) {
-            int whole_row = 0;
-            for (int64_t k = 0; k < n_unsure; k++) whole_row |= count[bin[unsure[k]]] > SCAN_LIMIT;
-            if (whole_row) {
-                radix_ranks(keys, group, scratch, ranks);
-            } else {
-                memcpy(fill, first, sizeof(uint32_t) * RANK_BINS);  /* each bin's members, in position order */
-                for (int64_t i = 0; i < group; i++) members[fill[bin[i]]++] = (uint32_t)i;
-            }
+            memcpy(fill, first, sizeof(uint32_t) * RANK_BINS);  /* each bin's members, in position order */
+            for (int64_t i = 0; i < group; i++) members[fill[bin[i]]++] = (uint32_t)i;
+            for (int64_t k = 0; k < n_unsure; k++) ranked[bin[unsure[k]]] = 0;
             for (int64_t k = 0; k < n_unsure; k++) {
                 uint32_t i = unsure[k], b = bin[i], rank;
-                if (whole_row) {
-                    rank = ranks[i];
+                if (count[b] > SCAN_LIMIT) {
+                    if (!ranked[b]) {  /* members in position order: the stable sort orders equal keys by it */
+                        for (uint32_t m = 0; m < count[b]; m++) gathered[m] = keys[members[first[b] + m]];
+                        radix_ranks(gathered, count[b], scratch, within);
+                        for (uint32_t m = 0; m < count[b]; m++) rank_of[members[first[b] + m]] = first[b] + within[m];
+                        ranked[b] = 1;
+                    }
+                    rank = rank_of[i];
                 } else {
                     rank = first[b] + 1;
                     for (uint32_t m = first[b]; m < first[b] + count[b]; m++)
