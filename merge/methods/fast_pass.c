@@ -551,7 +551,7 @@ void masked_l1(const float *x, const float *base, int kind, uint64_t key, float 
 /* ---------------------------------------------------------------------------------------------------
  * SCE (merge.methods.sparse): the variance across the task vectors x_j - base, as torch.var over their
  * stack computes it (Welford in double, model by model), and the two passes that read it. */
-static inline void sce_variance_block(int k, const float *const *xs, int64_t start, int count, float *variance) {
+static inline __attribute__((always_inline)) void sce_variance_block(int k, const float *const *xs, int64_t start, int count, float *variance) {
     double mean[BLOCK], m2[BLOCK];
     for (int i = 0; i < count; i++) mean[i] = 0.0, m2[i] = 0.0;
     for (int j = 1; j <= k; j++) {
@@ -589,7 +589,7 @@ void sce_variance(int k, const float *const *xs, int64_t n, float *out) {
 }
 
 /* Each task vector's elements kept where |variance| >= threshold (all where !select): x_j - base times 1 or 0. */
-static inline void sce_selected_block(int k, const float *const *xs, int select, float threshold, int64_t start,
+static inline __attribute__((always_inline)) void sce_selected_block(int k, const float *const *xs, int select, float threshold, int64_t start,
                                       int count, float (*tvs)[BLOCK]) {
     float keep[BLOCK];
     if (select) {
