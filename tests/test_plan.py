@@ -127,6 +127,23 @@ def test_the_70b_example_fits_80gb_gpus_and_counts_what_its_comments_say(big):
     assert fit_suggestions(setup, 80 * 10**9) and all(s.total < plan.total for s in fit_suggestions(setup, 80 * 10**9))
 
 
+def test_logits_past_the_losss_chunk_size_are_planned_as_the_chunked_loss_keeps_them(big):
+    """The plan's chunk size is the loss's; below it the loss keeps an fp32 copy and the log-softmax of
+    every logit, above it the logits' gradient and one chunk's fp32 arrays (the 70B example: 16k tokens
+    of a 128k vocabulary, 2.1e9 logits)."""
+    from calm_dist.distributed.memory_plan import LOSS_CHUNK_LOGITS, logits_and_loss
+    from calm_dist.model.objectives import CHUNK_LOGITS
+
+    assert LOSS_CHUNK_LOGITS == CHUNK_LOGITS
+    assert logits_and_loss(1000, 1000, 2).bytes == 1000 * 1000 * (2 + 8)
+    setup = train_setup(big)
+    (plan,) = train_plan(setup)
+    logits = setup.tokens * setup.anchor.vocab
+    assert logits > CHUNK_LOGITS
+    chunk = CHUNK_LOGITS // setup.anchor.vocab * setup.anchor.vocab
+    assert plan.term("logits and loss") == 2 * logits * setup.anchor.dtype_bytes + 12 * chunk
+
+
 def test_each_suggestion_reports_the_total_of_the_changed_config(big):
     setup = replace(train_setup(big), activation_checkpointing=False, micro_batch=2)
     memory = 80 * 10**9

@@ -18,7 +18,8 @@ activation, the logits and the loss are alive at once):
   remains per anchor layer above the lowest connection is the two RMSNorm inputs, attention's q, k, v
   and output, and the MLP's gate, up and SiLU output. With activation checkpointing a layer keeps only
   its input, and backward recomputes one layer at a time;
-- logits and their loss: the logits, the fp32 copy the loss takes, and log-softmax's output;
+- logits and their loss: the logits, the fp32 copy the loss takes, and log-softmax's output; past
+  LOSS_CHUNK_LOGITS, the logits, their gradient and one chunk's fp32 copies (the loss is taken in chunks);
 - DeepSpeed's engine and the kernels' scratch, a measured constant; on CPU workers (gloo) also the
   all-gather staging copies;
 - a stated runtime allowance: what the process holds before any model (CUDA context and
@@ -46,6 +47,9 @@ ENGINE_WORKSPACE = {"gpu": 256 * 2**20, "cpu": 96 * 2**20}
 # An augmenting worker's exchange buffers and forward scratch (CPU: measured as above).
 EXCHANGE_WORKSPACE = {"gpu": 128 * 2**20, "cpu": 24 * 2**20}
 # DeepSpeed ZeRO-3 defaults (deepspeed/runtime/zero/config.py).
+# calm_dist.model.objectives.CHUNK_LOGITS (tests/test_plan.py checks they agree): above it the loss is
+# taken in checkpointed chunks of positions.
+LOSS_CHUNK_LOGITS = 1 << 26
 PERSISTENCE_THRESHOLD = 100_000
 REDUCE_BUCKET_SIZE = 500_000_000
 PREFETCH_BUCKET_SIZE = 50_000_000
@@ -243,12 +247,23 @@ def anchor_terms(setup: TrainSetup) -> list[Term]:
     terms.append(Term("activations", anchor_activations(setup),
                       "activation checkpointing: layer inputs + one layer recomputed" if setup.activation_checkpointing
                       else "every anchor layer above the lowest connection, and the cross-attentions"))
-    logits = t * a.vocab * (a.dtype_bytes + 4 + 4)
-    terms.append(Term("logits and loss", logits, f"{t:,} tokens x {a.vocab:,}: logits, fp32 copy, log-softmax"))
+    terms.append(logits_and_loss(t, a.vocab, a.dtype_bytes))
     device = "gpu" if setup.gpu else "cpu"
     terms.append(Term("engine and kernel workspace", ENGINE_WORKSPACE[device],
                       "DeepSpeed's engine, autograd and kernel scratch (measured, whatever the model)"))
     return terms
+
+
+def logits_and_loss(tokens: int, vocab: int, dtype_bytes: int) -> Term:
+    """Whole, the loss keeps an fp32 copy of the logits and its log-softmax; in chunks (past
+    LOSS_CHUNK_LOGITS) it keeps neither, and the backward pass holds the logits' gradient and one chunk's
+    fp32 copy, log-softmax and their gradient."""
+    logits = tokens * vocab
+    if logits <= LOSS_CHUNK_LOGITS:
+        return Term("logits and loss", logits * (dtype_bytes + 4 + 4), f"{tokens:,} tokens x {vocab:,}: logits, fp32 copy, log-softmax")
+    chunk = LOSS_CHUNK_LOGITS // vocab * vocab
+    return Term("logits and loss", 2 * logits * dtype_bytes + chunk * 3 * 4,
+                f"{tokens:,} tokens x {vocab:,}: logits and their gradient, one chunk's fp32 loss")
 
 
 def anchor_activations(setup: TrainSetup) -> int:

@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-# Above this many logits a loss is computed in chunks of positions, each chunk's fp32 intermediates
-# (the log-softmax, the KL's terms) recomputed in the backward pass instead of kept: whole, each is
-# several times the logits' size (8 GB for 16k positions of a 128k vocabulary, four or five of them).
-# Below it, the loss is the one expression it always was, to the bit.
-CHUNK_LOGITS = 1 << 28
+# Above this many logits a loss is computed in chunks of this many (256 MB a chunk's fp32 array), each
+# chunk's fp32 intermediates (the copy, the log-softmax, the KL's terms) recomputed in the backward pass
+# instead of kept: whole, each is several times the logits' size (8 GB for 16k positions of a 128k
+# vocabulary, four or five of them). Below it (SmolLM2's 16 x 40 tokens: 31M), the loss is the one
+# expression it always was, to the bit. calm_dist.distributed.memory_plan plans with the same size.
+CHUNK_LOGITS = 1 << 26
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
