@@ -703,6 +703,24 @@ void multislerp_merge(int k, const float *const *xs, int has_base, const float *
     }
 }
 
+/* merge.methods.spherical.karcher's elementwise step, op for op in fp32 as its torch code:
+ * out = scale * (sum over the inputs in order, from +0.0, of coefficients_j * (x_j / norms_j)), the
+ * inputs whose coefficient or norm is zero left out. */
+MULTIVERSION
+void karcher_merge(int k, const float *const *xs, const float *norms, const float *coefficients, float scale,
+                   int64_t n, float *out) {
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int count = n - start < BLOCK ? (int)(n - start) : BLOCK;
+        float mean[BLOCK];
+        for (int i = 0; i < count; i++) mean[i] = 0.0f;
+        for (int j = 0; j < k; j++) {
+            if (coefficients[j] == 0.0f || norms[j] == 0.0f) continue;
+            for (int i = 0; i < count; i++) mean[i] = mean[i] + coefficients[j] * (xs[j][start + i] / norms[j]);
+        }
+        for (int i = 0; i < count; i++) out[start + i] = scale * mean[i];
+    }
+}
+
 /* ---------------------------------------------------------------------------------------------------
  * DELLA (merge/methods/della.py): each element's rank by magnitude within its row of `group` elements
  * (1 for the smallest; equal magnitudes, and NaNs, by position, as a stable sort orders them). A
