@@ -34,7 +34,8 @@ def _has_base(xs_count: int, weights: Sequence[float]) -> bool:
 
 def gram(blocks: Blocks, base: bool | Sequence[float]) -> list[list[float]]:
     """G[i][j] = <v_i, v_j> over the whole tensor, v the inputs or (base) their task vectors; each
-    block's dot product in fp64, the blocks' added with math.fsum, so chunking changes nothing.
+    block's dot product in fp64 (fast_pass.c's gram_block, every pair in one pass over the block, else
+    torch.dot), the blocks' added with math.fsum, so chunking changes nothing.
     base: whether xs[0] is a base, or the weights, which tell (one fewer than the inputs: a base)."""
     parts: list[list[list[float]]] = []
     for _, stored in blocks():
