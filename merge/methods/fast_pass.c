@@ -8,6 +8,10 @@
  * exactly here (decide(); mostly exact ties). Where it rounds further away, or the bound allows an
  * overflow of the fast type and out[i] is not finite (inf - inf is NaN), i goes to `where`, with that
  * rounding in `low` and the estimate in `estimate`, for merge/methods/exact.py to settle.
+ *
+ * Longer than the project's ~400 lines: one source is one library, built at run time and cached by the
+ * source's hash (fast_kernel.py); the other methods' passes follow, a section each, in the order of
+ * merge/methods (magnitude histograms, sign-electing merges, sparse masks, SCE, spherical, DELLA).
  */
 #include <math.h>
 #include <stdint.h>
@@ -639,6 +643,10 @@ void sce_merge(int k, const float *const *xs, int select, float threshold, const
         for (int i = 0; i < count; i++) out[start + i] = xs[0][start + i] + num[i] / (den[i] < 1e-6f ? 1e-6f : den[i]);
     }
 }
+
+/* ---------------------------------------------------------------------------------------------------
+ * The spherical methods (merge.methods.spherical): the Gram matrix their statistics start from, and the
+ * elementwise steps of Multi-SLERP and the Karcher mean. */
 
 /* merge.methods.spherical.gram's block: G[a][b] = <v_a, v_b> (row-major k x k, both halves), each product
  * exact in double, added into LANES running sums per pair (summed at the end): fp64 sums in another order
