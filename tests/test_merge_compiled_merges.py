@@ -248,26 +248,3 @@ def test_the_gram_matrix_is_torchs_fp64_dots_to_their_accuracy(models, base, mon
     assert len(compiled) == models and all(compiled[i][j] == compiled[j][i] for i in range(models) for j in range(models))
     torch.testing.assert_close(torch.tensor(compiled, dtype=torch.float64), torch.tensor(reference, dtype=torch.float64),
                                rtol=1e-12, atol=0)
-
-
-@pytest.mark.parametrize("models", [2, 3, 5, 8])
-def test_karcher_is_the_torch_code_to_the_bit(models, monkeypatch):
-    """The Karcher mean's elementwise step compiled against its torch code, with the statistic of the
-    same (finite) inputs, then on hard values with it; and with an input of zero norm, left out."""
-    from merge.methods.registry import METHODS
-    from merge.methods.spherical import karcher_statistic
-
-    params = SPECS["karcher"].params.model_validate({})
-    method = METHODS["karcher"]
-    for zero in (False, True):
-        def blocks(zero=zero):
-            for index in range(2):
-                xs = [hard(N, 60 * index + s).nan_to_num(0.0, 0.0, 0.0) for s in range(models)]
-                yield Block("w", index, N, seed=0), [torch.zeros(N), *xs[1:]] if zero else xs
-
-        stats = karcher_statistic(blocks, 2 * N, params, [1.0] * models)
-        for block, xs in [*blocks(), (Block("w", 0, N, seed=0), [hard(N, 90 + s) for s in range(models)])]:
-            merged = method.combine(xs, [1.0] * models, params, stats, block)
-            expected = torch_only(monkeypatch, method.combine, xs, [1.0] * models, params, stats, block)
-            nan = merged.isnan()
-            assert torch.equal(nan, expected.isnan()) and same_bits(merged[~nan], expected[~nan])

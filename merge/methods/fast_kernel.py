@@ -72,12 +72,10 @@ SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
     "della_keep": (None, (_P, _P, _I64, _I64, _U64, _F32, _F32, _P)),
     # k, xs (any base first), has_base, n, gram (k x k doubles)
     "gram_block": (None, (_INT, _P, _INT, _I64, _P)),
-    # k, xs, norms, coefficients, scale, n, out
-    "karcher_merge": (None, (_INT, _P, _P, _P, _F32, _I64, _P)),
     # k, xs (any base first), has_base, weights, divisors, dots, spherical, mean_norm, cos_length, sin_ratio, norm, n, out
     "multislerp_merge": (None, (_INT, _P, _INT, _P, _P, _P, _INT, _F32, _F32, _F32, _F32, _I64, _P)),
 }
-MAX_MODELS = 8  # fast_pass.c's bound on the vectors of ties_merge, mix_merge, the spherical merges and the sce_ passes
+MAX_MODELS = 8  # fast_pass.c's bound on the task vectors of ties_merge, mix_merge, multislerp_merge and the sce_ passes
 _LOCK = threading.Lock()
 _LOADED: list[ctypes.CDLL | None] = []  # empty until the first try
 
@@ -342,19 +340,6 @@ def gram_block(xs: Sequence[torch.Tensor], has_base: bool) -> list[list[float]] 
     gram = (ctypes.c_double * (k * k))()
     lib.gram_block(k, _pointers(xs), int(has_base), xs[0].numel(), gram)
     return [list(gram[i * k:(i + 1) * k]) for i in range(k)]
-
-
-def karcher_merge(xs: Sequence[torch.Tensor], norms: Sequence[torch.Tensor], coefficients: Sequence[torch.Tensor],
-                  scale: torch.Tensor) -> torch.Tensor | None:
-    """merge.methods.spherical.karcher's result for fp32 blocks xs and its statistic's fp32 values, to the
-    bit; None where the compiled pass is not built or does not apply."""
-    lib, k = library(), len(xs)
-    if lib is None or not 1 <= k <= MAX_MODELS or not _floats(xs):
-        return None
-    out = torch.empty_like(xs[0])
-    lib.karcher_merge(k, _pointers(xs), (ctypes.c_float * k)(*map(float, norms)),
-                      (ctypes.c_float * k)(*map(float, coefficients)), float(scale), out.numel(), out.data_ptr())
-    return out
 
 
 def multislerp_merge(xs: Sequence[torch.Tensor], has_base: bool, weights: torch.Tensor, divisors: torch.Tensor,

@@ -646,7 +646,7 @@ void sce_merge(int k, const float *const *xs, int select, float threshold, const
 
 /* ---------------------------------------------------------------------------------------------------
  * The spherical methods (merge.methods.spherical): the Gram matrix their statistics start from, and the
- * elementwise steps of Multi-SLERP and the Karcher mean. */
+ * elementwise step of Multi-SLERP. */
 
 /* merge.methods.spherical.gram's block: G[a][b] = <v_a, v_b> (row-major k x k, both halves), each product
  * exact in double, added into LANES running sums per pair (summed at the end): fp64 sums in another order
@@ -708,24 +708,6 @@ void multislerp_merge(int k, const float *const *xs, int has_base, const float *
             for (int i = 0; i < count; i++) result[i] = (mean[i] * cos_length + tangent[i] * sin_ratio) * norm;
         }
         for (int i = 0; i < count; i++) out[start + i] = has_base ? result[i] + xs[0][start + i] : result[i];
-    }
-}
-
-/* merge.methods.spherical.karcher's elementwise step, op for op in fp32 as its torch code:
- * out = scale * (sum over the inputs in order, from +0.0, of coefficients_j * (x_j / norms_j)), the
- * inputs whose coefficient or norm is zero left out. */
-MULTIVERSION
-void karcher_merge(int k, const float *const *xs, const float *norms, const float *coefficients, float scale,
-                   int64_t n, float *out) {
-    for (int64_t start = 0; start < n; start += BLOCK) {
-        int count = n - start < BLOCK ? (int)(n - start) : BLOCK;
-        float mean[BLOCK];
-        for (int i = 0; i < count; i++) mean[i] = 0.0f;
-        for (int j = 0; j < k; j++) {
-            if (coefficients[j] == 0.0f || norms[j] == 0.0f) continue;
-            for (int i = 0; i < count; i++) mean[i] = mean[i] + coefficients[j] * (xs[j][start + i] / norms[j]);
-        }
-        for (int i = 0; i < count; i++) out[start + i] = scale * mean[i];
     }
 }
 

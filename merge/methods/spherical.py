@@ -244,9 +244,6 @@ def karcher(xs: Sequence[Tensor], weights: Sequence[float], params: KarcherParam
     """The Karcher (Riemannian) mean direction of the inputs, scaled to their mean norm."""
     if len(xs) == 1:
         return xs[0]
-    compiled = fast_kernel.karcher_merge(xs, stats.norms, stats.coefficients, stats.scale)
-    if compiled is not None:
-        return compiled
     mean = torch.zeros_like(xs[0])
     for x, norm, c in zip(xs, stats.norms, stats.coefficients, strict=True):
         if float(c) != 0.0 and float(norm) != 0.0:
