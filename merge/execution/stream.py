@@ -23,6 +23,7 @@ import torch
 from merge.execution.vocab_rows import merge_rows
 from merge.io.reader import Chunk, InputFiles, held, tensor_chunks
 from merge.io.safetensors_file import ITEMSIZE, TensorInfo
+from merge.methods.blocks import as_floats
 from merge.methods.registry import METHODS, Block, Method
 from merge.methods.specs import BLOCK
 from merge.planning.plan import COMPUTE_THREADS, COPY, OutputTensor
@@ -148,7 +149,7 @@ def _merge_chunks(tensor: OutputTensor, files: InputFiles, chunks: Iterator[Chun
             def compute(begin: int, start: int = start, stop: int = stop, out: torch.Tensor = out, step: int = step) -> None:
                 end = min(begin + step, stop)
                 xs = [_view(files, s, begin, end) for s in sources]
-                xs = xs if any_range else [x.float() for x in xs]
+                xs = xs if any_range else as_floats(xs)
                 block = _block(tensor, begin, end)
                 piece = out[begin - start : end - start]
                 if any_range:  # exact: rounded once, straight into the output buffer

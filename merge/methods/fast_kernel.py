@@ -190,14 +190,16 @@ def magnitude_histograms(lib: ctypes.CDLL | None, tensors: Sequence[torch.Tensor
     length, all bfloat16 or all float32), or None: they cannot."""
     if lib is None or not tensors or tensors[0].dtype not in (torch.bfloat16, torch.float32):
         return None
-    dtype = tensors[0].dtype
-    same = all(t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu" and t.numel() == tensors[0].numel()
-               for t in tensors)
-    return CODES[dtype] if same else None
+    return CODES[tensors[0].dtype] if _contiguous_cpu(tensors, tensors[0].dtype) else None
 
 
 def _floats(tensors: Sequence[torch.Tensor]) -> bool:
-    return all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" and t.numel() == tensors[0].numel()
+    return _contiguous_cpu(tensors, torch.float32)
+
+
+def _contiguous_cpu(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> bool:
+    """Whether every tensor is a contiguous CPU tensor of this dtype, as long as the first."""
+    return all(t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu" and t.numel() == tensors[0].numel()
                for t in tensors)
 
 
