@@ -151,3 +151,35 @@ def test_calm_eval_scores_it_through_ray_and_zero3_in_bf16(smollm2, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "eval/capitals.anchor.json").read_text())
     assert report["exact_match"] == 1.0 and report["samples"] == 3 and report["workers"] == 2
+
+
+def test_its_chunked_bf16_loss_trains_the_composition_as_the_whole_loss(smollm2, tokenizer, monkeypatch):
+    """SmolLM2 composed in bf16, trained a step so the connections are live: with the loss taken in
+    chunks of positions (as past CHUNK_LOGITS: 2 positions of its 49,152-token vocabulary a chunk), the
+    loss is the whole loss's to fp32 rounding and every composition gradient the whole loss's to the bit,
+    for task rows and rows that keep the anchor (KL) alike."""
+    from calm_dist.model import objectives
+
+    objectives_mean = objectives.chunked_mean
+    composed = train_steps(compose(load(smollm2, torch.bfloat16), load(smollm2, torch.bfloat16), every_n=10),
+                           steps=1, length=8, lr=1e-2)
+    ids, mask = left_padded(prompt_ids(tokenizer, PROMPTS), tokenizer.pad_token_id)
+    labels = ids.masked_fill(mask == 0, -100)
+    keep = torch.tensor([False, True, False])
+
+    def loss_and_gradients():
+        composed.zero_grad()
+        loss = composed(ids, mask, labels=labels, keep_anchor=keep, keep_anchor_weight=2.0).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in composed.composition_parameters()]
+
+    whole_loss, whole_grads = loss_and_gradients()
+    monkeypatch.setattr(objectives, "CHUNK_LOGITS", 2 * composed.anchor_dims.vocab_size)
+    chunked_means = []
+    monkeypatch.setattr(objectives, "chunked_mean", lambda *a: chunked_means.append(a) or objectives_mean(*a))
+    chunked_loss, chunked_grads = loss_and_gradients()
+    assert len(chunked_means) == 2  # the task rows' cross-entropy and the kept row's KL, each in chunks
+    torch.testing.assert_close(chunked_loss, whole_loss, rtol=1e-5, atol=0)
+    assert any(g.abs().sum() > 0 for g in whole_grads)
+    for chunked, whole in zip(chunked_grads, whole_grads, strict=True):
+        torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
