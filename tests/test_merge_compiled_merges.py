@@ -159,6 +159,38 @@ def test_sce_is_the_torch_code_to_the_bit(select_topk, models, monkeypatch):
     assert torch.equal(nan, expected.isnan()) and same_bits(merged[~nan], expected[~nan])
 
 
+@pytest.mark.parametrize("models", [2, 3])
+def test_sce_reads_bfloat16_as_stored(models, monkeypatch):
+    """The SCE passes read bfloat16 blocks as stored (its statistic's blocks, and its merge's:
+    MethodSpec.stored_blocks): variance, sums of squares, statistic and merge equal the compiled and the
+    torch code's on the same values widened to fp32, to the bit (NaN where theirs is)."""
+    from merge.methods.registry import METHODS
+
+    stored = [hard(N, 30 + s).bfloat16() for s in range(models + 1)]
+    widened = [x.float() for x in stored]
+    variance, expected = fast_kernel.sce_variance(stored), fast_kernel.sce_variance(widened)
+    nan = expected.isnan()
+    assert variance.dtype == torch.float32 and torch.equal(variance.isnan(), nan) and same_bits(variance[~nan], expected[~nan])
+    finite = [x.nan_to_num(0.0, 0.0, 0.0) for x in stored]
+    assert fast_kernel.sce_squares(finite, 1e-4) == fast_kernel.sce_squares([x.float() for x in finite], 1e-4)
+
+    def blocks(xs):
+        return lambda: iter([(Block("w", 0, N, seed=0), xs)])
+
+    method, params = METHODS["sce"], SPECS["sce"].params.model_validate({"select_topk": 0.5})
+    assert method.spec.stored_blocks
+    stats = method.prepare(blocks(finite), N, params, [1.0] * models)
+    reference = torch_only(monkeypatch, method.prepare, blocks([x.float() for x in finite]), N, params, [1.0] * models)
+    assert stats.threshold == reference.threshold
+    torch.testing.assert_close(stats.weights, reference.weights, rtol=2**-23, atol=0)
+    block = Block("w", 0, N, seed=0)
+    merged = method.combine(stored, [1.0] * models, params, stats, block)
+    for expected in (method.combine(widened, [1.0] * models, params, stats, block),
+                     torch_only(monkeypatch, method.combine, stored, [1.0] * models, params, stats, block)):
+        nan = expected.isnan()
+        assert torch.equal(merged.isnan(), nan) and same_bits(merged[~nan], expected[~nan])
+
+
 @pytest.mark.parametrize(("rows", "group", "density", "epsilon"), [(40, 2048, 0.5, 0.15), (64, 47, 0.4, 0.3), (4, 3008, 0.6, 0.1), (9, 1, 0.5, 0.2)])
 def test_della_keep_mask_is_the_torch_ranks_draws_to_the_bit(rows, group, density, epsilon, monkeypatch):
     """fast_pass.c della_keep decides most elements from their magnitude bin's rank range and ranks only
@@ -235,7 +267,8 @@ def test_multislerp_is_the_torch_code_to_the_bit(models, base, monkeypatch):
 def test_the_gram_matrix_is_torchs_fp64_dots_to_their_accuracy(models, base, monkeypatch):
     """The compiled Gram matrix adds each pair's exact fp64 products in another order than torch.dot:
     the same to fp64 rounding (relative 1e-12, where a bf16 input's fp32 ulp is 4e-3), symmetric, and on
-    a short last block (N + 5 elements) as on whole ones."""
+    a short last block (N + 5 elements) as on whole ones; of bfloat16 blocks read as stored, that of their
+    fp32 values to the bit."""
     from merge.methods.spherical import gram
 
     def blocks():
@@ -248,3 +281,15 @@ def test_the_gram_matrix_is_torchs_fp64_dots_to_their_accuracy(models, base, mon
     assert len(compiled) == models and all(compiled[i][j] == compiled[j][i] for i in range(models) for j in range(models))
     torch.testing.assert_close(torch.tensor(compiled, dtype=torch.float64), torch.tensor(reference, dtype=torch.float64),
                                rtol=1e-12, atol=0)
+
+    def stored():  # bfloat16 blocks, read as stored: the Gram matrix of their fp32 values, to the bit
+        for block, xs in blocks():
+            yield block, [x.bfloat16() for x in xs]
+
+    def widened():
+        for block, xs in stored():
+            yield block, [x.float() for x in xs]
+
+    assert gram(stored, base) == gram(widened, base)
+    torch.testing.assert_close(torch.tensor(torch_only(monkeypatch, gram, stored, base), dtype=torch.float64),
+                               torch.tensor(gram(widened, base), dtype=torch.float64), rtol=1e-12, atol=0)

@@ -149,7 +149,7 @@ def _merge_chunks(tensor: OutputTensor, files: InputFiles, chunks: Iterator[Chun
             def compute(begin: int, start: int = start, stop: int = stop, out: torch.Tensor = out, step: int = step) -> None:
                 end = min(begin + step, stop)
                 xs = [_view(files, s, begin, end) for s in sources]
-                xs = xs if any_range else as_floats(xs)
+                xs = xs if any_range or method.spec.stored_blocks else as_floats(xs)
                 block = _block(tensor, begin, end)
                 piece = out[begin - start : end - start]
                 if any_range:  # exact: rounded once, straight into the output buffer

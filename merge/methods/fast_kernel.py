@@ -62,16 +62,16 @@ SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
     "masked_task_vector": (None, (_P, _P, _INT, _U64, _F32, _F32, _F32, _P, _INT, _F32, _I64, _P)),
     # x, base, *Mask, n, sums
     "masked_l1": (None, (_P, _P, _INT, _U64, _F32, _F32, _F32, _P, _I64, _P)),
-    # k, xs (base first), n, out
-    "sce_variance": (None, (_INT, _P, _I64, _P)),
-    # k, xs (base first), select, threshold, n, sums
-    "sce_squares": (None, (_INT, _P, _INT, _F32, _I64, _P)),
-    # k, xs (base first), select, threshold, shares, n, out
-    "sce_merge": (None, (_INT, _P, _INT, _F32, _P, _I64, _P)),
+    # k, xs (base first), dtype code, n, out
+    "sce_variance": (None, (_INT, _P, _INT, _I64, _P)),
+    # k, xs (base first), dtype code, select, threshold, n, sums
+    "sce_squares": (None, (_INT, _P, _INT, _INT, _F32, _I64, _P)),
+    # k, xs (base first), dtype code, select, threshold, shares, n, out
+    "sce_merge": (None, (_INT, _P, _INT, _INT, _F32, _P, _I64, _P)),
     # x, base, rows, group, key, low, epsilon, keep
     "della_keep": (None, (_P, _P, _I64, _I64, _U64, _F32, _F32, _P)),
-    # k, xs (any base first), has_base, n, gram (k x k doubles)
-    "gram_block": (None, (_INT, _P, _INT, _I64, _P)),
+    # k, xs (any base first), dtype code, has_base, n, gram (k x k doubles)
+    "gram_block": (None, (_INT, _P, _INT, _INT, _I64, _P)),
     # k, xs (any base first), has_base, weights, divisors, dots, spherical, mean_norm, cos_length, sin_ratio, norm, n, out
     "multislerp_merge": (None, (_INT, _P, _INT, _P, _P, _P, _INT, _F32, _F32, _F32, _F32, _I64, _P)),
 }
@@ -185,9 +185,10 @@ def compiled_pass(plan: Any, ys: Sequence[torch.Tensor], out: torch.Tensor, fast
 HISTOGRAM_WAYS = 4
 
 
-def magnitude_histograms(lib: ctypes.CDLL | None, tensors: Sequence[torch.Tensor]) -> int | None:
-    """The dtype code the compiled magnitude histograms count these in (contiguous CPU tensors of equal
-    length, all bfloat16 or all float32), or None: they cannot."""
+def stored_code(lib: ctypes.CDLL | None, tensors: Sequence[torch.Tensor]) -> int | None:
+    """The dtype code in which the passes that read their inputs as stored (the magnitude histograms,
+    SCE's) read these (contiguous CPU tensors of equal length, all bfloat16 or all float32), or None:
+    they cannot."""
     if lib is None or not tensors or tensors[0].dtype not in (torch.bfloat16, torch.float32):
         return None
     return CODES[tensors[0].dtype] if _contiguous_cpu(tensors, tensors[0].dtype) else None
@@ -294,53 +295,63 @@ def masked_l1(x: torch.Tensor, base: torch.Tensor, mask: Mask) -> tuple[float, f
     return sums[0], sums[1]
 
 
-def _sce_inputs(xs: Sequence[torch.Tensor]) -> ctypes.CDLL | None:
+def _sce_inputs(xs: Sequence[torch.Tensor]) -> tuple[ctypes.CDLL, int] | None:
+    """The library and the dtype code the SCE passes read xs in (as stored: all bfloat16 or all float32)."""
     lib = library()
-    return lib if lib is not None and 1 <= len(xs) - 1 <= MAX_MODELS and _floats(xs) else None
+    if lib is None or not 1 <= len(xs) - 1 <= MAX_MODELS:
+        return None
+    code = stored_code(lib, xs)
+    return None if code is None else (lib, code)
 
 
 def sce_variance(xs: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """merge.methods.sparse's variance of the task vectors of xs (base first), to the bit; None where the
-    compiled pass is not built or does not apply."""
-    lib = _sce_inputs(xs)
-    if lib is None:
+    """merge.methods.sparse's variance of the task vectors of xs (base first; bfloat16 or float32 as
+    stored), in fp32, to the bit; None where the compiled pass is not built or does not apply."""
+    compiled = _sce_inputs(xs)
+    if compiled is None:
         return None
-    out = torch.empty_like(xs[0])
-    lib.sce_variance(len(xs) - 1, _pointers(xs), out.numel(), out.data_ptr())
+    lib, code = compiled
+    out = torch.empty(xs[0].shape, dtype=torch.float32)
+    lib.sce_variance(len(xs) - 1, _pointers(xs), code, out.numel(), out.data_ptr())
     return out
 
 
 def sce_squares(xs: Sequence[torch.Tensor], threshold: float | None) -> list[float] | None:
     """Each selected task vector's sum of squares (squares in fp32, summed in fp64), as SCE's statistic
     takes them; None where the compiled pass is not built or does not apply."""
-    lib = _sce_inputs(xs)
-    if lib is None:
+    compiled = _sce_inputs(xs)
+    if compiled is None:
         return None
+    lib, code = compiled
     sums = (ctypes.c_double * (len(xs) - 1))()
-    lib.sce_squares(len(xs) - 1, _pointers(xs), int(threshold is not None), threshold or 0.0, xs[0].numel(), sums)
+    lib.sce_squares(len(xs) - 1, _pointers(xs), code, int(threshold is not None), threshold or 0.0, xs[0].numel(), sums)
     return list(sums)
 
 
 def sce_merge(xs: Sequence[torch.Tensor], threshold: float | None, shares: Sequence[float]) -> torch.Tensor | None:
-    """merge.methods.sparse.sce's result, to the bit; None where the compiled pass is not built or does not apply."""
-    lib = _sce_inputs(xs)
-    if lib is None:
+    """merge.methods.sparse.sce's fp32 result, to the bit; None where the compiled pass is not built or
+    does not apply."""
+    compiled = _sce_inputs(xs)
+    if compiled is None:
         return None
-    out = torch.empty_like(xs[0])
+    lib, code = compiled
+    out = torch.empty(xs[0].shape, dtype=torch.float32)
     k = len(xs) - 1
-    lib.sce_merge(k, _pointers(xs), int(threshold is not None), threshold or 0.0, (ctypes.c_float * k)(*shares),
+    lib.sce_merge(k, _pointers(xs), code, int(threshold is not None), threshold or 0.0, (ctypes.c_float * k)(*shares),
                   out.numel(), out.data_ptr())
     return out
 
 
 def gram_block(xs: Sequence[torch.Tensor], has_base: bool) -> list[list[float]] | None:
-    """The Gram matrix (fp64) of the fp32 blocks xs or, with a base (xs[0]), of their task vectors, as
-    merge.methods.spherical.gram takes a block's; None where the compiled pass is not built or does not apply."""
+    """The Gram matrix (fp64) of the blocks xs (as stored: bfloat16 or float32) or, with a base (xs[0]), of
+    their fp32 task vectors, as merge.methods.spherical.gram takes a block's; None where the compiled pass
+    is not built or does not apply."""
     lib, k = library(), len(xs) - int(has_base)
-    if lib is None or not 1 <= k <= MAX_MODELS or not _floats(xs):
+    code = stored_code(lib, xs)
+    if code is None or not 1 <= k <= MAX_MODELS:
         return None
     gram = (ctypes.c_double * (k * k))()
-    lib.gram_block(k, _pointers(xs), int(has_base), xs[0].numel(), gram)
+    lib.gram_block(k, _pointers(xs), code, int(has_base), xs[0].numel(), gram)
     return [list(gram[i * k:(i + 1) * k]) for i in range(k)]
 
 

@@ -69,6 +69,12 @@ static inline uint16_t to_f16(float f) {
     return sign | (uint16_t)(a >> 13);
 }
 
+/* Element i of an input as stored, bfloat16 (code BF16) or float (F32), as a float: the passes that read
+ * their inputs as stored are inlined with a constant code, so each of their loops is built once per type. */
+static inline __attribute__((always_inline)) float stored_float(const void *x, int64_t i, int code) {
+    return code == BF16 ? from_bf16(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+}
+
 static inline double from_16(uint16_t h, int code) { return code == BF16 ? from_bf16(h) : from_f16(h); }
 
 static inline double load_one(const void *y, int code, int64_t i) {
@@ -314,8 +320,8 @@ enum { BINS = 1 << 16, WAYS = 4 };
  * where base is not NULL; v and base both bfloat16 (code BF16: read as stored, a statistic pass need not
  * widen its blocks first) or float. Inlined with a constant code, so each loop below is built once per type. */
 static inline __attribute__((always_inline)) uint32_t magnitude(const void *v, const void *base, int64_t i, int code) {
-    float x = code == BF16 ? from_bf16(((const uint16_t *)v)[i]) : ((const float *)v)[i];
-    if (base) x = x - (code == BF16 ? from_bf16(((const uint16_t *)base)[i]) : ((const float *)base)[i]);
+    float x = stored_float(v, i, code);
+    if (base) x = x - stored_float(base, i, code);
     return bits_of(x) & 0x7fffffffu;
 }
 
@@ -554,8 +560,16 @@ void masked_l1(const float *x, const float *base, int kind, uint64_t key, float 
 
 /* ---------------------------------------------------------------------------------------------------
  * SCE (merge.methods.sparse): the variance across the task vectors x_j - base, as torch.var over their
- * stack computes it (Welford in double, model by model), and the two passes that read it. */
-static inline __attribute__((always_inline)) void sce_variance_block(int k, const float *const *xs, int64_t start, int count, float *variance) {
+ * stack computes it (Welford in double, model by model), and the two passes that read it. The inputs are
+ * read as stored, all bfloat16 or all float (code), each task vector the fp32 difference of the widened
+ * values, as the torch code's: the statistic passes and the merge need not widen their blocks first
+ * (torch's copies were the largest part of SCE's statistic). Each pass is built once per code. */
+static inline __attribute__((always_inline)) float sce_task_vector(const void *const *xs, int j, int64_t i, int code) {
+    return stored_float(xs[j], i, code) - stored_float(xs[0], i, code);
+}
+
+static inline __attribute__((always_inline)) void sce_variance_block(int k, const void *const *xs, int code, int64_t start,
+                                                                     int count, float *variance) {
     double mean[BLOCK], m2[BLOCK];
     for (int i = 0; i < count; i++) mean[i] = 0.0, m2[i] = 0.0;
     for (int j = 1; j <= k; j++) {
@@ -564,14 +578,14 @@ static inline __attribute__((always_inline)) void sce_variance_block(int k, cons
         double inverse = 1.0 / j;
         if ((j & (j - 1)) == 0)
             for (int i = 0; i < count; i++) {
-                double x = (double)(xs[j][start + i] - xs[0][start + i]);
+                double x = (double)sce_task_vector(xs, j, start + i, code);
                 double delta = x - mean[i];
                 mean[i] += delta * inverse;
                 m2[i] += delta * (x - mean[i]);
             }
         else
             for (int i = 0; i < count; i++) {
-                double x = (double)(xs[j][start + i] - xs[0][start + i]);
+                double x = (double)sce_task_vector(xs, j, start + i, code);
                 double delta = x - mean[i];
                 mean[i] += delta / j;
                 m2[i] += delta * (x - mean[i]);
@@ -583,36 +597,42 @@ static inline __attribute__((always_inline)) void sce_variance_block(int k, cons
         for (int i = 0; i < count; i++) variance[i] = (float)(m2[i] / k);
 }
 
-/* xs: base, then the k models. */
-MULTIVERSION
-void sce_variance(int k, const float *const *xs, int64_t n, float *out) {
+static inline __attribute__((always_inline)) void sce_variance_of(int k, const void *const *xs, int code, int64_t n,
+                                                                  float *out) {
     for (int64_t start = 0; start < n; start += BLOCK) {
         int count = n - start < BLOCK ? (int)(n - start) : BLOCK;
-        sce_variance_block(k, xs, start, count, out + start);
+        sce_variance_block(k, xs, code, start, count, out + start);
     }
 }
 
+/* xs: base, then the k models. */
+MULTIVERSION
+void sce_variance(int k, const void *const *xs, int code, int64_t n, float *out) {
+    if (code == BF16) sce_variance_of(k, xs, BF16, n, out);
+    else sce_variance_of(k, xs, F32, n, out);
+}
+
 /* Each task vector's elements kept where |variance| >= threshold (all where !select): x_j - base times 1 or 0. */
-static inline __attribute__((always_inline)) void sce_selected_block(int k, const float *const *xs, int select, float threshold, int64_t start,
-                                      int count, float (*tvs)[BLOCK]) {
+static inline __attribute__((always_inline)) void sce_selected_block(int k, const void *const *xs, int code, int select,
+                                                                     float threshold, int64_t start, int count,
+                                                                     float (*tvs)[BLOCK]) {
     float keep[BLOCK];
     if (select) {
-        sce_variance_block(k, xs, start, count, keep);
+        sce_variance_block(k, xs, code, start, count, keep);
         for (int i = 0; i < count; i++) keep[i] = fabsf(keep[i]) >= threshold ? 1.0f : 0.0f;
     } else {
         for (int i = 0; i < count; i++) keep[i] = 1.0f;
     }
     for (int j = 0; j < k; j++)
-        for (int i = 0; i < count; i++) tvs[j][i] = (xs[j + 1][start + i] - xs[0][start + i]) * keep[i];
+        for (int i = 0; i < count; i++) tvs[j][i] = sce_task_vector(xs, j + 1, start + i, code) * keep[i];
 }
 
-/* sums[j] += the fp64 sum of the squares (in float) of selected task vector j. */
-MULTIVERSION
-void sce_squares(int k, const float *const *xs, int select, float threshold, int64_t n, double *sums) {
+static inline __attribute__((always_inline)) void sce_squares_of(int k, const void *const *xs, int code, int select,
+                                                                 float threshold, int64_t n, double *sums) {
     for (int64_t start = 0; start < n; start += BLOCK) {
         int count = n - start < BLOCK ? (int)(n - start) : BLOCK;
         float tvs[MAX_MODELS][BLOCK];
-        sce_selected_block(k, xs, select, threshold, start, count, tvs);
+        sce_selected_block(k, xs, code, select, threshold, start, count, tvs);
         for (int j = 0; j < k; j++) {
             double lanes[LANES] = {0};  /* as in dare_l1 */
             for (int i = count; i < BLOCK; i++) tvs[j][i] = 0.0f;
@@ -623,14 +643,19 @@ void sce_squares(int k, const float *const *xs, int select, float threshold, int
     }
 }
 
-/* base + the selected task vectors' mean weighted by `shares`, over those agreeing in sign with their sum
- * (a zero sum positive), the weights' sum clamped to at least 1e-6. */
+/* sums[j] += the fp64 sum of the squares (in float) of selected task vector j. */
 MULTIVERSION
-void sce_merge(int k, const float *const *xs, int select, float threshold, const float *shares, int64_t n, float *out) {
+void sce_squares(int k, const void *const *xs, int code, int select, float threshold, int64_t n, double *sums) {
+    if (code == BF16) sce_squares_of(k, xs, BF16, select, threshold, n, sums);
+    else sce_squares_of(k, xs, F32, select, threshold, n, sums);
+}
+
+static inline __attribute__((always_inline)) void sce_merge_of(int k, const void *const *xs, int code, int select,
+                                                               float threshold, const float *shares, int64_t n, float *out) {
     for (int64_t start = 0; start < n; start += BLOCK) {
         int count = n - start < BLOCK ? (int)(n - start) : BLOCK;
         float tvs[MAX_MODELS][BLOCK], total[BLOCK], num[BLOCK], den[BLOCK];
-        sce_selected_block(k, xs, select, threshold, start, count, tvs);
+        sce_selected_block(k, xs, code, select, threshold, start, count, tvs);
         for (int i = 0; i < count; i++) total[i] = 0.0f, num[i] = 0.0f, den[i] = 0.0f;
         for (int j = 0; j < k; j++)
             for (int i = 0; i < count; i++) total[i] = total[i] + tvs[j][i];
@@ -640,8 +665,17 @@ void sce_merge(int k, const float *const *xs, int select, float threshold, const
                 num[i] = num[i] + tvs[j][i] * erased;
                 den[i] = den[i] + erased;
             }
-        for (int i = 0; i < count; i++) out[start + i] = xs[0][start + i] + num[i] / (den[i] < 1e-6f ? 1e-6f : den[i]);
+        for (int i = 0; i < count; i++)
+            out[start + i] = stored_float(xs[0], start + i, code) + num[i] / (den[i] < 1e-6f ? 1e-6f : den[i]);
     }
+}
+
+/* base + the selected task vectors' mean weighted by `shares`, over those agreeing in sign with their sum
+ * (a zero sum positive), the weights' sum clamped to at least 1e-6. */
+MULTIVERSION
+void sce_merge(int k, const void *const *xs, int code, int select, float threshold, const float *shares, int64_t n, float *out) {
+    if (code == BF16) sce_merge_of(k, xs, BF16, select, threshold, shares, n, out);
+    else sce_merge_of(k, xs, F32, select, threshold, shares, n, out);
 }
 
 /* ---------------------------------------------------------------------------------------------------
@@ -651,17 +685,21 @@ void sce_merge(int k, const float *const *xs, int select, float threshold, const
 /* merge.methods.spherical.gram's block: G[a][b] = <v_a, v_b> (row-major k x k, both halves), each product
  * exact in double, added into LANES running sums per pair (summed at the end): fp64 sums in another order
  * than torch.dot's, as accurate. The k vectors v_j are xs[j] or, with a base (xs[0]), xs[j + 1] - base
- * in fp32, as the torch code subtracts before widening. */
-MULTIVERSION
-void gram_block(int k, const float *const *xs, int has_base, int64_t n, double *gram) {
-    const float *const *vs = xs + has_base;
+ * in fp32, as the torch code subtracts before widening; xs as stored (code), so the statistic pass need
+ * not widen its blocks first. */
+static inline __attribute__((always_inline)) void gram_of(int k, const void *const *xs, int code, int has_base,
+                                                          int64_t n, double *gram) {
+    const void *const *vs = xs + has_base;
     double sums[MAX_MODELS * (MAX_MODELS + 1) / 2][LANES];
     memset(sums, 0, sizeof sums);
     for (int64_t start = 0; start < n; start += BLOCK) {
         int count = n - start < BLOCK ? (int)(n - start) : BLOCK;
         float v[MAX_MODELS][BLOCK];
         for (int j = 0; j < k; j++) {
-            for (int i = 0; i < count; i++) v[j][i] = has_base ? vs[j][start + i] - xs[0][start + i] : vs[j][start + i];
+            if (has_base)
+                for (int i = 0; i < count; i++) v[j][i] = stored_float(vs[j], start + i, code) - stored_float(xs[0], start + i, code);
+            else
+                for (int i = 0; i < count; i++) v[j][i] = stored_float(vs[j], start + i, code);
             for (int i = count; i < BLOCK; i++) v[j][i] = 0.0f;  /* a short last block */
         }
         for (int a = 0, pair = 0; a < k; a++)
@@ -675,6 +713,12 @@ void gram_block(int k, const float *const *xs, int has_base, int64_t n, double *
             for (int w = 0; w < LANES; w++) total += sums[pair][w];
             gram[a * k + b] = total, gram[b * k + a] = total;
         }
+}
+
+MULTIVERSION
+void gram_block(int k, const void *const *xs, int code, int has_base, int64_t n, double *gram) {
+    if (code == BF16) gram_of(k, xs, BF16, has_base, n, gram);
+    else gram_of(k, xs, F32, has_base, n, gram);
 }
 
 /* merge.methods.spherical.multislerp's elementwise step, op for op in fp32 as its torch code, sums over

@@ -103,7 +103,7 @@ def _count_high(lib, values: Tensor | Difference, ways: Tensor) -> int:
     """Adds the histogram of the high 16 bits of |values| to ways [HISTOGRAM_WAYS, 65536] (their sum is
     the histogram); returns the count of nonzero |values|."""
     tensors = _tensors(values)
-    code = fast_kernel.magnitude_histograms(lib, tensors)
+    code = fast_kernel.stored_code(lib, tensors)
     if code is not None:
         return lib.magnitude_high_histogram(*_pointers(tensors), code, tensors[0].numel(), ways.data_ptr())
     bits = _value(values).abs().view(torch.int32)
@@ -114,7 +114,7 @@ def _count_high(lib, values: Tensor | Difference, ways: Tensor) -> int:
 def _count_low(lib, values: Tensor | Difference, high: int, hist: Tensor) -> None:
     """Adds the histogram of the low 16 bits of the |values| whose high 16 bits are `high` to hist."""
     tensors = _tensors(values)
-    code = fast_kernel.magnitude_histograms(lib, tensors)
+    code = fast_kernel.stored_code(lib, tensors)
     if code is not None:
         lib.magnitude_low_histogram(*_pointers(tensors), code, tensors[0].numel(), high, hist.data_ptr())
         return

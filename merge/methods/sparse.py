@@ -236,9 +236,13 @@ class SceStatistic(NamedTuple):
 
 
 def _variance_of(xs: Sequence[Tensor]) -> Tensor:
-    """The variance of the task vectors of xs (base first): compiled where built, else _variance."""
+    """The fp32 variance of the task vectors of xs (base first, as stored): compiled where built, else
+    _variance of the inputs widened."""
     compiled = fast_kernel.sce_variance(xs)
-    return compiled if compiled is not None else _variance([x - xs[0] for x in xs[1:]])
+    if compiled is not None:
+        return compiled
+    xs = as_floats(xs)
+    return _variance([x - xs[0] for x in xs[1:]])
 
 
 def _variance(tvs: Sequence[Tensor]) -> Tensor:
@@ -260,11 +264,10 @@ def sce_statistic(blocks: Blocks, numel: int, params: SceParams, weights: Sequen
     then each selected task vector's mean square over the tensor, normalised to sum 1."""
     threshold = None
     if params.select_topk < 1:
-        variances = lambda: ([_variance_of(as_floats(xs))] for _, xs in blocks())  # noqa: E731
+        variances = lambda: ([_variance_of(xs)] for _, xs in blocks())  # noqa: E731
         (threshold,) = kth_largest_abs(variances, lambda nonzero: int(nonzero * params.select_topk))
     squares: list[list[float]] | None = None
-    for _, stored in blocks():
-        xs = as_floats(stored)
+    for _, xs in blocks():
         block_sums = fast_kernel.sce_squares(xs, threshold)
         if block_sums is None:
             block_sums = [tv.square().double().sum().item() for tv in _sce_selected(xs, threshold)]
@@ -278,7 +281,8 @@ def sce_statistic(blocks: Blocks, numel: int, params: SceParams, weights: Sequen
     return SceStatistic(threshold, shares.unsqueeze(-1))
 
 
-def _sce_selected(xs: Sequence[Tensor], threshold: float | None) -> list[Tensor]:
+def _sce_selected(stored: Sequence[Tensor], threshold: float | None) -> list[Tensor]:
+    xs = as_floats(stored)
     tvs = [x - xs[0] for x in xs[1:]]
     if threshold is None:
         return tvs
@@ -287,10 +291,12 @@ def _sce_selected(xs: Sequence[Tensor], threshold: float | None) -> list[Tensor]
 
 
 def sce(xs: Sequence[Tensor], weights: Sequence[float], params: SceParams, stats: SceStatistic, block: Block) -> Tensor:
-    """base + the task vectors' mean weighted by their shares, over those agreeing in sign."""
+    """base + the task vectors' mean weighted by their shares, over those agreeing in sign. xs as stored
+    (MethodSpec.stored_blocks)."""
     compiled = fast_kernel.sce_merge(xs, stats.threshold, stats.weights.flatten().tolist())
     if compiled is not None:
         return compiled
+    xs = as_floats(xs)
     tvs = torch.stack(_sce_selected(xs, stats.threshold))
     erased = stats.weights * sign_consensus(tvs)
     return xs[0] + (tvs * erased).sum(dim=0) / torch.sum(erased, dim=0).clamp(min=1e-6)

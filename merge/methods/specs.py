@@ -127,6 +127,9 @@ class MethodSpec:
     # the inputs in their stored dtypes (it widens them itself), instead of fp32 blocks; and it writes
     # its result, already in the output dtype, into `out=`.
     any_range: bool = False
+    # combine is given each input's block as stored (bfloat16, float16 or float32), not widened to fp32,
+    # and widens what it needs itself (SCE's compiled merge reads bfloat16 as it is).
+    stored_blocks: bool = False
     # A base model may be given or not (the method then works on task vectors or on the models);
     # model_count then counts the models other than the base.
     base_optional: bool = False
@@ -195,7 +198,7 @@ SPECS: dict[str, MethodSpec] = {
     "breadcrumbs_ties": MethodSpec(BreadcrumbsParams, True, True, (2, None), reads=4, arrays_per_input=5,
                                    statistic_bytes_per_input=HISTOGRAMS * 2),
     # Two histogram passes for the variance threshold, one for the task vectors' mean squares.
-    "sce": MethodSpec(SceParams, True, False, (2, None), reads=4, arrays_per_input=5,
+    "sce": MethodSpec(SceParams, True, False, (2, None), reads=4, arrays_per_input=5, stored_blocks=True,
                       statistic_bytes_per_input=HISTOGRAMS),
     # One pass each for the inputs' dot products (merge.methods.spherical.gram).
     "model_stock": MethodSpec(ModelStockParams, True, False, (3, None), reads=2),

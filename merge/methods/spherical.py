@@ -39,11 +39,10 @@ def gram(blocks: Blocks, base: bool | Sequence[float]) -> list[list[float]]:
     base: whether xs[0] is a base, or the weights, which tell (one fewer than the inputs: a base)."""
     parts: list[list[list[float]]] = []
     for _, stored in blocks():
-        xs = as_floats(stored)
-        has_base = base if isinstance(base, bool) else _has_base(len(xs), base)
-        compiled = fast_kernel.gram_block(xs, has_base)
-        vs = [v.double() for v in _vectors(xs, has_base)] if compiled is None else []
-        count = len(xs) - int(has_base)
+        has_base = base if isinstance(base, bool) else _has_base(len(stored), base)
+        compiled = fast_kernel.gram_block(stored, has_base)
+        vs = [v.double() for v in _vectors(as_floats(stored), has_base)] if compiled is None else []
+        count = len(stored) - int(has_base)
         parts = parts or [[[] for _ in range(count)] for _ in range(count)]
         for i in range(count):
             for j in range(i, count):
