@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from calm_dist.distributed.memory_plan import GIB, fit_suggestions, peak, train_plan
+from calm_dist.distributed.fit_suggestions import fit_suggestions
+from calm_dist.distributed.memory_plan import GIB, peak, train_plan
 from calm_dist.model.composed import compose
 from calm_dist.testing.tiny_models import tiny_model
 from calm_dist.testing.tokenizers import tiny_tokenizer
@@ -374,3 +375,22 @@ def test_which_config_a_merge_plan_reads_and_when(tmp_path):
     cfg = validate_config({"method": "linear", "output": {"path": "o"}, "models": [
         {"name": "a", "path": "a", "config": "c"}, {"name": "b", "path": "b"}]})
     assert cfg.models[0].config == Path.cwd() / "c" and "config" not in cfg.model_dump(mode="json")["models"][0]
+
+
+def test_keep_anchor_rows_add_the_anchor_alones_logits_to_the_plan(big):
+    """A run whose data marks keep_anchor rows (data.keep_anchor_field) holds the anchor alone's logits
+    through the loss, and the KL's fp32 log-softmax of them (whole, or one chunk's past the chunk size)."""
+    from calm_dist.distributed.memory_plan import LOSS_CHUNK_LOGITS, anchor_alone_logits
+
+    setup = train_setup(big)
+    assert not setup.keep_anchor
+    kept = replace(setup, keep_anchor=True)
+    (plan,), (plan_kept,) = train_plan(setup), train_plan(kept)
+    logits = setup.tokens * setup.anchor.vocab
+    chunk = LOSS_CHUNK_LOGITS // setup.anchor.vocab * setup.anchor.vocab
+    term = "anchor alone's logits (keep_anchor)"
+    assert plan_kept.term(term) == logits * setup.anchor.dtype_bytes + 4 * chunk
+    assert plan_kept.total > plan.total + plan_kept.term(term)  # and the fragmentation allowance on it
+    assert anchor_alone_logits(1000, 1000, 4).bytes == 1000 * 1000 * (4 + 4)
+    marked = big.model_copy(update={"data": big.data.model_copy(update={"keep_anchor_field": "keep_anchor"})})
+    assert train_setup(marked).keep_anchor

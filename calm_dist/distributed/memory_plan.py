@@ -2,8 +2,8 @@
 
 Pure arithmetic: no torch, no files. Callers describe the models (ModelShape, from a Hugging Face
 config built on the meta device) and the run (TrainSetup); train_plan() returns one Term per thing
-that occupies a worker's memory and fit_suggestions() the changes that would make a run fit. A merge's
-memory is merge/planning/memory.py, with the same Term and WorkerPlan.
+that occupies a worker's memory (the changes that would make a run fit: calm_dist.distributed.
+fit_suggestions). A merge's memory is merge/planning/memory.py, with the same Term and WorkerPlan.
 
 What is counted, per anchor worker at its peak (the end of the forward pass, when every saved
 activation, the logits and the loss are alive at once):
@@ -20,6 +20,7 @@ activation, the logits and the loss are alive at once):
   its input, and backward recomputes one layer at a time;
 - logits and their loss: the logits, the fp32 copy the loss takes, and log-softmax's output; past
   LOSS_CHUNK_LOGITS, the logits, their gradient and one chunk's fp32 copies (the loss is taken in chunks);
+  with keep_anchor rows, also the anchor alone's logits and the fp32 log-softmax the KL takes of them;
 - DeepSpeed's engine and the kernels' scratch, a measured constant; on CPU workers (gloo) also the
   all-gather staging copies;
 - a stated runtime allowance: what the process holds before any model (CUDA context and
@@ -30,7 +31,7 @@ activation, the logits and the loss are alive at once):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 GIB = 2**30
 # What a GPU worker holds before any tensor: CUDA context, cuBLAS and NCCL workspaces.
@@ -46,10 +47,10 @@ GPU_FRAGMENTATION = 0.05
 ENGINE_WORKSPACE = {"gpu": 256 * 2**20, "cpu": 96 * 2**20}
 # An augmenting worker's exchange buffers and forward scratch (CPU: measured as above).
 EXCHANGE_WORKSPACE = {"gpu": 128 * 2**20, "cpu": 24 * 2**20}
-# DeepSpeed ZeRO-3 defaults (deepspeed/runtime/zero/config.py).
 # calm_dist.model.objectives.CHUNK_LOGITS (tests/test_plan.py checks they agree): above it the loss is
 # taken in checkpointed chunks of positions.
 LOSS_CHUNK_LOGITS = 1 << 26
+# DeepSpeed ZeRO-3 defaults (deepspeed/runtime/zero/config.py).
 PERSISTENCE_THRESHOLD = 100_000
 REDUCE_BUCKET_SIZE = 500_000_000
 PREFETCH_BUCKET_SIZE = 50_000_000
@@ -108,6 +109,7 @@ class TrainSetup:
     prefetch_bucket_size: int = PREFETCH_BUCKET_SIZE
     max_live_parameters: int = MAX_LIVE_PARAMETERS
     gpu: bool = True  # False: a CPU worker, where untouched pages of a buffer cost nothing
+    keep_anchor: bool = False  # rows trained to the anchor alone's distribution (data.keep_anchor_field)
 
     @property
     def accumulation(self) -> int:
@@ -248,6 +250,8 @@ def anchor_terms(setup: TrainSetup) -> list[Term]:
                       "activation checkpointing: layer inputs + one layer recomputed" if setup.activation_checkpointing
                       else "every anchor layer above the lowest connection, and the cross-attentions"))
     terms.append(logits_and_loss(t, a.vocab, a.dtype_bytes))
+    if setup.keep_anchor:
+        terms.append(anchor_alone_logits(t, a.vocab, a.dtype_bytes))
     device = "gpu" if setup.gpu else "cpu"
     terms.append(Term("engine and kernel workspace", ENGINE_WORKSPACE[device],
                       "DeepSpeed's engine, autograd and kernel scratch (measured, whatever the model)"))
@@ -264,6 +268,16 @@ def logits_and_loss(tokens: int, vocab: int, dtype_bytes: int) -> Term:
     chunk = LOSS_CHUNK_LOGITS // vocab * vocab
     return Term("logits and loss", 2 * logits * dtype_bytes + chunk * 3 * 4,
                 f"{tokens:,} tokens x {vocab:,}: logits and their gradient, one chunk's fp32 loss")
+
+
+def anchor_alone_logits(tokens: int, vocab: int, dtype_bytes: int) -> Term:
+    """keep_anchor rows are trained to the anchor alone's distribution: its logits (a second forward pass,
+    without the composition) live until the backward pass, and the whole KL keeps their fp32 log-softmax
+    (in chunks, one chunk's). Counted for every row: a micro-batch may hold only such rows."""
+    logits = tokens * vocab
+    kept = 4 * (logits if logits <= LOSS_CHUNK_LOGITS else LOSS_CHUNK_LOGITS // vocab * vocab)
+    return Term("anchor alone's logits (keep_anchor)", logits * dtype_bytes + kept,
+                f"{tokens:,} tokens x {vocab:,}: the KL's target, and its fp32 log-softmax")
 
 
 def anchor_activations(setup: TrainSetup) -> int:
@@ -332,69 +346,3 @@ def train_plan(setup: TrainSetup) -> list[WorkerPlan]:
 
 def peak(setup: TrainSetup) -> int:
     return max(p.total for p in train_plan(setup))
-
-
-# --------------------------------------------------------------------------------------------------
-# Making it fit
-
-
-@dataclass(frozen=True)
-class Suggestion:
-    change: str  # what to set, in config keys
-    total: int  # the new largest per-worker total
-    fits: bool
-
-
-def fit_suggestions(setup: TrainSetup, device_memory: int, max_workers: int | None = None) -> list[Suggestion]:
-    """Each single change that lowers the peak, with its new total; then all of them together. More
-    workers are tried up to `max_workers` (default 8x the config's)."""
-    found: list[Suggestion] = []
-    max_workers = max_workers or 8 * setup.anchor_workers
-
-    def add(change: str, changed: TrainSetup) -> None:
-        total = peak(changed)
-        if total < peak(setup):
-            found.append(Suggestion(change, total, total <= device_memory))
-
-    n = setup.anchor_workers
-    more = next((m for m in _worker_counts(n, max_workers) if peak(_workers(setup, m)) <= device_memory), None)
-    if more is not None:
-        add(f"ray.num_workers: {more} (training.global_batch_size a multiple of "
-            f"{setup.micro_batch * more})", _workers(setup, more))
-    elif n < max_workers:
-        add(f"ray.num_workers: {max_workers} (still does not fit)", _workers(setup, max_workers))
-    if not setup.activation_checkpointing:
-        add("deepspeed.activation_checkpointing: true", replace(setup, activation_checkpointing=True))
-    if not setup.pipelined:
-        groups = max(1, n // 8)
-        add(f"placement.mode: pipelined, placement.augmenting_workers: {groups}",
-            replace(setup, pipelined=True, augmenting_workers=groups))
-    if setup.micro_batch > 1:
-        smaller = setup.micro_batch // 2
-        while smaller > 1 and peak(replace(setup, micro_batch=smaller)) > device_memory:
-            smaller //= 2
-        add(f"training.micro_batch_size: {smaller} (gradient accumulation "
-            f"{setup.accumulation} -> {setup.global_batch // (smaller * n)})", replace(setup, micro_batch=smaller))
-    if not setup.offload_optimizer:
-        add("deepspeed.offload_optimizer: true", replace(setup, offload_optimizer=True))
-    if not setup.offload_params and setup.zero_stage == 3:
-        add("deepspeed.offload_params: true", replace(setup, offload_params=True))
-    together = replace(setup, activation_checkpointing=True, offload_optimizer=True,
-                       pipelined=True, augmenting_workers=max(1, setup.augmenting_workers if setup.pipelined else n // 8),
-                       micro_batch=1)
-    if len(found) > 1:
-        add("all of the above except more workers", together)
-    return found
-
-
-def _worker_counts(n: int, limit: int) -> list[int]:
-    counts, m = [], n
-    while m < limit:
-        m = m * 2 if m < 8 else m + 8
-        counts.append(min(m, limit))
-    return counts
-
-
-def _workers(setup: TrainSetup, count: int) -> TrainSetup:
-    return replace(setup, anchor_workers=count, global_batch=max(setup.global_batch, setup.micro_batch * count))
-

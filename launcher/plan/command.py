@@ -19,14 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from calm_dist.distributed.memory_plan import (
-    GIB,
-    ModelShape,
-    TrainSetup,
-    WorkerPlan,
-    fit_suggestions,
-    train_plan,
-)
+from calm_dist.distributed.fit_suggestions import fit_suggestions
+from calm_dist.distributed.memory_plan import GIB, ModelShape, TrainSetup, WorkerPlan, train_plan
 from launcher.train_config import ConfigError, TrainConfig
 from merge.planning.memory import MergeSetup, loss_terms, merge_seconds, merge_terms
 
@@ -130,7 +124,7 @@ def train_setup(config: TrainConfig, gpu: bool | None = None) -> TrainSetup:
         reduce_bucket_size=int(zero.get("reduce_bucket_size", 500_000_000)),
         prefetch_bucket_size=int(zero.get("stage3_prefetch_bucket_size", 50_000_000)),
         max_live_parameters=int(zero.get("stage3_max_live_parameters", 1_000_000_000)),
-        gpu=config.ray.use_gpu if gpu is None else gpu,
+        gpu=config.ray.use_gpu if gpu is None else gpu, keep_anchor=config.data.keep_anchor_field is not None,
     )
 
 
