@@ -171,7 +171,8 @@ def disk_limit(inputs: list[Path], out_bytes: int, scratch: Path) -> dict[str, f
     the page cache and directly (O_DIRECT, where the filesystem allows it), caches dropped before each.
     The write first: read first, the bench's first measurement read the inputs it had just written in
     2.29-2.61 s buffered (three runs, 2026-12-07) against 9.6-11.7 s in every later one, from some
-    cache below this machine's that the writes since had emptied; written first, 4.55 s."""
+    cache below this machine's that the writes since had emptied; written first, 4.55 s and 3.09 s in
+    two runs (later ones 7.8-11.8 s buffered, 2.9-5.2 s direct)."""
     times = {}
     for direct in (False, True):
         mode = "direct" if direct else "buffered"
