@@ -265,9 +265,13 @@ def logits_and_loss(tokens: int, vocab: int, dtype_bytes: int) -> Term:
     logits = tokens * vocab
     if logits <= LOSS_CHUNK_LOGITS:
         return Term("logits and loss", logits * (dtype_bytes + 4 + 4), f"{tokens:,} tokens x {vocab:,}: logits, fp32 copy, log-softmax")
-    chunk = LOSS_CHUNK_LOGITS // vocab * vocab
-    return Term("logits and loss", 2 * logits * dtype_bytes + chunk * 3 * 4,
+    return Term("logits and loss", 2 * logits * dtype_bytes + _loss_chunk(vocab) * 3 * 4,
                 f"{tokens:,} tokens x {vocab:,}: logits and their gradient, one chunk's fp32 loss")
+
+
+def _loss_chunk(vocab: int) -> int:
+    """Logits in one chunk of the chunked loss: whole positions, at most LOSS_CHUNK_LOGITS."""
+    return LOSS_CHUNK_LOGITS // vocab * vocab
 
 
 def anchor_alone_logits(tokens: int, vocab: int, dtype_bytes: int) -> Term:
@@ -275,7 +279,7 @@ def anchor_alone_logits(tokens: int, vocab: int, dtype_bytes: int) -> Term:
     without the composition) live until the backward pass, and the whole KL keeps their fp32 log-softmax
     (in chunks, one chunk's). Counted for every row: a micro-batch may hold only such rows."""
     logits = tokens * vocab
-    kept = 4 * (logits if logits <= LOSS_CHUNK_LOGITS else LOSS_CHUNK_LOGITS // vocab * vocab)
+    kept = 4 * (logits if logits <= LOSS_CHUNK_LOGITS else _loss_chunk(vocab))
     return Term("anchor alone's logits (keep_anchor)", logits * dtype_bytes + kept,
                 f"{tokens:,} tokens x {vocab:,}: the KL's target, and its fp32 log-softmax")
 

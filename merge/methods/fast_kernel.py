@@ -295,19 +295,18 @@ def masked_l1(x: torch.Tensor, base: torch.Tensor, mask: Mask) -> tuple[float, f
     return sums[0], sums[1]
 
 
-def _sce_inputs(xs: Sequence[torch.Tensor]) -> tuple[ctypes.CDLL, int] | None:
-    """The library and the dtype code the SCE passes read xs in (as stored: all bfloat16 or all float32)."""
+def _read_as_stored(xs: Sequence[torch.Tensor], k: int) -> tuple[ctypes.CDLL, int] | None:
+    """The library and the dtype code in which a pass over k vectors (SCE's task vectors, the Gram
+    matrix's) reads xs as stored (all bfloat16 or all float32); None where it cannot."""
     lib = library()
-    if lib is None or not 1 <= len(xs) - 1 <= MAX_MODELS:
-        return None
-    code = stored_code(lib, xs)
+    code = stored_code(lib, xs) if 1 <= k <= MAX_MODELS else None
     return None if code is None else (lib, code)
 
 
 def sce_variance(xs: Sequence[torch.Tensor]) -> torch.Tensor | None:
     """merge.methods.sparse's variance of the task vectors of xs (base first; bfloat16 or float32 as
     stored), in fp32, to the bit; None where the compiled pass is not built or does not apply."""
-    compiled = _sce_inputs(xs)
+    compiled = _read_as_stored(xs, len(xs) - 1)
     if compiled is None:
         return None
     lib, code = compiled
@@ -319,7 +318,7 @@ def sce_variance(xs: Sequence[torch.Tensor]) -> torch.Tensor | None:
 def sce_squares(xs: Sequence[torch.Tensor], threshold: float | None) -> list[float] | None:
     """Each selected task vector's sum of squares (squares in fp32, summed in fp64), as SCE's statistic
     takes them; None where the compiled pass is not built or does not apply."""
-    compiled = _sce_inputs(xs)
+    compiled = _read_as_stored(xs, len(xs) - 1)
     if compiled is None:
         return None
     lib, code = compiled
@@ -331,7 +330,7 @@ def sce_squares(xs: Sequence[torch.Tensor], threshold: float | None) -> list[flo
 def sce_merge(xs: Sequence[torch.Tensor], threshold: float | None, shares: Sequence[float]) -> torch.Tensor | None:
     """merge.methods.sparse.sce's fp32 result, to the bit; None where the compiled pass is not built or
     does not apply."""
-    compiled = _sce_inputs(xs)
+    compiled = _read_as_stored(xs, len(xs) - 1)
     if compiled is None:
         return None
     lib, code = compiled
@@ -346,10 +345,11 @@ def gram_block(xs: Sequence[torch.Tensor], has_base: bool) -> list[list[float]] 
     """The Gram matrix (fp64) of the blocks xs (as stored: bfloat16 or float32) or, with a base (xs[0]), of
     their fp32 task vectors, as merge.methods.spherical.gram takes a block's; None where the compiled pass
     is not built or does not apply."""
-    lib, k = library(), len(xs) - int(has_base)
-    code = stored_code(lib, xs)
-    if code is None or not 1 <= k <= MAX_MODELS:
+    k = len(xs) - int(has_base)
+    compiled = _read_as_stored(xs, k)
+    if compiled is None:
         return None
+    lib, code = compiled
     gram = (ctypes.c_double * (k * k))()
     lib.gram_block(k, _pointers(xs), code, int(has_base), xs[0].numel(), gram)
     return [list(gram[i * k:(i + 1) * k]) for i in range(k)]
