@@ -130,6 +130,46 @@ def test_calm_merge_of_it_and_a_perturbed_copy_loads_and_answers(smollm2, tokeni
     assert complete(SingleModel(merged), tokenizer, ["The capital of Germany is"], max_new_tokens=2) == [" Berlin."]
 
 
+@pytest.mark.parametrize("method", ["sce", "karcher"])
+def test_merges_that_read_bf16_as_stored_give_its_fp32_copies_merge_to_the_bit(method, smollm2, tmp_path):
+    """SCE and the Gram matrix's methods read bfloat16 checkpoints as stored (fast_pass.c) and float32 ones
+    as they are: SmolLM2 and two perturbed copies saved in bf16, merged through `calm merge`, give the
+    output that the same values saved in fp32 give, every tensor to the bit (output bf16 both times)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from launcher.cli import main
+
+    generator = torch.Generator().manual_seed(1)
+    folders = {}
+    for i in range(3):
+        model = load(smollm2, torch.bfloat16)
+        if i:
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.add_((torch.randn(parameter.shape, generator=generator) * 2e-3).bfloat16())
+        for dtype in (torch.bfloat16, torch.float32):
+            folders[i, dtype] = tmp_path / f"in{i}-{str(dtype)[6:]}"
+            model.to(dtype).save_pretrained(folders[i, dtype])
+    merged = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        out = tmp_path / f"out-{str(dtype)[6:]}"
+        config = {"method": method, "output": {"path": str(out), "dtype": "bfloat16"},
+                  "models": [{"path": str(folders[i, dtype])} for i in range(3)]}
+        config |= {"base_model": folders[0, dtype].name, "parameters": {"select_topk": 0.5}} if method == "sce" else {}
+        (tmp_path / "merge.yaml").write_text(json.dumps(config))
+        with pytest.raises(SystemExit) as exit_code:
+            main(["merge", str(tmp_path / "merge.yaml"), "--no-progress"])
+        assert exit_code.value.code == 0
+        merged[dtype] = load_file(out / "model.safetensors")
+    stored, widened = merged[torch.bfloat16], merged[torch.float32]
+    assert stored.keys() == widened.keys() and all(t.dtype == torch.bfloat16 for t in stored.values())
+    assert all(torch.equal(stored[name].view(torch.int16), widened[name].view(torch.int16)) for name in stored)
+    base = load_file(folders[0, torch.bfloat16] / "model.safetensors")
+    assert any(not torch.equal(stored[name], base[name]) for name in stored)  # a merge, not a copy
+
+
 @pytest.mark.distributed
 def test_calm_eval_scores_it_through_ray_and_zero3_in_bf16(smollm2, tmp_path):
     """`calm eval --anchor-only` on two Ray Train workers, SmolLM2 partitioned over them in bf16: it
