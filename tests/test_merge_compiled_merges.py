@@ -9,6 +9,8 @@ adds 5 or more rows in another order, so there the two may differ in the last bi
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 import torch
 
@@ -125,6 +127,32 @@ def test_masked_task_vectors_are_the_torch_code_to_the_bit(method, density, resc
             assert torch.equal(nan, reference.isnan()) and same_bits(merged[~nan], reference[~nan])
 
 
+@pytest.mark.parametrize("method", ["dare_linear", "breadcrumbs", "della"])
+def test_l1_statistics_read_bfloat16_as_stored(method, monkeypatch):
+    """The statistic passes of DARE, Breadcrumbs and DELLA read bfloat16 blocks as stored (masked_l1,
+    della_keep): their thresholds, L1 ratios and DELLA's masks equal those of the same values widened
+    to fp32 first, compiled and torch, with infinities and NaN among the inputs."""
+    from merge.methods.registry import METHODS
+
+    shape = (N // 64, 64)
+    values = [[hard(N, 10 * index + s).to(torch.bfloat16) for s in range(3)] for index in range(2)]
+    stored = lambda: ((Block("w", i, N, seed=5, shape=shape), xs) for i, xs in enumerate(values))  # noqa: E731
+    widened = lambda: ((b, [x.float() for x in xs]) for b, xs in stored())  # noqa: E731
+    params = SPECS[method].params.model_validate({"density": 0.4, "rescale": True, **({"gamma": 0.05} if method == "breadcrumbs" else {})})
+    weights = [0.7, 1.3]
+
+    def summary(stats):
+        ratios = stats.rescale if isinstance(stats, sparse.Sparsity) else getattr(stats, "ratios", stats)
+        window = (stats.lower, stats.upper) if isinstance(stats, sparse.Sparsity) else None
+        masks = {k: v.tolist() for k, v in getattr(stats, "masks", {}).items()}
+        return window, [None if r is None else r.view(torch.int32).item() if not r.isnan() else "nan" for r in ratios], masks
+
+    ours = summary(METHODS[method].prepare(stored, 2 * N, params, weights))
+    assert any(r is not None for r in ours[1])
+    assert ours == summary(METHODS[method].prepare(widened, 2 * N, params, weights))
+    assert ours[:2] == summary(torch_only(monkeypatch, METHODS[method].prepare, stored, 2 * N, params, weights))[:2]
+
+
 @pytest.mark.parametrize("select_topk", [1.0, 0.6, 0.1])
 @pytest.mark.parametrize("models", [1, 2, 3, 4, 5])
 def test_sce_is_the_torch_code_to_the_bit(select_topk, models, monkeypatch):
@@ -218,13 +246,20 @@ def test_della_keep_mask_is_the_torch_ranks_draws_to_the_bit(rows, group, densit
     shape = (rows, group)
     block = Block("w", 2, n, seed=5, shape=shape)
     expected = (block_uniform(block, 1) < torch_only(monkeypatch, keep_chances, x - base, shape, density, epsilon)).float()
-    packed = fast_kernel.della_keep(x, base, group, block_key(block, 1), density, epsilon)
+    packed, norms = fast_kernel.della_keep(x, base, group, block_key(block, 1), density, epsilon, norms=True)
     unpacked = ((packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).flatten()  # element i: bit i % 8
     assert packed.numel() == -(-n // 8) and not unpacked[n:].any()  # the last byte's spare bits are 0
     keep = unpacked[:n].float()
     assert same_bits(keep, expected)
     assert group > 1 or not keep.any()
     assert 0 < expected.mean() < 1 or group == 1
+    # The norms from the same pass: masked_l1's of that mask, to the bit (its lanes, in its order).
+    assert struct.pack("2d", *norms) == struct.pack("2d", *fast_kernel.masked_l1(x, base, fast_kernel.Mask.given_by(packed)))
+    # bfloat16 inputs, read as stored: the mask and norms of their fp32 values.
+    x16, base16 = x.to(torch.bfloat16), base.to(torch.bfloat16)
+    stored = fast_kernel.della_keep(x16, base16, group, block_key(block, 1), density, epsilon, norms=True)
+    widened = fast_kernel.della_keep(x16.float(), base16.float(), group, block_key(block, 1), density, epsilon, norms=True)
+    assert torch.equal(stored[0], widened[0]) and struct.pack("2d", *stored[1]) == struct.pack("2d", *widened[1])
 
 
 @pytest.mark.parametrize("models", [2, 3, 5, 8])

@@ -55,13 +55,15 @@ def _masked(params: DellaParams) -> Masking:
     return masked
 
 
-def _compiled_keep(block: Block, model: int, x: Tensor, base: Tensor, params: DellaParams) -> Tensor | None:
+def _compiled_keep(block: Block, model: int, x: Tensor, base: Tensor, params: DellaParams,
+                   norms: bool = False) -> tuple[Tensor, tuple[float, float] | None] | None:
     """The compiled mask (fast_pass.c della_keep: most elements' decision without their exact rank) for a
-    block of a matrix's rows or of a vector; None for higher dimensions, which rank along dimension 1."""
+    block of a matrix's rows or of a vector, and with `norms` the L1 norms of the task vector and of it
+    masked; None for higher dimensions, which rank along dimension 1."""
     group = block.shape[1] if len(block.shape) >= 2 else row_length(block.shape)
     if row_length(block.shape) != group:
         return None
-    return fast_kernel.della_keep(x, base, group, block_key(block, model), params.density, params.epsilon)
+    return fast_kernel.della_keep(x, base, group, block_key(block, model), params.density, params.epsilon, norms)
 
 
 class DellaStatistic(NamedTuple):
@@ -75,11 +77,11 @@ def della_statistic(blocks: Blocks, numel: int, params: DellaParams, weights: Se
     masks: dict[tuple[int, int], Tensor] = {}
 
     def compiled(block: Block, model: int, x: Tensor, base: Tensor) -> tuple[float, float] | None:
-        keep = _compiled_keep(block, model, x, base, params)
-        if keep is None:
+        decided = _compiled_keep(block, model, x, base, params, norms=True)
+        if decided is None:
             return None
-        masks[block.index, model] = keep
-        return fast_kernel.masked_l1(x, base, fast_kernel.Mask.given_by(keep))
+        masks[block.index, model], norms = decided
+        return norms
 
     ratios = random_mask_ratios(blocks, _masked(params), params, len(weights), compiled)
     return None if ratios is None else DellaStatistic(ratios, masks)
@@ -89,7 +91,9 @@ def _della(xs: Sequence[Tensor], weights: Sequence[float], params: DellaParams, 
            block: Block, ties: bool) -> Tensor:
     def compiled(block: Block, model: int, x: Tensor, base: Tensor, ratio: Tensor | None) -> Tensor | None:
         keep = stats.masks.pop((block.index, model), None) if stats is not None else None
-        keep = keep if keep is not None else _compiled_keep(block, model, x, base, params)
+        if keep is None:
+            decided = _compiled_keep(block, model, x, base, params)
+            keep = decided[0] if decided is not None else None
         return None if keep is None else fast_kernel.masked_task_vector(x, base, fast_kernel.Mask.given_by(keep), ratio)
 
     ratios = stats.ratios if stats is not None else None

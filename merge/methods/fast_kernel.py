@@ -60,16 +60,16 @@ SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
     "uniform_draws": (None, (_U64, _I64, _P)),
     # x, base, *Mask, rescale, ratio, n, out
     "masked_task_vector": (None, (_P, _P, _INT, _U64, _F32, _F32, _F32, _P, _INT, _F32, _I64, _P)),
-    # x, base, *Mask, n, sums
-    "masked_l1": (None, (_P, _P, _INT, _U64, _F32, _F32, _F32, _P, _I64, _P)),
+    # x, base (as stored), dtype code, *Mask, n, sums
+    "masked_l1": (None, (_P, _P, _INT, _INT, _U64, _F32, _F32, _F32, _P, _I64, _P)),
     # k, xs (base first), dtype code, n, out
     "sce_variance": (None, (_INT, _P, _INT, _I64, _P)),
     # k, xs (base first), dtype code, select, threshold, n, sums
     "sce_squares": (None, (_INT, _P, _INT, _INT, _F32, _I64, _P)),
     # k, xs (base first), dtype code, select, threshold, shares, n, out
     "sce_merge": (None, (_INT, _P, _INT, _INT, _F32, _P, _I64, _P)),
-    # x, base, rows, group, key, low, epsilon, keep
-    "della_keep": (None, (_P, _P, _I64, _I64, _U64, _F32, _F32, _P)),
+    # x, base (as stored), dtype code, rows, group, key, low, epsilon, keep, sums (or NULL)
+    "della_keep": (None, (_P, _P, _INT, _I64, _I64, _U64, _F32, _F32, _P, _P)),
     # k, xs (any base first), dtype code, has_base, n, gram (k x k doubles)
     "gram_block": (None, (_INT, _P, _INT, _INT, _I64, _P)),
     # k, xs (any base first), has_base, weights, divisors, dots, spherical, mean_norm, cos_length, sin_ratio, norm, n, out
@@ -285,14 +285,32 @@ def masked_task_vector(x: torch.Tensor, base: torch.Tensor, mask: Mask, ratio: t
 
 
 def masked_l1(x: torch.Tensor, base: torch.Tensor, mask: Mask) -> tuple[float, float] | None:
-    """The L1 norms (fp64 sums) of x - base and of masked_task_vector(x, base, mask, None); None where the
-    compiled pass is not built or does not apply."""
-    lib = library()
-    if lib is None or not _floats([x, base]):
+    """The L1 norms (fp64 sums) of x - base and of masked_task_vector(x, base, mask, None), x and base read
+    as stored where they can be (else widened first); None where the compiled pass is not built or does
+    not apply."""
+    compiled = _as_stored_or_floats(x, base)
+    if compiled is None:
         return None
+    lib, code, x, base = compiled
     sums = (ctypes.c_double * 2)()
-    lib.masked_l1(x.data_ptr(), base.data_ptr(), *mask, x.numel(), sums)
+    lib.masked_l1(x.data_ptr(), base.data_ptr(), code, *mask, x.numel(), sums)
     return sums[0], sums[1]
+
+
+def _as_stored_or_floats(x: torch.Tensor, base: torch.Tensor) -> tuple[ctypes.CDLL, int, torch.Tensor, torch.Tensor] | None:
+    """The library, the dtype code, x and base for a pass over x - base that reads them as stored (both
+    bfloat16 or both float32), else widened to float32; None where the library is not built or the two
+    are not contiguous CPU tensors of one length."""
+    lib = library()
+    if lib is None or x.numel() != base.numel():
+        return None
+    code = stored_code(lib, [x, base])
+    if code is None:
+        x, base = x.float().contiguous(), base.float().contiguous()
+        if not _floats([x, base]):
+            return None
+        code = CODES[torch.float32]
+    return lib, code, x, base
 
 
 def _read_as_stored(xs: Sequence[torch.Tensor], k: int) -> tuple[ctypes.CDLL, int] | None:
@@ -375,15 +393,20 @@ def multislerp_merge(xs: Sequence[torch.Tensor], has_base: bool, weights: torch.
     return out
 
 
-def della_keep(x: torch.Tensor, base: torch.Tensor, group: int, key: int, density: float, epsilon: float) -> torch.Tensor | None:
+def della_keep(x: torch.Tensor, base: torch.Tensor, group: int, key: int, density: float, epsilon: float,
+               norms: bool = False) -> tuple[torch.Tensor, tuple[float, float] | None] | None:
     """DELLA's keep mask of the task vector x - base, a block of whole rows of `group` elements, packed
     (uint8; element i is bit i % 8 of byte i // 8: 1 kept, 0 dropped): merge.methods.della's
-    `block_uniform(block, model) < keep_chances(...)`, to the bit, with the draws of `key`; None where the
-    compiled pass is not built or does not apply."""
-    lib = library()
-    if lib is None or not _floats([x, base]) or x.numel() % group:
+    `block_uniform(block, model) < keep_chances(...)`, to the bit, with the draws of `key`; with `norms`,
+    also masked_l1's two norms of it, from the same pass. x and base are read as stored where they can be.
+    None where the compiled pass is not built or does not apply."""
+    compiled = _as_stored_or_floats(x, base)
+    if compiled is None or x.numel() % group:
         return None
+    lib, code, x, base = compiled
     keep = torch.empty(-(-x.numel() // 8), dtype=torch.uint8)
+    sums = (ctypes.c_double * 2)() if norms else None
     # della.py adds density - epsilon and multiplies by epsilon as torch does with Python floats: in fp32.
-    lib.della_keep(x.data_ptr(), base.data_ptr(), x.numel() // group, group, key, density - epsilon, epsilon, keep.data_ptr())
-    return keep
+    lib.della_keep(x.data_ptr(), base.data_ptr(), code, x.numel() // group, group, key, density - epsilon, epsilon,
+                   keep.data_ptr(), sums)
+    return keep, (sums[0], sums[1]) if sums is not None else None

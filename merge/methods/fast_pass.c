@@ -536,19 +536,19 @@ void masked_task_vector(const float *x, const float *base, int kind, uint64_t ke
 /* The L1 norms of x - base before and after the mask (sums[0], sums[1]), in double: a block of
  * magnitudes at a time (a loop that vectorises), added into LANES running sums per norm: independent
  * adds, which the compiler may vectorise without reordering any one sum (a single running sum cost
- * 7.5 ns an element, this 0.5). */
+ * 7.5 ns an element, this 0.5). Element i goes to lane i % LANES. x and base are read as stored
+ * (bfloat16 or float: code), the task vector the fp32 difference of their values: the statistic passes
+ * of DARE, Breadcrumbs and DELLA need not widen their blocks first. */
 enum { LANES = 8 };
 
-MULTIVERSION
-void masked_l1(const float *x, const float *base, int kind, uint64_t key, float density, float lower, float upper,
-               const uint8_t *given, int64_t n, double *sums) {
-    Mask mask = {kind, key, density, lower, upper, given};
+static inline __attribute__((always_inline)) void masked_l1_of(const void *x, const void *base, int code,
+                                                               const Mask *mask, int64_t n, double *sums) {
     double before[LANES] = {0}, after[LANES] = {0};
     for (int64_t start = 0; start < n; start += BLOCK) {
         int count = n - start < BLOCK ? (int)(n - start) : BLOCK;
         float d[BLOCK], keep[BLOCK], whole[BLOCK], masked[BLOCK];
-        for (int i = 0; i < count; i++) d[i] = x[start + i] - base[start + i];
-        keep_block(&mask, start, count, d, keep);
+        for (int i = 0; i < count; i++) d[i] = stored_float(x, start + i, code) - stored_float(base, start + i, code);
+        keep_block(mask, start, count, d, keep);
         for (int i = 0; i < count; i++) whole[i] = fabsf(d[i]), masked[i] = fabsf(d[i] * keep[i]);
         for (int i = count; i < BLOCK; i++) whole[i] = 0.0f, masked[i] = 0.0f;  /* a short last block */
         for (int i = 0; i < BLOCK; i += LANES)
@@ -556,6 +556,16 @@ void masked_l1(const float *x, const float *base, int kind, uint64_t key, float 
     }
     sums[0] = 0.0, sums[1] = 0.0;
     for (int w = 0; w < LANES; w++) sums[0] += before[w], sums[1] += after[w];
+}
+
+MULTIVERSION
+void masked_l1(const void *x, const void *base, int code, int kind, uint64_t key, float density, float lower,
+               float upper, const uint8_t *given, int64_t n, double *sums) {
+    Mask mask = {kind, key, density, lower, upper, given};
+    if (code == BF16)
+        masked_l1_of(x, base, BF16, &mask, n, sums);
+    else
+        masked_l1_of(x, base, F32, &mask, n, sums);
 }
 
 /* ---------------------------------------------------------------------------------------------------
@@ -801,7 +811,16 @@ static inline float della_chance(int64_t rank, float span, float low, float epsi
     return low + norm * 2.0f * epsilon;
 }
 
-enum { RANK_BINS = 2048, BIN_SHIFT = 15, SCAN_LIMIT = 64 };
+enum { RANK_BINS = 2048, BIN_SHIFT = 15, SCAN_LIMIT = 64, DIRECT_RANKS = 48 };
+
+/* One element's rank in its row (1 for the smallest), as the stable sort gives it: the keys below its
+ * own, and the equal keys before it. Two loops of comparisons that vectorise: ~group / 16 steps. */
+static inline __attribute__((always_inline)) uint32_t direct_rank(const uint32_t *keys, int64_t group, int64_t i) {
+    uint32_t key = keys[i], rank = 1;
+    for (int64_t j = 0; j < group; j++) rank += keys[j] < key;
+    for (int64_t j = 0; j < i; j++) rank += keys[j] == key;
+    return rank;
+}
 
 /* DELLA's keep mask for `rows` whole rows of d = x - base, packed (element i: bit i % 8 of byte i / 8 of
  * keep): 1 where the draw uniform_at(key, i) is below the element's chance, else 0 (della.py's
@@ -812,30 +831,40 @@ enum { RANK_BINS = 2048, BIN_SHIFT = 15, SCAN_LIMIT = 64 };
  * (each 2^BIN_SHIFT keys wide, 1/256 of an octave: the row's top 8 octaves, everything smaller in the
  * first bin), so an element's rank lies between its bin's first and last; as the chance is
  * nondecreasing in the rank, the draw lies below both ends' chances (kept) or at or above both
- * (dropped) for all but a few elements (0.4 % of a Gaussian row), ranked exactly by counting the smaller
- * keys in their bin, or in a bin of more than SCAN_LIMIT (the first, where everything below the top 8
- * octaves falls, or one of a row of many equal values) by radix-ranking that bin's members alone: ranking
- * the whole row for it took a third of a DELLA merge. Ranking every row by the radix sort, in both
- * passes over a tensor (the L1 norms' and the merge's), was DELLA's largest cost. */
-MULTIVERSION
-void della_keep(const float *x, const float *base, int64_t rows, int64_t group, uint64_t key, float low,
-                float epsilon, uint8_t *keep) {
+ * (dropped) for all but a few elements (0.4 % of a Gaussian row). Those few are ranked exactly: each by
+ * comparing its key with the row's (direct_rank), or, where a row has more than DIRECT_RANKS of them (a
+ * row of many equal values), by counting the smaller keys in their bin, or in a bin of more than
+ * SCAN_LIMIT (the first, where everything below the top 8 octaves falls, or one of many equal values)
+ * by radix-ranking that bin's members alone: ranking the whole row for it took a third of a DELLA merge.
+ * The per-bin chances of each bin's lowest and highest rank are tabled once a row, so the decision of
+ * every element is two lookups, a loop that vectorises (a scalar loop with the rank arithmetic was
+ * half of della_keep's time, listing each bin's members another eighth). */
+static inline __attribute__((always_inline)) void della_keep_of(const void *x, const void *base, int code, int64_t rows,
+                                                                int64_t group, uint64_t key, float low, float epsilon,
+                                                                uint8_t *keep, double *sums) {
     uint32_t *buffer = malloc(sizeof(uint32_t) * (11 * group + 4 * (int64_t)RANK_BINS));
-    float *chance = malloc(sizeof(float) * (group + 1)), *draw = malloc(sizeof(float) * group);  /* chance[rank]: every row's */
+    /* chance[rank]: every row's; [0] and [group + 1] only for the empty bins' table entries, never read */
+    float *chance = malloc(sizeof(float) * (group + 2)), *draw = malloc(sizeof(float) * group);
     float *kr = malloc(sizeof(float) * group);  /* one row's decisions, packed into keep once made */
-    if (!buffer || !chance || !draw || !kr) abort();
+    float *d = malloc(sizeof(float) * group);   /* one row's task vector */
+    double before[LANES] = {0}, after[LANES] = {0};  /* masked_l1's lanes: element i in lane i % LANES */
+    float *lowest = malloc(sizeof(float) * 2 * RANK_BINS), *highest_chance = lowest + RANK_BINS;
+    uint8_t *flag = malloc((size_t)group + 8);  /* unsure elements; gather() reads 8 past */
+    if (!buffer || !chance || !draw || !kr || !d || !lowest || !flag) abort();
     memset(keep, 0, (size_t)((rows * group + 7) / 8));
     uint32_t *keys = buffer, *bin = buffer + group, *unsure = buffer + 2 * group, *members = buffer + 3 * group;
     uint32_t *scratch = buffer + 4 * group, *gathered = buffer + 8 * group, *within = buffer + 9 * group;
     uint32_t *rank_of = buffer + 10 * group;  /* the ranks of the elements of the bins radix-ranked in this row */
     uint32_t *count = buffer + 11 * group, *first = count + RANK_BINS, *fill = first + RANK_BINS, *ranked = fill + RANK_BINS;
     float span = (float)group - 1.0f;
+    chance[0] = chance[group + 1] = 0.0f;
     for (int64_t rank = 1; rank <= group; rank++) chance[rank] = della_chance(rank, span, low, epsilon);
     for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * group, *br = base + r * group;
+        int64_t row = r * group;
+        for (int64_t i = 0; i < group; i++) d[i] = stored_float(x, row + i, code) - stored_float(base, row + i, code);
         uint32_t highest = 0;
         for (int64_t i = 0; i < group; i++) {
-            keys[i] = rank_key(xr[i] - br[i]);
+            keys[i] = rank_key(d[i]);
             highest = keys[i] > highest ? keys[i] : highest;
         }
         uint32_t bottom = highest >= ((uint32_t)RANK_BINS << BIN_SHIFT) ? highest - ((uint32_t)(RANK_BINS - 1) << BIN_SHIFT) : 0;
@@ -845,22 +874,30 @@ void della_keep(const float *x, const float *base, int64_t rows, int64_t group, 
             draw[i] = uniform_at(key, r * group + i);
         }
         for (int64_t i = 0; i < group; i++) count[bin[i]]++;
-        for (uint32_t b = 0, sum = 0; b < RANK_BINS; b++) first[b] = sum, sum += count[b];
-        /* kept below the bin's lowest rank's chance, dropped at or above its highest's, else unsure */
-        int64_t n_unsure = 0;
-        for (int64_t i = 0; i < group; i++) {  /* without branches: a draw is kept or not at random */
-            uint32_t b = bin[i];
-            float u = draw[i];
-            int keep_it = u < chance[first[b] + 1], drop_it = !(u < chance[first[b] + count[b]]);
-            kr[i] = kept(keep_it, 1.0f);
-            unsure[n_unsure] = (uint32_t)i;
-            n_unsure += !keep_it & !drop_it;
+        for (uint32_t b = 0, sum = 0; b < RANK_BINS; b++) {
+            first[b] = sum;
+            lowest[b] = chance[sum + 1];
+            sum += count[b];
+            highest_chance[b] = chance[sum];
         }
-        if (n_unsure) {
+        /* kept below the bin's lowest rank's chance, dropped at or above its highest's, else unsure */
+        for (int64_t i = 0; i < group; i++) {
+            float u = draw[i];
+            int keep_it = u < lowest[bin[i]], drop_it = !(u < highest_chance[bin[i]]);
+            kr[i] = kept(keep_it, 1.0f);
+            flag[i] = (uint8_t)(!keep_it & !drop_it);
+        }
+        int n_unsure = gather(flag, (int)group, (int *)unsure);
+        if (n_unsure && n_unsure <= DIRECT_RANKS) {
+            for (int k = 0; k < n_unsure; k++) {
+                uint32_t i = unsure[k];
+                kr[i] = kept(draw[i] < chance[direct_rank(keys, group, i)], 1.0f);
+            }
+        } else if (n_unsure) {
             memcpy(fill, first, sizeof(uint32_t) * RANK_BINS);  /* each bin's members, in position order */
             for (int64_t i = 0; i < group; i++) members[fill[bin[i]]++] = (uint32_t)i;
-            for (int64_t k = 0; k < n_unsure; k++) ranked[bin[unsure[k]]] = 0;
-            for (int64_t k = 0; k < n_unsure; k++) {
+            for (int k = 0; k < n_unsure; k++) ranked[bin[unsure[k]]] = 0;
+            for (int k = 0; k < n_unsure; k++) {
                 uint32_t i = unsure[k], b = bin[i], rank;
                 if (count[b] > SCAN_LIMIT) {
                     if (!ranked[b]) {  /* members in position order: the stable sort orders equal keys by it */
@@ -875,13 +912,35 @@ void della_keep(const float *x, const float *base, int64_t rows, int64_t group, 
                     for (uint32_t m = first[b]; m < first[b] + count[b]; m++)
                         rank += keys[members[m]] < keys[i] || (keys[members[m]] == keys[i] && members[m] < i);
                 }
-                kr[i] = kept(uniform_at(key, r * group + i) < chance[rank], 1.0f);
+                kr[i] = kept(draw[i] < chance[rank], 1.0f);
             }
         }
-        pack_bits(kr, r * group, group, keep);
+        pack_bits(kr, row, group, keep);
+        if (sums && (group & (LANES - 1)) == 0)  /* every row starts at lane 0: the loop vectorises */
+            for (int64_t i = 0; i < group; i += LANES)
+                for (int w = 0; w < LANES; w++) before[w] += fabsf(d[i + w]), after[w] += fabsf(d[i + w] * kr[i + w]);
+        else if (sums)
+            for (int64_t i = 0; i < group; i++)
+                before[(row + i) & (LANES - 1)] += fabsf(d[i]), after[(row + i) & (LANES - 1)] += fabsf(d[i] * kr[i]);
+    }
+    if (sums) {
+        sums[0] = 0.0, sums[1] = 0.0;
+        for (int w = 0; w < LANES; w++) sums[0] += before[w], sums[1] += after[w];
     }
     free(buffer);
     free(chance);
     free(draw);
     free(kr);
+    free(d);
+    free(lowest);
+    free(flag);
+}
+
+MULTIVERSION
+void della_keep(const void *x, const void *base, int code, int64_t rows, int64_t group, uint64_t key, float low,
+                float epsilon, uint8_t *keep, double *sums) {
+    if (code == BF16)
+        della_keep_of(x, base, BF16, rows, group, key, low, epsilon, keep, sums);
+    else
+        della_keep_of(x, base, F32, rows, group, key, low, epsilon, keep, sums);
 }

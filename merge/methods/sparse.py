@@ -75,7 +75,7 @@ def mix(base: Tensor, tvs: Sequence[Tensor], weights: Sequence[float], ties: boo
 
 
 Masking = Callable[[Block, int, Tensor], Tensor]  # (block, input position, task vector) -> masked
-# (block, input position, x, base) -> the L1 norms of x - base and of it masked, or None: not compiled here.
+# (block, input position, x, base as stored) -> the L1 norms of x - base and of it masked, or None: not compiled here.
 CompiledNorms = Callable[[Block, int, Tensor, Tensor], "tuple[float, float] | None"]
 
 
@@ -85,16 +85,14 @@ def l1_ratios(blocks: Blocks, masked: Masking, count: int, compiled: CompiledNor
     before: list[list[float]] = [[] for _ in range(count)]
     after: list[list[float]] = [[] for _ in range(count)]
     for block, stored in blocks():
-        xs = as_floats(stored)
-
-        def norms_of(model: int, block: Block = block, xs: list[Tensor] = xs) -> tuple[float, float]:
+        def norms_of(model: int, block: Block = block, xs: Sequence[Tensor] = stored) -> tuple[float, float]:
             norms = compiled(block, model, xs[model], xs[0]) if compiled is not None else None
             if norms is None:
-                delta = xs[model] - xs[0]
+                delta = xs[model].float() - xs[0].float()
                 norms = delta.abs().double().sum().item(), masked(block, model, delta).abs().double().sum().item()
             return norms
 
-        for i, norms in enumerate(each_model(norms_of, range(1, len(xs)))):
+        for i, norms in enumerate(each_model(norms_of, range(1, len(stored)))):
             before[i].append(norms[0])
             after[i].append(norms[1])
     ratios: list[Tensor | None] = []
