@@ -811,7 +811,7 @@ static inline float della_chance(int64_t rank, float span, float low, float epsi
     return low + norm * 2.0f * epsilon;
 }
 
-enum { RANK_BINS = 2048, BIN_SHIFT = 15, SCAN_LIMIT = 64, DIRECT_RANKS = 48 };
+enum { RANK_BINS = 1024, BIN_SHIFT = 16, SCAN_LIMIT = 64, DIRECT_RANKS = 48 };
 
 /* One element's rank in its row (1 for the smallest), as the stable sort gives it: the keys below its
  * own, and the equal keys before it. Two loops of comparisons that vectorise: ~group / 16 steps. */
@@ -828,17 +828,21 @@ static inline __attribute__((always_inline)) uint32_t direct_rank(const uint32_t
  * (a bit an element, where recomputing it cost DELLA as much as the rest of its merge).
  *
  * The exact rank of most elements is never needed. The keys are counted into RANK_BINS bins in order
- * (each 2^BIN_SHIFT keys wide, 1/256 of an octave: the row's top 8 octaves, everything smaller in the
+ * (each 2^BIN_SHIFT keys wide, 1/128 of an octave: the row's top 8 octaves, everything smaller in the
  * first bin), so an element's rank lies between its bin's first and last; as the chance is
  * nondecreasing in the rank, the draw lies below both ends' chances (kept) or at or above both
- * (dropped) for all but a few elements (0.4 % of a Gaussian row). Those few are ranked exactly: each by
- * comparing its key with the row's (direct_rank), or, where a row has more than DIRECT_RANKS of them (a
- * row of many equal values), by counting the smaller keys in their bin, or in a bin of more than
- * SCAN_LIMIT (the first, where everything below the top 8 octaves falls, or one of many equal values)
- * by radix-ranking that bin's members alone: ranking the whole row for it took a third of a DELLA merge.
+ * (dropped) for all but a few elements (about 1 % of a Gaussian row; 2048 bins, each half as wide,
+ * left half as many unsure but cost 10 % more in the bins' tables of 2048-element rows). Those few are
+ * ranked exactly: each by comparing its key with the row's (direct_rank), or, where a row has more than
+ * DIRECT_RANKS of them (a row of many equal values), by counting the smaller keys in their bin, or in a
+ * bin of more than SCAN_LIMIT (the first, where everything below the top 8 octaves falls, or one of many
+ * equal values) by radix-ranking that bin's members alone: ranking the whole row for it took a third of
+ * a DELLA merge.
  * The per-bin chances of each bin's lowest and highest rank are tabled once a row, so the decision of
  * every element is two lookups, a loop that vectorises (a scalar loop with the rank arithmetic was
- * half of della_keep's time, listing each bin's members another eighth). */
+ * half of della_keep's time, listing each bin's members another eighth). With sums, the same pass adds
+ * masked_l1's two norms of the task vector (its lanes, in its order: the same sums to the bit), which
+ * DELLA's statistic needs of the mask it keeps. x and base are read as stored (bfloat16 or float: code). */
 static inline __attribute__((always_inline)) void della_keep_of(const void *x, const void *base, int code, int64_t rows,
                                                                 int64_t group, uint64_t key, float low, float epsilon,
                                                                 uint8_t *keep, double *sums) {
