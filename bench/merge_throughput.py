@@ -195,7 +195,7 @@ def _memory(proc: psutil.Process) -> tuple[int, int]:
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
         rss += int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
-        # Buffers from anonymous shared maps (Python's mmap(-1): calm merge's input buffers) are RssShmem.
+        # Shared anonymous maps (Python's plain mmap(-1); calm merge's buffers are private maps now) are RssShmem.
         anon += sum(int(fields.get(key, "0 kB").split()[0]) * 1024 for key in ("RssAnon", "RssShmem"))
     return rss, anon
 

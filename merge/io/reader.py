@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import NamedTuple
 
-from merge.io.safetensors_file import ALIGN, DIRECT, ITEMSIZE, TensorInfo
+from merge.io.safetensors_file import ALIGN, DIRECT, ITEMSIZE, TensorInfo, io_buffer
 from merge.merge_errors import CheckpointError
 from merge.methods.specs import SPECS
 from merge.planning.plan import OutputTensor, ShardTask
@@ -123,7 +123,7 @@ class _Slot:
     has been computed."""
 
     def __init__(self, size: int) -> None:
-        self.buffer = mmap.mmap(-1, size)  # anonymous maps are page-aligned
+        self.buffer = io_buffer(size)
         self.used = 0  # bytes given to chunks since it was last empty
         self.chunks = 0  # chunks in it not yet computed
 

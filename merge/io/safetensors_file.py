@@ -160,6 +160,14 @@ def partial_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
+def io_buffer(size: int) -> mmap.mmap:
+    """A page-aligned buffer for direct I/O: a private anonymous map. mmap(-1) maps shared memory, whose
+    pages cost the kernel more to fault in, pin for each direct read and free: a cold merge of 3 x 1.1B
+    spent 1.5-1.7 s of system time with shared read slots, 1.1 s with private ones. (Huge pages, asked
+    for with madvise, cost more: 2.7 s.)"""
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename in this folder durable."""
     fd = os.open(path, os.O_RDONLY)
@@ -196,7 +204,7 @@ class ShardWriter:
             self._fd = os.open(self.tmp_path, flags)
         else:
             if DIRECT:
-                self._stage = mmap.mmap(-1, STAGE_BYTES)
+                self._stage = io_buffer(STAGE_BYTES)
                 self._disk = ThreadPoolExecutor(1, thread_name_prefix="merge-disk-write")
         self._spare: list[mmap.mmap] = []
         self._writing: deque[tuple[Future, mmap.mmap]] = deque()  # stages handed to the disk thread, in order
@@ -230,7 +238,7 @@ class ShardWriter:
         if self._spare:
             self._stage = self._spare.pop()
         elif len(self._writing) < WRITE_STAGES:
-            self._stage = mmap.mmap(-1, STAGE_BYTES)
+            self._stage = io_buffer(STAGE_BYTES)
         else:
             done, self._stage = self._writing.popleft()
             done.result()  # its error (a full disk) surfaces here
