@@ -496,16 +496,21 @@ static inline void unpack_bits(const uint8_t *bits, int64_t start, int count, fl
     for (; i < count; i++) keep[i] = (float)((bits[(start + i) >> 3] >> ((start + i) & 7)) & 1u);
 }
 
-/* The inverse: bits [start, start + count) of a zeroed packed mask set where keep is nonzero. */
-static inline void pack_bits(const float *keep, int64_t start, int64_t count, uint8_t *bits) {
+/* The inverse: bits [start, start + count) of a zeroed packed mask set where keep[i] (each 0 or 1) is 1.
+ * Eight at a time where start is whole bytes in, by one multiply: it moves byte k's low bit to bit 56 + k,
+ * and the products of the other bytes fall outside the top byte and carry nothing into it (a float
+ * compare per element, bit by bit, was an eighth of DELLA's mask). */
+static inline void pack_bits(const uint8_t *keep, int64_t start, int64_t count, uint8_t *bits) {
     int64_t i = 0;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
     if ((start & 7) == 0)
         for (uint8_t *b = bits + (start >> 3); i + 8 <= count; i += 8) {
-            uint32_t byte = 0;
-            for (int k = 0; k < 8; k++) byte |= (uint32_t)(keep[i + k] != 0.0f) << k;
-            b[i >> 3] = (uint8_t)byte;
+            uint64_t eight;
+            memcpy(&eight, keep + i, 8);
+            b[i >> 3] = (uint8_t)((eight * 0x0102040810204080ull) >> 56);
         }
-    for (; i < count; i++) bits[(start + i) >> 3] |= (uint8_t)((keep[i] != 0.0f) << ((start + i) & 7));
+#endif
+    for (; i < count; i++) bits[(start + i) >> 3] |= (uint8_t)(keep[i] << ((start + i) & 7));
 }
 
 /* keep[i] for one block: 1 where d[i] is kept, else 0, for a multiply by it as merge.methods.sparse
@@ -849,7 +854,7 @@ static inline __attribute__((always_inline)) void della_keep_of(const void *x, c
     uint32_t *buffer = malloc(sizeof(uint32_t) * (11 * group + 4 * (int64_t)RANK_BINS));
     /* chance[rank]: every row's; [0] and [group + 1] only for the empty bins' table entries, never read */
     float *chance = malloc(sizeof(float) * (group + 2)), *draw = malloc(sizeof(float) * group);
-    float *kr = malloc(sizeof(float) * group);  /* one row's decisions, packed into keep once made */
+    uint8_t *kr = malloc((size_t)group);  /* one row's decisions (1 kept), packed into keep once made */
     float *d = malloc(sizeof(float) * group);   /* one row's task vector */
     double before[LANES] = {0}, after[LANES] = {0};  /* masked_l1's lanes: element i in lane i % LANES */
     float *lowest = malloc(sizeof(float) * 2 * RANK_BINS), *highest_chance = lowest + RANK_BINS;
@@ -888,14 +893,14 @@ static inline __attribute__((always_inline)) void della_keep_of(const void *x, c
         for (int64_t i = 0; i < group; i++) {
             float u = draw[i];
             int keep_it = u < lowest[bin[i]], drop_it = !(u < highest_chance[bin[i]]);
-            kr[i] = kept(keep_it, 1.0f);
+            kr[i] = (uint8_t)keep_it;
             flag[i] = (uint8_t)(!keep_it & !drop_it);
         }
         int n_unsure = gather(flag, (int)group, (int *)unsure);
         if (n_unsure && n_unsure <= DIRECT_RANKS) {
             for (int k = 0; k < n_unsure; k++) {
                 uint32_t i = unsure[k];
-                kr[i] = kept(draw[i] < chance[direct_rank(keys, group, i)], 1.0f);
+                kr[i] = draw[i] < chance[direct_rank(keys, group, i)];
             }
         } else if (n_unsure) {
             memcpy(fill, first, sizeof(uint32_t) * RANK_BINS);  /* each bin's members, in position order */
@@ -916,16 +921,16 @@ static inline __attribute__((always_inline)) void della_keep_of(const void *x, c
                     for (uint32_t m = first[b]; m < first[b] + count[b]; m++)
                         rank += keys[members[m]] < keys[i] || (keys[members[m]] == keys[i] && members[m] < i);
                 }
-                kr[i] = kept(draw[i] < chance[rank], 1.0f);
+                kr[i] = draw[i] < chance[rank];
             }
         }
         pack_bits(kr, row, group, keep);
         if (sums && (group & (LANES - 1)) == 0)  /* every row starts at lane 0: the loop vectorises */
             for (int64_t i = 0; i < group; i += LANES)
-                for (int w = 0; w < LANES; w++) before[w] += fabsf(d[i + w]), after[w] += fabsf(d[i + w] * kr[i + w]);
+                for (int w = 0; w < LANES; w++) before[w] += fabsf(d[i + w]), after[w] += fabsf(d[i + w] * (float)kr[i + w]);
         else if (sums)
             for (int64_t i = 0; i < group; i++)
-                before[(row + i) & (LANES - 1)] += fabsf(d[i]), after[(row + i) & (LANES - 1)] += fabsf(d[i] * kr[i]);
+                before[(row + i) & (LANES - 1)] += fabsf(d[i]), after[(row + i) & (LANES - 1)] += fabsf(d[i] * (float)kr[i]);
     }
     if (sums) {
         sums[0] = 0.0, sums[1] = 0.0;
