@@ -94,10 +94,13 @@ def _world_word_prompts() -> list[str]:
     def a(word: str) -> str:
         return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
-    prompts = [form for animal in ANIMALS for form in (f"A baby {animal} is called a", f"The plural of {animal} is",
-                                                       f"{a(animal).capitalize()} is an animal that")]
-    prompts += [form for trade in TRADES for form in (f"{a(trade).capitalize()} is a person who",
-                                                      f"The work of {a(trade)} is to")]
+    prompts = [form for animal in ANIMALS for form in (
+        f"A baby {animal} is called a", f"The plural of {animal} is", f"{a(animal).capitalize()} is an animal that",
+        f"The sound {a(animal)} makes is", f"{a(animal).capitalize()} usually eats", f"{a(animal).capitalize()} has",
+        f"The {animal} lives in")]
+    prompts += [form for trade in TRADES for form in (
+        f"{a(trade).capitalize()} is a person who", f"The work of {a(trade)} is to",
+        f"{a(trade).capitalize()} usually works in", f"The tools of {a(trade)} are")]
     return prompts
 
 

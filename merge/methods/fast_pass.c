@@ -836,8 +836,8 @@ static inline __attribute__((always_inline)) uint32_t direct_rank(const uint32_t
  * (each 2^BIN_SHIFT keys wide, 1/128 of an octave: the row's top 8 octaves, everything smaller in the
  * first bin), so an element's rank lies between its bin's first and last; as the chance is
  * nondecreasing in the rank, the draw lies below both ends' chances (kept) or at or above both
- * (dropped) for all but a few elements (about 1 % of a Gaussian row; 2048 bins, each half as wide,
- * left half as many unsure but cost 10 % more in the bins' tables of 2048-element rows). Those few are
+ * (dropped) for all but a few elements (0.05 % of a Gaussian row's; 0.03 % with 2048 bins, each half as
+ * wide, whose tables cost della_keep 10 % more on 2048-element rows). Those few are
  * ranked exactly: each by comparing its key with the row's (direct_rank), or, where a row has more than
  * DIRECT_RANKS of them (a row of many equal values), by counting the smaller keys in their bin, or in a
  * bin of more than SCAN_LIMIT (the first, where everything below the top 8 octaves falls, or one of many
