@@ -187,8 +187,8 @@ HISTOGRAM_WAYS = 4
 
 def stored_code(lib: ctypes.CDLL | None, tensors: Sequence[torch.Tensor]) -> int | None:
     """The dtype code in which the passes that read their inputs as stored (the magnitude histograms,
-    SCE's) read these (contiguous CPU tensors of equal length, all bfloat16 or all float32), or None:
-    they cannot."""
+    SCE's, the Gram matrix, the sparse methods' L1 norms and DELLA's mask) read these (contiguous CPU
+    tensors of equal length, all bfloat16 or all float32), or None: they cannot."""
     if lib is None or not tensors or tensors[0].dtype not in (torch.bfloat16, torch.float32):
         return None
     return CODES[tensors[0].dtype] if _contiguous_cpu(tensors, tensors[0].dtype) else None
