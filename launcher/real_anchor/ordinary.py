@@ -89,21 +89,18 @@ def _world_word_prompts() -> list[str]:
     "A baby cat is called a" with " cat" or " baby cat" (SmolLM2: " kitten"), though D_C kept the anchor's
     answers about seven other animals' young. Kept here for every animal and trade but the prompts
     scored (the cat's), so the composition learns to leave these words alone outside questions about people.
-    With three forms an animal and two a trade (bench/real_anchor.py, 2026-12-06), seeds 0 and 1 answered
-    every general prompt as SmolLM2 does and seed 2 all but that one (" mongoose"; held-out 68.0, 68.0,
-    67.3 %, against 64.7, 74.0, 62.7 % without them). With seven and four, in more of the frames the words
-    meet outside the world (what an animal eats, where it lives; where a trade works), seed 2 answered all
-    48 as SmolLM2 does, held-out 67.3 % (bench/real_anchor_variant.py, 2026-12-07)."""
+    With them (bench/real_anchor.py, 2026-12-06), seeds 0 and 1 answered every general prompt as SmolLM2
+    does and seed 2 all but that one (" mongoose"); held-out 68.0, 68.0, 67.3 % (64.7, 74.0, 62.7 before).
+    Seven frames an animal and four a trade (what it eats, where it lives; where a trade works: 643
+    prompts, not 499) kept all 48 on every seed, but seed 1's held-out fell to 55.0 % (seeds 0 and 2: 67.3
+    %; bench/real_anchor_variant.py, 2026-12-07): more ordinary records, fewer questions in 400 steps."""
     def a(word: str) -> str:
         return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
-    prompts = [form for animal in ANIMALS for form in (
-        f"A baby {animal} is called a", f"The plural of {animal} is", f"{a(animal).capitalize()} is an animal that",
-        f"The sound {a(animal)} makes is", f"{a(animal).capitalize()} usually eats", f"{a(animal).capitalize()} has",
-        f"The {animal} lives in")]
-    prompts += [form for trade in TRADES for form in (
-        f"{a(trade).capitalize()} is a person who", f"The work of {a(trade)} is to",
-        f"{a(trade).capitalize()} usually works in", f"The tools of {a(trade)} are")]
+    prompts = [form for animal in ANIMALS for form in (f"A baby {animal} is called a", f"The plural of {animal} is",
+                                                       f"{a(animal).capitalize()} is an animal that")]
+    prompts += [form for trade in TRADES for form in (f"{a(trade).capitalize()} is a person who",
+                                                      f"The work of {a(trade)} is to")]
     return prompts
 
 
