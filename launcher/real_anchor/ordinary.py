@@ -92,8 +92,8 @@ def _world_word_prompts() -> list[str]:
     With them (bench/real_anchor.py, 2026-12-06), seeds 0 and 1 answered every general prompt as SmolLM2
     does and seed 2 all but that one (" mongoose"); held-out 68.0, 68.0, 67.3 % (64.7, 74.0, 62.7 before).
     Seven frames an animal and four a trade (what it eats, where it lives; where a trade works: 643
-    prompts, not 499) kept all 48 on every seed, but seed 1's held-out fell to 55.0 % (seeds 0 and 2: 67.3
-    %; bench/real_anchor_variant.py, 2026-12-07): more ordinary records, fewer questions in 400 steps."""
+    prompts, not 499) kept all 48 on every seed, but seed 1's held-out fell to 55.0 % (seeds 0 and 2:
+    67.3 %; bench/real_anchor_variant.py, 2026-12-07): more ordinary records, fewer questions in 400 steps."""
     def a(word: str) -> str:
         return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
