@@ -130,11 +130,17 @@ def test_calm_merge_of_it_and_a_perturbed_copy_loads_and_answers(smollm2, tokeni
     assert complete(SingleModel(merged), tokenizer, ["The capital of Germany is"], max_new_tokens=2) == [" Berlin."]
 
 
-@pytest.mark.parametrize("method", ["sce", "karcher"])
+# Each method's parameters in the test below (methods with a base merge SmolLM2's two perturbed copies onto it).
+AS_STORED = {"sce": {"select_topk": 0.5}, "karcher": None, "della": {"density": 0.5, "epsilon": 0.15},
+             "dare_linear": {"density": 0.5}}
+
+
+@pytest.mark.parametrize("method", list(AS_STORED))
 def test_merges_that_read_bf16_as_stored_give_its_fp32_copies_merge_to_the_bit(method, smollm2, tmp_path):
-    """SCE and the Gram matrix's methods read bfloat16 checkpoints as stored (fast_pass.c) and float32 ones
-    as they are: SmolLM2 and two perturbed copies saved in bf16, merged through `calm merge`, give the
-    output that the same values saved in fp32 give, every tensor to the bit (output bf16 both times)."""
+    """SCE, the Gram matrix's methods, DELLA's mask and the sparse methods' L1 norms read bfloat16
+    checkpoints as stored (fast_pass.c) and float32 ones as they are: SmolLM2 and two perturbed copies saved
+    in bf16, merged through `calm merge`, give the output that the same values saved in fp32 give, every
+    tensor to the bit (output bf16 both times)."""
     import json
 
     from safetensors.torch import load_file
@@ -157,7 +163,8 @@ def test_merges_that_read_bf16_as_stored_give_its_fp32_copies_merge_to_the_bit(m
         out = tmp_path / f"out-{str(dtype)[6:]}"
         config = {"method": method, "output": {"path": str(out), "dtype": "bfloat16"},
                   "models": [{"path": str(folders[i, dtype])} for i in range(3)]}
-        config |= {"base_model": folders[0, dtype].name, "parameters": {"select_topk": 0.5}} if method == "sce" else {}
+        if AS_STORED[method] is not None:
+            config |= {"base_model": folders[0, dtype].name, "parameters": AS_STORED[method]}
         (tmp_path / "merge.yaml").write_text(json.dumps(config))
         with pytest.raises(SystemExit) as exit_code:
             main(["merge", str(tmp_path / "merge.yaml"), "--no-progress"])

@@ -2,14 +2,13 @@
 - the exact fast pass of merge.methods.exact;
 - the magnitude histograms of merge.methods.magnitude;
 - the last pass of the sign-electing merges (TIES, and mergekit's task arithmetic after sparsification);
-- the seeded uniform draws of merge.methods.blocks;
-- the sparse methods' masks, norms and statistics (DARE, Breadcrumbs, SCE), DELLA's keep masks.
+- the seeded draws of merge.methods.blocks, the sparse methods' masks, norms and statistics (DARE, DELLA, SCE);
+- the spherical methods' Gram matrix and Multi-SLERP's step.
 
-Why compiled: the fast pass in torch is ~17 ops, each a pass over memory, and on a 2-core machine it
-cost as much CPU as reading and writing the files; fused it is one pass. Why at run time: the C is
-small and plain (no Python headers), so any C compiler builds it in under a second, and the project
-stays a pure-Python install. Without a compiler, merge.methods.exact runs the same pass in torch: the
-answer is the same, only slower (a line in the log says so).
+Why compiled: the fast pass in torch is ~17 ops, each a pass over memory, and on a 2-core machine it cost
+as much CPU as reading and writing the files; fused it is one pass. Why at run time: the C is small and
+plain (no Python headers), so any C compiler builds it in under a second, and the project stays a
+pure-Python install. Without a compiler, the torch code runs: the same answer, slower (the log says so).
 
 The library is cached under $XDG_CACHE_HOME/calm-dist (else ~/.cache/calm-dist), named by the
 source's hash, so an edited kernel is rebuilt and concurrent workers never load a half-written one.
@@ -37,9 +36,8 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("fast_pass.c")
 CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
-# The functions fast_pass.c exports, as ctypes sees them: name -> (return type, argument types), in the
-# order of the C prototypes (tests/test_merge_fast_kernel.py checks this table against the source). Pointers are
-# c_void_p: every array is a tensor's data_ptr() or a ctypes array.
+# The functions fast_pass.c exports, as ctypes sees them: name -> (return type, argument types), in the order of
+# the C prototypes (tests/test_merge_fast_kernel.py checks it against the source). Pointers are c_void_p.
 _P, _INT, _I64, _U64, _F32, _F64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint64, ctypes.c_float, ctypes.c_double
 # k, ys, codes, scaled, factor, absolute, overflow_risk, parts, counts, positive
 _CONSTANTS = (_INT, _P, _P, _P, _F64, _F64, _F64, _P, _P, _INT)
@@ -146,8 +144,8 @@ def _scratch(n: int, out_dtype: torch.dtype, fast: torch.dtype) -> tuple[torch.T
 
 
 class CompiledPass:
-    """fast_pass.c set up for one merge.methods.exact.combine() call: the per-tensor constants become C arrays
-    once, and each call runs the pass on one slice."""
+    """fast_pass.c set up for one merge.methods.exact.combine() call: the per-tensor constants become C
+    arrays once, and each call runs the pass on one slice."""
 
     def __init__(self, lib: ctypes.CDLL, plan: Any, dtypes: list[torch.dtype], out_dtype: torch.dtype, fast: torch.dtype):
         k = len(dtypes)
@@ -186,9 +184,9 @@ HISTOGRAM_WAYS = 4
 
 
 def stored_code(lib: ctypes.CDLL | None, tensors: Sequence[torch.Tensor]) -> int | None:
-    """The dtype code in which the passes that read their inputs as stored (the magnitude histograms,
-    SCE's, the Gram matrix, the sparse methods' L1 norms and DELLA's mask) read these (contiguous CPU
-    tensors of equal length, all bfloat16 or all float32), or None: they cannot."""
+    """The dtype code in which the passes that read their inputs as stored (the magnitude histograms, SCE's,
+    the Gram matrix, the sparse methods' L1 norms, DELLA's mask) read these (contiguous CPU tensors of equal
+    length, all bfloat16 or all float32), or None: they cannot."""
     if lib is None or not tensors or tensors[0].dtype not in (torch.bfloat16, torch.float32):
         return None
     return CODES[tensors[0].dtype] if _contiguous_cpu(tensors, tensors[0].dtype) else None
@@ -273,8 +271,7 @@ class Mask(NamedTuple):
 
 def masked_task_vector(x: torch.Tensor, base: torch.Tensor, mask: Mask, ratio: torch.Tensor | None) -> torch.Tensor | None:
     """(x - base) times 1 where the mask keeps an element, else 0, then times ratio (fp32, 0-d) unless None:
-    merge.methods.sparse's masked task vector, to the bit; None where the compiled pass is not built or
-    does not apply."""
+    merge.methods.sparse's masked task vector, to the bit; None where the compiled pass does not apply."""
     lib = library()
     if lib is None or not _floats([x, base]):
         return None
@@ -285,10 +282,9 @@ def masked_task_vector(x: torch.Tensor, base: torch.Tensor, mask: Mask, ratio: t
 
 
 def masked_l1(x: torch.Tensor, base: torch.Tensor, mask: Mask) -> tuple[float, float] | None:
-    """The L1 norms (fp64 sums) of x - base and of masked_task_vector(x, base, mask, None), x and base read
-    as stored where they can be (else widened first); None where the compiled pass is not built or does
-    not apply."""
-    compiled = _as_stored_or_floats(x, base)
+    """The L1 norms (fp64 sums) of x - base and of masked_task_vector(x, base, mask, None), x and base read as
+    stored where they can be (_task_vector_pass); None where the compiled pass is not built."""
+    compiled = _task_vector_pass(x, base)
     if compiled is None:
         return None
     lib, code, x, base = compiled
@@ -297,28 +293,21 @@ def masked_l1(x: torch.Tensor, base: torch.Tensor, mask: Mask) -> tuple[float, f
     return sums[0], sums[1]
 
 
-def _as_stored_or_floats(x: torch.Tensor, base: torch.Tensor) -> tuple[ctypes.CDLL, int, torch.Tensor, torch.Tensor] | None:
-    """The library, the dtype code, x and base for a pass over x - base that reads them as stored (both
-    bfloat16 or both float32), else widened to float32; None where the library is not built or the two
-    are not contiguous CPU tensors of one length."""
-    lib = library()
-    if lib is None or x.numel() != base.numel():
-        return None
-    code = stored_code(lib, [x, base])
-    if code is None:
-        x, base = x.float().contiguous(), base.float().contiguous()
-        if not _floats([x, base]):
-            return None
-        code = CODES[torch.float32]
-    return lib, code, x, base
-
-
 def _read_as_stored(xs: Sequence[torch.Tensor], k: int) -> tuple[ctypes.CDLL, int] | None:
-    """The library and the dtype code in which a pass over k vectors (SCE's task vectors, the Gram
-    matrix's) reads xs as stored (all bfloat16 or all float32); None where it cannot."""
+    """The library and the dtype code in which a pass over k vectors (SCE's task vectors, the Gram matrix's)
+    reads xs as stored (all bfloat16 or all float32); None where it cannot."""
     lib = library()
     code = stored_code(lib, xs) if 1 <= k <= MAX_MODELS else None
     return None if code is None else (lib, code)
+
+
+def _task_vector_pass(x: torch.Tensor, base: torch.Tensor) -> tuple[ctypes.CDLL, int, torch.Tensor, torch.Tensor] | None:
+    """_read_as_stored of x and base, and the two (widened to float32 where they cannot be read as stored)."""
+    compiled = _read_as_stored([x, base], 1)
+    if compiled is None and x.numel() == base.numel():
+        x, base = x.float().contiguous(), base.float().contiguous()
+        compiled = _read_as_stored([x, base], 1)
+    return None if compiled is None else (*compiled, x, base)
 
 
 def sce_variance(xs: Sequence[torch.Tensor]) -> torch.Tensor | None:
@@ -395,12 +384,11 @@ def multislerp_merge(xs: Sequence[torch.Tensor], has_base: bool, weights: torch.
 
 def della_keep(x: torch.Tensor, base: torch.Tensor, group: int, key: int, density: float, epsilon: float,
                norms: bool = False) -> tuple[torch.Tensor, tuple[float, float] | None] | None:
-    """DELLA's keep mask of the task vector x - base, a block of whole rows of `group` elements, packed
-    (uint8; element i is bit i % 8 of byte i // 8: 1 kept, 0 dropped): merge.methods.della's
-    `block_uniform(block, model) < keep_chances(...)`, to the bit, with the draws of `key`; with `norms`,
-    also masked_l1's two norms of it, from the same pass. x and base are read as stored where they can be.
-    None where the compiled pass is not built or does not apply."""
-    compiled = _as_stored_or_floats(x, base)
+    """DELLA's keep mask of the task vector x - base, a block of whole rows of `group` elements, packed (uint8;
+    element i is bit i % 8 of byte i // 8: 1 kept, 0 dropped): merge.methods.della's `block_uniform(block,
+    model) < keep_chances(...)`, to the bit, with the draws of `key`; with `norms`, also masked_l1's two norms
+    of it, from the same pass (x and base read as stored where they can be); None where it does not apply."""
+    compiled = _task_vector_pass(x, base)
     if compiled is None or x.numel() % group:
         return None
     lib, code, x, base = compiled

@@ -837,13 +837,12 @@ static inline __attribute__((always_inline)) uint32_t direct_rank(const uint32_t
  * first bin), so an element's rank lies between its bin's first and last; as the chance is
  * nondecreasing in the rank, the draw lies below both ends' chances (kept) or at or above both
  * (dropped) for all but a few elements (0.05 % of a Gaussian row's; 0.03 % with 2048 bins, each half as
- * wide, whose tables cost della_keep 10 % more on 2048-element rows). Those few are
- * ranked exactly: each by comparing its key with the row's (direct_rank), or, where a row has more than
- * DIRECT_RANKS of them (a row of many equal values), by counting the smaller keys in their bin, or in a
- * bin of more than SCAN_LIMIT (the first, where everything below the top 8 octaves falls, or one of many
- * equal values) by radix-ranking that bin's members alone: ranking the whole row for it took a third of
- * a DELLA merge.
- * The per-bin chances of each bin's lowest and highest rank are tabled once a row, so the decision of
+ * wide, whose tables cost della_keep 10 % more on 2048-element rows). Those few are ranked exactly: each
+ * by comparing its key with the row's (direct_rank), or, where a row has more than DIRECT_RANKS of them (a
+ * row of many equal values), by counting the smaller keys in their bin, or in a bin of more than SCAN_LIMIT
+ * (the first, where everything below the top 8 octaves falls, or one of many equal values) by
+ * radix-ranking that bin's members alone: ranking the whole row for it took a third of a DELLA merge. The
+ * per-bin chances of each bin's lowest and highest rank are tabled once a row, so the decision of
  * every element is two lookups, a loop that vectorises (a scalar loop with the rank arithmetic was
  * half of della_keep's time, listing each bin's members another eighth). With sums, the same pass adds
  * masked_l1's two norms of the task vector (its lanes, in its order: the same sums to the bit), which
@@ -880,7 +879,7 @@ static inline __attribute__((always_inline)) void della_keep_of(const void *x, c
         memset(count, 0, sizeof(uint32_t) * RANK_BINS);
         for (int64_t i = 0; i < group; i++) {
             bin[i] = (keys[i] > bottom ? keys[i] - bottom : 0) >> BIN_SHIFT;
-            draw[i] = uniform_at(key, r * group + i);
+            draw[i] = uniform_at(key, row + i);
         }
         for (int64_t i = 0; i < group; i++) count[bin[i]]++;
         for (uint32_t b = 0, sum = 0; b < RANK_BINS; b++) {
