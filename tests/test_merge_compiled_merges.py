@@ -127,18 +127,23 @@ def test_masked_task_vectors_are_the_torch_code_to_the_bit(method, density, resc
             assert torch.equal(nan, reference.isnan()) and same_bits(merged[~nan], reference[~nan])
 
 
-@pytest.mark.parametrize("method", ["dare_linear", "breadcrumbs", "della"])
-def test_l1_statistics_read_bfloat16_as_stored(method, monkeypatch):
-    """The statistic passes of DARE, Breadcrumbs and DELLA read bfloat16 blocks as stored (masked_l1,
-    della_keep): their thresholds, L1 ratios and DELLA's masks equal those of the same values widened
-    to fp32 first, compiled and torch, with infinities and NaN among the inputs."""
+@pytest.mark.parametrize("finite", [False, True])
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"])
+def test_sparse_methods_read_bfloat16_as_stored(method, finite, monkeypatch):
+    """DARE, Breadcrumbs and DELLA read bfloat16 blocks as stored (masked_l1, della_keep, sparse_merge;
+    MethodSpec.stored_blocks): their thresholds, L1 ratios, DELLA's masks and the merge equal those of the
+    same values widened to fp32 first, compiled and torch, with infinities and NaN among the inputs or not."""
     from merge.methods.registry import METHODS
 
+    method_ = METHODS[method]
+    assert method_.spec.stored_blocks
     shape = (N // 64, 64)
     values = [[hard(N, 10 * index + s).to(torch.bfloat16) for s in range(3)] for index in range(2)]
+    values = [[x.nan_to_num(0.0, 0.0, 0.0) if finite else x for x in xs] for xs in values]
     stored = lambda: ((Block("w", i, N, seed=5, shape=shape), xs) for i, xs in enumerate(values))  # noqa: E731
     widened = lambda: ((b, [x.float() for x in xs]) for b, xs in stored())  # noqa: E731
-    params = SPECS[method].params.model_validate({"density": 0.4, "rescale": True, **({"gamma": 0.05} if method == "breadcrumbs" else {})})
+    params = method_.spec.params.model_validate({"density": 0.4, "rescale": True,
+                                                 **({"gamma": 0.05} if method.startswith("breadcrumbs") else {})})
     weights = [0.7, 1.3]
 
     def summary(stats):
@@ -147,10 +152,21 @@ def test_l1_statistics_read_bfloat16_as_stored(method, monkeypatch):
         masks = {k: v.tolist() for k, v in getattr(stats, "masks", {}).items()}
         return window, [None if r is None else r.view(torch.int32).item() if not r.isnan() else "nan" for r in ratios], masks
 
-    ours = summary(METHODS[method].prepare(stored, 2 * N, params, weights))
-    assert any(r is not None for r in ours[1])
-    assert ours == summary(METHODS[method].prepare(widened, 2 * N, params, weights))
-    assert ours[:2] == summary(torch_only(monkeypatch, METHODS[method].prepare, stored, 2 * N, params, weights))[:2]
+    ours = summary(method_.prepare(stored, 2 * N, params, weights))
+    assert any(r is not None for r in ours[1]) and finite == ("nan" not in ours[1])
+    assert ours == summary(method_.prepare(widened, 2 * N, params, weights))
+    assert ours[:2] == summary(torch_only(monkeypatch, method_.prepare, stored, 2 * N, params, weights))[:2]
+
+    def statistic():  # DELLA's merge takes the masks its statistic kept: each merge gets its own
+        return method_.prepare(stored, 2 * N, params, weights)
+
+    for block, xs in stored():
+        merged = method_.combine(xs, weights, params, statistic(), block)
+        assert merged.dtype == torch.float32 and merged.isfinite().all() == finite
+        for other in (method_.combine([x.float() for x in xs], weights, params, statistic(), block),
+                      torch_only(monkeypatch, method_.combine, xs, weights, params, statistic(), block)):
+            nan = merged.isnan()
+            assert torch.equal(nan, other.isnan()) and same_bits(merged[~nan], other[~nan])
 
 
 @pytest.mark.parametrize("select_topk", [1.0, 0.6, 0.1])

@@ -89,12 +89,17 @@ def della_statistic(blocks: Blocks, numel: int, params: DellaParams, weights: Se
 
 def _della(xs: Sequence[Tensor], weights: Sequence[float], params: DellaParams, stats: DellaStatistic | None,
            block: Block, ties: bool) -> Tensor:
-    def compiled(block: Block, model: int, x: Tensor, base: Tensor, ratio: Tensor | None) -> Tensor | None:
+    held = []  # the packed masks the compiled merge reads by address, alive until it has
+
+    def compiled(block: Block, model: int, x: Tensor, base: Tensor) -> fast_kernel.Mask | None:
         keep = stats.masks.pop((block.index, model), None) if stats is not None else None
         if keep is None:
             decided = _compiled_keep(block, model, x, base, params)
             keep = decided[0] if decided is not None else None
-        return None if keep is None else fast_kernel.masked_task_vector(x, base, fast_kernel.Mask.given_by(keep), ratio)
+        if keep is None:
+            return None
+        held.append(keep)
+        return fast_kernel.Mask.given_by(keep)
 
     ratios = stats.ratios if stats is not None else None
     return random_mask_mix(xs, weights, params, _masked(params), ratios, block, ties, compiled)

@@ -28,7 +28,7 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
@@ -56,10 +56,11 @@ SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
     "mix_merge": (None, (_INT, _P, _P, _P, _INT, _INT, _F32, _F32, _I64, _P)),
     # key, n, out
     "uniform_draws": (None, (_U64, _I64, _P)),
-    # x, base, *Mask, rescale, ratio, n, out
-    "masked_task_vector": (None, (_P, _P, _INT, _U64, _F32, _F32, _F32, _P, _INT, _F32, _I64, _P)),
-    # x, base (as stored), dtype code, *Mask, n, sums
-    "masked_l1": (None, (_P, _P, _INT, _INT, _U64, _F32, _F32, _F32, _P, _I64, _P)),
+    # k, xs (base first, as stored), dtype code, masks (k Mask), rescale, ratios, weights, ties, normalize,
+    # divisor, scale, n, out
+    "sparse_merge": (None, (_INT, _P, _INT, _P, _P, _P, _P, _INT, _INT, _F32, _F32, _I64, _P)),
+    # x, base (as stored), dtype code, mask, n, sums
+    "masked_l1": (None, (_P, _P, _INT, _P, _I64, _P)),
     # k, xs (base first), dtype code, n, out
     "sce_variance": (None, (_INT, _P, _INT, _I64, _P)),
     # k, xs (base first), dtype code, select, threshold, n, sums
@@ -242,18 +243,13 @@ def uniform_draws(key: int, n: int) -> torch.Tensor | None:
     return out
 
 
-class Mask(NamedTuple):
+class Mask(ctypes.Structure):
     """Which elements of a task vector d = x - base a sparse method keeps: DARE's, those whose draw
     (merge.methods.blocks.uniform_draws(key, n)) is below density; Breadcrumbs', lower <= |d| < upper;
-    or those whose bit is 1 in a given packed mask (della_keep's; its address). fast_pass.c's Mask, field
-    for field."""
+    or those whose bit is 1 in a given packed mask (della_keep's; its address). fast_pass.c's Mask."""
 
-    kind: int  # fast_pass.c's MASK_WINDOW, MASK_DRAWS or MASK_GIVEN
-    key: int = 0
-    density: float = 0.0
-    lower: float = 0.0
-    upper: float = 0.0
-    given: int | None = None
+    _fields_ = [("kind", ctypes.c_int), ("key", ctypes.c_uint64), ("density", ctypes.c_float), ("lower", ctypes.c_float),
+                ("upper", ctypes.c_float), ("given", ctypes.c_void_p)]
 
     @classmethod
     def dare(cls, key: int, density: float) -> Mask:
@@ -269,27 +265,31 @@ class Mask(NamedTuple):
         return cls(2, given=keep.data_ptr())
 
 
-def masked_task_vector(x: torch.Tensor, base: torch.Tensor, mask: Mask, ratio: torch.Tensor | None) -> torch.Tensor | None:
-    """(x - base) times 1 where the mask keeps an element, else 0, then times ratio (fp32, 0-d) unless None:
-    merge.methods.sparse's masked task vector, to the bit; None where the compiled pass does not apply."""
-    lib = library()
-    if lib is None or not _floats([x, base]):
+def sparse_merge(xs: Sequence[torch.Tensor], masks: Sequence[Mask], ratios: Sequence[torch.Tensor | None],
+                 weights: Sequence[float], ties: bool, normalize: bool, divisor: float, scale: float) -> torch.Tensor | None:
+    """merge.methods.sparse.masked_mix, to the bit: each task vector x - base (xs: base first, read as stored
+    where they can be) masked, times its ratio (fp32, 0-d) unless None, then mixed; None: not compiled here."""
+    k = len(xs) - 1
+    if (compiled := _stored_or_widened(xs, k)) is None:
         return None
-    out = torch.empty_like(x)
-    lib.masked_task_vector(x.data_ptr(), base.data_ptr(), *mask, int(ratio is not None),
-                           0.0 if ratio is None else ratio.item(), out.numel(), out.data_ptr())
+    lib, code, xs = compiled
+    out = torch.empty(xs[0].shape, dtype=torch.float32)
+    rescale = (ctypes.c_int * k)(*(r is not None for r in ratios))
+    ratio = (ctypes.c_float * k)(*(0.0 if r is None else r.item() for r in ratios))
+    lib.sparse_merge(k, _pointers(xs), code, (Mask * k)(*masks), rescale, ratio, (ctypes.c_float * k)(*weights), int(ties),
+                     int(normalize), divisor, scale, out.numel(), out.data_ptr())
     return out
 
 
 def masked_l1(x: torch.Tensor, base: torch.Tensor, mask: Mask) -> tuple[float, float] | None:
-    """The L1 norms (fp64 sums) of x - base and of masked_task_vector(x, base, mask, None), x and base read as
-    stored where they can be (_task_vector_pass); None where the compiled pass is not built."""
-    compiled = _task_vector_pass(x, base)
+    """The L1 norms (fp64 sums) of x - base and of it masked (as sparse_merge masks it), x and base read as
+    stored where they can be (_stored_or_widened); None where the compiled pass is not built."""
+    compiled = _stored_or_widened([x, base], 1)
     if compiled is None:
         return None
-    lib, code, x, base = compiled
+    lib, code, (x, base) = compiled
     sums = (ctypes.c_double * 2)()
-    lib.masked_l1(x.data_ptr(), base.data_ptr(), code, *mask, x.numel(), sums)
+    lib.masked_l1(x.data_ptr(), base.data_ptr(), code, ctypes.byref(mask), x.numel(), sums)
     return sums[0], sums[1]
 
 
@@ -301,13 +301,13 @@ def _read_as_stored(xs: Sequence[torch.Tensor], k: int) -> tuple[ctypes.CDLL, in
     return None if code is None else (lib, code)
 
 
-def _task_vector_pass(x: torch.Tensor, base: torch.Tensor) -> tuple[ctypes.CDLL, int, torch.Tensor, torch.Tensor] | None:
-    """_read_as_stored of x and base, and the two (widened to float32 where they cannot be read as stored)."""
-    compiled = _read_as_stored([x, base], 1)
-    if compiled is None and x.numel() == base.numel():
-        x, base = x.float().contiguous(), base.float().contiguous()
-        compiled = _read_as_stored([x, base], 1)
-    return None if compiled is None else (*compiled, x, base)
+def _stored_or_widened(xs: Sequence[torch.Tensor], k: int) -> tuple[ctypes.CDLL, int, list[torch.Tensor]] | None:
+    """_read_as_stored of xs, and xs (widened to float32 where they cannot be read as stored: float16)."""
+    compiled = _read_as_stored(xs, k)
+    if compiled is None and 1 <= k <= MAX_MODELS and all(x.numel() == xs[0].numel() for x in xs):
+        xs = [x.float().contiguous() for x in xs]
+        compiled = _read_as_stored(xs, k)
+    return None if compiled is None else (*compiled, list(xs))
 
 
 def sce_variance(xs: Sequence[torch.Tensor]) -> torch.Tensor | None:
@@ -388,10 +388,10 @@ def della_keep(x: torch.Tensor, base: torch.Tensor, group: int, key: int, densit
     element i is bit i % 8 of byte i // 8: 1 kept, 0 dropped): merge.methods.della's `block_uniform(block,
     model) < keep_chances(...)`, to the bit, with the draws of `key`; with `norms`, also masked_l1's two norms
     of it, from the same pass (x and base read as stored where they can be); None where it does not apply."""
-    compiled = _task_vector_pass(x, base)
+    compiled = _stored_or_widened([x, base], 1)
     if compiled is None or x.numel() % group:
         return None
-    lib, code, x, base = compiled
+    lib, code, (x, base) = compiled
     keep = torch.empty(-(-x.numel() // 8), dtype=torch.uint8)
     sums = (ctypes.c_double * 2)() if norms else None
     # della.py adds density - epsilon and multiplies by epsilon as torch does with Python floats: in fp32.

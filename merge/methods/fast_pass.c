@@ -419,40 +419,50 @@ void ties_merge(int k, const float *const *xs, const float *thresholds, const fl
     }
 }
 
-/* merge.methods.sparse.mix: base + the weighted task vectors' sum (with TIES's election where `ties`:
- * over those agreeing with the sign of the sum, a zero sum positive), divided by the weights' sum where
- * `normalize` (`divisor`, the same for every element, without ties), times scale where scale != 1. */
+/* merge.methods.sparse.mix of one block of `count` elements: base + the weighted task vectors' sum (with
+ * TIES's election where `ties`: over those agreeing with the sign of the sum, a zero sum positive),
+ * divided by the weights' sum where `normalize` (`divisor`, the same for every element, without ties),
+ * times scale where scale != 1. tvs[j]: the block of task vector j. */
+static inline __attribute__((always_inline)) void mix_block(int k, const float *base, const float *const *tvs,
+                                                            const float *weights, int ties, int normalize,
+                                                            float divisor, float scale, int count, float *out) {
+    float weighted[MAX_MODELS][BLOCK], mixed[BLOCK], den[BLOCK];
+    for (int j = 0; j < k; j++)
+        for (int i = 0; i < count; i++) weighted[j][i] = tvs[j][i] * weights[j];
+    for (int i = 0; i < count; i++) mixed[i] = 0.0f, den[i] = 0.0f;
+    if (ties) {
+        float majority[BLOCK];
+        for (int j = 0; j < k; j++)
+            for (int i = 0; i < count; i++) mixed[i] = mixed[i] + weighted[j][i];
+        for (int i = 0; i < count; i++) majority[i] = mixed[i] >= 0.0f ? 1.0f : -1.0f, mixed[i] = 0.0f;
+        for (int j = 0; j < k; j++)
+            for (int i = 0; i < count; i++) {
+                float agree = sign_of(weighted[j][i]) == majority[i] ? 1.0f : 0.0f;
+                mixed[i] = mixed[i] + weighted[j][i] * agree;
+                den[i] = den[i] + weights[j] * agree;
+            }
+        for (int i = 0; i < count; i++) den[i] = den[i] == 0.0f ? 1.0f : den[i];
+    } else {
+        for (int j = 0; j < k; j++)
+            for (int i = 0; i < count; i++) mixed[i] = mixed[i] + weighted[j][i];
+        for (int i = 0; i < count; i++) den[i] = divisor;
+    }
+    if (normalize)
+        for (int i = 0; i < count; i++) mixed[i] = mixed[i] / den[i];
+    if (scale != 1.0f)
+        for (int i = 0; i < count; i++) mixed[i] = mixed[i] * scale;
+    for (int i = 0; i < count; i++) out[i] = base[i] + mixed[i];
+}
+
+/* merge.methods.sparse.mix: mix_block over the whole of base and the task vectors tvs. */
 MULTIVERSION
 void mix_merge(int k, const float *base, const float *const *tvs, const float *weights, int ties, int normalize,
                float divisor, float scale, int64_t n, float *out) {
     for (int64_t start = 0; start < n; start += BLOCK) {
         int count = n - start < BLOCK ? (int)(n - start) : BLOCK;
-        float weighted[MAX_MODELS][BLOCK], mixed[BLOCK], den[BLOCK];
-        for (int j = 0; j < k; j++)
-            for (int i = 0; i < count; i++) weighted[j][i] = tvs[j][start + i] * weights[j];
-        for (int i = 0; i < count; i++) mixed[i] = 0.0f, den[i] = 0.0f;
-        if (ties) {
-            float majority[BLOCK];
-            for (int j = 0; j < k; j++)
-                for (int i = 0; i < count; i++) mixed[i] = mixed[i] + weighted[j][i];
-            for (int i = 0; i < count; i++) majority[i] = mixed[i] >= 0.0f ? 1.0f : -1.0f, mixed[i] = 0.0f;
-            for (int j = 0; j < k; j++)
-                for (int i = 0; i < count; i++) {
-                    float agree = sign_of(weighted[j][i]) == majority[i] ? 1.0f : 0.0f;
-                    mixed[i] = mixed[i] + weighted[j][i] * agree;
-                    den[i] = den[i] + weights[j] * agree;
-                }
-            for (int i = 0; i < count; i++) den[i] = den[i] == 0.0f ? 1.0f : den[i];
-        } else {
-            for (int j = 0; j < k; j++)
-                for (int i = 0; i < count; i++) mixed[i] = mixed[i] + weighted[j][i];
-            for (int i = 0; i < count; i++) den[i] = divisor;
-        }
-        if (normalize)
-            for (int i = 0; i < count; i++) mixed[i] = mixed[i] / den[i];
-        if (scale != 1.0f)
-            for (int i = 0; i < count; i++) mixed[i] = mixed[i] * scale;
-        for (int i = 0; i < count; i++) out[start + i] = base[start + i] + mixed[i];
+        const float *block[MAX_MODELS];
+        for (int j = 0; j < k; j++) block[j] = tvs[j] + start;
+        mix_block(k, base + start, block, weights, ties, normalize, divisor, scale, count, out + start);
     }
 }
 
@@ -524,18 +534,43 @@ static inline void keep_block(const Mask *mask, int64_t start, int count, const 
         for (int i = 0; i < count; i++) keep[i] = (fabsf(d[i]) >= mask->lower) & (fabsf(d[i]) < mask->upper) ? 1.0f : 0.0f;
 }
 
-/* The task vector x - base masked, times ratio where rescale. */
-MULTIVERSION
-void masked_task_vector(const float *x, const float *base, int kind, uint64_t key, float density, float lower,
-                        float upper, const uint8_t *given, int rescale, float ratio, int64_t n, float *out) {
-    Mask mask = {kind, key, density, lower, upper, given};
+/* The merge of the sparse methods (merge.methods.sparse.random_mask_mix, _breadcrumbs): each task vector
+ * x_j - base masked by masks[j], times ratios[j] where rescale[j], then mixed (mix_block), a block at a
+ * time: the task vectors stay in L1 instead of being k temporaries of a whole piece, written and read
+ * back. xs (base first) are read as stored (bfloat16 or float: code), each task vector the fp32
+ * difference of their values, so the merge pass need not widen its blocks first (the widening copies and
+ * the page faults of their fresh memory were a tenth of a DELLA merge's CPU time). */
+static inline __attribute__((always_inline)) void sparse_merge_of(int k, const void *const *xs, int code,
+                                                                  const Mask *masks, const int *rescale,
+                                                                  const float *ratios, const float *weights, int ties,
+                                                                  int normalize, float divisor, float scale, int64_t n,
+                                                                  float *out) {
     for (int64_t start = 0; start < n; start += BLOCK) {
         int count = n - start < BLOCK ? (int)(n - start) : BLOCK;
-        float d[BLOCK], keep[BLOCK];
-        for (int i = 0; i < count; i++) d[i] = x[start + i] - base[start + i];
-        keep_block(&mask, start, count, d, keep);
-        for (int i = 0; i < count; i++) out[start + i] = rescale ? d[i] * keep[i] * ratio : d[i] * keep[i];
+        float base[BLOCK], tv[MAX_MODELS][BLOCK], keep[BLOCK];
+        const float *tvs[MAX_MODELS];
+        for (int i = 0; i < count; i++) base[i] = stored_float(xs[0], start + i, code);
+        for (int j = 0; j < k; j++) {
+            float *d = tv[j];
+            for (int i = 0; i < count; i++) d[i] = stored_float(xs[j + 1], start + i, code) - base[i];
+            keep_block(&masks[j], start, count, d, keep);
+            if (rescale[j])
+                for (int i = 0; i < count; i++) d[i] = d[i] * keep[i] * ratios[j];
+            else
+                for (int i = 0; i < count; i++) d[i] = d[i] * keep[i];
+            tvs[j] = d;
+        }
+        mix_block(k, base, tvs, weights, ties, normalize, divisor, scale, count, out + start);
     }
+}
+
+MULTIVERSION
+void sparse_merge(int k, const void *const *xs, int code, const Mask *masks, const int *rescale, const float *ratios,
+                  const float *weights, int ties, int normalize, float divisor, float scale, int64_t n, float *out) {
+    if (code == BF16)
+        sparse_merge_of(k, xs, BF16, masks, rescale, ratios, weights, ties, normalize, divisor, scale, n, out);
+    else
+        sparse_merge_of(k, xs, F32, masks, rescale, ratios, weights, ties, normalize, divisor, scale, n, out);
 }
 
 /* The L1 norms of x - base before and after the mask (sums[0], sums[1]), in double: a block of
@@ -564,13 +599,11 @@ static inline __attribute__((always_inline)) void masked_l1_of(const void *x, co
 }
 
 MULTIVERSION
-void masked_l1(const void *x, const void *base, int code, int kind, uint64_t key, float density, float lower,
-               float upper, const uint8_t *given, int64_t n, double *sums) {
-    Mask mask = {kind, key, density, lower, upper, given};
+void masked_l1(const void *x, const void *base, int code, const Mask *mask, int64_t n, double *sums) {
     if (code == BF16)
-        masked_l1_of(x, base, BF16, &mask, n, sums);
+        masked_l1_of(x, base, BF16, mask, n, sums);
     else
-        masked_l1_of(x, base, F32, &mask, n, sums);
+        masked_l1_of(x, base, F32, mask, n, sums);
 }
 
 /* ---------------------------------------------------------------------------------------------------

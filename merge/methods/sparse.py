@@ -54,8 +54,7 @@ def mix(base: Tensor, tvs: Sequence[Tensor], weights: Sequence[float], ties: boo
     """mergekit's generalized task arithmetic after sparsification: base + lambda * the weighted task
     vectors' sum (over those agreeing in sign, for TIES), divided by the weights' sum if normalize."""
     w = torch.tensor(list(weights), dtype=torch.float32).unsqueeze(-1)
-    total = w.sum(dim=0)
-    divisor = 1.0 if total.abs() < 1e-8 else total.item()
+    divisor = _divisor(weights)
     compiled = fast_kernel.mix_merge(base, tvs, weights, ties, normalize, divisor, scale)
     if compiled is not None:  # the same ops in one pass
         return compiled
@@ -72,6 +71,12 @@ def mix(base: Tensor, tvs: Sequence[Tensor], weights: Sequence[float], ties: boo
     if scale != 1:
         mixed *= scale
     return base + mixed
+
+
+def _divisor(weights: Sequence[float]) -> float:
+    """mix's divisor without TIES: the weights' fp32 sum, or 1 where it is about 0."""
+    total = torch.tensor(list(weights), dtype=torch.float32).unsqueeze(-1).sum(dim=0)
+    return 1.0 if total.abs() < 1e-8 else total.item()
 
 
 Masking = Callable[[Block, int, Tensor], Tensor]  # (block, input position, task vector) -> masked
@@ -125,22 +130,38 @@ def random_mask_ratios(blocks: Blocks, masked: Masking, params: DareParams | Del
     return l1_ratios(blocks, masked, count, compiled)
 
 
-# (block, input position, x, base, ratio) -> the task vector masked and rescaled, or None: not compiled here.
-CompiledTaskVector = Callable[[Block, int, Tensor, Tensor, "Tensor | None"], "Tensor | None"]
+# (block, input position, x, base as stored) -> the compiled pass's mask of that task vector, or None: not compiled here.
+CompiledMask = Callable[[Block, int, Tensor, Tensor], "fast_kernel.Mask | None"]
+
+
+def masked_mix(xs: Sequence[Tensor], weights: Sequence[float], normalize: bool, scale: float, masked: Masking,
+               ratios: Sequence[Tensor | None], block: Block, ties: bool, compiled: CompiledMask | None = None) -> Tensor:
+    """Each task vector masked and rescaled by its ratio (None: not rescaled), then mixed. xs as stored
+    (MethodSpec.stored_blocks): the compiled pass reads them so; the torch code widens them."""
+    masks = [compiled(block, i, x, xs[0]) for i, x in enumerate(xs[1:], start=1)] if compiled is not None else []
+    if masks and None not in masks:
+        divisor = _divisor(weights)
+        merged = fast_kernel.sparse_merge(xs, masks, ratios, weights, ties, normalize, divisor, scale)
+        if merged is not None:
+            return merged
+    base, *models = as_floats(xs)
+    tvs = [rescaled(masked(block, i, x - base), r) for i, (x, r) in enumerate(zip(models, ratios, strict=True), start=1)]
+    return mix(base, tvs, weights, ties, normalize, scale)
 
 
 def random_mask_mix(xs: Sequence[Tensor], weights: Sequence[float], params: DareParams | DellaParams, masked: Masking,
-                    ratios: list | None, block: Block, ties: bool, compiled: CompiledTaskVector | None = None) -> Tensor:
+                    ratios: list | None, block: Block, ties: bool, compiled: CompiledMask | None = None) -> Tensor:
     """Each task vector masked (below density 1) and rescaled by its ratio, then mixed."""
-    base = xs[0]
     if params.density >= 1:
-        return mix(base, [x - base for x in xs[1:]], weights, ties, params.normalize, params.scale)
-    tvs = []
-    for i, x in enumerate(xs[1:], start=1):
-        ratio = ratios[i - 1] if ratios else None
-        tv = compiled(block, i, x, base, ratio) if compiled is not None else None
-        tvs.append(tv if tv is not None else rescaled(masked(block, i, x - base), ratio))
-    return mix(base, tvs, weights, ties, params.normalize, params.scale)
+        return unmasked_mix(xs, weights, ties, params.normalize, params.scale)
+    ratios = ratios or [None] * (len(xs) - 1)
+    return masked_mix(xs, weights, params.normalize, params.scale, masked, ratios, block, ties, compiled)
+
+
+def unmasked_mix(xs: Sequence[Tensor], weights: Sequence[float], ties: bool, normalize: bool, scale: float) -> Tensor:
+    """Every task vector whole (density 1, no window), mixed; xs as stored or fp32."""
+    base, *models = as_floats(xs)
+    return mix(base, [x - base for x in models], weights, ties, normalize, scale)
 
 
 def dare_statistic(blocks: Blocks, numel: int, params: DareParams, weights: Sequence[float]) -> list[Tensor | None] | None:
@@ -152,8 +173,8 @@ def dare_statistic(blocks: Blocks, numel: int, params: DareParams, weights: Sequ
 
 def _dare(xs: Sequence[Tensor], weights: Sequence[float], params: DareParams, ratios: list | None, block: Block,
           ties: bool) -> Tensor:
-    def compiled(block: Block, model: int, x: Tensor, base: Tensor, ratio: Tensor | None) -> Tensor | None:
-        return fast_kernel.masked_task_vector(x, base, fast_kernel.Mask.dare(block_key(block, model), params.density), ratio)
+    def compiled(block: Block, model: int, x: Tensor, base: Tensor) -> fast_kernel.Mask:
+        return fast_kernel.Mask.dare(block_key(block, model), params.density)
 
     return random_mask_mix(xs, weights, params, _dare_masked(params), ratios, block, ties, compiled)
 
@@ -204,25 +225,27 @@ def _window(delta: Tensor, lower: float, upper: float) -> Tensor:
 
 
 def _breadcrumbs(xs: Sequence[Tensor], weights: Sequence[float], params: BreadcrumbsParams, stats: Sparsity | None,
-                 ties: bool) -> Tensor:
-    base = xs[0]
+                 block: Block, ties: bool) -> Tensor:
     if stats is None:
-        return mix(base, [x - base for x in xs[1:]], weights, ties, params.normalize, params.scale)
-    tvs = []
-    for x, lo, up, r in zip(xs[1:], stats.lower, stats.upper, stats.rescale, strict=True):
-        tv = fast_kernel.masked_task_vector(x, base, fast_kernel.Mask.window(lo, up), r)
-        tvs.append(tv if tv is not None else rescaled(_window(x - base, lo, up), r))
-    return mix(base, tvs, weights, ties, params.normalize, params.scale)
+        return unmasked_mix(xs, weights, ties, params.normalize, params.scale)
+
+    def masked(block: Block, model: int, delta: Tensor) -> Tensor:
+        return _window(delta, stats.lower[model - 1], stats.upper[model - 1])
+
+    def compiled(block: Block, model: int, x: Tensor, base: Tensor) -> fast_kernel.Mask:
+        return fast_kernel.Mask.window(stats.lower[model - 1], stats.upper[model - 1])
+
+    return masked_mix(xs, weights, params.normalize, params.scale, masked, stats.rescale, block, ties, compiled)
 
 
 def breadcrumbs(xs: Sequence[Tensor], weights: Sequence[float], params: BreadcrumbsParams, stats: Sparsity | None,
                 block: Block) -> Tensor:
-    return _breadcrumbs(xs, weights, params, stats, ties=False)
+    return _breadcrumbs(xs, weights, params, stats, block, ties=False)
 
 
 def breadcrumbs_ties(xs: Sequence[Tensor], weights: Sequence[float], params: BreadcrumbsParams, stats: Sparsity | None,
                      block: Block) -> Tensor:
-    return _breadcrumbs(xs, weights, params, stats, ties=True)
+    return _breadcrumbs(xs, weights, params, stats, block, ties=True)
 
 
 # SCE

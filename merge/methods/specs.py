@@ -184,18 +184,18 @@ SPECS: dict[str, MethodSpec] = {
     # Two histogram passes find each task vector's magnitude threshold (methods.kth_largest_abs).
     "ties": MethodSpec(SparseParams, True, True, (2, None), reads=3, statistic_bytes_per_input=HISTOGRAMS),
     # One pass for each task vector's L1 norm before and after its mask (DareParams.rescale).
-    "dare_linear": MethodSpec(DareParams, True, True, (2, None), reads=2, arrays_per_input=4),
-    "dare_ties": MethodSpec(DareParams, True, True, (2, None), reads=2, arrays_per_input=5),
+    "dare_linear": MethodSpec(DareParams, True, True, (2, None), stored_blocks=True, reads=2, arrays_per_input=4),
+    "dare_ties": MethodSpec(DareParams, True, True, (2, None), stored_blocks=True, reads=2, arrays_per_input=5),
     # One pass for each task vector's L1 norm before and after its mask; the ranks (int64 sort order
     # and inverse) and draws of one input at a time on top of the task vectors.
-    "della": MethodSpec(DellaParams, True, True, (2, None), reads=2, arrays_per_input=7, row_blocks=True,
+    "della": MethodSpec(DellaParams, True, True, (2, None), stored_blocks=True, reads=2, arrays_per_input=7, row_blocks=True,
                         held_mask_bits=1, refuses=_della_refuses),
-    "della_linear": MethodSpec(DellaLinearParams, True, True, (2, None), reads=2, arrays_per_input=6,
+    "della_linear": MethodSpec(DellaLinearParams, True, True, (2, None), stored_blocks=True, reads=2, arrays_per_input=6,
                                row_blocks=True, held_mask_bits=1, refuses=_della_refuses),
     # Two histogram passes find both magnitude thresholds, one more the L1 norms (if rescale).
-    "breadcrumbs": MethodSpec(BreadcrumbsParams, True, True, (2, None), reads=4, arrays_per_input=4,
+    "breadcrumbs": MethodSpec(BreadcrumbsParams, True, True, (2, None), stored_blocks=True, reads=4, arrays_per_input=4,
                               statistic_bytes_per_input=HISTOGRAMS * 2),
-    "breadcrumbs_ties": MethodSpec(BreadcrumbsParams, True, True, (2, None), reads=4, arrays_per_input=5,
+    "breadcrumbs_ties": MethodSpec(BreadcrumbsParams, True, True, (2, None), stored_blocks=True, reads=4, arrays_per_input=5,
                                    statistic_bytes_per_input=HISTOGRAMS * 2),
     # Two histogram passes for the variance threshold, one for the task vectors' mean squares.
     "sce": MethodSpec(SceParams, True, False, (2, None), reads=4, arrays_per_input=5, stored_blocks=True,
