@@ -93,7 +93,10 @@ def _world_word_prompts() -> list[str]:
     does and seed 2 all but that one (" mongoose"); held-out 68.0, 68.0, 67.3 % (64.7, 74.0, 62.7 before).
     Seven frames an animal and four a trade (what it eats, where it lives; where a trade works: 643
     prompts, not 499) kept all 48 on every seed, but seed 1's held-out fell to 55.0 % (seeds 0 and 2:
-    67.3 %; bench/real_anchor_variant.py, 2026-12-07): more ordinary records, fewer questions in 400 steps."""
+    67.3 %; bench/real_anchor_variant.py, 2026-12-07): more ordinary records, fewer questions in 400 steps.
+    With as many ordinary records as now (D_C's prose 480 -> 336 passages), seed 1's held-out rose to
+    76.3 %, but it lost "The Eiffel Tower is in" (" the process of being"); with 408 passages, 63.0 % and
+    the same loss. The prose keeps that answer; these frames stay as they are."""
     def a(word: str) -> str:
         return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
