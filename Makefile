@@ -29,7 +29,8 @@ demo-cocktail: $(STAMP)
 test: $(STAMP)
 	# The real pretrained checkpoint the tests use: fetched and converted once per machine (calm_dist/testing/real_checkpoint.py).
 	$(PY) -m calm_dist.testing.real_checkpoint
-	$(PY) -m pytest -q
+	# The slowest tests listed: the suite must stay under 25 minutes on a 2-core CI machine.
+	$(PY) -m pytest -q --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
