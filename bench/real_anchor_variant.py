@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -45,7 +46,8 @@ def main() -> None:
     start = time.time()
     root = Path(args.root).resolve()
     assets = prepare(root / f"seed-{args.seed}", args.seed, Design(training=settings), print)
-    name = ("variant-" + "-".join(f"{k}_{v}" for k, v in settings).replace("/", "_"))[:80] + f"-s{args.seed}"
+    # A run name allows [A-Za-z0-9_.-]: a list value ("composition.connections=[[0,-1,23]]") loses the rest.
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", "variant-" + "-".join(f"{k}_{v}" for k, v in settings))[:80] + f"-s{args.seed}"
     config = training_config(CONFIG, assets, args.seed, name, root / "runs", root / "ray", settings)
     preflight(config)
     composition = Path(config.output_dir) / name / "composition"
