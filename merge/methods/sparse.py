@@ -172,7 +172,7 @@ def unmasked_mix(xs: Sequence[Tensor], weights: Sequence[float], ties: bool, nor
 def dare_statistic(blocks: Blocks, numel: int, params: DareParams, weights: Sequence[float]) -> list[Tensor | None] | None:
     """The L1 rescale factors. Unlike DELLA's, DARE's masks are drawn again by the merge pass: held from this
     pass, packed, they cost it what they saved the merge (perf at 499 Hz of a 3 x 1.1B dare_linear merge,
-    2026-12-07: masked_l1 +199 samples, sparse_merge -207, of 7,400; the same wall time, interleaved)."""
+    2026-12-07: masked_l1 +199 samples, sparse_merge -207, of 7,161 and 7,441; the same wall time, interleaved)."""
     def compiled(block: Block, model: int, x: Tensor, base: Tensor) -> tuple[float, float] | None:
         return fast_kernel.masked_l1(x, base, fast_kernel.Mask.dare(block_key(block, model), params.density))
 
