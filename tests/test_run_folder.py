@@ -27,7 +27,9 @@ def fake_checkpoint(run_storage: Path, name: str, step: int, world_size: int = 2
         shard.parent.mkdir(parents=True)
         shard.write_bytes(b"x" * (100 + rank))
         if rank == 0:
-            (own / STATE).write_text(json.dumps({"step": step, "tag": f"step-{step:08d}", "data": {},
+            # The data position of tiny_train_config's runs (seed 0, 2 anchor ranks of micro-batch 1).
+            data = {"epoch": 0, "next_batch": step, "seed": 0, "world_size": 2, "micro_batch_size": 1}
+            (own / STATE).write_text(json.dumps({"step": step, "tag": f"step-{step:08d}", "data": data,
                                                  "world_size": world_size}))
         write_rank_manifest(own, rank)
         for file in own.rglob("*"):
@@ -178,6 +180,19 @@ def test_a_run_with_a_checkpoint_needs_resume(tiny_train_config, monkeypatch):
     with pytest.raises(RayStarted):
         start_train(tiny_train_config, monkeypatch, resume=True)
     assert folder.exists()
+
+
+def test_a_resume_under_other_batch_sizes_is_refused_before_ray_starts(tiny_train_config, monkeypatch):
+    run_storage = Path(tiny_train_config.ray.storage_path) / "exp"
+    folder = fake_checkpoint(run_storage, ray_name(2), 2)
+    other = tiny_train_config.model_copy(update={"training": tiny_train_config.training.model_copy(
+        update={"micro_batch_size": 2, "global_batch_size": 4})})
+    with pytest.raises(DataError) as refused:
+        start_train(other, monkeypatch, resume=True)
+    assert str(refused.value) == (
+        f"{folder}/{STATE}: cannot resume the data position: it was saved with micro_batch_size=1 but this run "
+        "has micro_batch_size=2; resume with the same data and sharding, or start afresh")
+    assert isinstance(refused.value, InputError)  # exit 2, never retried
 
 
 def files_under(folder: Path) -> dict[str, bytes]:

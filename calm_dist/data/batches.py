@@ -14,6 +14,25 @@ from calm_dist.data.records import DataError
 from calm_dist.data.tokenization import IGNORE_INDEX
 from calm_dist.model.alignment import collate_views
 
+# What a saved data position is only valid under: resuming under other sharding or other data would
+# silently repeat or skip records.
+_SHARDING = ("seed", "world_size", "micro_batch_size", "num_samples")
+
+
+def check_data_position(state: Mapping[str, int], run: Mapping[str, int]) -> None:
+    """Raise DataError unless the saved data position `state` can be resumed by a run sharded as `run`
+    (a subset of seed, world_size, micro_batch_size, num_samples: the driver checks what it knows before
+    any worker starts, the workers check all of it)."""
+    missing = [key for key in ("epoch", "next_batch", "seed", "world_size", "micro_batch_size") if key not in state]
+    if missing:
+        raise DataError(f"cannot resume the data position: the saved state lacks {missing}")
+    for key in _SHARDING:
+        if key in state and key in run and state[key] != run[key]:
+            raise DataError(
+                f"cannot resume the data position: it was saved with {key}={state[key]} but this run has "
+                f"{key}={run[key]}; resume with the same data and sharding, or start afresh"
+            )
+
 
 def collate(
     examples: Sequence[Mapping[str, Any]], pad_token_id: int, augmenting_pad_ids: Sequence[int] = ()
@@ -160,17 +179,7 @@ class ShardedBatches:
         }
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
-        # Resuming under other sharding or other data would silently repeat or skip records.
-        required = ("epoch", "next_batch", "seed", "world_size", "micro_batch_size")
-        missing = [key for key in required if key not in state]
-        if missing:
-            raise DataError(f"cannot resume the data position: the saved state lacks {missing}")
-        for key in ("seed", "world_size", "micro_batch_size", "num_samples"):
-            if key in state and state[key] != getattr(self, key):
-                raise DataError(
-                    f"cannot resume the data position: it was saved with {key}={state[key]} but this run has "
-                    f"{key}={getattr(self, key)}; resume with the same data and sharding, or start afresh"
-                )
+        check_data_position(state, {key: getattr(self, key) for key in _SHARDING})
         if not 0 <= state["next_batch"] < self.batches_per_epoch or state["epoch"] < 0:
             raise DataError(f"cannot resume the data position epoch={state['epoch']}, next_batch="
                             f"{state['next_batch']}: an epoch has {self.batches_per_epoch} batches")

@@ -29,7 +29,7 @@ from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import pyarrow.fs
 
-from calm_dist.distributed.checkpoint_layout import Inspection, inspect_checkpoint, read_json
+from calm_dist.distributed.checkpoint_layout import STATE, Inspection, inspect_checkpoint, read_json
 from calm_dist.errors import InputError
 from launcher.train_config import ConfigError
 
@@ -101,6 +101,7 @@ class FoundCheckpoint:
     path: Path | str  # the folder, as RunStorage.show gives it
     step: int
     source: str  # what ray.train.Checkpoint opens
+    folder: str  # its name in the run's folder
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def survey(run_storage: RunStorage | str | Path) -> Survey:
     for name in _checkpoint_folders(storage):
         found = inspect_checkpoint(f"{storage.path}/{name}", storage.filesystem)
         if found.step is not None:
-            complete.append(FoundCheckpoint(storage.show(name), found.step, storage.source(name)))
+            complete.append(FoundCheckpoint(storage.show(name), found.step, storage.source(name), name))
         elif found.cut_short and _ours(name, found) and registered is not None and name not in registered:
             leftovers.append(name)
         else:
@@ -174,6 +175,11 @@ def starting_point(run_storage: RunStorage, name: str, resume: bool) -> FoundChe
         if found.snapshot:  # it lists nothing that is still there, so Ray Train would restore from nothing
             run_storage.filesystem.delete_file(f"{run_storage.path}/{RAY_SNAPSHOT}")
     return None
+
+
+def saved_data_position(run_storage: RunStorage, checkpoint: FoundCheckpoint) -> dict:
+    """The data position `checkpoint` saved (calm_dist.data.batches.ShardedBatches.state_dict)."""
+    return read_json(f"{run_storage.path}/{checkpoint.folder}/{STATE}", run_storage.filesystem).get("data", {})
 
 
 def registered_checkpoints(run_storage: RunStorage | str | Path) -> set[str] | None:

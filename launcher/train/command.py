@@ -61,6 +61,8 @@ def train(config: TrainConfig, resume: bool = False) -> int:
     continues_from = run_folder.starting_point(run_storage, config.name, resume)  # deletes nothing of the user's
     if resume and continues_from is None:
         print(f"--resume: run {config.name!r} has no checkpoint yet under {run_storage.show()}; starting from step 0")
+    if continues_from is not None:  # the sharding a resume needs, checked before any worker loads a model
+        _check_resumable(config, run_storage, continues_from)
 
     workers = config.ray.num_workers
     if config.placement.mode == "pipelined":
@@ -105,6 +107,22 @@ def train(config: TrainConfig, resume: bool = False) -> int:
     print(f"metrics:     {run_dir / 'metrics.jsonl'}")
     print(f"tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}")
     return 0
+
+
+def _check_resumable(config: TrainConfig, run_storage, checkpoint) -> None:
+    """DataError naming the checkpoint's file if its data position cannot continue under this config's
+    seed and batch sizes (the record count, known only after tokenizing, is left to the workers)."""
+    from calm_dist.data.batches import check_data_position
+    from calm_dist.data.records import DataError
+    from calm_dist.distributed.checkpoint_layout import STATE
+    from launcher.runtime.run_folder import saved_data_position
+
+    run = {"seed": config.training.seed, "world_size": config.ray.num_workers,
+           "micro_batch_size": config.training.micro_batch_size}
+    try:
+        check_data_position(saved_data_position(run_storage, checkpoint), run)
+    except DataError as err:
+        raise DataError(f"{checkpoint.path}/{STATE}: {err}") from None
 
 
 def _attempt(config: TrainConfig, workers: int, storage: str, board, board_name: str, resume_from: str | None,
