@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -154,6 +155,20 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if manifest.get("format") != "calm-dist composition":
         raise CompositionError(f"{file}: not a calm-dist composition manifest")
     return manifest
+
+
+def check_weights_readable(path: str | os.PathLike) -> None:
+    """CompositionError naming the composition's weights file unless its safetensors header and size can
+    be read: the driver's check, which reads no tensor, before workers that would meet it after loading
+    the base models."""
+    file = Path(path) / WEIGHTS
+    try:
+        with safe_open(file, "pt") as weights:
+            weights.keys()
+    except FileNotFoundError:
+        raise CompositionError(f"{file}: not found") from None
+    except Exception as err:  # safetensors raises its own error type for corrupt headers
+        raise CompositionError(f"{file}: unreadable ({err})") from None
 
 
 def _check_dims(expected: dict, model: nn.Module | ModelDims, role: str, file: Path) -> None:

@@ -81,7 +81,12 @@ def plan(target: str | Path, data: str | Path | list[str | Path] | None, *, task
     """Resolve the target and flags and check them on the driver: ConfigError, DataError or
     CompositionError name the file or flag at fault, before any worker starts. tasks: lm-evaluation-harness
     tasks instead of data (launcher.eval.harness)."""
-    from calm_dist.model.composition_checkpoint import MANIFEST, WEIGHTS, read_manifest
+    from calm_dist.model.composition_checkpoint import (
+        MANIFEST,
+        WEIGHTS,
+        check_weights_readable,
+        read_manifest,
+    )
 
     if (data is None) == (tasks is None):
         raise ConfigError("give --data FILE... or --tasks TASK... (one of the two)")
@@ -166,6 +171,7 @@ def plan(target: str | Path, data: str | Path | list[str | Path] | None, *, task
             if not file.is_file():
                 raise ConfigError(f"{file}: not found; train the composition first (calm train), or pass "
                                   "--anchor-only / --augmenting-only K")
+        check_weights_readable(composition)
         trained = read_manifest(composition)
         _check_bases(trained, specs, composition / MANIFEST)
         _check_tokenizers(trained, tokenizer, specs, composition / MANIFEST)
