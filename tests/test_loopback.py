@@ -2,7 +2,8 @@
 GCS, raylet, agents, each worker's gRPC server, the workers' torch.distributed store and gloo) listens
 on the loopback only. Ray turns `_node_ip_address="127.0.0.1"` into the machine's network address, so
 this once listened on it and on every interface, and torch's env:// store listens on every interface
-whatever MASTER_ADDR says."""
+whatever MASTER_ADDR says. The `calm train` run sampled here also shows what its terminal shows (a Ray
+run costs half a minute on 2 cores, so one run checks both)."""
 
 import contextlib
 import json
@@ -10,11 +11,13 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.distributed.runs import ENV, ROOT, left_running, tiny_config, train_command
+from tests.test_eval import noise_in, terminal_lines
 
 pytestmark = pytest.mark.distributed
 
@@ -52,17 +55,21 @@ def test_an_embedded_cluster_listens_on_the_loopback_only():
     assert _elsewhere(report["listening"]) == []
 
 
-def test_calm_train_on_an_embedded_cluster_listens_on_the_loopback_only(tmp_path):
-    """A whole `calm train` (2 workers, gloo, ZeRO-3), its sockets sampled while it runs."""
-    config = tiny_config(tmp_path, steps=4, checkpoint_every=2)
+def test_calm_train_is_quiet_decodes_its_evaluation_under_zero3_and_listens_on_the_loopback_only(tmp_path):
+    """A whole `calm train` (2 workers, gloo, ZeRO-3, an evaluation at its last step), its sockets sampled
+    while it runs; what the terminal shows is the run's own lines, the libraries' chatter in the log file."""
+    config = tiny_config(tmp_path, steps=2, checkpoint_every=2)
     marker = f"calm-test-{uuid.uuid4().hex}"
-    run = subprocess.Popen(train_command(config), env={**ENV, "CALM_TEST_RUN": marker}, cwd=ROOT,
+    command = train_command(config, "--set", f"data.eval={tmp_path / 'assets/eval.jsonl'}", "--set",
+                            "training.eval_every=2", "--set", "training.eval_samples=8",
+                            "--set", "training.eval_max_new_tokens=3")
+    run = subprocess.Popen(command, env={**ENV, "CALM_TEST_RUN": marker}, cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen: set[tuple[str, str, int]] = set()
     try:
         while run.poll() is None:
             seen |= _listening(run.pid)
-            time.sleep(0.2)
+            time.sleep(1.0)  # servers listen for the whole run; sampling more often slows it on 2 cores
         output = run.stdout.read()
     finally:
         if run.poll() is None:
@@ -74,6 +81,17 @@ def test_calm_train_on_an_embedded_cluster_listens_on_the_loopback_only(tmp_path
     assert len({port for _, _, port in seen}) >= 6, seen
     assert any(name.startswith("ray::") for name, _, _ in seen), seen
     assert _elsewhere([(name, ip) for name, ip, _ in seen]) == []
+
+    lines = terminal_lines(subprocess.CompletedProcess(command, run.returncode, output, ""))
+    assert noise_in(lines) == [], "\n".join(noise_in(lines))
+    assert any(line.startswith("step 2 ") and "exact_match" in line for line in lines)
+    assert any(line.startswith("done: 2 steps") for line in lines)
+    assert lines[-1].startswith("log: ")
+    log = Path(lines[-1][5:]).read_text()
+    assert "Started a local Ray instance" in log  # the driver's chatter went there
+    assert "tokenizing" in log  # and the workers'
+    metrics = [json.loads(line) for line in (tmp_path / "out/tiny-demo/metrics.jsonl").read_text().splitlines()]
+    assert 0.0 <= metrics[-1]["eval_exact_match"] <= 1.0 and metrics[-1]["eval_loss"] > 0
 
 
 def _listening(pid: int) -> set[tuple[str, str, int]]:
