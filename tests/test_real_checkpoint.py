@@ -135,8 +135,27 @@ AS_STORED = {"sce": {"select_topk": 0.5}, "karcher": None, "della": {"density": 
              "dare_linear": {"density": 0.5}}
 
 
+@pytest.fixture(scope="module")
+def bf16_and_fp32_copies(smollm2, tmp_path_factory):
+    """SmolLM2 and two perturbed copies, each saved in bf16 and (the same values) in fp32: {(i, dtype): folder}.
+    Made once for every method below."""
+    root = tmp_path_factory.mktemp("as-stored")
+    generator = torch.Generator().manual_seed(1)
+    folders = {}
+    for i in range(3):
+        model = load(smollm2, torch.bfloat16)
+        if i:
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.add_((torch.randn(parameter.shape, generator=generator) * 2e-3).bfloat16())
+        for dtype in (torch.bfloat16, torch.float32):
+            folders[i, dtype] = root / f"in{i}-{str(dtype)[6:]}"
+            model.to(dtype).save_pretrained(folders[i, dtype])
+    return folders
+
+
 @pytest.mark.parametrize("method", list(AS_STORED))
-def test_merges_that_read_bf16_as_stored_give_its_fp32_copies_merge_to_the_bit(method, smollm2, tmp_path):
+def test_merges_that_read_bf16_as_stored_give_its_fp32_copies_merge_to_the_bit(method, bf16_and_fp32_copies, tmp_path):
     """SCE, the Gram matrix's methods, DELLA's mask and the sparse methods' L1 norms read bfloat16
     checkpoints as stored (fast_pass.c) and float32 ones as they are: SmolLM2 and two perturbed copies saved
     in bf16, merged through `calm merge`, give the output that the same values saved in fp32 give, every
@@ -147,17 +166,7 @@ def test_merges_that_read_bf16_as_stored_give_its_fp32_copies_merge_to_the_bit(m
 
     from launcher.cli import main
 
-    generator = torch.Generator().manual_seed(1)
-    folders = {}
-    for i in range(3):
-        model = load(smollm2, torch.bfloat16)
-        if i:
-            with torch.no_grad():
-                for parameter in model.parameters():
-                    parameter.add_((torch.randn(parameter.shape, generator=generator) * 2e-3).bfloat16())
-        for dtype in (torch.bfloat16, torch.float32):
-            folders[i, dtype] = tmp_path / f"in{i}-{str(dtype)[6:]}"
-            model.to(dtype).save_pretrained(folders[i, dtype])
+    folders = bf16_and_fp32_copies
     merged = {}
     for dtype in (torch.bfloat16, torch.float32):
         out = tmp_path / f"out-{str(dtype)[6:]}"
