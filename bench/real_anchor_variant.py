@@ -5,6 +5,7 @@ differently from SmolLM2. Prints one JSON line. About 20 minutes with m_A cached
 experiment's 35 (bench/real_anchor.py, which adds m_A, m_B and LoRA alone).
 
     .venv/bin/python bench/real_anchor_variant.py --seed 2 --root /tmp/ra --set composition.hide_unknown_tokens=true
+    .venv/bin/python bench/real_anchor_variant.py --seed 2 --train-seed 7 --root /tmp/ra   # another run, same world
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--root", required=True, help="work folder (m_A and the data are reused from it)")
+    parser.add_argument("--train-seed", type=int, default=None,
+                        help="the composition's training seed (its init and data order); default --seed, as the "
+                             "experiment ties them: another one shows what of a result is one run's noise")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a `calm train` setting other than configs/real-anchor.yaml's (value parsed as YAML)")
     args = parser.parse_args()
@@ -47,8 +51,11 @@ def main() -> None:
     root = Path(args.root).resolve()
     assets = prepare(root / f"seed-{args.seed}", args.seed, Design(training=settings), print)
     # A run name allows [A-Za-z0-9_.-]: a list value ("composition.connections=[[0,-1,23]]") loses the rest.
+    train_seed = args.seed if args.train_seed is None else args.train_seed
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", "variant-" + "-".join(f"{k}_{v}" for k, v in settings))[:80] + f"-s{args.seed}"
+    name += f"-t{train_seed}" if train_seed != args.seed else ""
     config = training_config(CONFIG, assets, args.seed, name, root / "runs", root / "ray", settings)
+    config = config.model_copy(update={"training": config.training.model_copy(update={"seed": train_seed})})
     preflight(config)
     composition = Path(config.output_dir) / name / "composition"
     try:  # calm eval on the cluster calm train started, as the experiment does
@@ -58,7 +65,7 @@ def main() -> None:
                                    max_new_tokens=1, micro_batch_size=32, progress=False)
     finally:
         stop_ray()
-    result = {"settings": dict(settings), "seed": args.seed,
+    result = {"settings": dict(settings), "seed": args.seed, "train_seed": train_seed,
               **{f"composed_{k}": r["exact_match"] for k, r in zip(world_data.EVAL_SETS, evaluated, strict=True)}}
     anchor, tokenizer = _load(assets.anchor)
     specialist, specialist_tokenizer = _load(assets.specialist)
