@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -162,9 +164,15 @@ def check_weights_readable(path: str | os.PathLike) -> None:
     be read: the driver's check, which reads no tensor, before workers that would meet it after loading
     the base models."""
     file = Path(path) / WEIGHTS
+    with _reading_weights(file), safe_open(file, "pt") as weights:
+        weights.keys()
+
+
+@contextmanager
+def _reading_weights(file: Path) -> Iterator[None]:
+    """A weights file that is missing or that safetensors cannot read, as one CompositionError naming it."""
     try:
-        with safe_open(file, "pt") as weights:
-            weights.keys()
+        yield
     except FileNotFoundError:
         raise CompositionError(f"{file}: not found") from None
     except Exception as err:  # safetensors raises its own error type for corrupt headers
@@ -261,12 +269,8 @@ def load_composition(
         CompositionOptions.from_manifest(manifest),
         aligner=aligner,
     )
-    try:
+    with _reading_weights(path / WEIGHTS):
         state = load_file(path / WEIGHTS)
-    except FileNotFoundError:
-        raise CompositionError(f"{path / WEIGHTS}: not found") from None
-    except Exception as err:  # safetensors raises its own error type for corrupt headers
-        raise CompositionError(f"{path / WEIGHTS}: unreadable ({err})") from None
     try:
         missing, unexpected = composed.composition.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
