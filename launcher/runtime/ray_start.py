@@ -39,9 +39,13 @@ def start_ray(
     if embedded:
         import psutil
 
+        from launcher.runtime.worker_process_hook import HOOK
+
         before = {child.pid for child in psutil.Process().children()}
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
-                 log_to_driver=log_to_driver)
+        # No dashboard, so no State API: the hook drops the warnings of what cannot work without it.
+        # A setup hook of the user's own takes its place.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
+                 runtime_env={"worker_process_setup_hook": HOOK, **(runtime_env or {})})
         # The node's processes (GCS, raylet, agents) are this process's children; workers are theirs.
         _node_processes[:] = [child for child in psutil.Process().children() if child.pid not in before]
         atexit.register(stop_ray)  # after ray.init's own atexit shutdown, so this one runs first
