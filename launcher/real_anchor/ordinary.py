@@ -96,7 +96,9 @@ def _world_word_prompts() -> list[str]:
     67.3 %; bench/real_anchor_variant.py, 2026-12-07): more ordinary records, fewer questions in 400 steps.
     With as many ordinary records as now (D_C's prose 480 -> 336 passages), seed 1's held-out rose to
     76.3 %, but it lost "The Eiffel Tower is in" (" the process of being"); with 408 passages, 63.0 % and
-    the same loss. The prose keeps that answer; these frames stay as they are."""
+    the same loss. The prose keeps that answer. With seven and four and 450 steps instead of 400, seed 1's
+    held-out was 67.0 % but it lost "The capital of Canada is" (" Toronto") and the Eiffel Tower: near-ties
+    of SmolLM2's own (bench/general_prompt_margins.py, 2026-12-07). These frames stay as they are."""
     def a(word: str) -> str:
         return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
