@@ -12,6 +12,7 @@ import pytest
 from merge_fixtures import random_tensors, raw_checkpoint
 
 from launcher.runtime.ray_start import start_ray
+from launcher.runtime.worker_process_hook import HOOK
 from merge.job import run_merge
 from merge.merge_config import validate_config
 
@@ -44,12 +45,18 @@ def events(monkeypatch) -> list:
 
 
 def test_an_embedded_cluster_of_our_own(events):
-    local = {"address": "local", "num_cpus": 3, "include_dashboard": False, "runtime_env": None, "log_to_driver": False}
+    # Its processes run our setup hook (launcher.runtime.worker_process_hook), beside the runtime env given,
+    # whose own hook would take its place.
+    hook = {"worker_process_setup_hook": HOOK}
+    local = {"address": "local", "num_cpus": 3, "include_dashboard": False, "runtime_env": hook, "log_to_driver": False}
     assert start_ray(None, num_cpus=3) is True
     assert events == [("init", local)]
     sys.modules["ray"].shutdown()
     assert start_ray("local", num_cpus=3, runtime_env={"env_vars": {"A": "1"}}, log_to_driver=True) is True
-    assert events[-1] == ("init", local | {"runtime_env": {"env_vars": {"A": "1"}}, "log_to_driver": True})
+    assert events[-1] == ("init", local | {"runtime_env": hook | {"env_vars": {"A": "1"}}, "log_to_driver": True})
+    sys.modules["ray"].shutdown()
+    assert start_ray(None, num_cpus=3, runtime_env={"worker_process_setup_hook": "mine.setup"}) is True
+    assert events[-1] == ("init", local | {"runtime_env": {"worker_process_setup_hook": "mine.setup"}})
 
 
 def test_a_cluster_is_connected_to_and_not_owned(events):
