@@ -21,15 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 @torch.no_grad()
 def main() -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from calm_dist.model.decoding import SingleModel, complete, prompt_ids
     from calm_dist.testing.real_checkpoint import smollm2
     from launcher.general_ability import GENERAL_PROMPTS, first_word
+    from launcher.real_anchor.experiment import _load
 
-    path = smollm2()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model, tokenizer = _load(smollm2())  # as the experiment loads m_B (fp32)
     prompts = [p for p, _ in GENERAL_PROMPTS]
     completions = complete(SingleModel(model), tokenizer, prompts, max_new_tokens=4, batch_size=16)
     rows = []
