@@ -23,14 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def main() -> None:
     from calm_dist.model.decoding import SingleModel, complete, prompt_ids
     from calm_dist.testing.real_checkpoint import smollm2
-    from launcher.general_ability import GENERAL_PROMPTS, first_word
+    from launcher.general_ability import ALL_GENERAL_PROMPTS, first_word
     from launcher.real_anchor.experiment import _load
 
     model, tokenizer = _load(smollm2())  # as the experiment loads m_B (fp32)
-    prompts = [p for p, _ in GENERAL_PROMPTS]
+    prompts = [p for p, _ in ALL_GENERAL_PROMPTS]
     completions = complete(SingleModel(model), tokenizer, prompts, max_new_tokens=4, batch_size=16)
     rows = []
-    for (prompt, answer), completion, ids in zip(GENERAL_PROMPTS, completions, prompt_ids(tokenizer, prompts),
+    for (prompt, answer), completion, ids in zip(ALL_GENERAL_PROMPTS, completions, prompt_ids(tokenizer, prompts),
                                                  strict=True):
         log_p = model(input_ids=torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
         top = log_p.topk(2)

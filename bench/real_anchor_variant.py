@@ -33,12 +33,18 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from calm_dist.model.composition_checkpoint import load_composition
-    from calm_dist.model.decoding import SingleModel, complete
     from launcher.eval.command import evaluate_files
-    from launcher.general_ability import GENERAL_PROMPTS, first_word, general_scores
+    from launcher.general_ability import ALL_GENERAL_PROMPTS, general_completions
     from launcher.preflight import preflight
     from launcher.real_anchor import data as world_data
-    from launcher.real_anchor.experiment import CONFIG, Design, _load, prepare, training_config
+    from launcher.real_anchor.experiment import (
+        CONFIG,
+        Design,
+        _load,
+        general_results,
+        prepare,
+        training_config,
+    )
     from launcher.runtime.ray_start import stop_ray
     from launcher.train.command import train
     from launcher.train_config import ConfigError, parse_overrides
@@ -70,14 +76,8 @@ def main() -> None:
     anchor, tokenizer = _load(assets.anchor)
     specialist, specialist_tokenizer = _load(assets.specialist)
     composed = load_composition(composition, anchor, [specialist], tokenizers=[tokenizer, specialist_tokenizer]).eval()
-    result.update({f"composed_{k}": v for k, v in general_scores(composed, tokenizer).items()})
-    prompts = [p for p, _ in GENERAL_PROMPTS]
-    alone = complete(SingleModel(anchor), tokenizer, prompts, max_new_tokens=4, batch_size=16)
-    together = complete(composed, tokenizer, prompts, max_new_tokens=4, batch_size=16)
-    result["changed_general_prompts"] = [
-        {"prompt": p, "smollm2": a, "composed": c, "lost": first_word(a) == answer.lower()}
-        for (p, answer), a, c in zip(GENERAL_PROMPTS, alone, together, strict=True)
-        if (first_word(a) == answer.lower()) != (first_word(c) == answer.lower())]
+    result.update(general_results("composed", composed, tokenizer,
+                                  general_completions(anchor, tokenizer, ALL_GENERAL_PROMPTS)))
     result["wall_s"] = round(time.time() - start)
     sys.stdout.write(json.dumps(result) + "\n")
 

@@ -6,7 +6,9 @@ task is not (LM-Cocktail's and the real-anchor CALM experiment's general columns
 - general prompts the base model completes correctly ("The capital of France is" -> "Paris"), scored
   as exact match of the first word generated. The list was drawn up as prompts SmolLM2-135M-Instruct
   gets right, but through the decoding loop every score here uses it answers 72.9 % of them (measured
-  2026-12-06): a model is compared with the anchor's own score, not with 100 %.
+  2026-12-06): a model is compared with the anchor's own score, not with 100 %. The second set
+  (MORE_GENERAL_PROMPTS) was not drawn up by what SmolLM2 answers: it answers 35 of its 118, 70 of all
+  166 (bench/general_prompt_margins.py, 2026-12-08).
 """
 
 from __future__ import annotations
@@ -50,6 +52,60 @@ GENERAL_PROMPTS = (
     ("The theory of relativity was developed by Albert", "Einstein"),
     ("The currency of the United Kingdom is the", "pound"),
 )
+
+# A second set of the same kinds, in about the same mix, for the real-anchor experiment, whose target is
+# the anchor's exact match within 2 points: of 48 prompts one is 2.08 points, so that target could not
+# tell one flipped near-tie (SmolLM2 prefers " kitten" to " cat" by 0.077 nats) from a composition that
+# forgets; with 166 it allows 3. Written for that purpose (2026-12-08), before any composition was scored
+# on them; LM-Cocktail's general column keeps the first 48.
+MORE_GENERAL_PROMPTS = tuple((f"The capital of {country} is", city) for country, city in (
+    ("Qatar", "Doha"), ("Uganda", "Kampala"), ("Senegal", "Dakar"), ("Zimbabwe", "Harare"), ("Afghanistan", "Kabul"),
+    ("Slovakia", "Bratislava"), ("Slovenia", "Ljubljana"), ("Estonia", "Tallinn"), ("Latvia", "Riga"),
+    ("Lithuania", "Vilnius"), ("Albania", "Tirana"), ("Georgia", "Tbilisi"), ("Armenia", "Yerevan"),
+    ("Uzbekistan", "Tashkent"), ("Ecuador", "Quito"), ("Uruguay", "Montevideo"), ("Jamaica", "Kingston"),
+    ("Sudan", "Khartoum"), ("Somalia", "Mogadishu"), ("Zambia", "Lusaka"), ("Angola", "Luanda"), ("Taiwan", "Taipei"),
+    ("Malta", "Valletta"), ("Cyprus", "Nicosia"), ("Belarus", "Minsk"), ("Saudi Arabia", "Riyadh"), ("Oman", "Muscat"),
+    ("Rwanda", "Kigali"), ("Mali", "Bamako"), ("Mozambique", "Maputo"), ("Namibia", "Windhoek"),
+    ("Nicaragua", "Managua"), ("Azerbaijan", "Baku"), ("Laos", "Vientiane"), ("Liechtenstein", "Vaduz"),
+    ("the United States", "Washington"),
+)) + tuple((f"The opposite of {word} is", opposite) for word, opposite in (
+    ("good", "bad"), ("love", "hate"), ("day", "night"), ("yes", "no"), ("east", "west"), ("boy", "girl"),
+    ("in", "out"), ("on", "off"), ("always", "never"), ("push", "pull"), ("war", "peace"), ("male", "female"),
+    ("king", "queen"), ("brother", "sister"), ("white", "black"), ("buy", "sell"), ("before", "after"),
+    ("summer", "winter"), ("friend", "enemy"),
+)) + tuple((f"The chemical symbol for {element} is", symbol) for element, symbol in (
+    ("mercury", "Hg"), ("sulfur", "S"), ("chlorine", "Cl"), ("neon", "Ne"), ("uranium", "U"), ("magnesium", "Mg"),
+    ("platinum", "Pt"), ("fluorine", "F"),
+)) + tuple((f"The plural of {noun} is", plural) for noun, plural in (
+    ("die", "dice"), ("deer", "deer"), ("life", "lives"), ("half", "halves"), ("wife", "wives"), ("hero", "heroes"),
+    ("potato", "potatoes"), ("crisis", "crises"),
+)) + tuple((f"A baby {animal} is called a", young) for animal, young in (
+    ("kangaroo", "joey"), ("deer", "fawn"), ("swan", "cygnet"), ("elephant", "calf"),
+)) + (
+    ("The largest country in the world is", "Russia"), ("The largest continent is", "Asia"),
+    ("The smallest continent is", "Australia"), ("The fastest land animal is the", "cheetah"),
+    ("The largest mammal is the", "blue"), ("The author of Harry Potter is J.K.", "Rowling"),
+    ("The author of Pride and Prejudice is Jane", "Austen"), ("The founder of Microsoft is Bill", "Gates"),
+    ("The sixteenth President of the United States was Abraham", "Lincoln"),
+    ("The composer of The Magic Flute was Wolfgang Amadeus", "Mozart"),
+    ("The discoverer of penicillin was Alexander", "Fleming"),
+    ("The theory of evolution was proposed by Charles", "Darwin"),
+    ("The laws of motion were formulated by Isaac", "Newton"), ("The Great Barrier Reef is in", "Australia"),
+    ("The Leaning Tower of Pisa is in", "Italy"), ("The Kremlin is in", "Moscow"), ("The Acropolis is in", "Athens"),
+    ("Machu Picchu is in", "Peru"), ("Stonehenge is in", "England"),
+    ("The Golden Gate Bridge is in San", "Francisco"), ("The currency of China is the", "yuan"),
+    ("The currency of Russia is the", "ruble"), ("The currency of Mexico is the", "peso"),
+    ("The currency of South Africa is the", "rand"), ("The primary language spoken in Mexico is", "Spanish"),
+    ("The primary language spoken in Argentina is", "Spanish"), ("The Red Planet is", "Mars"),
+    ("The sixth planet from the sun is", "Saturn"), ("The third planet from the sun is", "Earth"),
+    ("The hardest natural substance is", "diamond"), ("A day has twenty-four", "hours"),
+    ("An hour has sixty", "minutes"), ("A minute has sixty", "seconds"), ("A hexagon has six", "sides"),
+    ("The month after January is", "February"), ("The day after Monday is", "Tuesday"),
+    ("The season after winter is", "spring"), ("Bees make", "honey"), ("A caterpillar turns into a", "butterfly"),
+    ("The color of a lemon is", "yellow"), ("The color of a tomato is", "red"),
+    ("World War II ended in", "1945"), ("The element with atomic number 1 is", "hydrogen"),
+)
+ALL_GENERAL_PROMPTS = GENERAL_PROMPTS + MORE_GENERAL_PROMPTS
 
 
 def stdlib_folder() -> Path:
@@ -104,18 +160,33 @@ def prose_loss(model, chunks: torch.Tensor, batch_size: int = 8) -> float:
 
 
 @torch.no_grad()
-def general_exact_match(model, tokenizer, max_new_tokens: int = 4) -> float:
-    """Share of the general prompts whose greedy completion starts with the answer word. `model`: a
-    composed model, or a plain one (wrapped in calm_dist's SingleModel), decoded by the same loop."""
+def general_completions(model, tokenizer, prompts=GENERAL_PROMPTS, max_new_tokens: int = 4) -> list[str]:
+    """Greedy completions of the general prompts. `model`: a composed model, or a plain one (wrapped in
+    calm_dist's SingleModel), decoded by the same loop."""
     from calm_dist.model.decoding import SingleModel, complete
 
     runner = model if hasattr(model, "composition") else SingleModel(model)
-    prompts = GENERAL_PROMPTS
-    completions = complete(runner, tokenizer, [p for p, _ in prompts], max_new_tokens=max_new_tokens, batch_size=16)
-    return sum(first_word(c) == a.lower() for c, (_, a) in zip(completions, prompts, strict=True)) / len(prompts)
+    return complete(runner, tokenizer, [p for p, _ in prompts], max_new_tokens=max_new_tokens, batch_size=16)
 
 
-def general_scores(model, tokenizer) -> dict[str, float]:
-    """{general_loss, general_exact_match} of a plain or composed model."""
-    return {"general_loss": prose_loss(model, prose_chunks(tokenizer)),
-            "general_exact_match": general_exact_match(model, tokenizer)}
+def answered(completions: list[str], prompts=GENERAL_PROMPTS) -> list[bool]:
+    """Whether each completion starts with its prompt's answer word."""
+    return [first_word(c) == a.lower() for c, (_, a) in zip(completions, prompts, strict=True)]
+
+
+def changed_answers(base: list[str], other: list[str], prompts=GENERAL_PROMPTS) -> list[dict]:
+    """The prompts one model answers right and the other does not, with both completions; `lost`: the
+    base model's was the right one."""
+    return [{"prompt": p, "base": b, "other": o, "lost": b_right}
+            for (p, _), b, o, b_right, o_right in zip(prompts, base, other, answered(base, prompts),
+                                                     answered(other, prompts), strict=True)
+            if b_right != o_right]
+
+
+def general_scores(model, tokenizer, prompts=GENERAL_PROMPTS) -> dict:
+    """{general_loss, general_exact_match, general_completions} of a plain or composed model (the
+    completions, to compare two models' answers with changed_answers)."""
+    completions = general_completions(model, tokenizer, prompts)
+    right = answered(completions, prompts)
+    return {"general_loss": prose_loss(model, prose_chunks(tokenizer)), "general_exact_match": sum(right) / len(right),
+            "general_completions": completions}

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from launcher.general_ability import GENERAL_PROMPTS, docstrings, prose_files, stdlib_folder
+from launcher.general_ability import (
+    ALL_GENERAL_PROMPTS,
+    GENERAL_PROMPTS,
+    answered,
+    changed_answers,
+    docstrings,
+    prose_files,
+    stdlib_folder,
+)
 from launcher.lm_cocktail.report import markdown, text_table, write_report
 from launcher.lm_cocktail.tasks import NEWS_LABELS, REVIEW_LABELS, make_tasks
 
@@ -53,8 +61,19 @@ def test_the_prose_comes_only_from_the_standard_library_this_python_ships():
 
 
 def test_general_prompts_are_distinct_with_one_word_answers():
-    assert len({p for p, _ in GENERAL_PROMPTS}) == len(GENERAL_PROMPTS) >= 40
-    assert all(len(answer.split()) == 1 for _, answer in GENERAL_PROMPTS)
+    assert len({p for p, _ in ALL_GENERAL_PROMPTS}) == len(ALL_GENERAL_PROMPTS) >= 150
+    assert ALL_GENERAL_PROMPTS[:len(GENERAL_PROMPTS)] == GENERAL_PROMPTS  # LM-Cocktail's 48 come first
+    assert all(len(answer.split()) == 1 for _, answer in ALL_GENERAL_PROMPTS)
+
+
+def test_changed_answers_are_the_prompts_one_model_gets_right_and_the_other_not():
+    prompts = (("The capital of France is", "Paris"), ("Ice is frozen", "water"), ("A triangle has three", "sides"))
+    base = [" Paris.", " water", " angles"]
+    other = [" Lyon, a city", " water.", " sides and"]
+    assert answered(base, prompts) == [True, True, False] and answered(other, prompts) == [False, True, True]
+    assert changed_answers(base, other, prompts) == [
+        {"prompt": "The capital of France is", "base": " Paris.", "other": " Lyon, a city", "lost": True},
+        {"prompt": "A triangle has three", "base": " angles", "other": " sides and", "lost": False}]
 
 
 def _results(**changes) -> dict:

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from launcher.general_ability import GENERAL_PROMPTS, PROSE_MODULES, docstrings
+from launcher.general_ability import ALL_GENERAL_PROMPTS, PROSE_MODULES, docstrings
 from launcher.real_anchor import data as world_data
 from launcher.real_anchor import ordinary
 from launcher.real_anchor import world as w
@@ -85,7 +85,7 @@ def test_dc_holds_questions_about_its_people_and_ordinary_text_that_is_never_sco
     scored = " ".join(docstrings())
     assert not any(r["completion"] in scored for r in prose)
     assert not set(ordinary.ORDINARY_MODULES) & set(PROSE_MODULES)
-    assert not set(ordinary.factual_prompts()) & {p for p, _ in GENERAL_PROMPTS}
+    assert not set(ordinary.factual_prompts()) & {p for p, _ in ALL_GENERAL_PROMPTS}
     # Every word the world shares with English is kept in ordinary prompts (the composition learned to
     # write a world animal wherever m_A read one), and three times an animal, twice a trade, unless scored.
     kept = [set(p.split()) for p in ordinary.factual_prompts()]
@@ -133,6 +133,11 @@ def test_the_whole_experiment_runs_through_calm_train_and_calm_eval_on_a_stand_i
 
     for prefix in ("composed", "anchor", "lora"):
         assert {f"{prefix}_heldout", f"{prefix}_dc_people", f"{prefix}_general_loss", f"{prefix}_general_exact_match"} <= results.keys()
+    for prefix in ("composed", "lora"):  # the prompts it answers otherwise than the anchor account for the difference
+        changed = results[f"{prefix}_general_prompts_changed"]
+        net = sum(not c["lost"] for c in changed) - sum(c["lost"] for c in changed)
+        assert results[f"{prefix}_general_exact_match"] - results["anchor_general_exact_match"] == pytest.approx(
+            net / results["general_prompts"])
     assert 0.0 <= results["specialist_heldout"] <= 1.0 and results["steps"] == 3 and results["dc_people"] == 12
     assert results["lora_parameters"] > 0 and results["composition_parameters"] > 0
     assert any(line.startswith("trained m_A") for line in logs)

@@ -181,7 +181,7 @@ def run_experiment(root: Path, seed: int, log: Log, config_path: Path = CONFIG, 
 def _run(root: Path, seed: int, log: Log, config_path: Path, design: Design, retrain: bool,
          anchor: Path | None) -> dict:
     from launcher.eval.command import evaluate_files
-    from launcher.general_ability import general_scores
+    from launcher.general_ability import ALL_GENERAL_PROMPTS, general_scores
     from launcher.kv_arithmetic.lora_baseline import train_lora
     from launcher.preflight import preflight
     from launcher.train.command import train
@@ -219,13 +219,15 @@ def _run(root: Path, seed: int, log: Log, config_path: Path, design: Design, ret
     specialist_model, specialist_tokenizer = _load(assets.specialist)
     results.update({f"anchor_{k}": v for k, v in _answers(anchor_model, anchor_tokenizer, assets).items()})
     results.update({f"specialist_{k}": v for k, v in _answers(specialist_model, specialist_tokenizer, assets).items()})
-    results.update({f"anchor_{k}": v for k, v in general_scores(anchor_model, anchor_tokenizer).items()})
+    anchor_general = general_scores(anchor_model, anchor_tokenizer, ALL_GENERAL_PROMPTS)
+    anchor_completions = anchor_general.pop("general_completions")
+    results.update({f"anchor_{k}": v for k, v in anchor_general.items()})
 
     from calm_dist.model.composition_checkpoint import load_composition
 
     composed = load_composition(composition, anchor_model, [specialist_model],
                                 tokenizers=[anchor_tokenizer, specialist_tokenizer]).eval()
-    results.update({f"composed_{k}": v for k, v in general_scores(composed, anchor_tokenizer).items()})
+    results.update(general_results("composed", composed, anchor_tokenizer, anchor_completions))
     parameters = sum(p.numel() for p in composed.composition.parameters())
     del composed
 
@@ -245,14 +247,26 @@ def _run(root: Path, seed: int, log: Log, config_path: Path, design: Design, ret
     log(f"LoRA baseline: rank {rank} on anchor layers {lowest}-{lora_layers[-1]}, {lora_parameters:,} trainable "
         f"parameters, {config.training.steps} steps in {lora_s:.0f} s")
     results.update({f"lora_{k}": v for k, v in _answers(lora, anchor_tokenizer, assets).items()})
-    results.update({f"lora_{k}": v for k, v in general_scores(lora, anchor_tokenizer).items()})
+    results.update(general_results("lora", lora, anchor_tokenizer, anchor_completions))
     results.update(
         people=design.people, dc_people=len(assets.world.dc_people), heldout_people=len(assets.world.heldout_people),
-        eval_questions=design.eval_questions, composition_parameters=parameters, lora_parameters=lora_parameters,
+        eval_questions=design.eval_questions, general_prompts=len(ALL_GENERAL_PROMPTS), composition_parameters=parameters, lora_parameters=lora_parameters,
         lora_rank=rank, lora_layers=[lora_layers[0], lora_layers[-1]], steps=config.training.steps, specialist=assets.specialist_training,
         specialist_cached=assets.specialist_reused, train_s=round(trained_s, 1), lora_s=round(lora_s, 1),
         wall_s=round(time.perf_counter() - start, 1))
     return results
+
+
+def general_results(prefix: str, model, tokenizer, anchor_completions: list[str]) -> dict:
+    """A model's general scores, and the general prompts it answers otherwise than SmolLM2 (right where
+    SmolLM2 is wrong, or wrong where it is right): which of the anchor's answers a change cost."""
+    from launcher.general_ability import ALL_GENERAL_PROMPTS, changed_answers, general_scores
+
+    scores = general_scores(model, tokenizer, ALL_GENERAL_PROMPTS)
+    changed = changed_answers(anchor_completions, scores.pop("general_completions"), ALL_GENERAL_PROMPTS)
+    return {**{f"{prefix}_{k}": v for k, v in scores.items()},
+            f"{prefix}_general_prompts_changed": [{"prompt": c["prompt"], "smollm2": c["base"], prefix: c["other"],
+                                                   "lost": c["lost"]} for c in changed]}
 
 
 # Issue #23's targets, per seed; the budget is for the whole run from nothing, or with m_A cached.

@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 import re
 
-from launcher.general_ability import GENERAL_PROMPTS, PROSE_MODULES, docstrings
+from launcher.general_ability import ALL_GENERAL_PROMPTS, PROSE_MODULES, docstrings
 from launcher.real_anchor.world import ANIMALS, TRADES
 
 # Standard-library modules whose docstrings give D_C its prose; disjoint from PROSE_MODULES.
@@ -75,7 +75,7 @@ def factual_prompts() -> list[str]:
     prompts += [f"The currency of {c} is the" for c in _COUNTRIES]
     prompts += [f"The word {w} means" for w in _WORDS]
     prompts += [f"A {k} is a kind of" for k in _KINDS]
-    taken = {p for p, _ in GENERAL_PROMPTS}
+    taken = {p for p, _ in ALL_GENERAL_PROMPTS}
     assert not set(prompts) & taken, "what keeps the anchor must not be what is scored"
     taken |= set(prompts)
     return prompts + [p for p in _world_word_prompts() if p not in taken]
@@ -125,7 +125,7 @@ def ordinary_words() -> frozenset[str]:
     """Every word of the text the anchor's own ability is scored on (general prompts and their answers,
     the prose loss's docstrings) or kept with (D_C's factual prompts and prose): what no invented name
     of the world may be (launcher.real_anchor.world.make_world)."""
-    texts = [p + " " + a for p, a in GENERAL_PROMPTS] + factual_prompts()
+    texts = [p + " " + a for p, a in ALL_GENERAL_PROMPTS] + factual_prompts()
     texts += docstrings(modules=PROSE_MODULES) + docstrings(modules=ORDINARY_MODULES)
     return frozenset(word for text in texts for word in re.findall(r"\w+", text))
 

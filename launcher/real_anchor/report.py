@@ -45,7 +45,7 @@ def markdown(r: dict) -> str:
         f"Seed {r['seed']}. Exact match of one-token answers (town, trade or animal; 24 values each) on "
         f"{r['eval_questions']} questions per row; {r['people']:,} invented people, {r['dc_people']} of them in D_C. "
         f"m_A is scored with its own tokenizer; it never saw a question, only statements. General prompts: "
-        f"first word of the completion, on 48 short factual prompts (the score is against SmolLM2's own); prose loss: mean token loss on Python "
+        f"first word of the completion, on {r['general_prompts']} short factual prompts (the score is against SmolLM2's own); prose loss: mean token loss on Python "
         f"standard-library docstrings. Trainable parameters: composition {r['composition_parameters']:,}, LoRA "
         f"{r['lora_parameters']:,} (rank {r['lora_rank']}), {r['steps']} steps each. In short: {summary(r)}.\n"
     )
